@@ -1,0 +1,119 @@
+"""The dataset manifest: which images, with which label and split.
+
+A manifest is produced by scanning a dataset (``tasks.datasets``) and consumed
+by the feature store to decide what to compute. It is a small JSON file so
+that tasks can pass its path to each other instead of large objects.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+from .errors import DatasetError
+from .hashing import fingerprint
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image: its path relative to the dataset root, content hash, label index and split."""
+
+    path: str
+    sha256: str
+    label: int
+    split: str
+
+
+@dataclass
+class Skip:
+    """A file that was not used, and why."""
+
+    path: str
+    reason: str
+
+
+@dataclass
+class Manifest:
+    """Everything a run needs to know about a dataset, without the pixels."""
+
+    root: str
+    layout: str  # "folders", "split-folders" or "csv"
+    class_names: list[str]
+    samples: list[Sample]
+    split_seed: int | None = None
+    split_fractions: dict[str, float] = field(default_factory=dict)
+    skipped: list[Skip] = field(default_factory=list)
+
+    def fingerprint(self) -> str:
+        """Hash of what decides the features' rows: paths, contents, labels, splits, classes."""
+        rows = sorted((s.path, s.sha256, s.label, s.split) for s in self.samples)
+        return fingerprint({"classes": self.class_names, "rows": rows})
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Images per split and class: ``{split: {class_name: n}}``."""
+        out: dict[str, dict[str, int]] = {}
+        for s in self.samples:
+            per = out.setdefault(s.split, {})
+            name = self.class_names[s.label]
+            per[name] = per.get(name, 0) + 1
+        return out
+
+    def abspath(self, sample: Sample) -> str:
+        return sample.path if os.path.isabs(sample.path) else os.path.join(self.root, sample.path)
+
+    def subset(self, paths: Iterable[str]) -> "Manifest":
+        keep = set(paths)
+        return Manifest(self.root, self.layout, list(self.class_names),
+                        [s for s in self.samples if s.path in keep],
+                        self.split_seed, dict(self.split_fractions), list(self.skipped))
+
+    # -- (de)serialisation -------------------------------------------------
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["fingerprint"] = self.fingerprint()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Manifest":
+        return cls(
+            root=d["root"], layout=d["layout"], class_names=list(d["class_names"]),
+            samples=[Sample(**s) for s in d["samples"]],
+            split_seed=d.get("split_seed"), split_fractions=dict(d.get("split_fractions") or {}),
+            skipped=[Skip(**s) for s in d.get("skipped", [])],
+        )
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=1))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Manifest":
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise DatasetError(f"cannot read manifest {path}: {exc}. Re-run the scan to write it again.") from exc
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path`` and rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".incomplete", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise

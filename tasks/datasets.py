@@ -1,0 +1,249 @@
+"""Scan a dataset into a manifest: which images, labels and splits.
+
+Three layouts are understood:
+
+* ``folders``: ``root/<class>/**/<image>``; a stratified split is drawn.
+* ``split-folders``: ``root/{train,val,test}/<class>/**/<image>`` (Keras'
+  ``flow_from_directory`` layout); the folders are the split.
+* ``csv``: a CSV file with a header ``path,label[,split]``; paths are relative
+  to the CSV's folder (or absolute). Without a ``split`` column a split is drawn.
+
+The split drawn for unsplit data is stratified per class, and each image's
+side is decided by a hash of (seed, path): the same data and seed always give
+the same split, and growing the dataset moves few existing images.
+
+Nothing here decodes pixels or imports TensorFlow; files are only hashed.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable
+
+from storage.errors import DatasetError, ParameterError
+from storage.hashing import file_sha256
+from storage.manifest import SPLITS, Manifest, Sample, Skip
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val",
+                 "validation": "val", "test": "test", "testing": "test"}
+
+Progress = Callable[[int, int], None]
+
+
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".") or name.startswith("__")
+
+
+def _list_files(folder: Path) -> list[Path]:
+    out = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
+        out.extend(Path(dirpath) / f for f in sorted(filenames))
+    return out
+
+
+def _subdirs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not _is_hidden(p.name))
+
+
+def detect_layout(source: str | os.PathLike) -> str:
+    """``csv``, ``split-folders`` or ``folders``; raises DatasetError for anything else."""
+    p = Path(source)
+    if p.is_file():
+        if p.suffix.lower() == ".csv":
+            return "csv"
+        raise DatasetError(f"{p} is a file but not a .csv manifest. Give a folder of class folders, "
+                           "a folder with train/ val/ [test/], or a CSV with columns path,label[,split].")
+    if not p.is_dir():
+        raise DatasetError(f"dataset {p} does not exist. Give a folder of class folders, a folder with "
+                           "train/ val/ [test/], or a CSV manifest.")
+    subs = _subdirs(p)
+    if not subs:
+        raise DatasetError(f"dataset folder {p} has no class sub-folders. Put the images of each class in "
+                           f"their own folder ({p}/<class>/<image>), or give a CSV manifest.")
+    names = {s.name.lower() for s in subs}
+    if names <= set(SPLIT_ALIASES):
+        return "split-folders"
+    if names & {"train", "training"} and names & set(SPLIT_ALIASES):
+        others = sorted(s.name for s in subs if s.name.lower() not in SPLIT_ALIASES)
+        raise DatasetError(f"dataset folder {p} mixes split folders with other folders {others}. "
+                           "Either use only train/ val/ [test/] at the top, or only class folders.")
+    return "folders"
+
+
+def _hash_all(paths: list[str], workers: int, progress: Progress | None) -> dict[str, str | Exception]:
+    out: dict[str, str | Exception] = {}
+
+    def one(p: str):
+        try:
+            return p, file_sha256(p)
+        except OSError as exc:
+            return p, exc
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for i, (p, h) in enumerate(pool.map(one, paths), 1):
+            out[p] = h
+            if progress and (i % 64 == 0 or i == len(paths)):
+                progress(i, len(paths))
+    return out
+
+
+def _rank(seed: int, path: str) -> str:
+    return hashlib.sha256(f"{seed}:{path}".encode()).hexdigest()
+
+
+def assign_splits(items: list[tuple[str, int]], val_fraction: float, test_fraction: float,
+                  seed: int) -> dict[str, str]:
+    """Stratified split of ``(path, label)`` items: per class, images ordered by a hash of
+    (seed, path); the first ``round(n * test_fraction)`` go to test, the next
+    ``round(n * val_fraction)`` to val, the rest to train (at least one stays in train)."""
+    by_class: dict[int, list[str]] = {}
+    for path, label in items:
+        by_class.setdefault(label, []).append(path)
+    out: dict[str, str] = {}
+    for label, paths in by_class.items():
+        paths.sort(key=lambda p: _rank(seed, p))
+        n = len(paths)
+        n_test = int(round(n * test_fraction))
+        n_val = int(round(n * val_fraction))
+        while n_test + n_val > n - 1 and (n_test or n_val):
+            if n_val >= n_test and n_val:
+                n_val -= 1
+            else:
+                n_test -= 1
+        for i, p in enumerate(paths):
+            out[p] = "test" if i < n_test else "val" if i < n_test + n_val else "train"
+    return out
+
+
+def check_split_params(val_fraction: float, test_fraction: float) -> None:
+    for name, v in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
+            raise ParameterError(f"{name} must be a number in [0, 1); got {v!r}.")
+    if val_fraction + test_fraction >= 1.0:
+        raise ParameterError(f"val_fraction + test_fraction must be below 1 so that some images are left "
+                             f"to train on; got {val_fraction} + {test_fraction}.")
+
+
+def scan_dataset(source: str | os.PathLike, val_fraction: float = 0.2, test_fraction: float = 0.0,
+                 seed: int = 0, workers: int = 4, progress: Progress | None = None) -> Manifest:
+    """Scan ``source`` into a :class:`Manifest` with content hashes.
+
+    Files that cannot be used (unknown type, unreadable, not in a class folder,
+    duplicates in a CSV) are listed in ``manifest.skipped`` with the reason;
+    empty class folders are listed there too and the class is left out.
+    Raises DatasetError when nothing usable remains.
+    """
+    check_split_params(val_fraction, test_fraction)
+    layout = detect_layout(source)
+    root = Path(source).resolve()
+    skipped: list[Skip] = []
+    # (absolute path, relative path, class name, split or None)
+    entries: list[tuple[str, str, str, str | None]] = []
+
+    def add_folder(folder: Path, cls: str, split: str | None, base: Path) -> int:
+        count = 0
+        for f in _list_files(folder):
+            rel = f.relative_to(base).as_posix()
+            if _is_hidden(f.name):
+                continue
+            if f.suffix.lower() not in IMAGE_EXTENSIONS:
+                skipped.append(Skip(rel, f"not an image file type ({f.suffix or 'no extension'}); "
+                                         f"supported: {', '.join(IMAGE_EXTENSIONS)}"))
+                continue
+            entries.append((str(f), rel, cls, split))
+            count += 1
+        return count
+
+    if layout == "csv":
+        base = root.parent
+        entries, skipped = _read_csv(root)
+    else:
+        base = root
+        splits = [(s, SPLIT_ALIASES[s.name.lower()]) for s in _subdirs(root)] if layout == "split-folders" \
+            else [(root, None)]
+        for folder, split in splits:
+            for f in sorted(p for p in folder.iterdir() if p.is_file() and not _is_hidden(p.name)):
+                skipped.append(Skip(f.relative_to(root).as_posix(),
+                                    "not inside a class folder; move it into <class>/ to use it"))
+            for cls_dir in _subdirs(folder):
+                if add_folder(cls_dir, cls_dir.name, split, root) == 0:
+                    skipped.append(Skip(cls_dir.relative_to(root).as_posix() + "/",
+                                        "empty class folder: no images, class left out"))
+
+    if not entries:
+        raise DatasetError(f"no images found in {source} (supported types: {', '.join(IMAGE_EXTENSIONS)}). "
+                           "Check the path and the layout: <class>/<image>, train|val|test/<class>/<image>, "
+                           "or a CSV with path,label[,split].")
+
+    hashes = _hash_all([e[0] for e in entries], workers, progress)
+    kept = []
+    for abs_path, rel, cls, split in entries:
+        h = hashes[abs_path]
+        if isinstance(h, Exception):
+            reason = "file not found" if isinstance(h, FileNotFoundError) else f"unreadable: {h.strerror or h}"
+            skipped.append(Skip(rel, reason))
+        else:
+            kept.append((rel, h, cls, split))
+    if not kept:
+        raise DatasetError(f"none of the {len(entries)} image files in {source} could be read; see the reasons: "
+                           + "; ".join(f"{s.path}: {s.reason}" for s in skipped[:5]))
+
+    class_names = sorted({cls for _, _, cls, _ in kept})
+    label_of = {c: i for i, c in enumerate(class_names)}
+    given = [s for _, _, _, s in kept]
+    split_fractions: dict[str, float] = {}
+    split_seed: int | None = None
+    if all(s is None for s in given):
+        split_seed = seed
+        split_fractions = {"val": float(val_fraction), "test": float(test_fraction)}
+        drawn = assign_splits([(rel, label_of[cls]) for rel, _, cls, _ in kept], val_fraction, test_fraction, seed)
+        splits_final = [drawn[rel] for rel, _, _, _ in kept]
+    else:
+        splits_final = [s or "train" for s in given]
+    samples = [Sample(rel, h, label_of[cls], sp) for (rel, h, cls, _), sp in zip(kept, splits_final)]
+    return Manifest(root=str(base), layout=layout, class_names=class_names, samples=samples,
+                    split_seed=split_seed, split_fractions=split_fractions, skipped=skipped)
+
+
+def _read_csv(csv_path: Path):
+    base = csv_path.parent
+    entries, skipped, seen = [], [], set()
+    try:
+        fh = open(csv_path, newline="", encoding="utf-8-sig")
+    except OSError as exc:
+        raise DatasetError(f"cannot read CSV manifest {csv_path}: {exc}") from exc
+    with fh:
+        reader = csv.DictReader(fh)
+        cols = [c.strip().lower() for c in (reader.fieldnames or [])]
+        if "path" not in cols or "label" not in cols:
+            raise DatasetError(f"CSV manifest {csv_path} needs a header with columns path,label[,split]; "
+                               f"it has {reader.fieldnames}.")
+        for lineno, raw in enumerate(reader, 2):
+            row = {k.strip().lower(): (v or "").strip() for k, v in raw.items() if k}
+            path, label, split = row.get("path", ""), row.get("label", ""), row.get("split") or None
+            if not path or not label:
+                raise DatasetError(f"{csv_path}:{lineno}: empty path or label. Every row needs both.")
+            if split is not None:
+                if split.lower() not in SPLIT_ALIASES:
+                    raise DatasetError(f"{csv_path}:{lineno}: unknown split {split!r}; use one of {', '.join(SPLITS)}.")
+                split = SPLIT_ALIASES[split.lower()]
+            abs_path = Path(path) if os.path.isabs(path) else base / path
+            rel = Path(path).as_posix()
+            if rel in seen:
+                skipped.append(Skip(rel, f"listed twice in {csv_path.name} (line {lineno}); first entry kept"))
+                continue
+            seen.add(rel)
+            if abs_path.suffix.lower() not in IMAGE_EXTENSIONS:
+                skipped.append(Skip(rel, f"not an image file type ({abs_path.suffix or 'no extension'})"))
+                continue
+            entries.append((str(abs_path), rel, label, split))
+    has_split = [e[3] is not None for e in entries]
+    if any(has_split) and not all(has_split):
+        raise DatasetError(f"{csv_path}: the split column is filled on some rows and empty on others. "
+                           "Fill it on every row, or leave it out to let cnncodes draw a split.")
+    return entries, skipped

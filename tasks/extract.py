@@ -1,0 +1,236 @@
+"""Extract CNN codes of a dataset into a feature store, incrementally and crash-safely.
+
+:func:`extract_to_store` is the unit of work behind the ``extract-features``
+flow. It runs the backbone only on images the store does not hold yet (by
+path and content hash), decodes the next batches in threads while the model
+computes the current one, commits each batch to every group before moving on,
+and returns a small summary (counts, skips with reasons, timings, paths).
+"""
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from storage.errors import ParameterError
+from storage.hashing import fingerprint
+from storage.manifest import Manifest, Skip
+from storage.store import COMPRESSIONS, DTYPES, POOLINGS, GroupSpec, StoreWriter, group_name, store_is_current
+
+from .backbones import BackboneSpec, Extractor, build_backbone
+from .images import DEFAULT_MAX_PIXELS, RESIZE_MODES, ImageError, load_image
+
+EXTRACTOR_VERSION = "1"
+Progress = Callable[[int, int], None]
+
+
+def normalise_cuts(layers: Sequence[str], poolings: Sequence[str] | str) -> list[tuple[str, str]]:
+    """Pair layers with poolings: one pooling for all layers, or one per layer.
+
+    A layer may also carry its pooling as ``layer:pooling``."""
+    if not layers:
+        raise ParameterError("give at least one layer to cut at (--layer NAME); `cnncodes layers BACKBONE` lists them.")
+    if isinstance(poolings, str):
+        poolings = [poolings]
+    poolings = list(poolings) or ["avg"]
+    if len(poolings) not in (1, len(layers)):
+        raise ParameterError(f"give one pooling for all layers or one per layer; got {len(poolings)} poolings "
+                             f"for {len(layers)} layers.")
+    cuts = []
+    for i, layer in enumerate(layers):
+        pooling = poolings[0] if len(poolings) == 1 else poolings[i]
+        if ":" in layer:
+            layer, pooling = layer.rsplit(":", 1)
+        if pooling not in POOLINGS:
+            raise ParameterError(f"pooling must be one of {', '.join(POOLINGS)}; got {pooling!r} for layer {layer!r}.")
+        if (layer, pooling) not in cuts:
+            cuts.append((layer, pooling))
+    return cuts
+
+
+@dataclass
+class ExtractOptions:
+    """How codes are computed and stored (validated by :meth:`validate`)."""
+
+    batch_size: int = 32
+    dtype: str = "float32"
+    compression: str | None = None
+    resize: str = "stretch"
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    decode_workers: int = field(default_factory=lambda: max(1, min(4, os.cpu_count() or 1)))
+    prefetch_batches: int = 2
+
+    def validate(self) -> "ExtractOptions":
+        if not isinstance(self.batch_size, int) or not 1 <= self.batch_size <= 4096:
+            raise ParameterError(f"batch_size must be an integer in [1, 4096]; got {self.batch_size!r}.")
+        if self.dtype not in DTYPES:
+            raise ParameterError(f"dtype must be one of {DTYPES}; got {self.dtype!r}.")
+        if self.compression in ("none", ""):
+            self.compression = None
+        if self.compression not in COMPRESSIONS:
+            raise ParameterError(f"compression must be one of none, gzip, lzf; got {self.compression!r}.")
+        if self.resize not in RESIZE_MODES:
+            raise ParameterError(f"resize must be one of {RESIZE_MODES}; got {self.resize!r}.")
+        if not isinstance(self.max_pixels, int) or self.max_pixels < 1:
+            raise ParameterError(f"max_pixels must be a positive integer; got {self.max_pixels!r}.")
+        if self.decode_workers < 1 or self.prefetch_batches < 1:
+            raise ParameterError("decode_workers and prefetch_batches must be at least 1.")
+        return self
+
+
+def _versions() -> dict[str, str]:
+    import h5py
+    import keras
+    import tensorflow as tf
+
+    return {"cnncodes_extractor": EXTRACTOR_VERSION, "tensorflow": tf.__version__, "keras": keras.__version__,
+            "h5py": h5py.__version__, "numpy": np.__version__}
+
+
+def feature_fingerprint(identity: dict[str, Any], layer: str, pooling: str, manifest_fp: str, resize: str) -> str:
+    """Fingerprint of one feature set: what a cache of its downstream results is keyed by."""
+    ident = {k: v for k, v in identity.items() if k != "weights_digest"}
+    return fingerprint({"identity": ident, "digest": identity.get("weights_digest"), "layer": layer,
+                        "pooling": pooling, "manifest": manifest_fp, "resize": resize,
+                        "extractor": EXTRACTOR_VERSION})
+
+
+def extract_to_store(manifest: Manifest, store: str | os.PathLike, spec: BackboneSpec,
+                     cuts: Sequence[tuple[str, str]], options: ExtractOptions | None = None,
+                     progress: Progress | None = None) -> dict[str, Any]:
+    """Bring ``store`` up to date with ``manifest`` for every (layer, pooling) in ``cuts``.
+
+    Returns a summary dict: ``computed`` (images run through the backbone),
+    ``reused``, ``removed``, ``skipped`` (list of {path, reason}), ``groups``,
+    ``timings`` (seconds) and ``store``. Raises BackboneError, ParameterError,
+    StoreMismatchError or StoreLockedError before writing anything.
+    """
+    t0 = time.perf_counter()
+    options = (options or ExtractOptions()).validate()
+    spec.validate()
+    cuts = list(cuts)
+    store = Path(store)
+    config = dict(spec.identity(), resize=options.resize)
+    manifest_fp = manifest.fingerprint()
+
+    if store_is_current(store, config, cuts, manifest_fp):
+        from storage.store import FeatureStore
+
+        recorded = FeatureStore(store).provenance.get("skipped") or []
+        return _summary(store, cuts, manifest, computed=0, removed=0, up_to_date=True,
+                        skipped=[{"path": p, "reason": r} for p, r in recorded],
+                        timings={"total": time.perf_counter() - t0}, config=config)
+
+    t_build = time.perf_counter()
+    backbone = build_backbone(spec)
+    extractor = Extractor(backbone, cuts)
+    identity = dict(backbone.identity(), resize=options.resize)
+    build_s = time.perf_counter() - t_build
+    specs = [GroupSpec(layer, pooling, shape, options.dtype, options.compression)
+             for (layer, pooling), shape in zip(cuts, extractor.shapes)]
+    meta = {"dataset": manifest.root, "layout": manifest.layout, "split_seed": manifest.split_seed,
+            "split_fractions": manifest.split_fractions, "versions": _versions(),
+            "backbone_layers": len(backbone.model.layers)}
+
+    decode_skips: list[Skip] = []
+    timings = {"build": build_s, "decode_wait": 0.0, "forward": 0.0, "write": 0.0}
+    with StoreWriter(store, identity, specs, meta) as writer:
+        plan = writer.plan(manifest)
+        todo = plan.union()
+        need = {s.name: set(plan.todo[s.name]) for s in specs}
+        writer.start_appending()
+        if progress:
+            progress(0, len(todo))
+        done = 0
+        size = backbone.size
+        with ThreadPoolExecutor(max_workers=options.decode_workers, thread_name_prefix="decode") as pool:
+            pending: deque[tuple[list[int], list[Future]]] = deque()
+            batches = [todo[i:i + options.batch_size] for i in range(0, len(todo), options.batch_size)]
+            it = iter(batches)
+
+            def submit_next() -> None:
+                idx = next(it, None)
+                if idx is not None:
+                    futures = [pool.submit(load_image, manifest.abspath(manifest.samples[i]), size,
+                                           options.resize, options.max_pixels) for i in idx]
+                    pending.append((idx, futures))
+
+            for _ in range(options.prefetch_batches + 1):
+                submit_next()
+            while pending:
+                idx, futures = pending.popleft()
+                submit_next()
+                t = time.perf_counter()
+                arrays, ok = [], []
+                for i, fut in zip(idx, futures):
+                    try:
+                        arrays.append(fut.result())
+                        ok.append(i)
+                    except ImageError as exc:
+                        decode_skips.append(Skip(manifest.samples[i].path, str(exc)))
+                timings["decode_wait"] += time.perf_counter() - t
+                if ok:
+                    t = time.perf_counter()
+                    outputs = extractor(np.stack(arrays))
+                    timings["forward"] += time.perf_counter() - t
+                    t = time.perf_counter()
+                    for g, feats in zip(specs, outputs):
+                        rows = [k for k, i in enumerate(ok) if i in need[g.name]]
+                        if not rows:
+                            continue
+                        samples = [manifest.samples[ok[k]] for k in rows]
+                        writer.append(g.name, [s.path for s in samples], [s.sha256 for s in samples],
+                                      [s.label for s in samples], [s.split for s in samples], feats[rows])
+                    timings["write"] += time.perf_counter() - t
+                done += len(idx)
+                if progress:
+                    progress(done, len(todo))
+        recorded = Manifest(manifest.root, manifest.layout, manifest.class_names, manifest.samples,
+                            manifest.split_seed, manifest.split_fractions, list(manifest.skipped) + decode_skips)
+        writer.finish(recorded)
+        recovered = writer.recovered
+    timings["total"] = time.perf_counter() - t0
+    skipped = [{"path": s.path, "reason": s.reason} for s in recorded.skipped]
+    out = _summary(store, cuts, manifest, computed=extractor.images_seen, removed=max(plan.removed.values(), default=0),
+                   up_to_date=False, skipped=skipped, timings=timings, config=identity)
+    out["recovered_after_crash"] = recovered
+    out["relabelled"] = max(plan.relabelled.values(), default=0)
+    out["weights_digest"] = identity["weights_digest"]
+    return out
+
+
+def _summary(store: Path, cuts, manifest: Manifest, *, computed: int, removed: int, up_to_date: bool,
+             skipped: list[dict], timings: dict, config: dict) -> dict[str, Any]:
+    from storage.store import FeatureStore
+
+    groups = {g["group"]: g for g in FeatureStore(store).groups()}
+    rows = {group_name(layer, pooling): int(groups.get(group_name(layer, pooling), {}).get("rows", 0))
+            for layer, pooling in cuts}
+    forward = timings.get("forward") or 0.0
+    return {
+        "store": str(store.resolve()),
+        "groups": [{"layer": layer, "pooling": pooling, "group": group_name(layer, pooling),
+                    "rows": rows[group_name(layer, pooling)],
+                    "feature_shape": groups.get(group_name(layer, pooling), {}).get("feature_shape")}
+                   for layer, pooling in cuts],
+        "images": len(manifest.samples),
+        "classes": list(manifest.class_names),
+        "counts": manifest.counts(),
+        "computed": computed,
+        "reused": max(0, min(rows.values(), default=0) - computed) if not up_to_date else min(rows.values(), default=0),
+        "removed": removed,
+        "up_to_date": up_to_date,
+        "skipped": skipped,
+        "timings": {k: round(v, 3) for k, v in timings.items()},
+        "images_per_s": round(computed / timings["total"], 2) if computed and timings.get("total") else None,
+        "forward_images_per_s": round(computed / forward, 2) if computed and forward else None,
+        "backbone": config.get("backbone"),
+        "weights": config.get("weights"),
+        "manifest_fingerprint": manifest.fingerprint(),
+    }

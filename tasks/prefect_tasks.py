@@ -1,0 +1,76 @@
+"""Thin Prefect wrappers over the plain task functions.
+
+Each wrapper only adapts arguments (paths and small dicts in, small dicts
+out), reports progress, and sets retries. The work is in the plain functions,
+which tests call directly. Retries apply to transient failures only: a
+:class:`~storage.errors.CnncodesError` is the user's to fix and is not retried.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from storage.errors import CnncodesError
+from storage.manifest import Manifest
+
+from . import datasets, extract, reports
+from .backbones import BackboneSpec
+from .progress import Progress
+
+
+def transient_only(task_, task_run, state) -> bool:
+    """Retry condition: retry unless the failure is one the user has to fix."""
+    try:
+        state.result()
+    except CnncodesError:
+        return False
+    except Exception:  # noqa: BLE001 - anything else (I/O, a flaky disk) may pass
+        return True
+    return False
+
+
+@task(name="scan-dataset", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=transient_only,
+      cache_policy=NO_CACHE)
+def scan_dataset(data: str, manifest_path: str, val_fraction: float, test_fraction: float, seed: int) -> dict:
+    """Scan ``data`` into a manifest JSON at ``manifest_path``; returns a small summary."""
+    bar = Progress("hashing images", unit="file", key="scan-dataset")
+    try:
+        manifest = datasets.scan_dataset(data, val_fraction, test_fraction, seed, progress=bar)
+    finally:
+        bar.close()
+    manifest.save(manifest_path)
+    return {"manifest": manifest_path, "images": len(manifest.samples), "classes": manifest.class_names,
+            "layout": manifest.layout, "skipped": len(manifest.skipped), "fingerprint": manifest.fingerprint()}
+
+
+# The store is the cache: extraction checks it (content hashes) and computes only what is missing,
+# so Prefect's result cache would add nothing but a way to go stale when a store is deleted.
+@task(name="extract-codes", retries=1, retry_delay_seconds=5, retry_condition_fn=transient_only,
+      cache_policy=NO_CACHE)
+def extract_codes(manifest_path: str, store: str, spec: dict[str, Any], cuts: list[list[str]],
+                  options: dict[str, Any]) -> dict:
+    """Bring the store up to date for the manifest; returns the extraction summary."""
+    manifest = Manifest.load(manifest_path)
+    bar = Progress("extracting codes", unit="img", key="extract-codes")
+    try:
+        return extract.extract_to_store(manifest, store, BackboneSpec(**spec), [tuple(c) for c in cuts],
+                                        extract.ExtractOptions(**options), progress=bar)
+    finally:
+        bar.close()
+
+
+@task(name="extract-report", cache_policy=NO_CACHE)
+def extract_report(summary: dict, report_path: str) -> str:
+    """Write the Markdown report and publish it, with tables, as Prefect artifacts."""
+    text = reports.extract_markdown(summary)
+    path = reports.write_report(report_path, text, summary)
+    create_markdown_artifact(text, key="extract-report", description=f"Extraction into {summary['store']}")
+    create_table_artifact(reports.extract_table(summary), key="extract-counts",
+                          description="Images computed, reused, removed and skipped; timings in seconds")
+    if summary["skipped"]:
+        create_table_artifact(summary["skipped"], key="extract-skipped", description="Files skipped, with the reason")
+    return str(Path(path).resolve())
