@@ -1,0 +1,58 @@
+"""Shared fixtures. Nothing here downloads anything: data is generated, backbones use random weights
+unless ../shared/keras is present (those tests skip otherwise)."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("CNNCODES_PROGRESS", "0")
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+# The tiny backbone of the suite: MobileNetV2 alpha 0.35 at 96 px, random (seeded) weights.
+TINY = dict(name="mobilenet_v2", weights="none", input_size=96, backbone_args={"alpha": 0.35})
+TINY_LAST = "out_relu"
+TINY_EARLY = "block_3_expand_relu"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_homes(tmp_path_factory):
+    """Prefect's database and result storage in a temporary folder, never the user's."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    os.environ["PREFECT_HOME"] = str(home)
+    os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = str(home / "results")
+    yield
+
+
+@pytest.fixture
+def tiny_spec():
+    from tasks.backbones import BackboneSpec
+
+    return BackboneSpec(**TINY)
+
+
+@pytest.fixture
+def texture_data(tmp_path):
+    """A 3-class folder dataset of small generated JPEGs (12 per class)."""
+    from tasks.synthetic import make_dataset
+
+    return make_dataset(tmp_path / "data", per_class=12, size=(48, 56), seed=1)
+
+
+def shared_path(*parts: str) -> Path:
+    return SHARED.joinpath(*parts)
+
+
+def require_shared(*parts: str) -> Path:
+    p = shared_path(*parts)
+    if not p.exists():
+        pytest.skip(f"{p} is absent (../shared test material is only on developer machines and CI)")
+    return p
