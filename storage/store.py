@@ -51,7 +51,7 @@ _STR = h5py.string_dtype("utf-8")
 
 # Root attributes that identify what produced the features: a run whose values
 # differ must not write into this store.
-IDENTITY_KEYS = ("backbone", "backbone_args", "weights", "weights_digest", "input_size",
+IDENTITY_KEYS = ("backbone", "backbone_args", "weights", "init_seed", "weights_digest", "input_size",
                  "preprocessing", "resize", "precision")
 
 
@@ -540,7 +540,7 @@ class StoreWriter:
 
 
 def store_is_current(path: str | os.PathLike, identity: dict[str, Any], layers: Iterable[tuple[str, str]],
-                     manifest_fingerprint: str) -> bool:
+                     manifest_fingerprint: str, dtype: str | None = None) -> bool:
     """True when every (layer, pooling) group of the store was completed for this exact manifest
     and configuration (``weights_digest`` is not compared: it needs the model built)."""
     path = Path(path)
@@ -557,6 +557,8 @@ def store_is_current(path: str | os.PathLike, identity: dict[str, Any], layers: 
             for layer, pooling in layers:
                 name = group_name(layer, pooling)
                 if name not in f or _decode(f[name].attrs.get("manifest_fingerprint")) != manifest_fingerprint:
+                    return False
+                if dtype is not None and _decode(f[name].attrs.get("dtype")) != dtype:
                     return False
     except (StoreError, OSError, KeyError):
         return False

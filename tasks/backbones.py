@@ -202,7 +202,8 @@ class BackboneSpec:
         if is_model_file(name):
             name = f"model-file:{file_sha256(name)}"
         return {"backbone": name, "backbone_args": dict(sorted(self.backbone_args.items())),
-                "weights": weights, "input_size": self.size, "preprocessing": self.preprocessing_name(),
+                "weights": weights, "init_seed": self.seed if weights == "none" else None,
+                "input_size": self.size, "preprocessing": self.preprocessing_name(),
                 "precision": self.precision}
 
 

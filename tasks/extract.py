@@ -119,7 +119,7 @@ def extract_to_store(manifest: Manifest, store: str | os.PathLike, spec: Backbon
     config = dict(spec.identity(), resize=options.resize)
     manifest_fp = manifest.fingerprint()
 
-    if store_is_current(store, config, cuts, manifest_fp):
+    if store_is_current(store, config, cuts, manifest_fp, options.dtype):
         from storage.store import FeatureStore
 
         recorded = FeatureStore(store).provenance.get("skipped") or []

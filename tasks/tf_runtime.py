@@ -9,6 +9,7 @@ writes every other line back: real errors are never hidden.
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sys
@@ -81,6 +82,8 @@ def tensorflow():
         for line in captured:
             if not ok or not _is_noise(line):
                 sys.stderr.write(line)
+    # Each Extractor compiles its own forward pass on purpose; TF's retracing advice does not apply.
+    logging.getLogger("tensorflow").addFilter(lambda r: "triggered tf.function retracing" not in r.getMessage())
     _tf = tf
     return tf
 
