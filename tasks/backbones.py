@@ -348,6 +348,16 @@ def _load_model_file(spec: BackboneSpec, keras):
     return model, size
 
 
+def _keras_home() -> str:
+    """The folder Keras caches weights in (read from KERAS_HOME when Keras was imported)."""
+    try:
+        from keras.src.backend import config
+
+        return str(config.keras_home())
+    except (ImportError, AttributeError):
+        return os.environ.get("KERAS_HOME", str(Path.home() / ".keras"))
+
+
 def _build_application(spec: BackboneSpec, keras):
     info = backbone_info(spec.name)
     size = spec.size
@@ -364,7 +374,7 @@ def _build_application(spec: BackboneSpec, keras):
                             f"arguments {spec.backbone_args}: {exc}") from exc
     except Exception as exc:  # noqa: BLE001 - a failed download surfaces as a bare Exception
         if spec.weights == "imagenet":
-            home = os.environ.get("KERAS_HOME", str(Path.home() / ".keras"))
+            home = _keras_home()
             raise BackboneError(
                 f"the ImageNet weights of {spec.name} (input {size}, {spec.backbone_args or 'default arguments'}) "
                 f"are not in Keras's cache ({home}/models) and could not be downloaded: {exc}. "
