@@ -438,6 +438,9 @@ class Extractor:
             return res
 
         self._forward = forward
+        # Trace and optimise the graph now, on one image, so that the cost lands in the build
+        # and the first real batch runs at full speed.
+        forward(tf.zeros([1, backbone.size, backbone.size, 3], tf.uint8))
 
     def __call__(self, batch: np.ndarray) -> list[np.ndarray]:
         self.images_seen += int(batch.shape[0])

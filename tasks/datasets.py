@@ -38,12 +38,28 @@ def _is_hidden(name: str) -> bool:
     return name.startswith(".") or name.startswith("__")
 
 
-def _list_files(folder: Path) -> list[Path]:
-    out = []
+def _list_files(folder: Path) -> tuple[list[Path], list[Path]]:
+    """Files under ``folder`` (symbolic links followed), and the folders left out because they
+    lead back to a folder already listed or to one above ``folder``: a link loop would otherwise
+    list the same images again and again, under ever longer paths."""
+    out: list[Path] = []
+    loops: list[Path] = []
+    top = os.path.realpath(folder)
+    seen = {top}
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
+        subs = sorted(d for d in dirnames if not _is_hidden(d))
+        keep = []
+        # real folders first, so that a link to a sibling is the copy left out
+        for d in sorted(subs, key=lambda d: os.path.islink(os.path.join(dirpath, d))):
+            real = os.path.realpath(os.path.join(dirpath, d))
+            if real in seen or top.startswith(real.rstrip(os.sep) + os.sep):
+                loops.append(Path(dirpath) / d)
+                continue
+            seen.add(real)
+            keep.append(d)
+        dirnames[:] = [d for d in subs if d in keep]
         out.extend(Path(dirpath) / f for f in sorted(filenames))
-    return out
+    return out, loops
 
 
 def _subdirs(folder: Path) -> list[Path]:
@@ -144,10 +160,15 @@ def scan_dataset(source: str | os.PathLike, val_fraction: float = 0.2, test_frac
     skipped: list[Skip] = []
     # (absolute path, relative path, class name, split or None)
     entries: list[tuple[str, str, str, str | None]] = []
+    empty_dirs: list[tuple[str, str]] = []  # (relative folder, class name)
 
     def add_folder(folder: Path, cls: str, split: str | None, base: Path) -> int:
         count = 0
-        for f in _list_files(folder):
+        files, loops = _list_files(folder)
+        for d in loops:
+            skipped.append(Skip(d.relative_to(base).as_posix() + "/",
+                                "symbolic link to a folder already scanned (or above it); not followed"))
+        for f in files:
             rel = f.relative_to(base).as_posix()
             if _is_hidden(f.name):
                 continue
@@ -166,14 +187,18 @@ def scan_dataset(source: str | os.PathLike, val_fraction: float = 0.2, test_frac
         base = root
         splits = [(s, SPLIT_ALIASES[s.name.lower()]) for s in _subdirs(root)] if layout == "split-folders" \
             else [(root, None)]
+        if layout == "split-folders":
+            for f in sorted(p for p in root.iterdir() if p.is_file() and not _is_hidden(p.name)):
+                skipped.append(Skip(f.relative_to(root).as_posix(),
+                                    "not inside a split and class folder; move it into <split>/<class>/ to use it"))
         for folder, split in splits:
+            where = f"{folder.name}/<class>/" if split else "<class>/"
             for f in sorted(p for p in folder.iterdir() if p.is_file() and not _is_hidden(p.name)):
                 skipped.append(Skip(f.relative_to(root).as_posix(),
-                                    "not inside a class folder; move it into <class>/ to use it"))
+                                    f"not inside a class folder; move it into {where} to use it"))
             for cls_dir in _subdirs(folder):
                 if add_folder(cls_dir, cls_dir.name, split, root) == 0:
-                    skipped.append(Skip(cls_dir.relative_to(root).as_posix() + "/",
-                                        "empty class folder: no images, class left out"))
+                    empty_dirs.append((cls_dir.relative_to(root).as_posix() + "/", cls_dir.name))
 
     if not entries:
         raise DatasetError(f"no images found in {source} (supported types: {', '.join(IMAGE_EXTENSIONS)}). "
@@ -194,6 +219,9 @@ def scan_dataset(source: str | os.PathLike, val_fraction: float = 0.2, test_frac
                            + "; ".join(f"{s.path}: {s.reason}" for s in skipped[:5]))
 
     class_names = sorted({cls for _, _, cls, _ in kept})
+    for rel_dir, cls in empty_dirs:
+        skipped.append(Skip(rel_dir, "empty class folder: no images" + (
+            "" if cls in class_names else ", class left out")))
     label_of = {c: i for i, c in enumerate(class_names)}
     given = [s for _, _, _, s in kept]
     split_fractions: dict[str, float] = {}
@@ -211,37 +239,47 @@ def scan_dataset(source: str | os.PathLike, val_fraction: float = 0.2, test_frac
 
 
 def _read_csv(csv_path: Path):
-    base = csv_path.parent
-    entries, skipped, seen = [], [], set()
     try:
         fh = open(csv_path, newline="", encoding="utf-8-sig")
     except OSError as exc:
         raise DatasetError(f"cannot read CSV manifest {csv_path}: {exc}") from exc
-    with fh:
-        reader = csv.DictReader(fh)
-        cols = [c.strip().lower() for c in (reader.fieldnames or [])]
-        if "path" not in cols or "label" not in cols:
-            raise DatasetError(f"CSV manifest {csv_path} needs a header with columns path,label[,split]; "
-                               f"it has {reader.fieldnames}.")
-        for lineno, raw in enumerate(reader, 2):
-            row = {k.strip().lower(): (v or "").strip() for k, v in raw.items() if k}
-            path, label, split = row.get("path", ""), row.get("label", ""), row.get("split") or None
-            if not path or not label:
-                raise DatasetError(f"{csv_path}:{lineno}: empty path or label. Every row needs both.")
-            if split is not None:
-                if split.lower() not in SPLIT_ALIASES:
-                    raise DatasetError(f"{csv_path}:{lineno}: unknown split {split!r}; use one of {', '.join(SPLITS)}.")
-                split = SPLIT_ALIASES[split.lower()]
-            abs_path = Path(path) if os.path.isabs(path) else base / path
-            rel = Path(path).as_posix()
-            if rel in seen:
-                skipped.append(Skip(rel, f"listed twice in {csv_path.name} (line {lineno}); first entry kept"))
-                continue
-            seen.add(rel)
-            if abs_path.suffix.lower() not in IMAGE_EXTENSIONS:
-                skipped.append(Skip(rel, f"not an image file type ({abs_path.suffix or 'no extension'})"))
-                continue
-            entries.append((str(abs_path), rel, label, split))
+    try:
+        with fh:
+            return _parse_csv(csv_path, csv.DictReader(fh))
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"CSV manifest {csv_path} is not UTF-8 text ({exc.reason} at byte {exc.start}). "
+                           "Save it as UTF-8 (e.g. 'CSV UTF-8' in a spreadsheet) and scan again.") from None
+    except csv.Error as exc:
+        raise DatasetError(f"CSV manifest {csv_path} cannot be parsed: {exc}. "
+                           "Write it as plain comma-separated text with a header path,label[,split].") from None
+
+
+def _parse_csv(csv_path: Path, reader: csv.DictReader):
+    base = csv_path.parent
+    entries, skipped, seen = [], [], set()
+    cols = [c.strip().lower() for c in (reader.fieldnames or [])]
+    if "path" not in cols or "label" not in cols:
+        raise DatasetError(f"CSV manifest {csv_path} needs a header with columns path,label[,split]; "
+                           f"it has {reader.fieldnames}.")
+    for lineno, raw in enumerate(reader, 2):
+        row = {k.strip().lower(): (v or "").strip() for k, v in raw.items() if k}
+        path, label, split = row.get("path", ""), row.get("label", ""), row.get("split") or None
+        if not path or not label:
+            raise DatasetError(f"{csv_path}:{lineno}: empty path or label. Every row needs both.")
+        if split is not None:
+            if split.lower() not in SPLIT_ALIASES:
+                raise DatasetError(f"{csv_path}:{lineno}: unknown split {split!r}; use one of {', '.join(SPLITS)}.")
+            split = SPLIT_ALIASES[split.lower()]
+        abs_path = Path(path) if os.path.isabs(path) else base / path
+        rel = Path(path).as_posix()
+        if rel in seen:
+            skipped.append(Skip(rel, f"listed twice in {csv_path.name} (line {lineno}); first entry kept"))
+            continue
+        seen.add(rel)
+        if abs_path.suffix.lower() not in IMAGE_EXTENSIONS:
+            skipped.append(Skip(rel, f"not an image file type ({abs_path.suffix or 'no extension'})"))
+            continue
+        entries.append((str(abs_path), rel, label, split))
     has_split = [e[3] is not None for e in entries]
     if any(has_split) and not all(has_split):
         raise DatasetError(f"{csv_path}: the split column is filled on some rows and empty on others. "

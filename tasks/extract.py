@@ -14,7 +14,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -23,6 +23,7 @@ from storage.hashing import fingerprint
 from storage.manifest import Manifest, Skip
 from storage.store import COMPRESSIONS, DTYPES, POOLINGS, GroupSpec, StoreWriter, group_name, store_is_current
 
+from . import tf_runtime
 from .backbones import BackboneSpec, Extractor, build_backbone
 from .images import DEFAULT_MAX_PIXELS, RESIZE_MODES, ImageError, load_image
 
@@ -64,7 +65,9 @@ class ExtractOptions:
     resize: str = "stretch"
     max_pixels: int = DEFAULT_MAX_PIXELS
     decode_workers: int = field(default_factory=lambda: max(1, min(4, os.cpu_count() or 1)))
-    prefetch_batches: int = 2
+    # Batches decoded ahead while the model computes; None: 2 where spare cores or a GPU can take
+    # the decoding, 0 on a small CPU (decoding beside the model there only slows both down).
+    prefetch_batches: int | None = None
 
     def validate(self) -> "ExtractOptions":
         if not isinstance(self.batch_size, int) or not 1 <= self.batch_size <= 4096:
@@ -79,8 +82,10 @@ class ExtractOptions:
             raise ParameterError(f"resize must be one of {RESIZE_MODES}; got {self.resize!r}.")
         if not isinstance(self.max_pixels, int) or self.max_pixels < 1:
             raise ParameterError(f"max_pixels must be a positive integer; got {self.max_pixels!r}.")
-        if self.decode_workers < 1 or self.prefetch_batches < 1:
-            raise ParameterError("decode_workers and prefetch_batches must be at least 1.")
+        if self.decode_workers < 1:
+            raise ParameterError(f"decode_workers must be at least 1; got {self.decode_workers!r}.")
+        if self.prefetch_batches is not None and not 0 <= self.prefetch_batches <= 64:
+            raise ParameterError(f"prefetch_batches must be in [0, 64]; got {self.prefetch_batches!r}.")
         return self
 
 
@@ -91,6 +96,43 @@ def _versions() -> dict[str, str]:
 
     return {"cnncodes_extractor": EXTRACTOR_VERSION, "tensorflow": tf.__version__, "keras": keras.__version__,
             "h5py": h5py.__version__, "numpy": np.__version__}
+
+
+def decoded_batches(manifest: Manifest, todo: Sequence[int], size: int, options: ExtractOptions
+                    ) -> Iterator[tuple[list[int], list[np.ndarray], list[int], list[Skip]]]:
+    """Yield ``(indices, arrays, decoded indices, skips)`` per batch of ``todo``, decoding in threads.
+
+    With ``prefetch_batches`` > 0 the next batches decode while the caller computes; with 0 each
+    batch is decoded (still in parallel threads) only when the caller asks for it."""
+    ahead = options.prefetch_batches
+    if ahead is None:
+        ahead = 2 if tf_runtime.gpus() or (os.cpu_count() or 1) > 4 else 0
+    batches = iter([list(todo[i:i + options.batch_size]) for i in range(0, len(todo), options.batch_size)])
+    with ThreadPoolExecutor(max_workers=options.decode_workers, thread_name_prefix="decode") as pool:
+        pending: deque[tuple[list[int], list[Future]]] = deque()
+
+        def submit_next() -> None:
+            idx = next(batches, None)
+            if idx is not None:
+                pending.append((idx, [pool.submit(load_image, manifest.abspath(manifest.samples[i]), size,
+                                                  options.resize, options.max_pixels) for i in idx]))
+
+        for _ in range(ahead + 1):
+            submit_next()
+        while pending:
+            idx, futures = pending.popleft()
+            arrays, ok, skips = [], [], []
+            for i, fut in zip(idx, futures):
+                try:
+                    arrays.append(fut.result())
+                    ok.append(i)
+                except ImageError as exc:
+                    skips.append(Skip(manifest.samples[i].path, str(exc)))
+            if ahead:
+                submit_next()
+            yield idx, arrays, ok, skips
+            if not ahead:
+                submit_next()
 
 
 def feature_fingerprint(identity: dict[str, Any], layer: str, pooling: str, manifest_fp: str, resize: str) -> str:
@@ -139,7 +181,7 @@ def extract_to_store(manifest: Manifest, store: str | os.PathLike, spec: Backbon
             "backbone_layers": len(backbone.model.layers)}
 
     decode_skips: list[Skip] = []
-    timings = {"build": build_s, "decode_wait": 0.0, "forward": 0.0, "write": 0.0}
+    timings = {"build": build_s, "forward": 0.0, "write": 0.0}
     with StoreWriter(store, identity, specs, meta) as writer:
         plan = writer.plan(manifest)
         todo = plan.union()
@@ -148,49 +190,23 @@ def extract_to_store(manifest: Manifest, store: str | os.PathLike, spec: Backbon
         if progress:
             progress(0, len(todo))
         done = 0
-        size = backbone.size
-        with ThreadPoolExecutor(max_workers=options.decode_workers, thread_name_prefix="decode") as pool:
-            pending: deque[tuple[list[int], list[Future]]] = deque()
-            batches = [todo[i:i + options.batch_size] for i in range(0, len(todo), options.batch_size)]
-            it = iter(batches)
-
-            def submit_next() -> None:
-                idx = next(it, None)
-                if idx is not None:
-                    futures = [pool.submit(load_image, manifest.abspath(manifest.samples[i]), size,
-                                           options.resize, options.max_pixels) for i in idx]
-                    pending.append((idx, futures))
-
-            for _ in range(options.prefetch_batches + 1):
-                submit_next()
-            while pending:
-                idx, futures = pending.popleft()
-                submit_next()
+        for idx, arrays, ok, skips in decoded_batches(manifest, todo, backbone.size, options):
+            decode_skips.extend(skips)
+            if ok:
                 t = time.perf_counter()
-                arrays, ok = [], []
-                for i, fut in zip(idx, futures):
-                    try:
-                        arrays.append(fut.result())
-                        ok.append(i)
-                    except ImageError as exc:
-                        decode_skips.append(Skip(manifest.samples[i].path, str(exc)))
-                timings["decode_wait"] += time.perf_counter() - t
-                if ok:
-                    t = time.perf_counter()
-                    outputs = extractor(np.stack(arrays))
-                    timings["forward"] += time.perf_counter() - t
-                    t = time.perf_counter()
-                    for g, feats in zip(specs, outputs):
-                        rows = [k for k, i in enumerate(ok) if i in need[g.name]]
-                        if not rows:
-                            continue
+                outputs = extractor(np.stack(arrays))
+                timings["forward"] += time.perf_counter() - t
+                t = time.perf_counter()
+                for g, feats in zip(specs, outputs):
+                    rows = [k for k, i in enumerate(ok) if i in need[g.name]]
+                    if rows:
                         samples = [manifest.samples[ok[k]] for k in rows]
                         writer.append(g.name, [s.path for s in samples], [s.sha256 for s in samples],
                                       [s.label for s in samples], [s.split for s in samples], feats[rows])
-                    timings["write"] += time.perf_counter() - t
-                done += len(idx)
-                if progress:
-                    progress(done, len(todo))
+                timings["write"] += time.perf_counter() - t
+            done += len(idx)
+            if progress:
+                progress(done, len(todo))
         recorded = Manifest(manifest.root, manifest.layout, manifest.class_names, manifest.samples,
                             manifest.split_seed, manifest.split_fractions, list(manifest.skipped) + decode_skips)
         writer.finish(recorded)

@@ -37,9 +37,20 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     mode = img.mode
     if mode.startswith("I;16") or mode == "I":
         arr = np.asarray(img, dtype=np.float64)
+        trns = img.info.get("transparency")
         if mode.startswith("I;16") or arr.max(initial=0) > 255:
             arr = arr / 257.0  # 16-bit range onto 8 bits
-        img = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L")
+        gray = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+        if isinstance(trns, int):  # a transparent grey value (PNG tRNS): keep it as alpha
+            alpha = np.where(np.asarray(img) == trns, 0, 255).astype(np.uint8)
+            img = Image.fromarray(np.dstack([gray, alpha]), "LA")
+        else:
+            img = Image.fromarray(gray, "L")
+    elif mode in ("L", "RGB") and "transparency" in img.info:
+        try:  # a transparent colour key (PNG tRNS): composited below like alpha
+            img = img.convert("RGBA")
+        except (ValueError, TypeError):  # a malformed key: ignore it rather than lose the image
+            pass
     elif mode == "F":
         arr = np.asarray(img, dtype=np.float64)
         if arr.size and np.nanmax(arr) <= 1.0:
@@ -54,6 +65,11 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         canvas = Image.new("RGBA", rgba.size, _BACKGROUND + (255,))
         img = Image.alpha_composite(canvas, rgba)
     return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def _mpx(n: int) -> str:
+    """Pixel count for a message: ``9 Mpx``, ``1.5 Mpx``, ``0.25 Mpx`` (never a misleading ``0 Mpx``)."""
+    return f"{n / 1e6:.3g} Mpx"
 
 
 def _fit(img: Image.Image, size: int, resize: str) -> Image.Image:
@@ -84,12 +100,14 @@ def decode_image(data: bytes, size: int, resize: str = "stretch",
         raise ImageError("not an image: Pillow cannot identify the file format") from None
     except Image.DecompressionBombError as exc:
         raise ImageError(f"too large, refused as a possible decompression bomb ({exc})") from None
-    except (OSError, SyntaxError, ValueError) as exc:
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        if "truncated" in str(exc).lower():
+            raise ImageError(f"truncated file: the header ends early ({exc})") from None
         raise ImageError(f"corrupt image header: {exc}") from None
     w, h = img.size
     if w * h > max_pixels:
-        raise ImageError(f"too large: {w}x{h} = {w * h / 1e6:.0f} Mpx is over the limit of "
-                         f"{max_pixels / 1e6:.0f} Mpx (decompression-bomb guard; raise max_pixels to use it)")
+        raise ImageError(f"too large: {w}x{h} = {_mpx(w * h)} is over the limit of {_mpx(max_pixels)} "
+                         f"(max_pixels={max_pixels}; decompression-bomb guard; raise max_pixels to use it)")
     if w == 0 or h == 0:
         raise ImageError(f"empty image ({w}x{h} pixels)")
     try:
