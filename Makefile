@@ -19,8 +19,11 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev]"
 	@touch $(STAMP)
 
+# On developer machines ../shared/keras holds ImageNet weights in Keras's cache layout: use them offline.
+SHARED_KERAS := $(wildcard $(abspath ../shared/keras))
+
 run: $(STAMP)
-	$(BIN)/cnncodes demo --out $(OUT)
+	$(if $(SHARED_KERAS),KERAS_HOME=$${KERAS_HOME:-$(SHARED_KERAS)}) $(BIN)/cnncodes demo --out $(OUT)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
