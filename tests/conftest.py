@@ -14,6 +14,9 @@ SHARED = ROOT.parent / "shared"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("CNNCODES_PROGRESS", "0")
+# Keras reads KERAS_HOME once, when it is imported: point it at the shared weights (read-only) before that.
+if (SHARED / "keras" / "models").is_dir():
+    os.environ.setdefault("KERAS_HOME", str(SHARED / "keras"))
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
