@@ -137,8 +137,11 @@ def _open_read(path: Path) -> h5py.File:
         except FileNotFoundError:
             raise StoreError(f"no feature store at {path}. Run `cnncodes extract` to create one.") from None
         except OSError as exc:
-            if time.monotonic() > deadline:
-                raise StoreError(f"cannot open feature store {path}: {exc}. Is it an HDF5 file written by cnncodes?") from exc
+            # Only a lock held by a writer that is preparing the file is worth waiting for.
+            busy = "lock" in str(exc).lower() or "already open" in str(exc).lower()
+            if not busy or time.monotonic() > deadline:
+                raise StoreError(f"cannot open feature store {path}: {exc}. Is it an HDF5 file written by "
+                                 "cnncodes? `cnncodes extract` creates one.") from exc
             time.sleep(0.2)
 
 

@@ -1,0 +1,112 @@
+"""The feature store on its own: layout, reading while writing, bad files, no TensorFlow needed."""
+from __future__ import annotations
+
+import time
+
+import h5py
+import numpy as np
+import pytest
+
+from storage import FeatureStore, Manifest, Sample, StoreError, StoreMismatchError
+from storage.store import GroupSpec, StoreWriter, store_is_current
+
+IDENT = {"backbone": "toy", "weights": "none", "input_size": 8, "preprocessing": "none"}
+
+
+def _manifest(n: int, root: str = "/data") -> Manifest:
+    return Manifest(root, "folders", ["a", "b"],
+                    [Sample(f"{'ab'[i % 2]}/{i}.jpg", f"{i:064x}", i % 2, "val" if i % 5 == 0 else "train")
+                     for i in range(n)])
+
+
+def _write(path, m: Manifest, feats: np.ndarray, spec=GroupSpec("l1", "avg", (3,)), batch=4, finish=True):
+    with StoreWriter(path, IDENT, [spec]) as w:
+        plan = w.plan(m)
+        w.start_appending()
+        todo = plan.todo[spec.name]
+        for i in range(0, len(todo), batch):
+            idx = todo[i:i + batch]
+            s = [m.samples[j] for j in idx]
+            w.append(spec.name, [x.path for x in s], [x.sha256 for x in s], [x.label for x in s],
+                     [x.split for x in s], feats[idx])
+        if finish:
+            w.finish(m)
+    return plan
+
+
+def test_round_trip_and_layout(tmp_path):
+    m = _manifest(10)
+    feats = np.random.default_rng(0).normal(size=(10, 3)).astype("f4")
+    _write(tmp_path / "s.h5", m, feats)
+    fs = FeatureStore(tmp_path / "s.h5")
+    c = fs.read("l1")
+    order = np.argsort([int(p.split("/")[1][:-4]) for p in c.paths])
+    np.testing.assert_array_equal(c.features[order], feats)
+    assert list(c.labels[order]) == [i % 2 for i in range(10)]
+    assert fs.groups()[0]["rows"] == 10 and fs.groups()[0]["feature_shape"] == [3]
+    with h5py.File(tmp_path / "s.h5", "r") as f:
+        assert set(f["l1/avg"].keys()) == {"features", "path", "sha256", "label", "split", "committed"}
+        assert f["l1/avg/features"].chunks[0] >= 1 and f["l1/avg/features"].maxshape == (None, 3)
+    assert store_is_current(tmp_path / "s.h5", IDENT, [("l1", "avg")], m.fingerprint())
+    assert not store_is_current(tmp_path / "s.h5", IDENT, [("l1", "avg")], _manifest(11).fingerprint())
+    assert not store_is_current(tmp_path / "s.h5", dict(IDENT, input_size=9), [("l1", "avg")], m.fingerprint())
+
+
+def test_unfinished_batches_are_invisible_and_dropped_on_resume(tmp_path):
+    m = _manifest(8)
+    feats = np.arange(24, dtype="f4").reshape(8, 3)
+    path = tmp_path / "s.h5"
+    _write(path, m, feats, batch=4, finish=False)
+    # Simulate a batch whose rows were written but never committed.
+    with h5py.File(path, "a", libver=("v110", "latest")) as f:
+        for name in ("features", "path", "sha256", "label", "split"):
+            f[f"l1/avg/{name}"].resize(11, axis=0)
+    assert len(FeatureStore(path).read("l1")) == 8
+    plan = _write(path, _manifest(12), np.arange(36, dtype="f4").reshape(12, 3))
+    assert plan.todo["l1/avg"] == [8, 9, 10, 11]
+    c = FeatureStore(path).read("l1")
+    assert len(c) == 12 and len(set(c.paths)) == 12
+
+
+def test_reader_sees_committed_rows_while_writer_appends(tmp_path):
+    m = _manifest(12)
+    path = tmp_path / "s.h5"
+    spec = GroupSpec("l1", "avg", (3,))
+    with StoreWriter(path, IDENT, [spec]) as w:
+        w.plan(m)
+        w.start_appending()
+        seen = []
+        for i in range(0, 12, 4):
+            s = m.samples[i:i + 4]
+            w.append(spec.name, [x.path for x in s], [x.sha256 for x in s], [x.label for x in s],
+                     [x.split for x in s], np.full((4, 3), i, "f4"))
+            seen.append(len(FeatureStore(path).read("l1")))  # a reader opens the file mid-write
+        w.finish(m)
+    assert seen == [4, 8, 12]
+
+
+def test_not_a_store_and_missing_store_are_clear_errors(tmp_path):
+    with pytest.raises(StoreError, match="no feature store"):
+        FeatureStore(tmp_path / "missing.h5")
+    bogus = tmp_path / "bogus.h5"
+    bogus.write_bytes(b"this is not hdf5")
+    t = time.monotonic()
+    with pytest.raises(StoreError, match="cannot open feature store"):
+        FeatureStore(bogus)
+    assert time.monotonic() - t < 5  # refused at once, not retried as if locked
+    with h5py.File(tmp_path / "other.h5", "w") as f:
+        f.attrs["format"] = "something-else"
+    with pytest.raises(StoreError, match="not a cnncodes feature store"):
+        FeatureStore(tmp_path / "other.h5")
+    with pytest.raises(StoreMismatchError, match="not a cnncodes feature store"):
+        with StoreWriter(tmp_path / "other.h5", IDENT, [GroupSpec("l1", "avg", (3,))]):
+            pass
+
+
+def test_unknown_group_errors_name_what_is_there(tmp_path):
+    _write(tmp_path / "s.h5", _manifest(4), np.zeros((4, 3), "f4"))
+    fs = FeatureStore(tmp_path / "s.h5")
+    with pytest.raises(StoreError, match=r"layer 'l2' is not in store .*layers there: l1"):
+        fs.read("l2")
+    with pytest.raises(StoreError, match=r"has no 'max' pooling \(it has \['avg'\]\)"):
+        fs.read("l1", "max")
