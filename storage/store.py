@@ -230,6 +230,37 @@ class FeatureStore:
             )
 
 
+    def iter_chunks(self, layer: str, pooling: str | None = None, split: str | Sequence[str] | None = None,
+                    rows: int = 8192) -> Iterator[Codes]:
+        """Committed rows of one group, ``rows`` at a time (for stores larger than memory).
+        The file is opened once per pass; each chunk is read and filtered on its own."""
+        wanted = None if split is None else ([split] if isinstance(split, str) else list(split))
+        with _open_read(self.path) as f:
+            g = self._resolve(f, layer, pooling)
+            n = int(g["committed"][0])
+            names = list(_decode(f.attrs.get("class_names")) or [])
+            for start in range(0, n, rows):
+                stop = min(n, start + rows)
+                splits = g["split"][start:stop].astype(str)
+                sel = np.ones(stop - start, bool) if wanted is None else np.isin(splits, wanted)
+                if not sel.any():
+                    continue
+                yield Codes(features=np.asarray(g["features"][start:stop])[sel],
+                            labels=g["label"][start:stop][sel].astype(np.int64),
+                            paths=np.asarray([p.decode() if isinstance(p, bytes) else p
+                                              for p in g["path"][start:stop][sel]], dtype=object),
+                            splits=splits[sel], sha256=g["sha256"][start:stop][sel].astype(str),
+                            class_names=names, layer=str(_decode(g.attrs["layer"])),
+                            pooling=str(_decode(g.attrs["pooling"])))
+
+    def group_attrs(self, layer: str, pooling: str | None = None) -> dict[str, Any]:
+        with _open_read(self.path) as f:
+            g = self._resolve(f, layer, pooling)
+            out = _attrs(g)
+            out["rows"] = int(g["committed"][0])
+            return out
+
+
 # --------------------------------------------------------------------------- writing
 
 

@@ -1,0 +1,584 @@
+"""A model registry on the local filesystem: trained classifiers with their metadata.
+
+Layout::
+
+    <root>/<name>/v1/model.joblib        a scikit-learn pipeline saved with joblib
+                    /metadata.json       what it was trained on, the model file's sha256, ...
+    <root>/<name>/v2/model.keras         any other file, copied in under its own name
+                    /metadata.json
+    <root>/<name>/aliases.json           {"champion": 2, ...}
+    <root>/<name>/.v3.incomplete/        a save in progress (or one that crashed): never listed
+    <root>/<name>/.v4.deleted/           an empty tombstone: version 4 was deleted, its number is not reused
+
+Versions are integers 1, 2, 3, ... A save reserves its number by creating
+``.v<N>.incomplete`` with ``os.mkdir`` (which fails if another save holds it;
+the save then tries ``N + 1``), writes the model and ``metadata.json`` there and
+renames the directory to ``v<N>``. A crash therefore never leaves a half-written
+``v<N>`` behind, and two processes or threads saving at once get distinct versions.
+
+Loading verifies the model file's sha256 against ``metadata.json`` *before*
+unpickling it: a joblib file is code, so a file that changed since it was saved
+is refused with :class:`TamperedModelError` and never executed. The hash sits
+beside the file, so this is an integrity check (corruption, a swapped or edited
+model file), not proof of who wrote the registry: someone able to rewrite both
+files can defeat it. Load only registries you trust.
+
+This module imports neither TensorFlow, Keras, Prefect nor scikit-learn
+(``joblib.load`` of a saved pipeline imports scikit-learn when it runs).
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import io
+import json
+import numbers
+import os
+import platform
+import re
+import shutil
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+import joblib
+import numpy as np
+
+from .errors import CnncodesError
+from .hashing import file_sha256
+from .manifest import atomic_write_text
+
+REGISTRY_FORMAT = "cnncodes-registry/1"
+METADATA_FILE = "metadata.json"
+ALIASES_FILE = "aliases.json"
+JOBLIB_FILE = "model.joblib"
+NAME_RULE = ("1 to 100 characters: letters, digits, '.', '_' or '-', starting with a letter or a digit")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+_VERSION_DIR_RE = re.compile(r"^v([1-9][0-9]*)$")
+_VERSION_STR_RE = re.compile(r"^[vV]?([0-9]+)$")
+_RESERVED_DIR_RE = re.compile(r"^(?:v|\.v)([1-9][0-9]*)(?:\.incomplete|\.deleted)?$")
+# Keys the registry writes into metadata.json itself; a caller's metadata may not set them.
+RESERVED_KEYS = ("registry_format", "name", "version", "created", "model_file", "model_sha256", "model_kind",
+                 "libraries")
+# Keys check_compatible compares, in the order its messages list them.
+COMPAT_KEYS = ("class_names", "feature_dim", "backbone", "layer", "pooling", "weights_digest", "preprocessing",
+               "input_size")
+# Libraries whose version is recorded only when the process already imported them (never imported here).
+_OPTIONAL_LIBRARIES = (("sklearn", "sklearn"), ("tensorflow", "tensorflow"), ("keras", "keras"))
+
+
+class RegistryError(CnncodesError):
+    """A model registry cannot be read or written as asked (unknown name, version or alias, bad name...)."""
+
+
+class ModelMismatchError(RegistryError):
+    """A model was trained on other codes (classes, feature size, backbone, layer...) than the ones given."""
+
+
+class TamperedModelError(RegistryError):
+    """A saved model's file or metadata is missing, unreadable or not what was saved: it is not loaded."""
+
+
+def _now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _check_name(name: Any, what: str = "model name") -> str:
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise RegistryError(f"invalid {what} {name!r}: it must be {NAME_RULE}.")
+    return name
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def _normalise(value: Any) -> Any:
+    """The form a value takes after a round trip through metadata.json (tuples become lists, ...)."""
+    return json.loads(json.dumps(value, default=_json_default))
+
+
+def _library_versions() -> dict[str, str]:
+    """Versions of python, numpy and joblib, and of sklearn/tensorflow/keras only if already imported."""
+    out = {"python": platform.python_version(), "numpy": np.__version__, "joblib": joblib.__version__}
+    for key, module in _OPTIONAL_LIBRARIES:
+        mod = sys.modules.get(module)
+        version = getattr(mod, "__version__", None) if mod is not None else None
+        if version is not None:
+            out[key] = str(version)
+    return out
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class ModelRecord:
+    """One saved version of a model: where it is and what ``metadata.json`` says about it."""
+
+    name: str
+    version: int
+    path: Path
+    metadata: dict
+
+    def __repr__(self) -> str:
+        return f"ModelRecord({self.name!r}, v{self.version}, {str(self.path)!r})"
+
+    @property
+    def model_path(self) -> Path:
+        """The model file inside the version directory."""
+        return self.path / self.metadata["model_file"]
+
+    @property
+    def model_kind(self) -> str:
+        return str(self.metadata.get("model_kind", ""))
+
+    def check_compatible(self, *, class_names=None, feature_dim=None, backbone=None, layer=None, pooling=None,
+                         weights_digest=None, preprocessing=None, input_size=None) -> None:
+        """Raise :class:`ModelMismatchError` unless every given value equals the model's metadata.
+
+        Values left as ``None`` are not checked, nor are keys absent from the
+        metadata (a model saved without them). Values are compared in the form
+        they have in ``metadata.json`` (a tuple equals a list, a NumPy integer an
+        int); the order of ``class_names`` matters, since it maps label indices
+        to classes. The message names every differing field with both values.
+        """
+        given = dict(class_names=class_names, feature_dim=feature_dim, backbone=backbone, layer=layer,
+                     pooling=pooling, weights_digest=weights_digest, preprocessing=preprocessing,
+                     input_size=input_size)
+        problems = []
+        for key in COMPAT_KEYS:
+            value = given[key]
+            if value is None or key not in self.metadata:
+                continue
+            have = self.metadata[key]
+            try:
+                value = _normalise(value)
+            except (TypeError, ValueError) as exc:
+                raise RegistryError(f"cannot compare {key}={value!r} with model {self.name!r} v{self.version}: "
+                                    f"{exc}. Pass plain values (str, int, lists).") from None
+            if value == have:
+                continue
+            line = f"{key}: model has {have!r}, given {value!r}"
+            if key == "class_names" and isinstance(have, list) and isinstance(value, list):
+                missing = [c for c in have if c not in value]
+                extra = [c for c in value if c not in have]
+                if not missing and not extra:
+                    line += " (same classes in another order: label indices would mean other classes)"
+                else:
+                    parts = []
+                    if missing:
+                        parts.append(f"not given: {missing}")
+                    if extra:
+                        parts.append(f"unknown to the model: {extra}")
+                    line += f" ({'; '.join(parts)})"
+            problems.append((key, line))
+        if not problems:
+            return
+        keys = {k for k, _ in problems}
+        advice = []
+        if keys & {"feature_dim", "backbone", "layer", "pooling", "weights_digest", "preprocessing",
+                   "input_size"}:
+            advice.append("re-extract the codes with the model's backbone, weights, layer, pooling, preprocessing "
+                          "and input size")
+        if "class_names" in keys:
+            advice.append("use codes of a dataset with the model's classes in the model's order")
+        raise ModelMismatchError(
+            f"model {self.name!r} v{self.version} ({self.path}) was trained on other codes than these:\n  "
+            + "\n  ".join(line for _, line in problems)
+            + f"\nTo use this model, {' and '.join(advice)}; or train a new model on these codes.")
+
+
+class ModelRegistry:
+    """Trained models, by name and integer version, with metadata and aliases such as "champion".
+
+    >>> reg = ModelRegistry("models")                                  # doctest: +SKIP
+    >>> rec = reg.save("flowers-probe", pipeline, {"class_names": names, "feature_dim": 1280})  # doctest: +SKIP
+    >>> reg.set_alias("flowers-probe", "champion", rec.version)       # doctest: +SKIP
+    >>> model, rec = reg.load("flowers-probe", "champion", expect={"feature_dim": 1280})  # doctest: +SKIP
+    """
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    def __repr__(self) -> str:
+        return f"ModelRegistry({str(self.root)!r})"
+
+    # -- listing -------------------------------------------------------------
+    def _dir(self, name: str) -> Path:
+        return self.root / _check_name(name)
+
+    def names(self) -> list[str]:
+        """Names with at least one version, sorted. An absent root has none."""
+        try:
+            entries = sorted(os.listdir(self.root))
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise RegistryError(f"cannot list model registry {self.root}: {exc}.") from exc
+        return [e for e in entries if _NAME_RE.match(e) and (self.root / e).is_dir() and self.versions(e)]
+
+    def _known_names(self) -> str:
+        return ", ".join(self.names()) or "none"
+
+    def versions(self, name: str) -> list[int]:
+        """Finished versions of ``name``, ascending; empty if there are none. Saves in progress are not listed."""
+        d = self._dir(name)
+        try:
+            entries = os.listdir(d)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        except OSError as exc:
+            raise RegistryError(f"cannot list versions of model {name!r} in {d}: {exc}.") from exc
+        out = []
+        for e in entries:
+            m = _VERSION_DIR_RE.match(e)
+            if m and (d / e).is_dir():
+                out.append(int(m.group(1)))
+        return sorted(out)
+
+    def latest(self, name: str) -> int:
+        """The highest version of ``name``; RegistryError listing the known names if it has none."""
+        versions = self.versions(name)
+        if not versions:
+            raise RegistryError(f"no saved model named {name!r} in registry {self.root} "
+                                f"(models there: {self._known_names()}).")
+        return versions[-1]
+
+    # -- resolving and reading -------------------------------------------------
+    def _resolve(self, name: str, version: int | str | None) -> int:
+        """The integer version meant by ``version``: None -> latest, an int, "v3"/"3", or an alias."""
+        if version is None:
+            return self.latest(name)
+        versions = self.versions(name)
+        if not versions:
+            raise RegistryError(f"no saved model named {name!r} in registry {self.root} "
+                                f"(models there: {self._known_names()}).")
+        have = ", ".join(f"v{v}" for v in versions)
+        if isinstance(version, numbers.Integral) and not isinstance(version, bool):
+            n = int(version)
+        elif isinstance(version, str):
+            aliases = self.aliases(name)
+            if version in aliases:
+                n = aliases[version]
+                if n not in versions:
+                    raise RegistryError(f"alias {version!r} of model {name!r} points to v{n}, which does not "
+                                        f"exist (versions: {have}). Point it elsewhere with set_alias.")
+                return n
+            m = _VERSION_STR_RE.match(version.strip())
+            if not m:
+                known = ", ".join(sorted(aliases)) or "none"
+                raise RegistryError(f"model {name!r} has no alias {version!r} (aliases: {known}; versions: "
+                                    f"{have}). Give a version number, 'v<N>', or one of the aliases.")
+            n = int(m.group(1))
+        else:
+            raise RegistryError(f"version must be an int, 'v<N>' or an alias name, not {version!r}.")
+        if n not in versions:
+            raise RegistryError(f"model {name!r} has no version {n} (versions: {have}).")
+        return n
+
+    def record(self, name: str, version: int | str | None = None) -> ModelRecord:
+        """The record of one version: None is the latest, a str is an alias ("champion") or "v3"/"3".
+
+        Raises RegistryError for an unknown name, version or alias (listing what
+        exists) and TamperedModelError if ``metadata.json`` is missing, not valid
+        JSON, or does not describe this name and version.
+        """
+        n = self._resolve(name, version)
+        path = self._dir(name) / f"v{n}"
+        meta_path = path / METADATA_FILE
+        try:
+            text = meta_path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise TamperedModelError(f"model {name!r} v{n} has no {METADATA_FILE} ({meta_path}): the version "
+                                     "directory was not written by the registry or was damaged. Delete it "
+                                     "and save the model again.") from None
+        except OSError as exc:
+            raise TamperedModelError(f"cannot read {meta_path}: {exc}.") from exc
+        try:
+            meta = json.loads(text)
+        except ValueError as exc:
+            raise TamperedModelError(f"{meta_path} is not valid JSON ({exc}): the metadata of model {name!r} "
+                                     f"v{n} was damaged or edited. Delete the version and save the model again."
+                                     ) from None
+        problems = []
+        if not isinstance(meta, dict):
+            problems.append("it is not a JSON object")
+        else:
+            if meta.get("name") != name or meta.get("version") != n:
+                problems.append(f"it describes {meta.get('name')!r} v{meta.get('version')}, not {name!r} v{n}")
+            model_file = meta.get("model_file")
+            if (not isinstance(model_file, str) or model_file in ("", ".", "..", METADATA_FILE)
+                    or "/" in model_file or "\\" in model_file or model_file != os.path.basename(model_file)):
+                problems.append(f"model_file {model_file!r} is not a file name inside the version directory")
+            sha = meta.get("model_sha256")
+            if not isinstance(sha, str) or not re.fullmatch(r"[0-9a-f]{64}", sha):
+                problems.append(f"model_sha256 {sha!r} is not a sha256 hex digest")
+        if problems:
+            raise TamperedModelError(f"{meta_path} is not the registry's metadata of model {name!r} v{n}: "
+                                     + "; ".join(problems) + ". Delete the version and save the model again.")
+        return ModelRecord(name=name, version=n, path=path, metadata=meta)
+
+    def load(self, name: str, version: int | str | None = None, *,
+             expect: dict | None = None) -> tuple[object, ModelRecord]:
+        """Load one version: ``(model, record)`` for joblib models, ``(path of the file, record)`` otherwise.
+
+        The model file's sha256 is checked against the metadata *before* it is
+        unpickled; a missing or changed file raises TamperedModelError and
+        nothing in it runs (a joblib file is read once into memory, hashed and
+        unpickled from those bytes, so it cannot change in between). Then
+        ``expect`` (keys of :meth:`ModelRecord.check_compatible`) is checked:
+        ModelMismatchError if the model was trained on other codes.
+        """
+        rec = self.record(name, version)
+        if expect is not None:
+            unknown = sorted(set(expect) - set(COMPAT_KEYS))
+            if unknown:
+                raise RegistryError(f"cannot check {unknown} against a model: expect takes "
+                                    f"{', '.join(COMPAT_KEYS)}.")
+        path = rec.model_path
+        joblib_kind = rec.model_kind == "joblib"
+        try:
+            if joblib_kind:
+                data = path.read_bytes()
+                digest = hashlib.sha256(data).hexdigest()
+            else:
+                digest = file_sha256(path)
+        except FileNotFoundError:
+            raise TamperedModelError(f"the model file of {name!r} v{rec.version} is missing ({path}): it was "
+                                     "deleted or moved after the save. Restore it, or delete this version "
+                                     "and save the model again.") from None
+        except OSError as exc:
+            raise TamperedModelError(f"cannot read the model file of {name!r} v{rec.version} ({path}): {exc}."
+                                     ) from exc
+        if digest != rec.metadata["model_sha256"]:
+            raise TamperedModelError(
+                f"the model file of {name!r} v{rec.version} ({path}) is not the one that was saved: its sha256 "
+                f"is {digest}, the metadata says {rec.metadata['model_sha256']}. It was not loaded (a joblib "
+                "file runs code when loaded). Restore the original file, or delete this version and save the "
+                "model again.")
+        if expect:
+            rec.check_compatible(**expect)
+        if not joblib_kind:
+            return path, rec
+        try:
+            model = joblib.load(io.BytesIO(data))
+        except Exception as exc:  # the bytes are what was saved: a missing library or an incompatible version
+            libs = rec.metadata.get("libraries", {})
+            raise RegistryError(f"cannot unpickle model {name!r} v{rec.version} ({path}): "
+                                f"{type(exc).__name__}: {exc}. It was saved with {libs}; install those "
+                                "versions or retrain the model.") from exc
+        return model, rec
+
+    # -- writing -------------------------------------------------------------
+    def save(self, name: str, model: object | None = None, metadata: dict | None = None, *,
+             file: str | os.PathLike | None = None) -> ModelRecord:
+        """Save a new version of ``name`` and return its record.
+
+        Give either ``model`` (pickled with joblib to ``model.joblib``) or
+        ``file`` (an existing file, e.g. a ``.keras`` model, copied in under its
+        own name). ``metadata.json`` holds everything in ``metadata`` (which must
+        be JSON serialisable; NumPy scalars and arrays are converted) plus name,
+        version, created (UTC ISO), model_file, model_sha256 (of the file as
+        written), model_kind ("joblib" or the file's suffix) and libraries
+        (python, numpy, joblib; sklearn, tensorflow, keras only if already
+        imported). Nothing is visible under ``v<N>`` until all of it is written;
+        a failed save leaves no trace but a skipped version number at worst.
+        """
+        _check_name(name)
+        if (model is None) == (file is None):
+            raise RegistryError(f"save({name!r}, ...) needs exactly one of `model` (an object to pickle with "
+                                "joblib) or `file=` (a model file to copy, e.g. a .keras file).")
+        metadata = dict(metadata or {})
+        clash = sorted(set(metadata) & set(RESERVED_KEYS))
+        if clash:
+            raise RegistryError(f"metadata keys {clash} are written by the registry itself; rename them "
+                                f"(reserved: {', '.join(RESERVED_KEYS)}).")
+        bad_keys = [k for k in metadata if not isinstance(k, str)]
+        if bad_keys:
+            raise RegistryError(f"metadata keys must be strings, not {bad_keys!r}.")
+        try:
+            metadata = _normalise(metadata)
+        except (TypeError, ValueError) as exc:
+            bad = []
+            for k, v in metadata.items():
+                try:
+                    _normalise(v)
+                except (TypeError, ValueError):
+                    bad.append(k)
+            raise RegistryError(f"metadata of {name!r} is not JSON serialisable ({exc}; keys {bad}). Store "
+                                "plain values: str, numbers, bools, lists and dicts of them.") from None
+        src = None
+        if file is not None:
+            src = Path(file)
+            if not src.is_file():
+                raise RegistryError(f"cannot save {name!r} from {src}: it is not an existing file.")
+            if src.name == METADATA_FILE:
+                raise RegistryError(f"cannot save a file named {METADATA_FILE!r} as a model: the registry "
+                                    "writes its own. Rename the file.")
+
+        d = self._dir(name)
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RegistryError(f"cannot create {d} for model {name!r}: {exc}.") from exc
+        n, tmp = self._reserve(d)
+        try:
+            if src is None:
+                model_file = JOBLIB_FILE
+                kind = "joblib"
+                with open(tmp / model_file, "wb") as fh:
+                    joblib.dump(model, fh)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            else:
+                model_file = src.name
+                kind = src.suffix[1:].lower() if src.suffix else "file"
+                shutil.copyfile(src, tmp / model_file)
+            meta = dict(metadata)
+            meta.update(registry_format=REGISTRY_FORMAT, name=name, version=n, created=_now_iso(),
+                        model_file=model_file, model_sha256=file_sha256(tmp / model_file), model_kind=kind,
+                        libraries=_library_versions())
+            atomic_write_text(tmp / METADATA_FILE, json.dumps(meta, indent=1, sort_keys=True))
+            _fsync_dir(tmp)
+            os.rename(tmp, d / f"v{n}")
+            _fsync_dir(d)
+        except BaseException as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(exc, CnncodesError) or not isinstance(exc, Exception):
+                raise
+            raise RegistryError(f"cannot save model {name!r} to {d}: {type(exc).__name__}: {exc}. "
+                                "Nothing was saved.") from exc
+        return ModelRecord(name=name, version=n, path=d / f"v{n}", metadata=meta)
+
+    def _reserve(self, d: Path) -> tuple[int, Path]:
+        """Reserve the next version number by creating ``.v<N>.incomplete``; retry with N + 1 while taken."""
+        used = [0]
+        for e in os.listdir(d):
+            m = _RESERVED_DIR_RE.match(e)
+            if m:
+                used.append(int(m.group(1)))
+        n = max(used) + 1
+        for _ in range(10_000):
+            tmp = d / f".v{n}.incomplete"
+            try:
+                os.mkdir(tmp)
+            except FileExistsError:
+                n += 1
+                continue
+            except OSError as exc:
+                raise RegistryError(f"cannot create {tmp}: {exc}.") from exc
+            # The mkdir succeeded, so any save that held this number earlier has renamed its
+            # directory already: a finished v<N> (or its tombstone) is visible now.
+            if (d / f"v{n}").exists() or (d / f".v{n}.deleted").exists():
+                os.rmdir(tmp)
+                n += 1
+                continue
+            return n, tmp
+        raise RegistryError(f"could not reserve a version number in {d}: too many concurrent saves or "
+                            "leftover directories.")
+
+    @contextmanager
+    def _locked(self, name: str) -> Iterator[Path]:
+        """An exclusive lock on ``<root>/<name>/.lock`` for read-modify-write of aliases and deletes."""
+        d = self._dir(name)
+        if not d.is_dir():
+            raise RegistryError(f"no saved model named {name!r} in registry {self.root} "
+                                f"(models there: {self._known_names()}).")
+        with open(d / ".lock", "a+") as fh:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+            try:
+                yield d
+            finally:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+    def aliases(self, name: str) -> dict[str, int]:
+        """Aliases of ``name`` and the versions they point to (empty if none were set)."""
+        path = self._dir(name) / ALIASES_FILE
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return {}
+        except OSError as exc:
+            raise RegistryError(f"cannot read {path}: {exc}.") from exc
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise RegistryError(f"{path} is not valid JSON ({exc}). Fix or delete it and set the aliases "
+                                "again with set_alias.") from None
+        if not isinstance(data, dict) or not all(
+                isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in data.items()):
+            raise RegistryError(f"{path} is not a map of alias names to version numbers. Fix or delete it "
+                                "and set the aliases again with set_alias.")
+        return dict(sorted(data.items()))
+
+    def _check_alias(self, alias: Any) -> str:
+        _check_name(alias, "alias")
+        if _VERSION_STR_RE.match(alias):
+            raise RegistryError(f"invalid alias {alias!r}: it reads as a version number; choose a word "
+                                "such as 'champion'.")
+        return alias
+
+    def set_alias(self, name: str, alias: str, version: int) -> None:
+        """Point ``alias`` (e.g. "champion") at an existing version of ``name``; aliases.json is replaced atomically."""
+        self._check_alias(alias)
+        with self._locked(name) as d:
+            n = self._resolve(name, version)
+            aliases = self.aliases(name)
+            aliases[alias] = n
+            atomic_write_text(d / ALIASES_FILE, json.dumps(dict(sorted(aliases.items())), indent=1))
+
+    def remove_alias(self, name: str, alias: str) -> None:
+        """Remove ``alias`` of ``name``; RegistryError listing the aliases if it is not set."""
+        with self._locked(name) as d:
+            aliases = self.aliases(name)
+            if alias not in aliases:
+                raise RegistryError(f"model {name!r} has no alias {alias!r} (aliases: "
+                                    f"{', '.join(aliases) or 'none'}).")
+            del aliases[alias]
+            atomic_write_text(d / ALIASES_FILE, json.dumps(aliases, indent=1))
+
+    def delete(self, name: str, version: int | str) -> None:
+        """Delete one version. Refused while an alias points to it; its number is never reused."""
+        with self._locked(name) as d:
+            n = self._resolve(name, version)
+            pointing = sorted(a for a, v in self.aliases(name).items() if v == n)
+            if pointing:
+                raise RegistryError(f"cannot delete model {name!r} v{n}: alias(es) {pointing} point to it. "
+                                    "Point them at another version with set_alias (or remove_alias) first.")
+            tomb = d / f".v{n}.deleted"
+            try:
+                os.rename(d / f"v{n}", tomb)
+            except OSError as exc:
+                if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise RegistryError(f"cannot delete {d / f'v{n}'}: {exc}.") from exc
+                shutil.rmtree(tomb, ignore_errors=True)
+                os.rename(d / f"v{n}", tomb)
+            # Keep the (emptied) directory as a tombstone so that save() never reuses the number.
+            for child in list(tomb.iterdir()):
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child, ignore_errors=True)
+                else:
+                    child.unlink(missing_ok=True)
