@@ -15,7 +15,7 @@ from prefect import flow
 from storage.errors import ParameterError
 from tasks.backbones import BackboneSpec, is_model_file, parse_backbone_args
 from tasks.datasets import check_split_params
-from tasks.extract import ExtractOptions, normalise_cuts
+from tasks.extract import ExtractOptions, normalise_cuts, options_dict, spec_dict
 from tasks.prefect_tasks import extract_codes, extract_report, scan_dataset
 
 
@@ -73,24 +73,13 @@ def extract_features(
     scanned = scan_dataset(data, str(manifest_path), val_fraction, test_fraction, seed)
     print(f"scanned {scanned['images']} images in {len(scanned['classes'])} classes "
           f"({scanned['layout']} layout), {scanned['skipped']} files skipped")
-    summary = extract_codes(str(manifest_path), str(store_path), _spec_dict(spec), [list(c) for c in cuts],
-                            _options_dict(options))
+    summary = extract_codes(str(manifest_path), str(store_path), spec_dict(spec), [list(c) for c in cuts],
+                            options_dict(options))
     summary["report"] = extract_report(summary, str(Path(out) / "reports" / f"{store_path.stem}.extract.md"))
     summary["manifest"] = str(manifest_path.resolve())
     print(f"store: {summary['store']} ({summary['computed']} computed, {summary['reused']} reused, "
           f"{len(summary['skipped'])} skipped); report: {summary['report']}")
     return summary
-
-
-def _spec_dict(spec: BackboneSpec) -> dict[str, Any]:
-    return {"name": spec.name, "weights": spec.weights, "input_size": spec.input_size,
-            "backbone_args": spec.backbone_args, "preprocessing": spec.preprocessing,
-            "precision": spec.precision, "seed": spec.seed}
-
-
-def _options_dict(o: ExtractOptions) -> dict[str, Any]:
-    return {"batch_size": o.batch_size, "dtype": o.dtype, "compression": o.compression, "resize": o.resize,
-            "max_pixels": o.max_pixels, "decode_workers": o.decode_workers, "prefetch_batches": o.prefetch_batches}
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ class Manifest:
         out: dict[str, dict[str, int]] = {}
         for s in self.samples:
             per = out.setdefault(s.split, {})
-            name = self.class_names[s.label]
+            name = self.class_names[s.label] if 0 <= s.label < len(self.class_names) else "(unlabelled)"
             per[name] = per.get(name, 0) + 1
         return out
 

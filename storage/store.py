@@ -253,6 +253,19 @@ class FeatureStore:
                             class_names=names, layer=str(_decode(g.attrs["layer"])),
                             pooling=str(_decode(g.attrs["pooling"])))
 
+    def lookup(self, layer: str, pooling: str | None, sha256: Sequence[str]) -> dict[str, np.ndarray]:
+        """Codes of the images with these content hashes, where the group has them: ``{sha256: codes}``."""
+        wanted = set(sha256)
+        with _open_read(self.path) as f:
+            g = self._resolve(f, layer, pooling)
+            n = int(g["committed"][0])
+            hashes = g["sha256"][:n].astype(str)
+            rows = np.flatnonzero(np.isin(hashes, list(wanted)))
+            if not len(rows):
+                return {}
+            feats = g["features"][np.sort(rows)] if len(rows) else np.zeros((0,))
+            return {hashes[r]: feats[i] for i, r in enumerate(np.sort(rows))}
+
     def group_attrs(self, layer: str, pooling: str | None = None) -> dict[str, Any]:
         with _open_read(self.path) as f:
             g = self._resolve(f, layer, pooling)

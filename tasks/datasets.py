@@ -285,3 +285,60 @@ def _parse_csv(csv_path: Path, reader: csv.DictReader):
         raise DatasetError(f"{csv_path}: the split column is filled on some rows and empty on others. "
                            "Fill it on every row, or leave it out to let cnncodes draw a split.")
     return entries, skipped
+
+
+def scan_images(source: str | os.PathLike, workers: int = 4, progress: Progress | None = None) -> Manifest:
+    """Unlabelled images to predict on: a folder (searched recursively; class folders are not
+    needed), one image file, a ``.txt`` list of paths (one per line), or a CSV with a ``path``
+    column. Paths in a list are relative to the list's folder. Every sample has label -1 and split
+    ``predict``; unusable files are listed in ``skipped``."""
+    p = Path(source)
+    skipped: list[Skip] = []
+    if p.is_dir():
+        base = p.resolve()
+        files, loops = _list_files(base)
+        skipped += [Skip(d.relative_to(base).as_posix() + "/", "symbolic link to a folder already scanned; "
+                         "not followed") for d in loops]
+        candidates = [(str(f), f.relative_to(base).as_posix()) for f in files if not _is_hidden(f.name)]
+    elif p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS:
+        base = p.resolve().parent
+        candidates = [(str(p.resolve()), p.name)]
+    elif p.is_file() and p.suffix.lower() in (".txt", ".csv"):
+        base = p.resolve().parent
+        try:
+            text = p.read_text(encoding="utf-8-sig")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise DatasetError(f"cannot read image list {p}: {exc}. Save it as UTF-8 text.") from exc
+        if p.suffix.lower() == ".csv":
+            rows = list(csv.DictReader(text.splitlines()))
+            if rows and "path" not in {k.strip().lower() for k in rows[0] if k}:
+                raise DatasetError(f"CSV {p} needs a 'path' column.")
+            listed = [next(v for k, v in r.items() if k and k.strip().lower() == "path").strip() for r in rows]
+        else:
+            listed = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+        candidates = [(str(Path(x) if os.path.isabs(x) else base / x), Path(x).as_posix()) for x in listed]
+    else:
+        raise DatasetError(f"{source} is neither a folder, an image, nor a .txt/.csv list of images.")
+    entries = []
+    for abs_path, rel in candidates:
+        if Path(abs_path).suffix.lower() not in IMAGE_EXTENSIONS:
+            skipped.append(Skip(rel, f"not an image file type ({Path(abs_path).suffix or 'no extension'})"))
+        else:
+            entries.append((abs_path, rel))
+    if not entries:
+        raise DatasetError(f"no images found in {source} (supported types: {', '.join(IMAGE_EXTENSIONS)}).")
+    hashes = _hash_all([a for a, _ in entries], workers, progress)
+    samples, seen = [], set()
+    for abs_path, rel in entries:
+        h = hashes[abs_path]
+        if isinstance(h, Exception):
+            skipped.append(Skip(rel, "file not found" if isinstance(h, FileNotFoundError) else f"unreadable: {h}"))
+        elif rel in seen:
+            skipped.append(Skip(rel, "listed twice; first entry kept"))
+        else:
+            seen.add(rel)
+            samples.append(Sample(rel, h, -1, "predict"))
+    if not samples:
+        raise DatasetError(f"none of the images in {source} could be read: "
+                           + "; ".join(f"{s.path}: {s.reason}" for s in skipped[:5]))
+    return Manifest(root=str(base), layout="images", class_names=[], samples=samples, skipped=skipped)

@@ -31,6 +31,18 @@ EXTRACTOR_VERSION = "1"
 Progress = Callable[[int, int], None]
 
 
+def spec_dict(spec: BackboneSpec) -> dict[str, Any]:
+    """The arguments that rebuild ``spec`` (stored with the codes, so `predict` can recompute them)."""
+    return {"name": spec.name, "weights": spec.weights, "input_size": spec.input_size,
+            "backbone_args": dict(spec.backbone_args), "preprocessing": spec.preprocessing,
+            "precision": spec.precision, "seed": spec.seed}
+
+
+def options_dict(o: "ExtractOptions") -> dict[str, Any]:
+    return {"batch_size": o.batch_size, "dtype": o.dtype, "compression": o.compression, "resize": o.resize,
+            "max_pixels": o.max_pixels, "decode_workers": o.decode_workers, "prefetch_batches": o.prefetch_batches}
+
+
 def normalise_cuts(layers: Sequence[str], poolings: Sequence[str] | str) -> list[tuple[str, str]]:
     """Pair layers with poolings: one pooling for all layers, or one per layer.
 
@@ -176,7 +188,7 @@ def extract_to_store(manifest: Manifest, store: str | os.PathLike, spec: Backbon
     build_s = time.perf_counter() - t_build
     specs = [GroupSpec(layer, pooling, shape, options.dtype, options.compression)
              for (layer, pooling), shape in zip(cuts, extractor.shapes)]
-    meta = {"dataset": manifest.root, "layout": manifest.layout, "split_seed": manifest.split_seed,
+    meta = {"spec": spec_dict(spec), "dataset": manifest.root, "layout": manifest.layout, "split_seed": manifest.split_seed,
             "split_fractions": manifest.split_fractions, "versions": _versions(),
             "backbone_layers": len(backbone.model.layers)}
 

@@ -17,8 +17,9 @@ from prefect.cache_policies import NO_CACHE
 from storage.errors import CnncodesError
 from storage.manifest import Manifest
 
-from . import datasets, extract, reports
+from . import datasets, extract, predict, probe, reports
 from .backbones import BackboneSpec
+from .linear import LinearConfig
 from .progress import Progress
 
 
@@ -74,3 +75,59 @@ def extract_report(summary: dict, report_path: str) -> str:
     if summary["skipped"]:
         create_table_artifact(summary["skipped"], key="extract-skipped", description="Files skipped, with the reason")
     return str(Path(path).resolve())
+
+
+@task(name="fit-probe", retries=1, retry_delay_seconds=5, retry_condition_fn=transient_only, cache_policy=NO_CACHE)
+def fit_probe(store: str, layer: str, pooling: str | None, config: dict[str, Any], registry: str,
+              name: str | None) -> dict:
+    """Train a linear probe on the store's train split and register it."""
+    bar = Progress("SGD epochs", unit="epoch", key="fit-probe")
+    try:
+        return probe.fit_probe(store, layer, pooling, LinearConfig(**config), registry, name, progress=bar)
+    finally:
+        bar.close()
+
+
+@task(name="evaluate-probe", cache_policy=NO_CACHE)
+def evaluate_probe(registry: str, name: str, version: int, store: str | None, report_dir: str) -> dict:
+    """Evaluate on every split, write the report and plots, publish them as artifacts."""
+    result = probe.evaluate_probe(registry, name, version, store, report_dir=report_dir)
+    create_markdown_artifact(Path(result["report"]).read_text(), key="probe-report",
+                             description=f"Linear probe {name} v{version}")
+    create_table_artifact([{"split": s, "images": m["images"], "accuracy": round(m["accuracy"], 4),
+                            "balanced_accuracy": round(m["balanced_accuracy"], 4), "macro_f1": round(m["macro_f1"], 4)}
+                           for s, m in result["metrics"].items()], key="probe-metrics",
+                          description="Metrics per split")
+    for split in ("val", "test"):
+        if split in result["metrics"]:
+            names = result["class_names"]
+            create_table_artifact([{"true": names[i], **{f"pred {names[j]}": v for j, v in enumerate(row)}}
+                                   for i, row in enumerate(result["metrics"][split]["confusion"])],
+                                  key=f"probe-confusion-{split}", description=f"Confusion matrix ({split})")
+    return result
+
+
+@task(name="sweep-layers", cache_policy=NO_CACHE)
+def sweep_layers(store: str, groups: list[list[str]] | None, config: dict[str, Any], report_dir: str) -> dict:
+    result = probe.sweep_layers(store, [tuple(g) for g in groups] if groups else None, LinearConfig(**config),
+                                report_dir)
+    create_table_artifact(result["rows"], key="layer-sweep", description=f"Probe CV score by layer; best: "
+                          f"{result['best']['layer']}/{result['best']['pooling']}")
+    create_markdown_artifact(Path(result["report"]).read_text(), key="layer-sweep-report")
+    return result
+
+
+@task(name="predict-images", retries=1, retry_delay_seconds=5, retry_condition_fn=transient_only,
+      cache_policy=NO_CACHE)
+def predict_images(source: str, registry: str, name: str, version: int | str | None, output: str,
+                   options: dict[str, Any] | None) -> dict:
+    bar = Progress("extracting codes", unit="img", key="predict-codes")
+    try:
+        result = predict.predict_images(source, registry, name, version, output,
+                                        extract.ExtractOptions(**options) if options else None, progress=bar)
+    finally:
+        bar.close()
+    create_table_artifact([{"class": c, "images": n} for c, n in result["class_counts"].items()],
+                          key="predictions", description=f"Predictions of {name} v{result['version']}: "
+                          f"{result['predictions']}")
+    return result

@@ -1,0 +1,29 @@
+"""Flow ``sweep``: which layer's codes carry the signal? (the evidence for case 2's earlier layer)"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow
+
+from tasks.linear import LinearConfig
+from tasks.prefect_tasks import sweep_layers
+
+
+@flow(name="sweep", log_prints=True)
+def sweep(store: str, layers: list[str] | None = None, pooling: str | None = None, classifier: str = "softmax",
+          C: float = 0.1, cv_folds: int = 5, out: str = "cnncodes-out", seed: int = 0) -> dict:
+    """Cross-validate the same probe on each layer group of ``store`` (all groups when ``layers`` is
+    empty) and name the best. Returns the table, the best group and the report and plot paths."""
+    config = LinearConfig(classifier=classifier, C=C, cv_folds=cv_folds, seed=seed, calibrate=False).validate()
+    groups = None
+    if layers:
+        from storage import FeatureStore
+
+        have = {(g["layer"], g["pooling"]) for g in FeatureStore(store).groups()}
+        groups = [[layer, p] for layer in layers for p in sorted({q for l2, q in have if l2 == layer})
+                  if pooling in (None, p)] or [[layer, pooling or "avg"] for layer in layers]
+    result = sweep_layers(store, groups, config.as_dict(), str(Path(out) / "reports"))
+    for r in result["rows"]:
+        print(f"{r['layer']}/{r['pooling']}: {r['mean']:.3f} ± {r['std']:.3f}")
+    print(f"best: {result['best']['layer']}/{result['best']['pooling']}; report: {result['report']}")
+    return result

@@ -1,0 +1,207 @@
+"""Linear classifiers on CNN codes (cases 1 and 2 of transfer learning).
+
+Every classifier is one scikit-learn ``Pipeline`` (standardisation, optional
+L2 normalisation and PCA, then the classifier) so that the exact transform is
+saved with the model. ``C`` (or ``alpha`` for SGD) is chosen by stratified
+k-fold cross-validation, in parallel with joblib. The SGD variant trains
+chunk by chunk from the store, for stores larger than memory.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+from storage.errors import DatasetError, ParameterError
+
+CLASSIFIERS = ("svm", "softmax", "sgd")
+DEFAULT_C_GRID = (0.001, 0.01, 0.1, 1.0, 10.0)
+
+
+@dataclass
+class LinearConfig:
+    """How a linear probe is trained. ``C=None`` searches ``c_grid`` by cross-validation."""
+
+    classifier: str = "softmax"
+    C: float | None = None
+    c_grid: Sequence[float] = DEFAULT_C_GRID
+    cv_folds: int = 5
+    class_weight: str | None = None        # None or "balanced"
+    l2_normalize: bool = False
+    pca: float | int | None = None          # components (int) or explained variance (0 < float < 1)
+    calibrate: bool = True                  # SVM: CalibratedClassifierCV so that predict_proba exists
+    max_iter: int = 3000
+    n_jobs: int = -1
+    seed: int = 0
+    sgd_epochs: int = 5
+    chunk_rows: int = 8192
+
+    def validate(self) -> "LinearConfig":
+        if self.classifier not in CLASSIFIERS:
+            raise ParameterError(f"classifier must be one of {', '.join(CLASSIFIERS)}; got {self.classifier!r}.")
+        if self.C is not None and not (isinstance(self.C, (int, float)) and self.C > 0 and math.isfinite(self.C)):
+            raise ParameterError(f"C must be a positive number (or left out to search {list(self.c_grid)}); "
+                                 f"got {self.C!r}.")
+        if not self.c_grid or any((not isinstance(c, (int, float))) or c <= 0 for c in self.c_grid):
+            raise ParameterError(f"c_grid must be positive numbers; got {list(self.c_grid)!r}.")
+        if not isinstance(self.cv_folds, int) or self.cv_folds < 2:
+            raise ParameterError(f"cv_folds must be an integer of at least 2; got {self.cv_folds!r}.")
+        if self.class_weight not in (None, "balanced"):
+            raise ParameterError(f"class_weight must be 'balanced' or left out; got {self.class_weight!r}.")
+        if self.pca is not None:
+            ok = (isinstance(self.pca, int) and self.pca >= 1) or (isinstance(self.pca, float) and 0 < self.pca < 1)
+            if not ok:
+                raise ParameterError(f"pca must be a number of components (integer >= 1) or a share of variance "
+                                     f"in (0, 1); got {self.pca!r}.")
+        if not isinstance(self.sgd_epochs, int) or self.sgd_epochs < 1:
+            raise ParameterError(f"sgd_epochs must be a positive integer; got {self.sgd_epochs!r}.")
+        if not isinstance(self.chunk_rows, int) or self.chunk_rows < 16:
+            raise ParameterError(f"chunk_rows must be an integer of at least 16; got {self.chunk_rows!r}.")
+        return self
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["c_grid"] = list(self.c_grid)
+        return d
+
+
+def check_labels(y: np.ndarray, class_names: Sequence[str], split: str = "train") -> None:
+    """A classifier needs at least two classes with examples in ``split``."""
+    present = np.unique(y)
+    if len(present) < 2:
+        only = class_names[int(present[0])] if len(present) else "none"
+        raise DatasetError(f"the {split} split has images of {len(present)} class(es) (only: {only}); a classifier "
+                           "needs at least two. Add images of other classes, or check the dataset layout.")
+
+
+def _classifier(cfg: LinearConfig, C: float):
+    from sklearn.linear_model import LogisticRegression, SGDClassifier
+    from sklearn.svm import LinearSVC
+
+    if cfg.classifier == "softmax":
+        return LogisticRegression(C=C, max_iter=cfg.max_iter, class_weight=cfg.class_weight,
+                                  random_state=cfg.seed)
+    if cfg.classifier == "svm":
+        return LinearSVC(C=C, max_iter=cfg.max_iter, class_weight=cfg.class_weight, random_state=cfg.seed,
+                         dual="auto")
+    # SGD with logistic loss: probabilities, and partial_fit for out-of-core training.
+    return SGDClassifier(loss="log_loss", alpha=1.0 / (C * 1000.0), class_weight=cfg.class_weight,
+                         random_state=cfg.seed, max_iter=cfg.max_iter, tol=1e-4)
+
+
+def build_pipeline(cfg: LinearConfig, C: float, n_features: int | None = None):
+    """StandardScaler [+ Normalizer] [+ PCA] + the classifier, as one Pipeline."""
+    from sklearn.decomposition import PCA
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import Normalizer, StandardScaler
+
+    steps: list[tuple[str, Any]] = [("scale", StandardScaler())]
+    if cfg.l2_normalize:
+        steps.append(("l2", Normalizer()))
+    if cfg.pca is not None:
+        n = cfg.pca
+        if isinstance(n, int) and n_features is not None:
+            n = min(n, n_features)
+        steps.append(("pca", PCA(n_components=n, random_state=cfg.seed)))
+    steps.append(("clf", _classifier(cfg, C)))
+    return Pipeline(steps)
+
+
+def _cv_folds(y: np.ndarray, wanted: int) -> int:
+    counts = np.bincount(y)
+    smallest = int(counts[counts > 0].min()) if np.any(counts > 0) else 0
+    return max(2, min(wanted, smallest))
+
+
+@dataclass
+class TrainResult:
+    model: Any
+    C: float
+    cv_scores: list[dict[str, float]] = field(default_factory=list)   # [{C, mean, std}]
+    seconds: float = 0.0
+
+
+def train_linear(X: np.ndarray, y: np.ndarray, class_names: Sequence[str], cfg: LinearConfig) -> TrainResult:
+    """Fit the pipeline on ``(X, y)``, choosing C by stratified k-fold CV when ``cfg.C`` is None.
+
+    Raises DatasetError for fewer than two classes or too few images to cross-validate."""
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+
+    cfg.validate()
+    check_labels(y, class_names)
+    X = np.asarray(X, dtype=np.float32).reshape(len(X), -1)
+    t = time.perf_counter()
+    grid = [float(cfg.C)] if cfg.C is not None else [float(c) for c in cfg.c_grid]
+    scores: list[dict[str, float]] = []
+    best_c = grid[0]
+    if len(grid) > 1:
+        counts = np.bincount(y)
+        if counts[counts > 0].min() < 2:
+            raise DatasetError("a class has a single training image, too few to cross-validate C; "
+                               "add images, or give C explicitly (--C 0.1).")
+        cv = StratifiedKFold(n_splits=_cv_folds(y, cfg.cv_folds), shuffle=True, random_state=cfg.seed)
+        for c in grid:
+            s = cross_val_score(_final(cfg, c, X.shape[1], calibrate=False), X, y, cv=cv,
+                                scoring="balanced_accuracy", n_jobs=cfg.n_jobs)
+            scores.append({"C": c, "mean": float(s.mean()), "std": float(s.std())})
+        best_c = max(scores, key=lambda r: (round(r["mean"], 6), -r["C"]))["C"]
+    model = _final(cfg, best_c, X.shape[1], calibrate=cfg.calibrate, y=y)
+    model.fit(X, y)
+    return TrainResult(model=model, C=best_c, cv_scores=scores, seconds=time.perf_counter() - t)
+
+
+def _final(cfg: LinearConfig, C: float, n_features: int, calibrate: bool, y: np.ndarray | None = None):
+    pipe = build_pipeline(cfg, C, n_features)
+    if cfg.classifier == "svm" and calibrate:
+        from sklearn.calibration import CalibratedClassifierCV
+
+        counts = np.bincount(y) if y is not None else np.array([3])
+        folds = max(2, min(3, int(counts[counts > 0].min())))
+        return CalibratedClassifierCV(pipe, method="sigmoid", cv=folds)
+    return pipe
+
+
+def train_sgd_chunked(chunks: Callable[[], Iterator[tuple[np.ndarray, np.ndarray]]], classes: Sequence[int],
+                      cfg: LinearConfig, progress: Callable[[int, int], None] | None = None) -> TrainResult:
+    """Out-of-core training: one pass over ``chunks()`` fits the scaler, then ``cfg.sgd_epochs``
+    passes of ``partial_fit``. ``chunks`` is called once per pass and yields ``(X, y)``; only one
+    chunk is in memory at a time. PCA is not available here (it needs all rows)."""
+    from sklearn.linear_model import SGDClassifier
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import Normalizer, StandardScaler
+
+    cfg.validate()
+    if cfg.pca is not None:
+        raise ParameterError("pca is not available with chunked SGD training (it needs every row in memory); "
+                             "leave pca out, or use classifier softmax/svm on a store that fits in memory.")
+    t = time.perf_counter()
+    C = float(cfg.C) if cfg.C is not None else 1.0
+    scaler = StandardScaler()
+    for X, _ in chunks():
+        scaler.partial_fit(X.reshape(len(X), -1))
+    norm = Normalizer() if cfg.l2_normalize else None
+    clf = SGDClassifier(loss="log_loss", alpha=1.0 / (C * 1000.0), random_state=cfg.seed,
+                        learning_rate="optimal", average=True)
+    classes = np.asarray(sorted(classes))
+    weights = None
+    if cfg.class_weight == "balanced":
+        counts = np.zeros(len(classes))
+        for _, y in chunks():
+            counts += np.array([(y == c).sum() for c in classes])
+        weights = {int(c): counts.sum() / (len(classes) * max(n, 1)) for c, n in zip(classes, counts)}
+    rng = np.random.default_rng(cfg.seed)
+    for epoch in range(cfg.sgd_epochs):
+        for X, y in chunks():
+            X = scaler.transform(X.reshape(len(X), -1))
+            if norm is not None:
+                X = norm.transform(X)
+            order = rng.permutation(len(y))
+            sw = None if weights is None else np.array([weights[int(v)] for v in y[order]])
+            clf.partial_fit(X[order], y[order], classes=classes, sample_weight=sw)
+        if progress:
+            progress(epoch + 1, cfg.sgd_epochs)
+    steps = [("scale", scaler)] + ([("l2", norm)] if norm is not None else []) + [("clf", clf)]
+    return TrainResult(model=Pipeline(steps), C=C, seconds=time.perf_counter() - t)

@@ -1,0 +1,231 @@
+"""Linear probes on a feature store: train and register, evaluate and report, sweep layers.
+
+The glue between the store (codes and their provenance), :mod:`tasks.linear`
+(the scikit-learn pipelines), :mod:`tasks.evaluate` (metrics and plots) and
+the model registry. Inputs and outputs are paths and small dicts, so that the
+Prefect wrappers stay thin.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from storage import FeatureStore, ModelRegistry
+from storage.errors import DatasetError, ParameterError
+from storage.manifest import atomic_write_text
+
+from . import evaluate as ev
+from .linear import LinearConfig, check_labels, train_linear, train_sgd_chunked
+
+# Keys copied from the store's provenance into a model's metadata: what `predict` needs to
+# recompute exactly the same codes, and what loading checks against.
+PROVENANCE_KEYS = ("backbone", "backbone_args", "weights", "init_seed", "weights_digest", "input_size",
+                   "preprocessing", "resize", "precision")
+
+
+def features_digest(X: np.ndarray, y: np.ndarray) -> str:
+    h = hashlib.sha256()
+    h.update(np.ascontiguousarray(X).tobytes())
+    h.update(np.ascontiguousarray(y.astype(np.int64)).tobytes())
+    return h.hexdigest()
+
+
+def default_model_name(store: str | Path, layer: str, classifier: str) -> str:
+    stem = Path(store).stem.replace("__", "-")
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", f"{stem}-{layer}-{classifier}")[:100].strip("-.")
+
+
+def fit_probe(store: str | Path, layer: str, pooling: str | None, cfg: LinearConfig, registry: str | Path,
+              name: str | None = None, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Train a probe on the store's train split and save it as a new version in the registry.
+
+    Returns ``{"name", "version", "C", "cv_scores", "seconds", "train_images", "model_path"}``.
+    Raises DatasetError when the train split lacks images or has a single class."""
+    cfg.validate()
+    fs = FeatureStore(store)
+    attrs = fs.group_attrs(layer, pooling)
+    pooling = attrs["pooling"]
+    prov = fs.provenance
+    class_names = list(prov.get("class_names") or [])
+    if cfg.classifier == "sgd":
+        def chunks():
+            for c in fs.iter_chunks(layer, pooling, split="train", rows=cfg.chunk_rows):
+                yield c.features.reshape(len(c), -1), c.labels
+
+        labels = np.concatenate([y for _, y in chunks()]) if attrs["rows"] else np.zeros(0, int)
+        if len(labels) == 0:
+            raise DatasetError(f"store {store} has no training images in {layer}/{pooling}; extract a dataset "
+                               "with a train split first.")
+        check_labels(labels, class_names)
+        result = train_sgd_chunked(chunks, np.unique(labels).tolist(), cfg, progress)
+        digest = hashlib.sha256(b"".join(features_digest(X, y).encode() for X, y in chunks())).hexdigest()
+        n_train, dim = len(labels), int(np.prod(attrs["feature_shape"]))
+    else:
+        codes = fs.read(layer, pooling, split="train")
+        if len(codes) == 0:
+            raise DatasetError(f"store {store} has no training images in {layer}/{pooling}; extract a dataset "
+                               "with a train split first.")
+        X = codes.features.reshape(len(codes), -1)
+        result = train_linear(X, codes.labels, class_names, cfg)
+        digest = features_digest(X, codes.labels)
+        n_train, dim = len(codes), X.shape[1]
+    name = name or default_model_name(store, layer, cfg.classifier)
+    metadata = {
+        "kind": "linear-probe", "classifier": cfg.classifier, "config": cfg.as_dict(), "C": result.C,
+        "cv_scores": result.cv_scores, "train_seconds": round(result.seconds, 3), "train_images": n_train,
+        "store": str(Path(store).resolve()), "layer": layer, "pooling": pooling, "group": f"{layer}/{pooling}",
+        "feature_dim": dim, "feature_shape": attrs["feature_shape"], "features_sha256": digest,
+        "class_names": class_names, "dataset": prov.get("dataset"),
+        "manifest_fingerprint": attrs.get("manifest_fingerprint"),
+        **{k: prov.get(k) for k in PROVENANCE_KEYS},
+    }
+    record = ModelRegistry(registry).save(name, result.model, metadata)
+    return {"name": record.name, "version": record.version, "C": result.C, "cv_scores": result.cv_scores,
+            "seconds": round(result.seconds, 3), "train_images": n_train, "model_path": str(record.model_path)}
+
+
+def evaluate_probe(registry: str | Path, name: str, version: int | str | None, store: str | Path | None = None,
+                   splits: Sequence[str] = ("train", "val", "test"), report_dir: str | Path | None = None
+                   ) -> dict[str, Any]:
+    """Evaluate a registered probe on the store's splits; write the report (Markdown + JSON) and one
+    confusion-matrix PNG per evaluated split into ``report_dir``. Returns metrics per split and paths.
+
+    Loading checks the model against the store (class names, feature dimension, backbone, layer,
+    weights, preprocessing) and refuses a mismatch."""
+    reg = ModelRegistry(registry)
+    record = reg.record(name, version)
+    meta = record.metadata
+    store = Path(store or meta["store"])
+    fs = FeatureStore(store)
+    prov = fs.provenance
+    attrs = fs.group_attrs(meta["layer"], meta["pooling"])
+    model, record = reg.load(name, record.version, expect={
+        "class_names": list(prov.get("class_names") or []), "feature_dim": int(np.prod(attrs["feature_shape"])),
+        "backbone": prov.get("backbone"), "layer": meta["layer"], "pooling": attrs["pooling"],
+        "weights_digest": prov.get("weights_digest"), "preprocessing": prov.get("preprocessing"),
+        "input_size": prov.get("input_size")})
+    class_names = list(meta["class_names"])
+    report_dir = Path(report_dir or Path(registry).parent / "reports")
+    stem = f"{record.name}-v{record.version}"
+    metrics: dict[str, Any] = {}
+    plots: dict[str, str] = {}
+    for split in splits:
+        codes = fs.read(meta["layer"], meta["pooling"], split=split)
+        if len(codes) == 0:
+            continue
+        metrics[split] = ev.evaluate(model, codes.features, codes.labels, class_names)
+        plots[split] = str(ev.plot_confusion(metrics[split]["confusion"], class_names,
+                                             report_dir / f"{stem}.confusion-{split}.png",
+                                             title=f"{record.name} v{record.version}: {split}").resolve())
+    if "val" not in metrics and "test" not in metrics:
+        raise DatasetError(f"store {store} has no val or test images to evaluate on; extract with "
+                           "--val-fraction > 0, or a dataset with a val/ or test/ split.")
+    cv_plot = None
+    if meta.get("cv_scores"):
+        cs = meta["cv_scores"]
+        best = [r["C"] for r in cs].index(meta["C"]) if meta["C"] in [r["C"] for r in cs] else None
+        cv_plot = str(ev.plot_scores_by([f"{r['C']:g}" for r in cs], [r["mean"] for r in cs], [r["std"] for r in cs],
+                                        report_dir / f"{stem}.cv.png", title="C search (stratified k-fold)",
+                                        xlabel="C", best=best).resolve())
+    result = {"name": record.name, "version": record.version, "metrics": metrics, "confusion_plots": plots,
+              "cv_plot": cv_plot, "store": str(store.resolve()), "layer": meta["layer"], "pooling": meta["pooling"],
+              "classifier": meta.get("classifier"), "C": meta.get("C"), "class_names": class_names}
+    report = report_dir / f"{stem}.report.md"
+    atomic_write_text(report, probe_markdown(result, meta))
+    atomic_write_text(report.with_suffix(".json"), json.dumps(result, indent=1, default=str))
+    result["report"] = str(report.resolve())
+    return result
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f}%"
+
+
+def probe_markdown(result: dict[str, Any], meta: dict[str, Any]) -> str:
+    m = result["metrics"]
+    lines = [f"# Linear probe `{result['name']}` v{result['version']}", "",
+             f"- classifier: **{meta.get('classifier')}**, C = {meta.get('C')}, "
+             f"class weight: {meta.get('config', {}).get('class_weight')}",
+             f"- codes: `{meta['layer']}` / {meta['pooling']} ({meta.get('feature_dim')} dims) of "
+             f"`{meta.get('backbone')}` {meta.get('backbone_args') or ''}, weights `{meta.get('weights')}`",
+             f"- store: `{result['store']}`", f"- trained on {meta.get('train_images')} images in "
+             f"{meta.get('train_seconds')} s", "", "## Metrics", "",
+             "| split | images | accuracy | balanced accuracy | macro F1 |" + (" top-5 |" if any(
+                 "top5_accuracy" in v for v in m.values()) else ""),
+             "|---|---|---|---|---|" + ("---|" if any("top5_accuracy" in v for v in m.values()) else "")]
+    for split, v in m.items():
+        row = f"| {split} | {v['images']} | {_pct(v['accuracy'])} | {_pct(v['balanced_accuracy'])} | {_pct(v['macro_f1'])} |"
+        if "top5_accuracy" in v:
+            row += f" {_pct(v['top5_accuracy'])} |"
+        lines.append(row)
+    for split in ("val", "test"):
+        if split not in m:
+            continue
+        lines += ["", f"## Per class ({split})", "", "| class | precision | recall | F1 | images |", "|---|---|---|---|---|"]
+        lines += [f"| {c['class']} | {_pct(c['precision'])} | {_pct(c['recall'])} | {_pct(c['f1'])} | {c['support']} |"
+                  for c in m[split]["per_class"]]
+        names = result["class_names"]
+        lines += ["", f"Confusion matrix ({split}; rows: true, columns: predicted):", "",
+                  "| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        lines += [f"| **{names[i]}** | " + " | ".join(str(x) for x in row) + " |"
+                  for i, row in enumerate(m[split]["confusion"])]
+        lines += ["", f"![confusion {split}]({Path(result['confusion_plots'][split]).name})"]
+    if meta.get("cv_scores"):
+        lines += ["", "## C search", "", "| C | CV balanced accuracy |", "|---|---|"]
+        lines += [f"| {r['C']:g}{' (chosen)' if r['C'] == meta['C'] else ''} | {_pct(r['mean'])} ± {_pct(r['std'])} |"
+                  for r in meta["cv_scores"]]
+        lines += ["", f"![C search]({Path(result['cv_plot']).name})"]
+    return "\n".join(lines) + "\n"
+
+
+def sweep_layers(store: str | Path, groups: Sequence[tuple[str, str]] | None, cfg: LinearConfig,
+                 report_dir: str | Path) -> dict[str, Any]:
+    """Cross-validate the same probe on each (layer, pooling) group of a store (train split, plus val
+    when present): the evidence for which layer to use. Writes a table and a bar plot; names the best."""
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+
+    from .linear import _cv_folds, _final
+
+    cfg.validate()
+    fs = FeatureStore(store)
+    available = [(g["layer"], g["pooling"]) for g in fs.groups()]
+    groups = list(groups or available)
+    missing = [f"{layer}/{pooling}" for layer, pooling in groups if (layer, pooling) not in available]
+    if missing:
+        raise ParameterError(f"groups {missing} are not in store {store} (it has "
+                             f"{[f'{a}/{b}' for a, b in available]}); extract them first.")
+    if len(groups) < 1:
+        raise DatasetError(f"store {store} has no layer groups to sweep.")
+    class_names = fs.class_names
+    C = float(cfg.C) if cfg.C is not None else 0.1
+    rows = []
+    for layer, pooling in groups:
+        codes = fs.read(layer, pooling, split=["train", "val"])
+        check_labels(codes.labels, class_names, "train+val")
+        X = codes.features.reshape(len(codes), -1)
+        cv = StratifiedKFold(n_splits=_cv_folds(codes.labels, cfg.cv_folds), shuffle=True, random_state=cfg.seed)
+        s = cross_val_score(_final(cfg, C, X.shape[1], calibrate=False), X, codes.labels, cv=cv,
+                            scoring="balanced_accuracy", n_jobs=cfg.n_jobs)
+        rows.append({"layer": layer, "pooling": pooling, "dims": int(X.shape[1]), "images": int(len(codes)),
+                     "mean": float(s.mean()), "std": float(s.std())})
+    best = max(range(len(rows)), key=lambda i: rows[i]["mean"])
+    report_dir = Path(report_dir)
+    stem = Path(store).stem
+    plot = ev.plot_scores_by([f"{r['layer']}/{r['pooling']}" for r in rows], [r["mean"] for r in rows],
+                             [r["std"] for r in rows], report_dir / f"{stem}.sweep.png",
+                             title=f"Layer sweep: {cfg.classifier}, C={C:g}", xlabel="layer", best=best)
+    lines = [f"# Layer sweep of `{Path(store).name}`", "",
+             f"{cfg.classifier} probe, C = {C:g}, {cfg.cv_folds}-fold stratified CV on train+val, balanced accuracy.",
+             "", "| layer | pooling | dims | CV balanced accuracy |", "|---|---|---|---|"]
+    lines += [f"| `{r['layer']}`{' **(best)**' if i == best else ''} | {r['pooling']} | {r['dims']} | "
+              f"{_pct(r['mean'])} ± {_pct(r['std'])} |" for i, r in enumerate(rows)]
+    lines += ["", f"![sweep]({plot.name})", ""]
+    report = report_dir / f"{stem}.sweep.md"
+    atomic_write_text(report, "\n".join(lines))
+    return {"store": str(Path(store).resolve()), "rows": rows, "best": rows[best], "plot": str(plot.resolve()),
+            "report": str(report.resolve())}
