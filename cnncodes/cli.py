@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Any, Sequence
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -60,6 +61,11 @@ def _add_extract_options(p: argparse.ArgumentParser) -> None:
                    help="folder for stores, manifests and reports (default: %(default)s)")
 
 
+def _add_registry_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--registry", default=None, help="model registry folder (default: OUT/registry)")
+    p.add_argument("--out", default="cnncodes-out", help="output folder (default: %(default)s)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cnncodes", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -79,6 +85,53 @@ def build_parser() -> argparse.ArgumentParser:
                    help="registered name (see `cnncodes backbones`) or a .keras/.h5 model file (default: %(default)s)")
     _add_backbone_options(p)
     _add_extract_options(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
+    p = sub.add_parser("train-linear", help="flow train-linear: linear SVM/softmax/SGD on a store's codes")
+    p.add_argument("store", help="feature store (HDF5) written by `cnncodes extract`")
+    p.add_argument("--layer", required=True, help="layer group to train on (`cnncodes extract` --layer)")
+    p.add_argument("--pooling", default=None, help="pooling of that group (needed when it has several)")
+    p.add_argument("--classifier", default="softmax", choices=["svm", "softmax", "sgd"],
+                   help="linear SVM (calibrated), multinomial logistic regression, or SGD trained chunk by "
+                        "chunk for stores larger than memory (default: %(default)s)")
+    p.add_argument("--C", type=float, default=None,
+                   help="inverse regularisation strength (default: chosen by stratified k-fold CV among "
+                        "0.001, 0.01, 0.1, 1, 10)")
+    p.add_argument("--cv-folds", type=int, default=5, help="folds of the C search (default: %(default)s)")
+    p.add_argument("--class-weight", default=None, choices=["balanced"],
+                   help="weight classes inversely to their frequency (default: none)")
+    p.add_argument("--l2-normalize", action="store_true", help="L2-normalise codes after standardisation")
+    p.add_argument("--pca", type=float, default=None,
+                   help="PCA before the classifier: components (>= 1) or share of variance (< 1)")
+    p.add_argument("--no-calibrate", dest="calibrate", action="store_false",
+                   help="SVM without probability calibration (no probabilities in predictions)")
+    p.add_argument("--sgd-epochs", type=int, default=5, help="passes over the store for --classifier sgd")
+    p.add_argument("--chunk-rows", type=int, default=8192, help="rows per chunk for --classifier sgd")
+    p.add_argument("--model-name", default=None,
+                   help="registry name (default: <store>-<layer>-<classifier>); each run adds a version")
+    _add_registry_options(p)
+    p.add_argument("--seed", type=int, default=0, help="seed of CV folds and solvers (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
+    p = sub.add_parser("sweep", help="flow sweep: cross-validate a probe on each layer of a store")
+    p.add_argument("store", help="feature store with several layer groups")
+    p.add_argument("--layer", action="append", default=[], help="layers to compare (default: every group)")
+    p.add_argument("--pooling", default=None, help="only groups with this pooling")
+    p.add_argument("--classifier", default="softmax", choices=["svm", "softmax"], help="(default: %(default)s)")
+    p.add_argument("--C", type=float, default=0.1, help="(default: %(default)s)")
+    p.add_argument("--cv-folds", type=int, default=5, help="(default: %(default)s)")
+    p.add_argument("--out", default="cnncodes-out", help="reports go to OUT/reports (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
+    p = sub.add_parser("predict", help="flow predict: classify new images with a registered model")
+    p.add_argument("images", help="folder of images (searched recursively), an image, or a .txt/.csv list")
+    p.add_argument("--model", required=True, help="registered model name (`train-linear` prints it)")
+    p.add_argument("--version", default=None, help="version number or alias (default: the latest)")
+    _add_registry_options(p)
+    p.add_argument("--output", default=None,
+                   help="predictions file, .csv or .parquet (default: OUT/predictions/<model>.csv)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
     p = sub.add_parser("demo", help="generate a small dataset and run the pipeline on it end to end")
@@ -152,16 +205,73 @@ def cmd_extract(args) -> int:
     return 0
 
 
+def _registry(args) -> str:
+    return args.registry or str(Path(args.out) / "registry")
+
+
+def _metrics_text(metrics: dict[str, Any]) -> list[str]:
+    return [f"{split:<6} accuracy {m['accuracy']:.3f}  balanced {m['balanced_accuracy']:.3f}  "
+            f"macro-F1 {m['macro_f1']:.3f}  ({m['images']} images)" for split, m in metrics.items()]
+
+
+def cmd_train_linear(args) -> int:
+    from flows.train_linear import train_linear
+
+    pca = args.pca
+    if pca is not None and pca >= 1:
+        pca = int(pca)
+    r = train_linear(store=args.store, layer=args.layer, pooling=args.pooling, classifier=args.classifier, C=args.C,
+                     cv_folds=args.cv_folds, class_weight=args.class_weight, l2_normalize=args.l2_normalize,
+                     pca=pca, calibrate=args.calibrate, sgd_epochs=args.sgd_epochs, chunk_rows=args.chunk_rows,
+                     model_name=args.model_name, registry=_registry(args), out=args.out, seed=args.seed)
+    text = [f"model:  {r['model']} v{r['version']} (C={r['C']:g}) in {r['registry']}", f"report: {r['report']}"]
+    _emit(r, args.json, "\n".join(text + _metrics_text(r["metrics"])))
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from flows.sweep import sweep
+
+    r = sweep(store=args.store, layers=args.layer or None, pooling=args.pooling, classifier=args.classifier,
+              C=args.C, cv_folds=args.cv_folds, out=args.out, seed=args.seed)
+    text = [f"{x['layer'] + '/' + x['pooling']:<40} {x['mean']:.3f} ± {x['std']:.3f}" for x in r["rows"]]
+    text += [f"best:   {r['best']['layer']}/{r['best']['pooling']}", f"report: {r['report']}", f"plot:   {r['plot']}"]
+    _emit(r, args.json, "\n".join(text))
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from flows.predict import predict
+
+    output = args.output or str(Path(args.out) / "predictions" / f"{args.model}.csv")
+    r = predict(images=args.images, model=args.model, version=args.version, registry=_registry(args),
+                output=output, batch_size=args.batch_size)
+    text = [f"predictions: {r['predictions']}",
+            f"images: {r['images']} ({r['reused']} codes reused, {r['computed']} computed, "
+            f"{len(r['skipped'])} skipped) with {r['model']} v{r['version']}"]
+    text += [f"  {c}: {n}" for c, n in r["class_counts"].items()]
+    text += [f"skipped {k['path']}: {k['reason']}" for k in r["skipped"][:20]]
+    _emit(r, args.json, "\n".join(text))
+    return 0
+
+
 def cmd_demo(args) -> int:
     from flows.demo import demo
 
-    result = demo(out=args.out, images_per_class=args.images_per_class)
-    text = "\n".join([f"dataset: {result['dataset']}", _extract_text(result["extract"])])
+    r = demo(out=args.out, images_per_class=args.images_per_class)
+    t = r["train"]
+    text = "\n".join([f"dataset:     {r['dataset']}", _extract_text(r["extract"]),
+                      f"sweep:       best layer {r['sweep']['best']['layer']}; report {r['sweep']['report']}",
+                      f"model:       {t['model']} v{t['version']} in {t['registry']}",
+                      f"report:      {t['report']}", *_metrics_text(t["metrics"]),
+                      f"predictions: {r['predict']['predictions']}"])
+    result = r
     _emit(result, args.json, text)
     return 0
 
 
-COMMANDS = {"backbones": cmd_backbones, "layers": cmd_layers, "extract": cmd_extract, "demo": cmd_demo}
+COMMANDS = {"backbones": cmd_backbones, "layers": cmd_layers, "extract": cmd_extract, "train-linear": cmd_train_linear,
+            "sweep": cmd_sweep, "predict": cmd_predict, "demo": cmd_demo}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -98,3 +98,21 @@ def test_cli_listings():
     out = _cli("layers", "mobilenet_v2", "--backbone-arg", "alpha=0.35", "--input-size", "96", "--json")
     layers = json.loads(out.stdout)["layers"]
     assert layers[-1]["name"] == TINY_LAST and layers[-1]["stride"] == 32
+
+
+@pytest.mark.slow
+def test_cli_train_linear_sweep_and_json(tmp_path):
+    from test_linear import make_store
+
+    store = make_store(tmp_path / "s.h5")
+    out = _cli("train-linear", str(store), "--layer", "signal", "--classifier", "svm", "--out", str(tmp_path / "o"),
+               "--json")
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads(out.stdout)
+    assert res["model"] == "s-signal-svm" and res["version"] == 1 and res["metrics"]["val"]["accuracy"] > 0.85
+    assert Path(res["report"]).exists() and Path(res["registry"]) == (tmp_path / "o" / "registry").resolve()
+    out = _cli("sweep", str(store), "--cv-folds", "3", "--out", str(tmp_path / "o"), "--json")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout)["best"]["layer"] == "signal"
+    out = _cli("train-linear", str(store), "--layer", "signal", "--C", "-2", "--out", str(tmp_path / "o"))
+    assert out.returncode == 2 and "C must be a positive number" in out.stderr

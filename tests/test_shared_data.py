@@ -38,6 +38,15 @@ def test_hymenoptera_imagenet_codes_transfer_and_random_codes_do_not(tmp_path):
     pretrained = _probe(tmp_path / "hym.h5", layer)
     assert pretrained >= 0.80, pretrained  # documented: 0.843 with the reference script
 
+    # the product's own path: train-linear's functions, registry, evaluation report
+    from tasks.linear import LinearConfig
+    from tasks.probe import evaluate_probe, fit_probe
+
+    fit_probe(tmp_path / "hym.h5", layer, "avg", LinearConfig(classifier="softmax"), tmp_path / "reg", name="hym")
+    res = evaluate_probe(tmp_path / "reg", "hym", None, tmp_path / "hym.h5", report_dir=tmp_path / "rep")
+    assert res["metrics"]["val"]["accuracy"] >= 0.80, res["metrics"]["val"]
+    assert res["metrics"]["val"]["images"] == 153
+
     extract_to_store(m, tmp_path / "rnd.h5", BackboneSpec("mobilenet", weights="none",
                      backbone_args={"alpha": 0.25}), [(layer, "avg")])
     random = _probe(tmp_path / "rnd.h5", layer)
