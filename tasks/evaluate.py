@@ -19,12 +19,19 @@ def scores_of(model, X: np.ndarray) -> np.ndarray:
 def evaluate(model, X: np.ndarray, y: np.ndarray, class_names: Sequence[str]) -> dict[str, Any]:
     """Accuracy, balanced accuracy, macro-F1, per-class precision/recall/F1, top-k (more than 5
     classes), and the confusion matrix (rows: true class, columns: predicted), over ``class_names``."""
+    labels = np.arange(len(class_names))
+    return evaluate_scores(scores_of(model, X), y, class_names, np.asarray(getattr(model, "classes_", labels)))
+
+
+def evaluate_scores(scores: np.ndarray, y: np.ndarray, class_names: Sequence[str],
+                    model_classes: np.ndarray | None = None) -> dict[str, Any]:
+    """:func:`evaluate` from precomputed class scores (one column per entry of ``model_classes``,
+    by default one per class)."""
     from sklearn.metrics import (accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score,
                                  precision_recall_fscore_support, top_k_accuracy_score)
 
     labels = np.arange(len(class_names))
-    scores = scores_of(model, X)
-    model_classes = np.asarray(getattr(model, "classes_", labels))
+    model_classes = labels if model_classes is None else np.asarray(model_classes)
     pred = model_classes[np.argmax(scores, axis=1)]
     p, r, f, support = precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
     out: dict[str, Any] = {
