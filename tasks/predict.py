@@ -58,9 +58,11 @@ def predict_images(source: str | Path, registry: str | Path, name: str, version:
     reg = ModelRegistry(registry)
     record = reg.record(name, version)
     meta = record.metadata
+    if meta.get("kind") == "fine-tuned":
+        return _predict_finetuned(source, reg, record, output, options)
     if meta.get("kind") != "linear-probe":
-        raise ParameterError(f"model {record.name} v{record.version} is a {meta.get('kind')!r}; "
-                             "this predict path serves linear probes.")
+        raise ParameterError(f"model {record.name} v{record.version} is of kind {meta.get('kind')!r}, which "
+                             "predict does not know; it serves linear probes and fine-tuned models.")
     layer, pooling = meta["layer"], meta["pooling"]
     train_store = Path(meta["store"])
     manifest = scan_images(source)
@@ -135,3 +137,25 @@ def _write_table(df, output: Path) -> None:
     else:
         df.to_csv(tmp, index=False)
     tmp.replace(output)
+
+
+def _predict_finetuned(source, reg: ModelRegistry, record, output: Path, options: ExtractOptions | None
+                       ) -> dict[str, Any]:
+    """A fine-tuned ``.keras`` model takes pixels: decode as in training, predict, write the table."""
+    from .finetune import load_finetuned, predict_paths
+
+    meta = record.metadata
+    path, record = reg.load(record.name, record.version)  # verifies the file's sha256 first
+    model = load_finetuned(path)
+    manifest = scan_images(source)
+    class_names = list(meta["class_names"])
+    probs, ok, skips = predict_paths(model, [manifest.abspath(s) for s in manifest.samples], int(meta["input_size"]),
+                                     meta.get("resize") or "stretch", (options or ExtractOptions()).batch_size)
+    usable = [manifest.samples[i] for i in ok]
+    table = _table(manifest, usable, probs, class_names)
+    _write_table(table, output)
+    skipped = [{"path": s.path, "reason": s.reason} for s in manifest.skipped]
+    skipped += [{"path": s.path, "reason": s.reason} for s in skips]
+    return {"predictions": str(output.resolve()), "images": len(usable), "reused": 0, "computed": len(usable),
+            "skipped": skipped, "model": record.name, "version": record.version, "layer": None, "pooling": None,
+            "prediction_store": None, "class_counts": {c: int((table["predicted"] == c).sum()) for c in class_names}}

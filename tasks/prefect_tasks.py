@@ -17,7 +17,7 @@ from prefect.cache_policies import NO_CACHE
 from storage.errors import CnncodesError
 from storage.manifest import Manifest
 
-from . import datasets, extract, predict, probe, reports
+from . import datasets, extract, finetune, finetune_report, predict, probe, reports
 from .backbones import BackboneSpec
 from .linear import LinearConfig
 from .progress import Progress
@@ -130,4 +130,39 @@ def predict_images(source: str, registry: str, name: str, version: int | str | N
     create_table_artifact([{"class": c, "images": n} for c, n in result["class_counts"].items()],
                           key="predictions", description=f"Predictions of {name} v{result['version']}: "
                           f"{result['predictions']}")
+    return result
+
+
+# Tagged "gpu": with `prefect concurrency-limit create gpu 1` one such task holds the GPU at a time.
+@task(name="fine-tune-network", tags=["gpu"], retries=1, retry_delay_seconds=10,
+      retry_condition_fn=transient_only, cache_policy=NO_CACHE)
+def fine_tune_network(manifest_path: str, spec: dict[str, Any], config: dict[str, Any], workdir: str,
+                      resize: str) -> dict:
+    """Train (resuming a killed run in ``workdir``); returns paths and the training summary."""
+    manifest = Manifest.load(manifest_path)
+    cfg = finetune.FineTuneConfig(**config)
+    bar = Progress("fine-tuning", unit="epoch", key="fine-tune-epochs")
+    try:
+        r = finetune.fine_tune(manifest, BackboneSpec(**spec), cfg, workdir, resize=resize, progress=bar)
+    finally:
+        bar.close()
+    return {"model_path": r.model_path, "history": r.history, "phases": r.phases, "counts": r.counts,
+            "skipped": r.skipped, "seconds": r.seconds, "resumed_from_epoch": r.resumed_from_epoch,
+            "stopped_early": r.stopped_early}
+
+
+@task(name="evaluate-finetuned", cache_policy=NO_CACHE)
+def evaluate_finetuned(trained: dict, manifest_path: str, spec: dict[str, Any], config: dict[str, Any],
+                       resize: str, registry: str, name: str, report_dir: str) -> dict:
+    """Evaluate on every split, register the model, write the report with learning curves."""
+    result = finetune_report.evaluate_register_report(trained, Manifest.load(manifest_path), BackboneSpec(**spec),
+                                                      finetune.FineTuneConfig(**config), resize, registry, name,
+                                                      report_dir)
+    create_markdown_artifact(Path(result["report"]).read_text(), key="finetune-report",
+                             description=f"Fine-tuned {name} v{result['version']}")
+    create_table_artifact([{"split": s, "images": m["images"], "accuracy": round(m["accuracy"], 4),
+                            "balanced_accuracy": round(m["balanced_accuracy"], 4), "macro_f1": round(m["macro_f1"], 4)}
+                           for s, m in result["metrics"].items()], key="finetune-metrics",
+                          description="Metrics per split")
+    create_table_artifact(trained["history"], key="finetune-history", description="Loss and accuracy per epoch")
     return result

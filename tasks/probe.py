@@ -147,14 +147,21 @@ def _pct(v: float | None) -> str:
 
 
 def probe_markdown(result: dict[str, Any], meta: dict[str, Any]) -> str:
+    header = [f"# Linear probe `{result['name']}` v{result['version']}", "",
+              f"- classifier: **{meta.get('classifier')}**, C = {meta.get('C')}, "
+              f"class weight: {meta.get('config', {}).get('class_weight')}",
+              f"- codes: `{meta['layer']}` / {meta['pooling']} ({meta.get('feature_dim')} dims) of "
+              f"`{meta.get('backbone')}` {meta.get('backbone_args') or ''}, weights `{meta.get('weights')}`",
+              f"- store: `{result['store']}`", f"- trained on {meta.get('train_images')} images in "
+              f"{meta.get('train_seconds')} s"]
+    return metrics_markdown(header, result, meta)
+
+
+def metrics_markdown(header: list[str], result: dict[str, Any], meta: dict[str, Any]) -> str:
+    """The metrics part of a model report (the same for linear probes and fine-tuned models, so
+    that the two compare side by side): per split, per class, confusion matrices, C search."""
     m = result["metrics"]
-    lines = [f"# Linear probe `{result['name']}` v{result['version']}", "",
-             f"- classifier: **{meta.get('classifier')}**, C = {meta.get('C')}, "
-             f"class weight: {meta.get('config', {}).get('class_weight')}",
-             f"- codes: `{meta['layer']}` / {meta['pooling']} ({meta.get('feature_dim')} dims) of "
-             f"`{meta.get('backbone')}` {meta.get('backbone_args') or ''}, weights `{meta.get('weights')}`",
-             f"- store: `{result['store']}`", f"- trained on {meta.get('train_images')} images in "
-             f"{meta.get('train_seconds')} s", "", "## Metrics", "",
+    lines = header + ["", "## Metrics", "",
              "| split | images | accuracy | balanced accuracy | macro F1 |" + (" top-5 |" if any(
                  "top5_accuracy" in v for v in m.values()) else ""),
              "|---|---|---|---|---|" + ("---|" if any("top5_accuracy" in v for v in m.values()) else "")]

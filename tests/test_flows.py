@@ -116,3 +116,19 @@ def test_cli_train_linear_sweep_and_json(tmp_path):
     assert json.loads(out.stdout)["best"]["layer"] == "signal"
     out = _cli("train-linear", str(store), "--layer", "signal", "--C", "-2", "--out", str(tmp_path / "o"))
     assert out.returncode == 2 and "C must be a positive number" in out.stderr
+
+
+def test_train_linear_flow_publishes_report_metrics_and_confusion(prefect_harness, tmp_path):
+    from prefect.client.orchestration import get_client
+
+    from flows.train_linear import train_linear
+    from test_linear import make_store
+
+    store = make_store(tmp_path / "s.h5")
+    r = train_linear(str(store), "signal", classifier="softmax", C=0.1, out=str(tmp_path / "o"),
+                     registry=str(tmp_path / "o" / "registry"))
+    assert r["model"] == "s-signal-softmax" and r["metrics"]["test"]["accuracy"] > 0.85
+    with get_client(sync_client=True) as client:
+        arts = {a.key: a for a in client.read_artifacts()}
+    assert {"probe-report", "probe-metrics", "probe-confusion-val", "probe-confusion-test"} <= set(arts)
+    assert "Per class (val)" in arts["probe-report"].data

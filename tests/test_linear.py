@@ -193,3 +193,16 @@ def test_predict_reproduces_the_evaluation_on_validation_images(tmp_path, textur
             np.testing.assert_allclose(probs, expected[row["path"]], atol=1e-4)
             assert row["predicted"] == m.class_names[int(np.argmax(expected[row["path"]]))]
             assert np.isclose(probs.sum(), 1.0) and np.isclose(row["confidence"], probs.max())
+
+
+def test_top5_accuracy_appears_with_more_than_five_classes(tmp_path):
+    classes = [f"c{i}" for i in range(7)]
+    store = make_store(tmp_path / "s.h5", per_class=(24,) * 7, classes=classes)
+    fit_probe(store, "signal", "avg", LinearConfig(C=0.1, n_jobs=1), tmp_path / "r", name="seven")
+    res = evaluate_probe(tmp_path / "r", "seven", None, store, report_dir=tmp_path)
+    val = res["metrics"]["val"]
+    assert 0 <= val["accuracy"] <= val["top5_accuracy"] <= 1 and val["top5_accuracy"] > 0.9
+    assert "top-5" in Path(res["report"]).read_text()
+    three = make_store(tmp_path / "t.h5")
+    fit_probe(three, "signal", "avg", LinearConfig(C=0.1, n_jobs=1), tmp_path / "r", name="three")
+    assert "top5_accuracy" not in evaluate_probe(tmp_path / "r", "three", None, three, report_dir=tmp_path)["metrics"]["val"]

@@ -1,0 +1,59 @@
+"""After fine-tuning: evaluate, register, and write the same report as a linear probe's (plus learning curves)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from storage.manifest import Manifest, atomic_write_text
+
+from . import evaluate as ev
+from .backbones import BackboneSpec
+from .finetune import (FineTuneConfig, FineTuneResult, evaluate_finetuned, load_finetuned, plot_learning_curves,
+                       register_finetuned)
+from .probe import metrics_markdown
+
+
+def evaluate_register_report(trained: dict[str, Any], manifest: Manifest, spec: BackboneSpec, cfg: FineTuneConfig,
+                             resize: str, registry: str | Path, name: str, report_dir: str | Path) -> dict[str, Any]:
+    size = int(load_finetuned(trained["model_path"]).input_shape[1])
+    metrics, skipped = evaluate_finetuned(trained["model_path"], manifest, size, resize, cfg.batch_size)
+    result_obj = FineTuneResult(trained["model_path"], trained["history"], trained["phases"], trained["counts"],
+                                trained["skipped"], trained["seconds"], trained.get("resumed_from_epoch", {}),
+                                trained.get("stopped_early", False))
+    reg = register_finetuned(result_obj, manifest, spec, cfg, resize, size, metrics, registry, name)
+    report_dir = Path(report_dir)
+    stem = f"{reg['name']}-v{reg['version']}"
+    plots = {split: str(ev.plot_confusion(m["confusion"], manifest.class_names,
+                                          report_dir / f"{stem}.confusion-{split}.png",
+                                          title=f"{reg['name']} v{reg['version']}: {split}").resolve())
+             for split, m in metrics.items()}
+    curves = str(plot_learning_curves(trained["history"], report_dir / f"{stem}.curves.png").resolve()) \
+        if trained["history"] else None
+    result = {"name": reg["name"], "version": reg["version"], "metrics": metrics, "confusion_plots": plots,
+              "class_names": list(manifest.class_names), "learning_curves": curves, "model_path": reg["model_path"],
+              "skipped": trained["skipped"] + [s for s in skipped if s not in trained["skipped"]],
+              "history": trained["history"], "counts": trained["counts"], "phases": trained["phases"],
+              "resumed_from_epoch": trained.get("resumed_from_epoch", {}), "stopped_early": trained.get("stopped_early")}
+    header = [f"# Fine-tuned `{reg['name']}` v{reg['version']}", "",
+              f"- backbone: `{spec.name}` {spec.backbone_args or ''}, weights `{spec.weights}`, input {size} px"
+              + (f", cut at `{cfg.cut_layer}`" if cfg.cut_layer else ""),
+              f"- head: {cfg.head_pooling} pooling, dense {list(cfg.dense)}, dropout {cfg.dropout}",
+              f"- optimizer: {cfg.optimizer}, learning rate {cfg.learning_rate:g} (head x{cfg.head_lr_multiplier:g}), "
+              f"schedule {cfg.schedule}; augmentation: {', '.join(cfg.augment) or 'none'}",
+              f"- trained in {trained['seconds']:.1f} s" + (", stopped early" if trained.get("stopped_early") else "")
+              + (f"; resumed from epoch {trained['resumed_from_epoch']}" if trained.get("resumed_from_epoch") else ""),
+              "", "## Phases", "", "| phase | frozen | epochs run | trainable layers | frozen layers | trainable params |",
+              "|---|---|---|---|---|---|"]
+    header += [f"| {p['phase']} | {p['freeze']} | {p['epochs_run']}/{p['epochs']} | "
+               f"{p['counts']['body_trainable_layers']} | {p['counts']['body_frozen_layers']} | "
+               f"{p['counts']['trainable_params']:,} |" for p in trained["phases"]]
+    if curves:
+        header += ["", f"![learning curves]({Path(curves).name})"]
+    if result["skipped"]:
+        header += ["", f"Skipped files: {len(result['skipped'])} (see the JSON report)."]
+    report = report_dir / f"{stem}.report.md"
+    atomic_write_text(report, metrics_markdown(header, result, {"cv_scores": None}))
+    atomic_write_text(report.with_suffix(".json"), json.dumps(result, indent=1, default=float))
+    result["report"] = str(report.resolve())
+    return result
