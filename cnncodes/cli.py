@@ -134,6 +134,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
+    p = sub.add_parser("fine-tune", help="flow fine-tune: train the backbone itself with a new head (large data)")
+    p.add_argument("data", help="folder of class folders, folder with train/ val/ [test/], or CSV path,label[,split]")
+    p.add_argument("--backbone", default="mobilenet_v2", help="registered name or .keras/.h5 file (default: %(default)s)")
+    _add_backbone_options(p)
+    p.add_argument("--cut-layer", default=None, help="use the backbone only up to this layer")
+    p.add_argument("--freeze", default="none",
+                   help="'all' (head only), 'none', 'first:N' or 'until:LAYER' (default: %(default)s)")
+    p.add_argument("--train-batchnorm", dest="freeze_batchnorm", action="store_false",
+                   help="let BatchNormalization layers of the unfrozen part train (default: all stay frozen)")
+    p.add_argument("--head-pooling", default="avg", choices=["avg", "flatten"], help="(default: %(default)s)")
+    p.add_argument("--dense", type=int, action="append", default=None,
+                   help="hidden Dense+ReLU width of the head, repeatable (default: 1024; 0 for none)")
+    p.add_argument("--dropout", type=float, default=0.5, help="after each hidden Dense (default: %(default)s)")
+    p.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"], help="(default: %(default)s)")
+    p.add_argument("--learning-rate", type=float, default=1e-4, help="base rate of the backbone (default: %(default)s)")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: %(default)s)")
+    p.add_argument("--head-lr-multiplier", type=float, default=10.0,
+                   help="the new head learns at base rate x this (default: %(default)s)")
+    p.add_argument("--schedule", default="constant", choices=["constant", "step", "cosine", "plateau"],
+                   help="learning-rate schedule (default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=10, help="fine-tuning epochs (default: %(default)s)")
+    p.add_argument("--head-epochs", type=int, default=0,
+                   help="two-phase: first train the head alone this many epochs with Adam (default: %(default)s)")
+    p.add_argument("--head-learning-rate", type=float, default=1e-3, help="phase one's rate (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=32, help="(default: %(default)s)")
+    p.add_argument("--augment", default="flip,rotation,zoom",
+                   help="comma list of flip, rotation, zoom, translation, contrast; '' for none (default: %(default)s)")
+    p.add_argument("--monitor", default="val_accuracy", help="metric for checkpoints and early stopping (default: %(default)s)")
+    p.add_argument("--patience", type=int, default=3, help="early-stopping patience in epochs (default: %(default)s)")
+    p.add_argument("--mixed-precision", default="auto", choices=["auto", "off", "float16", "bfloat16"],
+                   help="auto: mixed float16 on a GPU, off on a CPU (default: %(default)s)")
+    p.add_argument("--xla", action="store_true", help="compile the training step with XLA")
+    p.add_argument("--resize", default="stretch", choices=["stretch", "crop", "pad"], help="(default: %(default)s)")
+    p.add_argument("--val-fraction", type=float, default=0.2, help="(default: %(default)s)")
+    p.add_argument("--test-fraction", type=float, default=0.0, help="(default: %(default)s)")
+    p.add_argument("--model-name", default=None, help="registry name (default: <dataset>-<backbone>-finetuned)")
+    _add_registry_options(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
     p = sub.add_parser("demo", help="generate a small dataset and run the pipeline on it end to end")
     p.add_argument("--out", default="cnncodes-out", help="output folder (default: %(default)s)")
     p.add_argument("--images-per-class", type=int, default=40, help="generated images per class (default: %(default)s)")
@@ -255,6 +294,28 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_fine_tune(args) -> int:
+    from flows.fine_tune import fine_tune
+    from tasks.backbones import parse_backbone_args
+
+    dense = [d for d in (args.dense if args.dense is not None else [1024]) if d > 0]
+    r = fine_tune(data=args.data, backbone=args.backbone, weights=args.weights,
+                  backbone_args=parse_backbone_args(args.backbone_arg), input_size=args.input_size,
+                  preprocessing=args.preprocessing, cut_layer=args.cut_layer, freeze=args.freeze,
+                  freeze_batchnorm=args.freeze_batchnorm, head_pooling=args.head_pooling, dense=dense,
+                  dropout=args.dropout, optimizer=args.optimizer, learning_rate=args.learning_rate,
+                  momentum=args.momentum, head_lr_multiplier=args.head_lr_multiplier, schedule=args.schedule,
+                  epochs=args.epochs, head_epochs=args.head_epochs, head_learning_rate=args.head_learning_rate,
+                  batch_size=args.batch_size, augment=[a for a in args.augment.split(",") if a.strip()],
+                  monitor=args.monitor, patience=args.patience, mixed_precision=args.mixed_precision, xla=args.xla,
+                  resize=args.resize, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
+                  seed=args.seed, model_name=args.model_name, registry=_registry(args), out=args.out)
+    text = [f"model:  {r['model']} v{r['version']} in {r['registry']}", f"report: {r['report']}",
+            f"curves: {r['learning_curves']}", f"run:    {r['workdir']} (checkpoints, history.csv, tensorboard/)"]
+    _emit(r, args.json, "\n".join(text + _metrics_text(r["metrics"])))
+    return 0
+
+
 def cmd_demo(args) -> int:
     from flows.demo import demo
 
@@ -271,7 +332,7 @@ def cmd_demo(args) -> int:
 
 
 COMMANDS = {"backbones": cmd_backbones, "layers": cmd_layers, "extract": cmd_extract, "train-linear": cmd_train_linear,
-            "sweep": cmd_sweep, "predict": cmd_predict, "demo": cmd_demo}
+            "sweep": cmd_sweep, "predict": cmd_predict, "fine-tune": cmd_fine_tune, "demo": cmd_demo}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
