@@ -404,7 +404,12 @@ class _EpochProgress:
         outer = self
 
         class CB(keras.callbacks.Callback):
+            def on_epoch_begin(self, epoch, logs=None):
+                self._t = time.perf_counter()
+
             def on_epoch_end(self, epoch, logs=None):
+                if logs is not None:  # seconds per epoch land in the history
+                    logs["epoch_seconds"] = time.perf_counter() - self._t
                 if outer.progress:
                     outer.progress(outer.offset + epoch + 1, outer.total)
 
@@ -481,13 +486,13 @@ def fine_tune(manifest: Manifest, spec: BackboneSpec, cfg: FineTuneConfig, workd
             start_epoch = int(json.loads(meta.read_text()).get("epoch", 0))
             resumed[phase] = start_epoch
         callbacks = [
+            _EpochProgress(progress, total_epochs, offset).callback(),
             # kept until the phase is recorded as done below, so no moment exists without a checkpoint
             keras.callbacks.BackupAndRestore(str(backup), double_checkpoint=True, delete_checkpoint=False),
             keras.callbacks.CSVLogger(str(workdir / f"history-{phase}.csv"), append=True),
             keras.callbacks.TensorBoard(str(workdir / "tensorboard" / phase), histogram_freq=0, write_graph=False),
             keras.callbacks.ModelCheckpoint(str(workdir / "best.weights.h5"), monitor=cfg.monitor,
                                             save_best_only=True, save_weights_only=True),
-            _EpochProgress(progress, total_epochs, offset).callback(),
         ]
         if phase == "finetune":
             callbacks.append(keras.callbacks.EarlyStopping(monitor=cfg.monitor, min_delta=cfg.min_delta,

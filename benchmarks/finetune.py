@@ -1,0 +1,122 @@
+"""Fine-tuning throughput: the cnncodes flow's training loop next to a plain ``model.fit``, one run.
+
+Same network (``tasks.finetune.build_network``: MobileNetV2 at 224 px, new head), same images
+(generated JPEGs, photo-sized), same optimizer, batch size and epochs. Images/s are counted over
+the training images of epochs 2..N (epoch 1 holds graph compilation and the first decode).
+
+  * plain     images decoded into a NumPy array first, ``model.fit(x, y, validation_data=...)``;
+  * cnncodes  ``tasks.finetune.fine_tune``: tf.data decoding and caching, checkpoints every epoch
+              (BackupAndRestore, best weights), CSV history, TensorBoard, early stopping, progress.
+
+Twice: without augmentation, and with flip+rotation+zoom (the plain run then applies the same
+Keras layers in its own ``tf.data`` pipeline).
+
+Usage:
+    .venv/bin/python benchmarks/finetune.py            # about 8 minutes on 2 cores
+    .venv/bin/python benchmarks/finetune.py --quick
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("CNNCODES_PROGRESS", "0")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+
+from tasks import tf_runtime  # noqa: E402
+from tasks.synthetic import CLASSES, make_dataset  # noqa: E402
+
+
+def plain_fit(spec, cfg, manifest, epochs: int) -> list[float]:
+    """Seconds per epoch of a plain model.fit on pre-decoded arrays (augmentation in tf.data if asked)."""
+    tf = tf_runtime.tensorflow()
+    keras = tf_runtime.keras()
+    from tasks.finetune import apply_freezing, augmentation, build_network, make_optimizer, split_arrays
+    from tasks.images import load_image
+
+    keras.utils.set_random_seed(cfg.seed)
+    net = build_network(spec, len(manifest.class_names), cfg)
+    apply_freezing(net, cfg.freeze, cfg.freeze_batchnorm)
+    tr_p, tr_y, _ = split_arrays(manifest, "train")
+    va_p, va_y, _ = split_arrays(manifest, "val")
+    xtr = np.stack([load_image(p, net.size) for p in tr_p])
+    xva = np.stack([load_image(p, net.size) for p in va_p])
+    steps = int(np.ceil(len(xtr) / cfg.batch_size))
+    opt = make_optimizer(cfg, steps, "finetune")
+    opt.set_head_variables(net.head_variables())
+    net.model.compile(optimizer=opt, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    aug = augmentation(cfg)
+    times: list[float] = []
+
+    class Timer(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.t = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            times.append(time.perf_counter() - self.t)
+
+    if aug is None:
+        net.model.fit(xtr, tr_y, batch_size=cfg.batch_size, epochs=epochs, validation_data=(xva, va_y),
+                      callbacks=[Timer()], verbose=0)
+    else:
+        def augmented(x, y):
+            return aug(tf.cast(x, tf.float32), training=True), y
+
+        ds = tf.data.Dataset.from_tensor_slices((xtr, tr_y)).shuffle(len(xtr), seed=cfg.seed).batch(cfg.batch_size)
+        ds = ds.map(augmented, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+        net.model.fit(ds, epochs=epochs, validation_data=(xva, va_y), callbacks=[Timer()], verbose=0)
+    return times
+
+
+def flow_fit(spec, cfg, manifest, work: Path) -> list[float]:
+    from tasks.finetune import fine_tune
+
+    res = fine_tune(manifest, spec, cfg, work)
+    return [h["epoch_seconds"] for h in res.history]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    from tasks.backbones import BackboneSpec
+    from tasks.datasets import scan_dataset
+    from tasks.finetune import FineTuneConfig
+
+    per_class, epochs = (24, 3) if args.quick else (48, 4)
+    results = {"device": tf_runtime.device_name(), "cores": os.cpu_count(), "epochs": epochs, "runs": []}
+    with tempfile.TemporaryDirectory(prefix="cnncodes-ft-") as tmp:
+        data = make_dataset(Path(tmp) / "data", CLASSES[:4], per_class=per_class, size=(375, 500), seed=3)
+        manifest = scan_dataset(data, val_fraction=0.25)
+        n_train = sum(1 for s in manifest.samples if s.split == "train")
+        spec = BackboneSpec("mobilenet_v2", weights="none", input_size=224)
+        for augment in ([], ["flip", "rotation", "zoom"]):
+            cfg = FineTuneConfig(freeze="none", epochs=epochs, patience=epochs, batch_size=32, augment=augment,
+                                 dense=[256], dropout=0.5, learning_rate=1e-3, mixed_precision="off")
+            plain = plain_fit(spec, cfg, manifest, epochs)
+            flow = flow_fit(spec, cfg, manifest, Path(tmp) / f"run-{len(augment)}")
+            row = {"augment": augment or "none", "train_images": n_train,
+                   "plain_images_per_s": n_train / float(np.mean(plain[1:])),
+                   "cnncodes_images_per_s": n_train / float(np.mean(flow[1:])),
+                   "plain_epoch_s": plain, "cnncodes_epoch_s": flow}
+            row["overhead"] = 1.0 - row["cnncodes_images_per_s"] / row["plain_images_per_s"]
+            results["runs"].append(row)
+            print(json.dumps(row), flush=True)
+    text = json.dumps(results, indent=1)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text)
+
+
+if __name__ == "__main__":
+    main()
