@@ -17,7 +17,7 @@ from prefect.cache_policies import NO_CACHE
 from storage.errors import CnncodesError
 from storage.manifest import Manifest
 
-from . import datasets, extract, finetune, finetune_report, predict, probe, reports
+from . import datasets, extract, finetune, finetune_report, predict, probe, reports, transfer
 from .backbones import BackboneSpec
 from .linear import LinearConfig
 from .progress import Progress
@@ -108,9 +108,10 @@ def evaluate_probe(registry: str, name: str, version: int, store: str | None, re
 
 
 @task(name="sweep-layers", cache_policy=NO_CACHE)
-def sweep_layers(store: str, groups: list[list[str]] | None, config: dict[str, Any], report_dir: str) -> dict:
+def sweep_layers(store: str, groups: list[list[str]] | None, config: dict[str, Any], report_dir: str,
+                 max_images: int | None = None) -> dict:
     result = probe.sweep_layers(store, [tuple(g) for g in groups] if groups else None, LinearConfig(**config),
-                                report_dir)
+                                report_dir, max_images)
     create_table_artifact(result["rows"], key="layer-sweep", description=f"Probe CV score by layer; best: "
                           f"{result['best']['layer']}/{result['best']['pooling']}")
     create_markdown_artifact(Path(result["report"]).read_text(), key="layer-sweep-report")
@@ -166,3 +167,45 @@ def evaluate_finetuned(trained: dict, manifest_path: str, spec: dict[str, Any], 
                           description="Metrics per split")
     create_table_artifact(trained["history"], key="finetune-history", description="Loss and accuracy per epoch")
     return result
+
+
+@task(name="inspect-backbone", retries=1, retry_delay_seconds=5, retry_condition_fn=transient_only,
+      cache_policy=NO_CACHE)
+def inspect_backbone(spec: dict[str, Any]) -> list[dict]:
+    """The backbone's layers (name, kind, output shape, stride, parameters)."""
+    from .backbones import build_backbone
+
+    return [layer.as_dict() for layer in build_backbone(BackboneSpec(**spec)).layers()]
+
+
+@task(name="decide-case", cache_policy=NO_CACHE)
+def decide_case(manifest_path: str, sweep_rows: list[dict], late_layer: str, thresholds: dict[str, Any],
+                pretrained: bool, force_case: int | None, force_layer: str | None, top_freeze: str | None,
+                from_scratch: bool) -> dict:
+    th = transfer.Thresholds(**thresholds).validate()
+    size = transfer.measure_size(Manifest.load(manifest_path), th.large_per_class)
+    sim = transfer.measure_similarity(sweep_rows, late_layer, th.similarity_margin, pretrained)
+    d = transfer.decide(size, sim, force_case=force_case, force_layer=force_layer, top_freeze=top_freeze,
+                        from_scratch=from_scratch)
+    create_markdown_artifact(f"**Case {d.case}**: {transfer.CASES[d.case]}\n\n{d.reason}", key="transfer-decision")
+    return d.as_dict()
+
+
+@task(name="champion-gate", cache_policy=NO_CACHE)
+def champion_gate(finetuned: dict | None, probe_result: dict, margin: float, registry: str) -> dict:
+    """Pick the champion and point its registry alias 'champion' at it."""
+    from storage import ModelRegistry
+
+    g = transfer.gate(finetuned, probe_result, margin)
+    winner = finetuned if g["promoted"] == "finetuned" else probe_result
+    ModelRegistry(registry).set_alias(winner["model"], "champion", winner["version"])
+    g["champion"] = {"name": winner["model"], "version": winner["version"]}
+    create_table_artifact([g], key="champion-gate", description=g["reason"])
+    return g
+
+
+@task(name="decision-report", cache_policy=NO_CACHE)
+def decision_report(result: dict, path: str) -> str:
+    p = transfer.write_decision(path, result)
+    create_markdown_artifact(p.read_text(), key="transfer-report", description="Why this case, and the evidence")
+    return str(p.resolve())

@@ -191,7 +191,7 @@ def metrics_markdown(header: list[str], result: dict[str, Any], meta: dict[str, 
 
 
 def sweep_layers(store: str | Path, groups: Sequence[tuple[str, str]] | None, cfg: LinearConfig,
-                 report_dir: str | Path) -> dict[str, Any]:
+                 report_dir: str | Path, max_images: int | None = None) -> dict[str, Any]:
     """Cross-validate the same probe on each (layer, pooling) group of a store (train split, plus val
     when present): the evidence for which layer to use. Writes a table and a bar plot; names the best."""
     from sklearn.model_selection import StratifiedKFold, cross_val_score
@@ -214,11 +214,15 @@ def sweep_layers(store: str | Path, groups: Sequence[tuple[str, str]] | None, cf
     for layer, pooling in groups:
         codes = fs.read(layer, pooling, split=["train", "val"])
         check_labels(codes.labels, class_names, "train+val")
-        X = codes.features.reshape(len(codes), -1)
-        cv = StratifiedKFold(n_splits=_cv_folds(codes.labels, cfg.cv_folds), shuffle=True, random_state=cfg.seed)
-        s = cross_val_score(_final(cfg, C, X.shape[1], calibrate=False), X, codes.labels, cv=cv,
+        X, y = codes.features.reshape(len(codes), -1), codes.labels
+        if max_images and len(y) > max_images:  # a stratified sample is enough to rank layers
+            from sklearn.model_selection import train_test_split
+
+            X, _, y, _ = train_test_split(X, y, train_size=max_images, stratify=y, random_state=cfg.seed)
+        cv = StratifiedKFold(n_splits=_cv_folds(y, cfg.cv_folds), shuffle=True, random_state=cfg.seed)
+        s = cross_val_score(_final(cfg, C, X.shape[1], calibrate=False), X, y, cv=cv,
                             scoring="balanced_accuracy", n_jobs=cfg.n_jobs)
-        rows.append({"layer": layer, "pooling": pooling, "dims": int(X.shape[1]), "images": int(len(codes)),
+        rows.append({"layer": layer, "pooling": pooling, "dims": int(X.shape[1]), "images": int(len(y)),
                      "mean": float(s.mean()), "std": float(s.std())})
     best = max(range(len(rows)), key=lambda i: rows[i]["mean"])
     report_dir = Path(report_dir)

@@ -1,0 +1,235 @@
+"""Choosing among the four cases of transfer learning, from measurements.
+
+* **Size**: images per class in the train split (the median over classes, so one rare class does
+  not flip the decision). Default threshold: 500 per class. Below a few hundred images per class,
+  fine-tuning millions of weights overfits and a linear probe on frozen codes is as good or better
+  (the hymenoptera set, about 120 per class, shows fine-tuning's edge within the noise); ImageNet
+  itself has about 1,000 per class.
+* **Similarity** to the backbone's source domain: a linear probe is cross-validated on the codes of
+  the last layer and of earlier layers (one per resolution). If the last layer scores at least as
+  well as the best earlier one (within ``similarity_margin``), the high-level features transfer:
+  the data is *similar*. If an earlier layer wins, the generic low-level features are what carry
+  over: *different*. Random weights (``--weights none``) carry no source domain: *different*.
+
+Case 1 small+similar: probe on the last layer. Case 2 small+different: probe on the best earlier
+layer. Case 3 large+similar: fine-tune the top of the network from the pretrained weights. Case 4
+large+different: fine-tune all layers (or from scratch). On large data the probe is trained too and
+the fine-tuned model must beat it by ``gate_margin`` on the same held-out split to be promoted.
+"""
+from __future__ import annotations
+
+import statistics
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from storage.errors import ParameterError
+from storage.manifest import Manifest, atomic_write_text
+
+DEFAULT_LARGE_PER_CLASS = 500
+DEFAULT_SIMILARITY_MARGIN = 0.02
+DEFAULT_GATE_MARGIN = 0.01
+CASES = {1: "small + similar: linear classifier on codes of a late layer, backbone frozen",
+         2: "small + different: linear classifier on codes of an earlier layer",
+         3: "large + similar: fine-tune the top of the network from the pretrained weights",
+         4: "large + different: fine-tune the whole network (or train from scratch)"}
+
+
+@dataclass
+class Thresholds:
+    large_per_class: int = DEFAULT_LARGE_PER_CLASS
+    similarity_margin: float = DEFAULT_SIMILARITY_MARGIN
+    gate_margin: float = DEFAULT_GATE_MARGIN
+
+    def validate(self) -> "Thresholds":
+        if not isinstance(self.large_per_class, int) or self.large_per_class < 1:
+            raise ParameterError(f"large_per_class must be a positive integer; got {self.large_per_class!r}.")
+        for name in ("similarity_margin", "gate_margin"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not -1 <= v <= 1:
+                raise ParameterError(f"{name} must be a number in [-1, 1]; got {v!r}.")
+        return self
+
+
+@dataclass
+class SizeMeasure:
+    train_images: int
+    per_class: dict[str, int]
+    median_per_class: float
+    smallest_class: int
+    large: bool
+    threshold: int
+
+
+def measure_size(manifest: Manifest, threshold: int) -> SizeMeasure:
+    per = {c: 0 for c in manifest.class_names}
+    for s in manifest.samples:
+        if s.split == "train":
+            per[manifest.class_names[s.label]] += 1
+    counts = list(per.values()) or [0]
+    med = float(statistics.median(counts))
+    return SizeMeasure(sum(counts), per, med, min(counts), med >= threshold, threshold)
+
+
+@dataclass
+class SimilarityMeasure:
+    late_layer: str
+    late_score: float
+    best_early_layer: str | None
+    best_early_score: float | None
+    difference: float                 # late - best early
+    margin: float
+    similar: bool
+    scores: list[dict[str, Any]] = field(default_factory=list)
+    note: str = ""
+
+
+def measure_similarity(sweep_rows: Sequence[dict[str, Any]], late_layer: str, margin: float,
+                       pretrained: bool) -> SimilarityMeasure:
+    """From a layer sweep's rows ({layer, pooling, mean, std}): does the last layer win?"""
+    rows = list(sweep_rows)
+    late = next((r for r in rows if r["layer"] == late_layer), None)
+    if late is None:
+        raise ParameterError(f"the sweep has no score for the late layer {late_layer!r}.")
+    early = [r for r in rows if r["layer"] != late_layer]
+    best = max(early, key=lambda r: r["mean"]) if early else None
+    diff = late["mean"] - (best["mean"] if best else late["mean"])
+    similar = diff >= -margin
+    note = ""
+    if not pretrained:
+        similar, note = False, "random weights carry no source domain: treated as different"
+    return SimilarityMeasure(late_layer, late["mean"], best["layer"] if best else None,
+                             best["mean"] if best else None, diff, margin, similar, rows, note)
+
+
+@dataclass
+class Decision:
+    case: int
+    reason: str
+    forced: bool
+    probe_layer: str
+    finetune: bool
+    freeze: str | None
+    from_scratch: bool
+    size: SizeMeasure
+    similarity: SimilarityMeasure
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["description"] = CASES[self.case]
+        return d
+
+
+def decide(size: SizeMeasure, similarity: SimilarityMeasure, *, force_case: int | None = None,
+           force_layer: str | None = None, top_freeze: str | None = None, from_scratch: bool = False) -> Decision:
+    """The case, the probe's layer, and whether and how to fine-tune."""
+    if force_case is not None and force_case not in CASES:
+        raise ParameterError(f"case must be 1, 2, 3 or 4; got {force_case!r}.")
+    measured = (3 if similarity.similar else 4) if size.large else (1 if similarity.similar else 2)
+    case = force_case or measured
+    size_word = "large" if size.large else "small"
+    sim_word = "similar" if similarity.similar else "different"
+    reason = (f"{size.median_per_class:g} training images per class (median) is {size_word} (threshold "
+              f"{size.threshold}); the last layer {similarity.late_layer} scores {similarity.late_score:.3f} against "
+              f"{similarity.best_early_score if similarity.best_early_score is not None else float('nan'):.3f} for the "
+              f"best earlier layer ({similarity.best_early_layer}): difference {similarity.difference:+.3f}, margin "
+              f"{similarity.margin:g}, so {sim_word}" + (f" ({similarity.note})" if similarity.note else "") +
+              f". Measured case: {measured}.")
+    if force_case:
+        reason += f" Case {force_case} was forced."
+    if force_layer:
+        layer = force_layer
+    elif case in (2, 4) and similarity.best_early_layer and similarity.best_early_score is not None \
+            and similarity.best_early_score > similarity.late_score:
+        layer = similarity.best_early_layer
+    else:
+        layer = similarity.late_layer
+    finetune = case in (3, 4)
+    freeze = (top_freeze or "none") if case == 3 else ("none" if case == 4 else None)
+    return Decision(case, reason, bool(force_case), layer, finetune, freeze, case == 4 and from_scratch,
+                    size, similarity)
+
+
+def candidate_layers(layers: Sequence[dict[str, Any]], strides: Sequence[int] = (8, 16, 32)) -> list[str]:
+    """The last layer of the network plus, for each stride in ``strides``, the last layer at that
+    resolution (the end of each stage): the cut points compared by the similarity measure."""
+    last = layers[-1]["name"]
+    out: list[str] = []
+    for stride in strides:
+        at = [layer for layer in layers if layer.get("stride") == stride and len(layer["output_shape"]) == 4]
+        if at and at[-1]["name"] != last:
+            out.append(at[-1]["name"])
+    return out + [last]
+
+
+def top_freeze_for(layers: Sequence[dict[str, Any]], stride: int = 16) -> str | None:
+    """Case 3's freezing: everything up to the end of the stride-16 stage; the last stage trains."""
+    at = [layer for layer in layers if layer.get("stride") == stride and len(layer["output_shape"]) == 4]
+    return f"until:{at[-1]['name']}" if at else None
+
+
+def gate(finetuned: dict[str, Any] | None, probe: dict[str, Any], margin: float) -> dict[str, Any]:
+    """Promote the fine-tuned model only if it beats the probe by ``margin`` on the same held-out split."""
+    split = "test" if "test" in probe["metrics"] and (finetuned is None or "test" in finetuned["metrics"]) else "val"
+    p = probe["metrics"][split]["accuracy"]
+    if finetuned is None:
+        return {"split": split, "probe_accuracy": p, "finetuned_accuracy": None, "margin": margin,
+                "promoted": "probe", "reason": "no fine-tuning for this case"}
+    f = finetuned["metrics"][split]["accuracy"]
+    promoted = "finetuned" if f >= p + margin else "probe"
+    reason = (f"fine-tuned {f:.3f} vs probe {p:.3f} on {split}: "
+              + ("beats it by at least" if promoted == "finetuned" else "does not beat it by") + f" {margin:g}")
+    return {"split": split, "probe_accuracy": p, "finetuned_accuracy": f, "margin": margin, "promoted": promoted,
+            "reason": reason}
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f}%"
+
+
+def decision_markdown(d: dict[str, Any]) -> str:
+    """The decision report: measurements, the case and why, layer scores, metrics, gate, overrides."""
+    dec = d["decision"]
+    size, sim = dec["size"], dec["similarity"]
+    lines = [f"# Transfer decision: case {dec['case']}", "", f"**{dec['description']}**", "", dec["reason"], "",
+             "## Size", "", f"- train images: {size['train_images']}, median per class "
+             f"{size['median_per_class']:g}, smallest class {size['smallest_class']}",
+             f"- large from {size['threshold']} images per class (`--large-per-class`)", "",
+             "| class | train images |", "|---|---|"]
+    lines += [f"| {c} | {n} |" for c, n in size["per_class"].items()]
+    lines += ["", "## Similarity to the backbone's source domain", "",
+              f"Linear-probe CV balanced accuracy by layer (train + val); the last layer "
+              f"`{sim['late_layer']}` against the best earlier layer `{sim['best_early_layer']}`: difference "
+              f"**{sim['difference']:+.3f}**, similar when ≥ −{sim['margin']:g} (`--similarity-margin`)."
+              + (f" Note: {sim['note']}." if sim["note"] else ""), "",
+              "| layer | pooling | dims | CV balanced accuracy |", "|---|---|---|---|"]
+    lines += [f"| `{r['layer']}` | {r['pooling']} | {r['dims']} | {_pct(r['mean'])} ± {_pct(r['std'])} |"
+              for r in sim["scores"]]
+    if d.get("sweep_plot"):
+        lines += ["", f"![layer scores]({Path(d['sweep_plot']).name})"]
+    lines += ["", "## Models", "", "| model | version | " + " | ".join(f"{s} accuracy" for s in ("val", "test")) + " |",
+              "|---|---|---|---|"]
+    for key in ("probe", "finetuned"):
+        m = d.get(key)
+        if m:
+            lines.append(f"| {key}: `{m['name']}` | {m['version']} | "
+                         + " | ".join(_pct(m["metrics"].get(s, {}).get("accuracy")) for s in ("val", "test")) + " |")
+    g = d["gate"]
+    lines += ["", "## Champion", "", f"**{g['promoted']}** is the champion: {g['reason']}.",
+              f"Margin: `--gate-margin {g['margin']:g}`. The other model stays in the registry for inspection.",
+              "", f"Reports: probe `{(d.get('probe') or {}).get('report', '-')}`"
+              + (f", fine-tuned `{d['finetuned']['report']}`" if d.get("finetuned") else ""), "",
+              "## How to override", "",
+              "- force a case: `--case 1|2|3|4`; force the probe's layer: `--layer NAME`",
+              "- move the thresholds: `--large-per-class N`, `--similarity-margin X`, `--gate-margin X`",
+              "- case 4 from scratch: `--from-scratch`", ""]
+    return "\n".join(lines)
+
+
+def write_decision(path: str | Path, d: dict[str, Any]) -> Path:
+    import json
+
+    path = Path(path)
+    atomic_write_text(path, decision_markdown(d))
+    atomic_write_text(path.with_suffix(".json"), json.dumps(d, indent=1, default=str))
+    return path
