@@ -173,6 +173,33 @@ def build_parser() -> argparse.ArgumentParser:
     _add_registry_options(p)
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
+    p = sub.add_parser("transfer", help="flow transfer: measure size and similarity, pick the case, train, gate")
+    p.add_argument("data", help="folder of class folders, folder with train/ val/ [test/], or CSV path,label[,split]")
+    p.add_argument("--backbone", default="mobilenet_v2", help="registered name or .keras/.h5 file (default: %(default)s)")
+    _add_backbone_options(p)
+    p.add_argument("--layers", action="append", default=[], metavar="NAME",
+                   help="candidate layers to compare, last one = the late layer (default: the end of each "
+                        "stage at strides 8, 16, 32 plus the last layer)")
+    p.add_argument("--case", type=int, choices=[1, 2, 3, 4], default=None, help="force a case instead of measuring")
+    p.add_argument("--layer", default=None, help="force the linear probe's layer")
+    p.add_argument("--large-per-class", type=int, default=500,
+                   help="median training images per class from which data is 'large' (default: %(default)s)")
+    p.add_argument("--similarity-margin", type=float, default=0.02,
+                   help="similar when the last layer's CV score >= best earlier layer's minus this (default: %(default)s)")
+    p.add_argument("--gate-margin", type=float, default=0.01,
+                   help="a fine-tuned model must beat the probe by this accuracy to be champion (default: %(default)s)")
+    p.add_argument("--from-scratch", action="store_true", help="case 4 trains from random weights")
+    p.add_argument("--classifier", default="softmax", choices=["svm", "softmax", "sgd"], help="(default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=10, help="fine-tuning epochs, cases 3 and 4 (default: %(default)s)")
+    p.add_argument("--head-epochs", type=int, default=3, help="head-only epochs first (default: %(default)s)")
+    p.add_argument("--learning-rate", type=float, default=1e-4, help="fine-tuning rate (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=32, help="(default: %(default)s)")
+    p.add_argument("--val-fraction", type=float, default=0.2, help="(default: %(default)s)")
+    p.add_argument("--test-fraction", type=float, default=0.0, help="(default: %(default)s)")
+    p.add_argument("--model-name", default=None, help="base name of the models (default: <dataset>-<backbone>)")
+    _add_registry_options(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
     p = sub.add_parser("demo", help="generate a small dataset and run the pipeline on it end to end")
     p.add_argument("--out", default="cnncodes-out", help="output folder (default: %(default)s)")
     p.add_argument("--images-per-class", type=int, default=40, help="generated images per class (default: %(default)s)")
@@ -316,15 +343,35 @@ def cmd_fine_tune(args) -> int:
     return 0
 
 
+def _transfer_text(r: dict[str, Any]) -> str:
+    d = r["decision"]
+    lines = [f"case {r['case']}: {r['description']}", d["reason"],
+             f"champion: {r['champion']['name']} v{r['champion']['version']} ({r['gate']['reason']})",
+             f"store:    {r['store']}", f"registry: {r['registry']}", f"report:   {r['report']}"]
+    return "\n".join(lines + _metrics_text(r["champion"]["metrics"]))
+
+
+def cmd_transfer(args) -> int:
+    from flows.transfer import transfer
+    from tasks.backbones import parse_backbone_args
+
+    r = transfer(data=args.data, backbone=args.backbone, weights=args.weights,
+                 backbone_args=parse_backbone_args(args.backbone_arg), input_size=args.input_size,
+                 preprocessing=args.preprocessing, layers=args.layers or None, case=args.case, layer=args.layer,
+                 large_per_class=args.large_per_class, similarity_margin=args.similarity_margin,
+                 gate_margin=args.gate_margin, from_scratch=args.from_scratch, classifier=args.classifier,
+                 epochs=args.epochs, head_epochs=args.head_epochs, learning_rate=args.learning_rate,
+                 batch_size=args.batch_size, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
+                 seed=args.seed, model_name=args.model_name, registry=_registry(args), out=args.out)
+    _emit(r, args.json, _transfer_text(r))
+    return 0
+
+
 def cmd_demo(args) -> int:
     from flows.demo import demo
 
     r = demo(out=args.out, images_per_class=args.images_per_class)
-    t = r["train"]
-    text = "\n".join([f"dataset:     {r['dataset']}", _extract_text(r["extract"]),
-                      f"sweep:       best layer {r['sweep']['best']['layer']}; report {r['sweep']['report']}",
-                      f"model:       {t['model']} v{t['version']} in {t['registry']}",
-                      f"report:      {t['report']}", *_metrics_text(t["metrics"]),
+    text = "\n".join([f"dataset:     {r['dataset']}", _transfer_text(r["transfer"]),
                       f"predictions: {r['predict']['predictions']}"])
     result = r
     _emit(result, args.json, text)
@@ -332,7 +379,8 @@ def cmd_demo(args) -> int:
 
 
 COMMANDS = {"backbones": cmd_backbones, "layers": cmd_layers, "extract": cmd_extract, "train-linear": cmd_train_linear,
-            "sweep": cmd_sweep, "predict": cmd_predict, "fine-tune": cmd_fine_tune, "demo": cmd_demo}
+            "sweep": cmd_sweep, "predict": cmd_predict, "fine-tune": cmd_fine_tune, "transfer": cmd_transfer,
+            "demo": cmd_demo}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -71,3 +71,21 @@ def test_hymenoptera_fine_tuning_with_the_classic_recipe(tmp_path):
     assert metrics["val"]["accuracy"] >= 0.82, metrics["val"]
     assert res.phases[0]["counts"]["body_trainable_layers"] == 0
     assert res.phases[1]["counts"]["body_trainable_layers"] > 0
+
+
+def test_transfer_on_hymenoptera_decides_case_1_and_reaches_the_documented_accuracy(tmp_path):
+    """Documented beside the data: small and ImageNet-like, so case 1; a last-layer probe >= 0.80."""
+    data = require_shared("data", "hymenoptera")
+    require_shared("keras", "models", "mobilenet_2_5_224_tf_no_top.h5")
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.transfer import transfer
+
+    with prefect_test_harness(server_startup_timeout=90):
+        r = transfer(str(data), backbone="mobilenet", weights="imagenet", backbone_args={"alpha": 0.25},
+                     out=str(tmp_path / "out"))
+    assert r["case"] == 1, r["decision"]["reason"]
+    assert r["decision"]["probe_layer"] == "conv_pw_13_relu"
+    scores = {row["layer"]: row["mean"] for row in r["decision"]["similarity"]["scores"]}
+    assert scores["conv_pw_13_relu"] >= max(scores.values()) - 0.03  # the last layer at or near the top
+    assert r["champion"]["metrics"]["val"]["accuracy"] >= 0.80 and r["finetuned"] is None
