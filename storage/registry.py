@@ -55,6 +55,7 @@ from .manifest import atomic_write_text
 REGISTRY_FORMAT = "cnncodes-registry/1"
 METADATA_FILE = "metadata.json"
 ALIASES_FILE = "aliases.json"
+HISTORY_FILE = "history.jsonl"
 JOBLIB_FILE = "model.joblib"
 NAME_RULE = ("1 to 100 characters: letters, digits, '.', '_' or '-', starting with a letter or a digit")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -549,6 +550,28 @@ class ModelRegistry:
             aliases = self.aliases(name)
             aliases[alias] = n
             atomic_write_text(d / ALIASES_FILE, json.dumps(dict(sorted(aliases.items())), indent=1))
+
+    def record_event(self, name: str, event: dict[str, Any]) -> None:
+        """Append one JSON line to ``<name>/history.jsonl`` (champion decisions of retraining, ...)."""
+        line = json.dumps({"time": _now_iso(), **event}, default=_json_default, sort_keys=True)
+        with self._locked(name) as d:
+            with open(d / HISTORY_FILE, "a", encoding="utf-8") as fh:
+                fh.write(line + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+
+    def history(self, name: str) -> list[dict[str, Any]]:
+        """Every event recorded for ``name``, oldest first (a torn last line is ignored)."""
+        path = self._dir(name) / HISTORY_FILE
+        if not path.exists():
+            return []
+        out = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+        return out
 
     def remove_alias(self, name: str, alias: str) -> None:
         """Remove ``alias`` of ``name``; RegistryError listing the aliases if it is not set."""

@@ -17,7 +17,7 @@ from prefect.cache_policies import NO_CACHE
 from storage.errors import CnncodesError
 from storage.manifest import Manifest
 
-from . import datasets, extract, finetune, finetune_report, predict, probe, reports, transfer
+from . import datasets, extract, finetune, finetune_report, predict, probe, reports, retrain, transfer
 from .backbones import BackboneSpec
 from .linear import LinearConfig
 from .progress import Progress
@@ -209,3 +209,40 @@ def decision_report(result: dict, path: str) -> str:
     p = transfer.write_decision(path, result)
     create_markdown_artifact(p.read_text(), key="transfer-report", description="Why this case, and the evidence")
     return str(p.resolve())
+
+
+@task(name="retrain-plan", cache_policy=NO_CACHE)
+def retrain_plan(registry: str, name: str, manifest_path: str) -> dict:
+    plan = retrain.retrain_plan(registry, name, Manifest.load(manifest_path))
+    if plan["kind"] == "linear-probe":
+        plan["settings"] = retrain.probe_settings(registry, name)
+    return plan
+
+
+@task(name="evaluate-champion", cache_policy=NO_CACHE)
+def evaluate_champion(registry: str, name: str, version: int, kind: str, store: str | None, manifest_path: str,
+                      report_dir: str) -> dict:
+    """The champion's metrics on the current data's splits (the same holdout the challenger is judged on)."""
+    if kind == "linear-probe":
+        return probe.evaluate_probe(registry, name, version, store, report_dir=report_dir)["metrics"]
+    from storage import ModelRegistry
+
+    rec = ModelRegistry(registry).record(name, version)
+    path, rec = ModelRegistry(registry).load(name, version)
+    metrics, _ = finetune.evaluate_finetuned(path, Manifest.load(manifest_path), int(rec.metadata["input_size"]),
+                                             rec.metadata.get("resize") or "stretch",
+                                             int(rec.metadata["config"]["batch_size"]))
+    return metrics
+
+
+@task(name="promote-or-keep", cache_policy=NO_CACHE)
+def promote_or_keep(registry: str, name: str, champion_version: int, challenger_version: int,
+                    champion_metrics: dict, challenger_metrics: dict, margin: float) -> dict:
+    decision = retrain.decide_promotion(champion_metrics, challenger_metrics, margin)
+    event = retrain.apply_promotion(registry, name, champion_version, challenger_version, decision)
+    create_table_artifact([{"role": "champion", "version": champion_version,
+                            "accuracy": decision["champion_accuracy"]},
+                           {"role": "challenger", "version": challenger_version,
+                            "accuracy": decision["challenger_accuracy"]}],
+                          key="retrain-challenge", description=decision["reason"])
+    return event
