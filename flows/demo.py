@@ -8,8 +8,8 @@ from prefect import flow, task
 from tasks.backbones import BackboneSpec, imagenet_weights_available
 from tasks.synthetic import CLASSES, make_dataset
 
-from .predict import predict
-from .transfer import transfer
+from flows.predict import predict
+from flows.transfer import transfer
 
 DEMO_BACKBONE = dict(backbone="mobilenet", backbone_args={"alpha": 0.25}, input_size=224)
 

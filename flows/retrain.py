@@ -9,9 +9,9 @@ from prefect.artifacts import create_markdown_artifact
 
 from tasks.prefect_tasks import evaluate_champion, promote_or_keep, retrain_plan, scan_dataset
 
-from .extract_features import extract_features
-from .fine_tune import fine_tune
-from .train_linear import train_linear
+from flows.extract_features import extract_features
+from flows.fine_tune import fine_tune
+from flows.train_linear import train_linear
 
 
 @flow(name="retrain", log_prints=True)

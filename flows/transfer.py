@@ -13,10 +13,10 @@ from tasks.prefect_tasks import champion_gate, decide_case, decision_report, ins
 from tasks.transfer import (DEFAULT_GATE_MARGIN, DEFAULT_LARGE_PER_CLASS, DEFAULT_SIMILARITY_MARGIN, Thresholds,
                             candidate_layers, top_freeze_for)
 
-from .extract_features import extract_features
-from .fine_tune import fine_tune
-from .sweep import sweep
-from .train_linear import train_linear
+from flows.extract_features import extract_features
+from flows.fine_tune import fine_tune
+from flows.sweep import sweep
+from flows.train_linear import train_linear
 
 
 @flow(name="transfer", log_prints=True)
