@@ -150,13 +150,18 @@ def decide(size: SizeMeasure, similarity: SimilarityMeasure, *, force_case: int 
                     size, similarity)
 
 
+SKIPPED_KINDS = ("ZeroPadding2D", "Dropout", "SpatialDropout2D", "InputLayer")
+
+
 def candidate_layers(layers: Sequence[dict[str, Any]], strides: Sequence[int] = (8, 16, 32)) -> list[str]:
     """The last layer of the network plus, for each stride in ``strides``, the last layer at that
     resolution (the end of each stage): the cut points compared by the similarity measure."""
     last = layers[-1]["name"]
     out: list[str] = []
     for stride in strides:
-        at = [layer for layer in layers if layer.get("stride") == stride and len(layer["output_shape"]) == 4]
+        # padding and dropout layers only repeat the layer before them (padding adds zeros): skip them
+        at = [layer for layer in layers if layer.get("stride") == stride and len(layer["output_shape"]) == 4
+              and layer.get("kind") not in SKIPPED_KINDS]
         if at and at[-1]["name"] != last:
             out.append(at[-1]["name"])
     return out + [last]

@@ -70,9 +70,10 @@ def test_gate_promotes_and_refuses():
 
 
 def test_candidate_layers_one_per_resolution():
-    layers = [{"name": n, "stride": s, "output_shape": [None, 1, 1, 1]}
-              for n, s in [("a", 2), ("b", 8), ("c", 8), ("d", 16), ("e", 32), ("f", 32)]]
-    assert tr.candidate_layers(layers) == ["c", "d", "f"]
+    layers = [{"name": n, "stride": s, "output_shape": [None, 1, 1, 1], "kind": k}
+              for n, s, k in [("a", 2, "ReLU"), ("b", 8, "ReLU"), ("c", 8, "ReLU"), ("pad", 8, "ZeroPadding2D"),
+                              ("d", 16, "Add"), ("e", 32, "ReLU"), ("f", 32, "ReLU")]]
+    assert tr.candidate_layers(layers) == ["c", "d", "f"]  # the padding layer at stride 8 is not a cut point
     assert tr.top_freeze_for(layers) == "until:d"
 
 
