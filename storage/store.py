@@ -91,6 +91,21 @@ def _attrs(obj: h5py.HLObject) -> dict[str, Any]:
     return {k: _decode(v) for k, v in obj.attrs.items()}
 
 
+def _read_rows(ds: h5py.Dataset, rows: np.ndarray, block: int = 4096) -> np.ndarray:
+    """Rows ``rows`` (sorted) of ``ds``, read as contiguous runs: far faster than point selection."""
+    out = np.empty((len(rows), *ds.shape[1:]), ds.dtype)
+    if not len(rows):
+        return out
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    pos = 0
+    for run in np.split(rows, breaks):
+        for start in range(0, len(run), block):
+            part = run[start:start + block]
+            out[pos:pos + len(part)] = ds[int(part[0]):int(part[-1]) + 1]
+            pos += len(part)
+    return out
+
+
 def _chunk_rows(row_bytes: int) -> int:
     """Rows per chunk: about 1 MiB per chunk, between 1 and 1024 rows."""
     return int(max(1, min(1024, (1 << 20) // max(1, row_bytes))))
@@ -201,34 +216,64 @@ class FeatureStore:
             raise StoreError(f"layer {layer!r} of {self.path} has no {pooling!r} pooling (it has {poolings}).")
         return f[layer][pooling]
 
-    def read(self, layer: str, pooling: str | None = None, split: str | Sequence[str] | None = None) -> Codes:
-        """Committed rows of one group, optionally of one or several splits."""
+    def read(self, layer: str, pooling: str | None = None, split: str | Sequence[str] | None = None,
+             classes: str | int | Sequence[str | int] | None = None) -> Codes:
+        """Committed rows of one group, optionally only some splits and/or classes (names or indices).
+
+        Rows a writer has appended but not committed yet are never returned."""
         with _open_read(self.path) as f:
             g = self._resolve(f, layer, pooling)
             g["committed"].refresh()
             n = int(g["committed"][0])
             for name in ROW_DATASETS:
                 g[name].refresh()
+            names = list(_decode(f.attrs.get("class_names")) or [])
             splits = g["split"][:n].astype(str)
-            if split is None:
-                idx = slice(0, n)
-                sel = np.ones(n, bool)
+            labels = g["label"][:n].astype(np.int64)
+            sel = np.ones(n, bool)
+            if split is not None:
+                sel &= np.isin(splits, [split] if isinstance(split, str) else list(split))
+            if classes is not None:
+                sel &= np.isin(labels, self._class_indices(classes, names))
+            if sel.all():
+                feats = np.empty((n, *g["features"].shape[1:]), g["features"].dtype)
+                if n:
+                    g["features"].read_direct(feats, np.s_[0:n])
             else:
-                wanted = [split] if isinstance(split, str) else list(split)
-                sel = np.isin(splits, wanted)
-                idx = np.flatnonzero(sel)
-            feats = g["features"][:n][sel] if isinstance(idx, np.ndarray) else g["features"][idx]
+                feats = _read_rows(g["features"], np.flatnonzero(sel))
             return Codes(
-                features=np.asarray(feats),
-                labels=g["label"][:n][sel].astype(np.int64),
+                features=feats, labels=labels[sel],
                 paths=np.asarray([p.decode() if isinstance(p, bytes) else p for p in g["path"][:n][sel]], dtype=object),
-                splits=splits[sel],
-                sha256=g["sha256"][:n][sel].astype(str),
-                class_names=list(_decode(f.attrs.get("class_names")) or []),
-                layer=str(_decode(g.attrs["layer"])),
-                pooling=str(_decode(g.attrs["pooling"])),
+                splits=splits[sel], sha256=g["sha256"][:n][sel].astype(str), class_names=names,
+                layer=str(_decode(g.attrs["layer"])), pooling=str(_decode(g.attrs["pooling"])),
             )
 
+    def _class_indices(self, classes, names: list[str]) -> list[int]:
+        wanted = [classes] if isinstance(classes, (str, int)) else list(classes)
+        out = []
+        for c in wanted:
+            if isinstance(c, str):
+                if c not in names:
+                    raise StoreError(f"class {c!r} is not in store {self.path} (classes: {', '.join(names)}).")
+                out.append(names.index(c))
+            else:
+                out.append(int(c))
+        return out
+
+    def to_dataframe(self, layer: str, pooling: str | None = None, split: str | Sequence[str] | None = None,
+                     classes: str | int | Sequence[str | int] | None = None):
+        """A pandas DataFrame: ``path, label, class, split, sha256`` then one column per feature
+        (``f0000``, ``f0001``, ...; spatial maps are flattened)."""
+        import pandas as pd
+
+        c = self.read(layer, pooling, split, classes)
+        X = c.features.reshape(len(c), -1)
+        width = max(4, len(str(max(X.shape[1] - 1, 0))))
+        meta = pd.DataFrame({"path": c.paths, "label": c.labels,
+                             "class": [c.class_names[i] if 0 <= i < len(c.class_names) else None for i in c.labels],
+                             "split": c.splits, "sha256": c.sha256})
+        feats = pd.DataFrame(X, columns=[f"f{i:0{width}d}" for i in range(X.shape[1])])
+        return pd.concat([meta, feats], axis=1)
 
     def iter_chunks(self, layer: str, pooling: str | None = None, split: str | Sequence[str] | None = None,
                     rows: int = 8192) -> Iterator[Codes]:
