@@ -8,15 +8,20 @@ Layout of one store (one file per dataset, backbone and weights)::
     /<layer>/<pooling>/     one group per cut point and pooling; attrs: layer, pooling,
                             feature_shape, dtype, manifest_fingerprint, created, updated
         features  (N, *feature_shape)  float32 or float16, chunked by rows
-        path      (N,)  str      image path relative to the dataset root
+        path      (N,)  S512     image path relative to the dataset root (UTF-8)
         sha256    (N,)  S64      sha256 of the image file's bytes
         label     (N,)  int32    index into the root's class_names
         split     (N,)  S8       train / val / test
         committed (1,)  int64    rows [0, committed) are complete; later rows are not to be trusted
+        state     (1,)  S64      fingerprint of the manifest the group was completed for ("" while not)
+    /_updated  (1,)  S32   time of the last finished run;  /_skipped (n,) S1024  files skipped, JSON [path, reason]
 
 Writing follows the single-writer / multiple-reader (SWMR) protocol of HDF5:
 every group and dataset a run needs is created first, then the file switches
-to SWMR mode and rows are only appended. After each batch the data is flushed
+to SWMR mode and rows are only appended; what a run records at its end goes
+into datasets made for it (attributes cannot change in SWMR mode, and reopening
+the file outside SWMR would need readers to let go of it). No variable-length
+strings: HDF5's global heap is not safe for concurrent readers. After each batch the data is flushed
 and *then* ``committed`` is advanced, so a reader, or a run resumed after a
 SIGKILL, never trusts a half-written batch. A lock file enforces one writer.
 
@@ -47,7 +52,8 @@ POOLINGS = ("avg", "max", "flatten", "none")
 DTYPES = ("float32", "float16")
 COMPRESSIONS = (None, "gzip", "lzf")
 ROW_DATASETS = ("features", "path", "sha256", "label", "split")
-_STR = h5py.string_dtype("utf-8")
+PATH_BYTES = 512
+SKIP_BYTES = 1024
 
 # Root attributes that identify what produced the features: a run whose values
 # differ must not write into this store.
@@ -89,6 +95,10 @@ def _normalise(d: dict[str, Any]) -> dict[str, Any]:
 
 def _attrs(obj: h5py.HLObject) -> dict[str, Any]:
     return {k: _decode(v) for k, v in obj.attrs.items()}
+
+
+def _paths(raw: np.ndarray) -> np.ndarray:
+    return np.asarray([p.decode("utf-8") if isinstance(p, bytes) else p for p in raw], dtype=object)
 
 
 def _read_rows(ds: h5py.Dataset, rows: np.ndarray, block: int = 4096) -> np.ndarray:
@@ -183,7 +193,7 @@ class FeatureStore:
     @property
     def provenance(self) -> dict[str, Any]:
         with _open_read(self.path) as f:
-            return _attrs(f)
+            return {**_attrs(f), **_run_state(f)}
 
     @property
     def class_names(self) -> list[str]:
@@ -193,18 +203,19 @@ class FeatureStore:
         """Every layer group with its committed row count and attributes."""
         out = []
         with _open_read(self.path) as f:
-            for layer in sorted(f.keys()):
+            for layer in _layers(f):
                 for pooling in sorted(f[layer].keys()):
                     g = f[layer][pooling]
                     info = _attrs(g)
                     info["rows"] = int(g["committed"][0])
+                    info["manifest_fingerprint"] = _fingerprint_of(g)
                     info["group"] = group_name(layer, pooling)
                     out.append(info)
         return out
 
     def _resolve(self, f: h5py.File, layer: str, pooling: str | None) -> h5py.Group:
-        if layer not in f:
-            have = ", ".join(sorted(f.keys())) or "none"
+        if layer not in f or layer.startswith("_"):
+            have = ", ".join(_layers(f)) or "none"
             raise StoreError(f"layer {layer!r} is not in store {self.path} (layers there: {have}). "
                              f"Extract it with `cnncodes extract ... --layer {layer}`.")
         poolings = sorted(f[layer].keys())
@@ -243,7 +254,7 @@ class FeatureStore:
                 feats = _read_rows(g["features"], np.flatnonzero(sel))
             return Codes(
                 features=feats, labels=labels[sel],
-                paths=np.asarray([p.decode() if isinstance(p, bytes) else p for p in g["path"][:n][sel]], dtype=object),
+                paths=_paths(g["path"][:n][sel]),
                 splits=splits[sel], sha256=g["sha256"][:n][sel].astype(str), class_names=names,
                 layer=str(_decode(g.attrs["layer"])), pooling=str(_decode(g.attrs["pooling"])),
             )
@@ -292,8 +303,7 @@ class FeatureStore:
                     continue
                 yield Codes(features=np.asarray(g["features"][start:stop])[sel],
                             labels=g["label"][start:stop][sel].astype(np.int64),
-                            paths=np.asarray([p.decode() if isinstance(p, bytes) else p
-                                              for p in g["path"][start:stop][sel]], dtype=object),
+                            paths=_paths(g["path"][start:stop][sel]),
                             splits=splits[sel], sha256=g["sha256"][start:stop][sel].astype(str),
                             class_names=names, layer=str(_decode(g.attrs["layer"])),
                             pooling=str(_decode(g.attrs["pooling"])))
@@ -316,6 +326,7 @@ class FeatureStore:
             g = self._resolve(f, layer, pooling)
             out = _attrs(g)
             out["rows"] = int(g["committed"][0])
+            out["manifest_fingerprint"] = _fingerprint_of(g)
             return out
 
 
@@ -357,6 +368,15 @@ class _Lock:
             self.fh = None
 
 
+def _encode_paths(paths: Sequence[str]) -> np.ndarray:
+    raw = [p.encode("utf-8") for p in paths]
+    long = [p for p in raw if len(p) > PATH_BYTES]
+    if long:
+        raise StoreError(f"image path {long[0].decode()!r} is {len(long[0])} bytes long; a store keeps paths of "
+                         f"up to {PATH_BYTES} bytes (relative to the dataset root). Shorten the folder names.")
+    return np.asarray(raw, dtype=f"S{PATH_BYTES}")
+
+
 def _create_group(f: h5py.File, spec: GroupSpec) -> h5py.Group:
     g = f.require_group(spec.name)
     row_bytes = int(np.prod(spec.feature_shape)) * np.dtype(spec.dtype).itemsize
@@ -364,23 +384,54 @@ def _create_group(f: h5py.File, spec: GroupSpec) -> h5py.Group:
     comp = {"compression": spec.compression} if spec.compression else {}
     g.create_dataset("features", shape=(0, *spec.feature_shape), maxshape=(None, *spec.feature_shape),
                      chunks=(rows, *spec.feature_shape), dtype=spec.dtype, **comp)
-    g.create_dataset("path", shape=(0,), maxshape=(None,), chunks=(4096,), dtype=_STR)
+    g.create_dataset("path", shape=(0,), maxshape=(None,), chunks=(4096,), dtype=f"S{PATH_BYTES}",
+                     compression="gzip", compression_opts=1)
     g.create_dataset("sha256", shape=(0,), maxshape=(None,), chunks=(4096,), dtype="S64")
     g.create_dataset("label", shape=(0,), maxshape=(None,), chunks=(4096,), dtype="i4")
     g.create_dataset("split", shape=(0,), maxshape=(None,), chunks=(4096,), dtype="S8")
     g.create_dataset("committed", data=np.zeros(1, dtype="i8"))
+    g.create_dataset("state", data=np.array([b""], dtype="S64"))
     g.attrs.update({"layer": spec.layer, "pooling": spec.pooling,
                     "feature_shape": _encode(list(spec.feature_shape)), "dtype": spec.dtype,
-                    "compression": _encode(spec.compression), "manifest_fingerprint": "",
-                    "created": now_iso(), "updated": now_iso()})
+                    "compression": _encode(spec.compression), "created": now_iso()})
     return g
+
+
+def _ensure_run_datasets(f: h5py.File) -> None:
+    """Root datasets a run writes at its end (created before SWMR mode, like everything else)."""
+    if "_updated" not in f:
+        f.create_dataset("_updated", data=np.array([now_iso().encode()], dtype="S32"))
+    if "_skipped" not in f:
+        f.create_dataset("_skipped", shape=(0,), maxshape=(None,), chunks=(256,), dtype=f"S{SKIP_BYTES}",
+                         compression="gzip", compression_opts=1)
+
+
+def _layers(f: h5py.File) -> list[str]:
+    return sorted(k for k in f.keys() if not k.startswith("_"))
+
+
+def _run_state(f: h5py.File) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if "_updated" in f:
+        out["updated"] = f["_updated"][0].decode()
+    if "_skipped" in f:
+        out["skipped"] = [json.loads(x.decode("utf-8", "replace")) for x in f["_skipped"][:]]
+    return out
+
+
+def _fingerprint_of(g: h5py.Group) -> str:
+    return g["state"][0].decode() if "state" in g else str(_decode(g.attrs.get("manifest_fingerprint")) or "")
 
 
 def _copy_store(src: h5py.File, dst: h5py.File, keep: dict[str, np.ndarray] | None = None,
                 chunk: int = 4096) -> None:
     """Copy attributes and the committed rows of every group (or the rows in ``keep[group]``)."""
     dst.attrs.update(dict(src.attrs))
-    for layer in src:
+    for name in ("_updated", "_skipped"):
+        if name in src:
+            s = src[name]
+            dst.create_dataset(name, data=s[:], maxshape=s.maxshape, chunks=s.chunks, compression=s.compression)
+    for layer in _layers(src):
         for pooling in src[layer]:
             g = src[layer][pooling]
             name = group_name(layer, pooling)
@@ -399,6 +450,9 @@ def _copy_store(src: h5py.File, dst: h5py.File, keep: dict[str, np.ndarray] | No
                     elif len(part):
                         out[start:start + len(part)] = s[np.sort(part)]
             d.create_dataset("committed", data=np.array([len(rows)], dtype="i8"))
+            # rows were dropped or changed: the group no longer matches any manifest until a run completes it
+            d.create_dataset("state", data=np.array([b""] if keep is not None and name in keep
+                                                     else [_fingerprint_of(g).encode()], dtype="S64"))
 
 
 def _rewrite(path: Path, keep: dict[str, np.ndarray] | None = None) -> None:
@@ -491,9 +545,11 @@ class StoreWriter:
                 f.attrs.update({k: _encode(v) for k, v in self.identity.items()})
                 for spec in self.specs:
                     _create_group(f, spec)
+                _ensure_run_datasets(f)
             os.replace(tmp, self.path)
         self.f = self._open_rw()
         self._check_identity()
+        _ensure_run_datasets(self.f)
         for spec in self.specs:
             if spec.name in self.f:
                 self._check_group(spec)
@@ -538,8 +594,7 @@ class StoreWriter:
     def existing(self, name: str) -> tuple[list[str], list[str]]:
         g = self.f[name]
         n = int(g["committed"][0])
-        paths = [p.decode() if isinstance(p, bytes) else p for p in g["path"][:n]]
-        return paths, g["sha256"][:n].astype(str).tolist()
+        return list(_paths(g["path"][:n])), g["sha256"][:n].astype(str).tolist()
 
     def plan(self, manifest: Manifest) -> Plan:
         """Decide per group what to compute; drop rows of removed or changed images; refresh labels."""
@@ -575,7 +630,7 @@ class StoreWriter:
         n = int(g["committed"][0])
         if n == 0:
             return 0
-        paths = [p.decode() if isinstance(p, bytes) else p for p in g["path"][:n]]
+        paths = list(_paths(g["path"][:n]))
         labels = np.array([manifest.samples[index[p]].label for p in paths], dtype="i4")
         splits = np.array([manifest.samples[index[p]].split.encode() for p in paths], dtype="S8")
         changed = int(np.sum((labels != g["label"][:n]) | (splits != g["split"][:n])))
@@ -604,7 +659,7 @@ class StoreWriter:
             raise StoreError(f"internal: {k} rows but {features.shape[0]} feature vectors for {name}")
         values = {
             "features": np.asarray(features, dtype=g["features"].dtype),
-            "path": np.asarray(list(paths), dtype=object),
+            "path": _encode_paths(paths),
             "sha256": np.asarray([h.encode() for h in sha256], dtype="S64"),
             "label": np.asarray(labels, dtype="i4"),
             "split": np.asarray([s.encode() for s in splits], dtype="S8"),
@@ -618,17 +673,17 @@ class StoreWriter:
         return n + k
 
     def finish(self, manifest: Manifest, complete: bool = True) -> None:
-        """Close SWMR mode and record that each group matches ``manifest`` (when complete)."""
-        self.f.close()
-        self.f = h5py.File(self.path, "a", libver=LIBVER)
-        stamp = now_iso()
+        """Record that each group matches ``manifest`` (when complete), the time and the skipped files.
+        Written into datasets, so the file stays in SWMR mode and readers are never locked out."""
+        f = self.f
         for spec in self.specs:
-            g = self.f[spec.name]
-            g.attrs["manifest_fingerprint"] = manifest.fingerprint() if complete else ""
-            g.attrs["updated"] = stamp
-        self.f.attrs["updated"] = stamp
-        self.f.attrs["skipped"] = _encode([[s.path, s.reason] for s in manifest.skipped])
-        self.f.flush()
+            f[spec.name]["state"][0] = manifest.fingerprint().encode() if complete else b""
+        skipped = [json.dumps([s.path, s.reason]).encode("utf-8")[:SKIP_BYTES] for s in manifest.skipped]
+        f["_skipped"].resize(len(skipped), axis=0)
+        if skipped:
+            f["_skipped"][:] = np.asarray(skipped, dtype=f"S{SKIP_BYTES}")
+        f["_updated"][0] = now_iso().encode()
+        f.flush()
 
 
 def store_is_current(path: str | os.PathLike, identity: dict[str, Any], layers: Iterable[tuple[str, str]],
@@ -648,7 +703,7 @@ def store_is_current(path: str | os.PathLike, identity: dict[str, Any], layers: 
                     return False
             for layer, pooling in layers:
                 name = group_name(layer, pooling)
-                if name not in f or _decode(f[name].attrs.get("manifest_fingerprint")) != manifest_fingerprint:
+                if name not in f or _fingerprint_of(f[name]) != manifest_fingerprint:
                     return False
                 if dtype is not None and _decode(f[name].attrs.get("dtype")) != dtype:
                     return False

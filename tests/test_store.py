@@ -45,7 +45,7 @@ def test_round_trip_and_layout(tmp_path):
     assert list(c.labels[order]) == [i % 2 for i in range(10)]
     assert fs.groups()[0]["rows"] == 10 and fs.groups()[0]["feature_shape"] == [3]
     with h5py.File(tmp_path / "s.h5", "r") as f:
-        assert set(f["l1/avg"].keys()) == {"features", "path", "sha256", "label", "split", "committed"}
+        assert set(f["l1/avg"].keys()) == {"features", "path", "sha256", "label", "split", "committed", "state"}
         assert f["l1/avg/features"].chunks[0] >= 1 and f["l1/avg/features"].maxshape == (None, 3)
     assert store_is_current(tmp_path / "s.h5", IDENT, [("l1", "avg")], m.fingerprint())
     assert not store_is_current(tmp_path / "s.h5", IDENT, [("l1", "avg")], _manifest(11).fingerprint())
@@ -110,3 +110,52 @@ def test_unknown_group_errors_name_what_is_there(tmp_path):
         fs.read("l2")
     with pytest.raises(StoreError, match=r"has no 'max' pooling \(it has \['avg'\]\)"):
         fs.read("l1", "max")
+
+
+WRITER = r"""
+import sys, time
+sys.path.insert(0, {root!r})
+import numpy as np
+from storage import Manifest, Sample
+from storage.store import GroupSpec, StoreWriter
+n, batch = 400, 8
+m = Manifest("/data", "folders", ["a", "b"], [Sample(f"x/{{i}}.jpg", f"{{i:064x}}", i % 2, "train") for i in range(n)])
+spec = GroupSpec("l1", "avg", (16,))
+with StoreWriter({path!r}, {{"backbone": "toy"}}, [spec]) as w:
+    w.plan(m)
+    w.start_appending()
+    print("appending", flush=True)
+    for i in range(0, n, batch):
+        s = m.samples[i:i + batch]
+        # every value of row k is k: a reader can check each row it sees is whole and in place
+        w.append(spec.name, [x.path for x in s], [x.sha256 for x in s], [x.label for x in s], [x.split for x in s],
+                 np.repeat(np.arange(i, i + len(s), dtype="f4")[:, None], 16, axis=1))
+        time.sleep(0.01)
+    w.finish(m)
+"""
+
+
+def test_reading_during_an_extraction_in_another_process(tmp_path):
+    """An analyst's reads never see half-written rows, never block the writer and never break the file."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    path = tmp_path / "live.h5"
+    proc = subprocess.Popen([sys.executable, "-c", WRITER.format(root=str(ROOT), path=str(path))],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "appending"
+    seen = []
+    while proc.poll() is None:
+        c = FeatureStore(path).read("l1", "avg")
+        rows = np.array([int(p.split("/")[1][:-4]) for p in c.paths])
+        assert len(c) % 8 == 0                                   # whole batches only
+        assert np.array_equal(rows, np.arange(len(c)))           # in order, no gaps
+        assert np.array_equal(c.features, np.repeat(rows[:, None].astype("f4"), 16, axis=1))
+        seen.append(len(c))
+    assert proc.wait() == 0
+    assert len(set(seen)) > 3 and max(seen) <= 400                # the reader saw the store grow
+    assert len(FeatureStore(path).read("l1", "avg")) == 400
+    with h5py.File(path, "r") as f:                               # and the file closed cleanly
+        assert int(f["l1/avg/committed"][0]) == 400
