@@ -32,7 +32,7 @@ def default_store_path(out: str, data: str, spec: BackboneSpec) -> Path:
     return Path(out) / "stores" / f"{_slug(name)}__{_slug(backbone + args)}__{_slug(weights)}.h5"
 
 
-@flow(name="extract-features", log_prints=True)
+@flow(name="extract-features", log_prints=True, flow_run_name="extract {backbone} on {data}")
 def extract_features(
     data: str,
     backbone: str = "mobilenet_v2",

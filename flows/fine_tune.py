@@ -31,7 +31,7 @@ def run_dir(out: str, name: str, key: dict[str, Any]) -> Path:
     return d
 
 
-@flow(name="fine-tune", log_prints=True)
+@flow(name="fine-tune", log_prints=True, flow_run_name="fine-tune {backbone} on {data}")
 def fine_tune(
     data: str,
     backbone: str = "mobilenet_v2",

@@ -6,7 +6,7 @@ from prefect import flow
 from tasks.prefect_tasks import predict_images
 
 
-@flow(name="predict", log_prints=True)
+@flow(name="predict", log_prints=True, flow_run_name="predict {images} with {model}")
 def predict(images: str, model: str, version: str | None = None, registry: str = "cnncodes-out/registry",
             output: str = "cnncodes-out/predictions.csv", batch_size: int = 32) -> dict:
     """Predict ``images`` (folder, image, or .txt/.csv list) with registered ``model`` (``version``:

@@ -14,7 +14,7 @@ from flows.fine_tune import fine_tune
 from flows.train_linear import train_linear
 
 
-@flow(name="retrain", log_prints=True)
+@flow(name="retrain", log_prints=True, flow_run_name="retrain {model}")
 def retrain(data: str, model: str, registry: str = "cnncodes-out/registry", margin: float = 0.0,
             force: bool = False, out: str = "cnncodes-out") -> dict:
     """Retrain lineage ``model`` (a registry name) on ``data`` if the data changed (or ``force``).

@@ -9,7 +9,7 @@ from tasks.linear import LinearConfig
 from tasks.prefect_tasks import sweep_layers
 
 
-@flow(name="sweep", log_prints=True)
+@flow(name="sweep", log_prints=True, flow_run_name="sweep {store}")
 def sweep(store: str, layers: list[str] | None = None, pooling: str | None = None, classifier: str = "softmax",
           C: float = 0.1, cv_folds: int = 5, out: str = "cnncodes-out", seed: int = 0,
           max_images: int | None = None) -> dict:

@@ -13,7 +13,7 @@ from tasks.linear import LinearConfig
 from tasks.prefect_tasks import evaluate_probe, fit_probe
 
 
-@flow(name="train-linear", log_prints=True)
+@flow(name="train-linear", log_prints=True, flow_run_name="train-linear {classifier} on {layer}")
 def train_linear(
     store: str,
     layer: str,

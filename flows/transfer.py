@@ -19,7 +19,7 @@ from flows.sweep import sweep
 from flows.train_linear import train_linear
 
 
-@flow(name="transfer", log_prints=True)
+@flow(name="transfer", log_prints=True, flow_run_name="transfer {backbone} on {data}")
 def transfer(
     data: str,
     backbone: str = "mobilenet_v2",
