@@ -66,6 +66,42 @@ def _add_registry_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="cnncodes-out", help="output folder (default: %(default)s)")
 
 
+def _add_store_parser(sub) -> None:
+    """`cnncodes store ls|info|export|verify`: look after feature stores (no TensorFlow needed)."""
+    store = sub.add_parser("store", help="list, inspect, export and verify feature stores")
+    ssub = store.add_subparsers(dest="store_command", required=True, metavar="STORE_COMMAND")
+
+    p = ssub.add_parser("ls", help="size, provenance and layer groups of a store")
+    p.add_argument("store", help="feature store (HDF5) written by `cnncodes extract`")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
+    p = ssub.add_parser("info", help="ls plus per-group split/class counts and the first rows")
+    p.add_argument("store", help="feature store (HDF5) written by `cnncodes extract`")
+    p.add_argument("--head", type=int, default=5, help="rows shown per group (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
+    p = ssub.add_parser("export", help="export one group to .parquet, .csv or .npy (+ .rows.csv)")
+    p.add_argument("store", help="feature store (HDF5) written by `cnncodes extract`")
+    p.add_argument("--layer", required=True, help="layer group to export")
+    p.add_argument("--pooling", default=None, help="pooling of that group (needed when it has several)")
+    p.add_argument("--split", action="append", default=None, help="only this split, repeatable (default: all)")
+    p.add_argument("--class", dest="classes", action="append", default=None, metavar="CLASS",
+                   help="only this class (name or index), repeatable (default: all)")
+    p.add_argument("--output", "-o", required=True,
+                   help="output file; its suffix (.parquet, .csv, .npy) sets the format unless --format does")
+    p.add_argument("--format", default=None, choices=["parquet", "csv", "npy"], help="output format")
+    p.add_argument("--chunk-rows", type=int, default=65536, help="rows in memory at a time (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
+    p = ssub.add_parser("verify", help="check a store's structure and contents; exit 1 when problems are found")
+    p.add_argument("store", help="feature store (HDF5) written by `cnncodes extract`")
+    p.add_argument("--check-files", action="store_true",
+                   help="also re-hash each image and compare with the stored sha256")
+    p.add_argument("--dataset", default=None,
+                   help="dataset root the image paths are relative to (default: the one the store records)")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cnncodes", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -199,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-name", default=None, help="base name of the models (default: <dataset>-<backbone>)")
     _add_registry_options(p)
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
+    _add_store_parser(sub)
 
     p = sub.add_parser("demo", help="generate a small dataset and run the pipeline on it end to end")
     p.add_argument("--out", default="cnncodes-out", help="output folder (default: %(default)s)")
@@ -378,9 +416,29 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_store(args) -> int:
+    from storage import tools
+
+    if args.store_command == "ls":
+        r = tools.list_store(args.store)
+        _emit(r, args.json, tools.list_text(r))
+    elif args.store_command == "info":
+        r = tools.store_info(args.store, head=args.head)
+        _emit(r, args.json, tools.info_text(r))
+    elif args.store_command == "export":
+        r = tools.export_group(args.store, args.layer, pooling=args.pooling, out=args.output, fmt=args.format,
+                               split=args.split, classes=args.classes, rows=args.chunk_rows)
+        _emit(r, args.json, tools.export_text(r))
+    else:
+        r = tools.verify_store(args.store, check_files=args.check_files, dataset=args.dataset)
+        _emit(r, args.json, tools.verify_text(r))
+        return 0 if r["ok"] else 1
+    return 0
+
+
 COMMANDS = {"backbones": cmd_backbones, "layers": cmd_layers, "extract": cmd_extract, "train-linear": cmd_train_linear,
             "sweep": cmd_sweep, "predict": cmd_predict, "fine-tune": cmd_fine_tune, "transfer": cmd_transfer,
-            "demo": cmd_demo}
+            "demo": cmd_demo, "store": cmd_store}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -154,6 +154,13 @@ def store_info(path: str | os.PathLike, head: int = 5, rows: int = 65536) -> dic
         for g_out in out["groups"]:
             g = f[g_out["group"]]
             n = g_out["rows"]
+            absent = [ds for ds in (*ROW_DATASETS, "committed") if not isinstance(g.get(ds), h5py.Dataset)]
+            if absent:
+                details.append({**g_out, "damaged": f"dataset(s) {', '.join(absent)} missing; run "
+                                                    "`cnncodes store verify`", "uncommitted_rows": 0,
+                                "splits": {}, "classes": {}, "chunks": [], "manifest_fingerprint": "",
+                                "features_per_row": 0, "head": []})
+                continue
             lengths = {ds: int(g[ds].shape[0]) for ds in ROW_DATASETS if ds in g}
             per_split: Counter = Counter()
             per_class: Counter = Counter()
@@ -208,6 +215,9 @@ def list_text(r: dict[str, Any]) -> str:
 def info_text(r: dict[str, Any]) -> str:
     lines = [list_text(r)]
     for g in r["groups"]:
+        if g.get("damaged"):
+            lines += ["", f"[{g['group']}] damaged: {g['damaged']}"]
+            continue
         lines += ["", f"[{g['group']}] {g['rows']} rows, {g['features_per_row']} values per row, chunks {g['chunks']}"
                   + (f", {g['uncommitted_rows']} uncommitted" if g["uncommitted_rows"] else ""),
                   "  splits:  " + (", ".join(f"{k}={v}" for k, v in g["splits"].items()) or "-"),
@@ -272,6 +282,10 @@ def export_group(path: str | os.PathLike, layer: str, pooling: str | None = None
     with _open_read(store.path) as f:
         g = store._resolve(f, layer, pooling)
         names = list(_decode(f.attrs.get("class_names")) or [])
+        absent = [ds for ds in (*ROW_DATASETS, "committed") if not isinstance(g.get(ds), h5py.Dataset)]
+        if absent:
+            raise StoreError(f"group {g.name.strip('/')} of {store.path} is damaged (dataset(s) "
+                             f"{', '.join(absent)} missing). Run `cnncodes store verify` on it.")
         n = int(g["committed"][0])
         for ds in ROW_DATASETS:
             if g[ds].shape[0] < n:
@@ -537,7 +551,7 @@ def _check_group(name: str, g: h5py.Group, names: list[str], step_rows: int, pro
     return {"group": name, "rows": n, "checked_rows": m}
 
 
-def _check_files(f: h5py.File, groups: list[tuple[str, h5py.Group, int]], root: Path, problems: list[str],
+def _check_files(groups: list[tuple[str, h5py.Group, int]], root: Path, problems: list[str],
                  workers: int) -> int:
     wanted: dict[str, set[str]] = {}
     for _, g, m in groups:
@@ -643,7 +657,7 @@ def verify_store(path: str | os.PathLike, check_files: bool = False, dataset: st
                 raise StoreError(f"cannot check image files: dataset root {root} is not a folder. Pass "
                                  "--dataset with the folder the images are in.")
             result["dataset"] = str(root)
-            result["files_checked"] = _check_files(f, checked, root, problems, workers)
+            result["files_checked"] = _check_files(checked, root, problems, workers)
     result["ok"] = not problems
     return result
 
