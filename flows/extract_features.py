@@ -6,6 +6,7 @@ or as a deployment.
 """
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from storage.errors import ParameterError
 from tasks.backbones import BackboneSpec, is_model_file, parse_backbone_args
 from tasks.datasets import check_split_params
 from tasks.extract import ExtractOptions, normalise_cuts, options_dict, spec_dict
-from tasks.prefect_tasks import extract_codes, extract_report, scan_dataset
+from tasks.prefect_tasks import extract_codes, extract_codes_shard, extract_report, index_shards, scan_dataset
 
 
 def _slug(text: str) -> str:
@@ -30,6 +31,26 @@ def default_store_path(out: str, data: str, spec: BackboneSpec) -> Path:
     args = "".join(f"-{k}{v}" for k, v in sorted(spec.backbone_args.items()))
     weights = spec.weights if spec.weights in ("imagenet", "none", "file") else "w-" + Path(spec.weights).stem
     return Path(out) / "stores" / f"{_slug(name)}__{_slug(backbone + args)}__{_slug(weights)}.h5"
+
+
+def dask_runner(workers: int, address: str | None):
+    """A Dask task runner: the cluster at ``address``, or a local cluster of ``workers`` processes."""
+    from prefect_dask import DaskTaskRunner
+
+    if address:
+        return DaskTaskRunner(address=address)
+    return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
+                                          "dashboard_address": None})
+
+
+@flow(name="extract-shards", log_prints=True, flow_run_name="extract {shards} shards into {store}")
+def extract_shards(manifest_path: str, store: str, shards: int, spec: dict[str, Any], cuts: list[list[str]],
+                   options: dict[str, Any], threads: int | None) -> dict:
+    """Each shard by its own worker, side by side; then the index that reads them as one store."""
+    futures = [extract_codes_shard.submit(manifest_path, store, i, shards, spec, cuts, options, threads)
+               for i in range(shards)]
+    parts = [f.result() for f in futures]
+    return index_shards(store, shards, manifest_path, parts)
 
 
 @flow(name="extract-features", log_prints=True, flow_run_name="extract {backbone} on {data}")
@@ -52,10 +73,16 @@ def extract_features(
     test_fraction: float = 0.0,
     seed: int = 0,
     out: str = "cnncodes-out",
+    shards: int = 1,
+    workers: int | None = None,
+    dask_address: str | None = None,
 ) -> dict:
     """Extract CNN codes of ``data`` at ``layers`` of ``backbone`` into ``store``.
 
-    Returns the extraction summary (counts, skips, timings, store and report paths).
+    With ``shards`` > 1 the dataset is split into that many shards (by a hash of each image's path),
+    each extracted into its own store file by a Dask worker: ``workers`` processes of a local cluster
+    (default: one per shard), or the cluster at ``dask_address``. ``store`` is then an index that
+    reads as one store. Returns the extraction summary (counts, skips, timings, store and report paths).
     """
     spec = BackboneSpec(backbone, weights=weights, input_size=input_size,
                         backbone_args=parse_backbone_args(backbone_args), preprocessing=preprocessing,
@@ -73,8 +100,17 @@ def extract_features(
     scanned = scan_dataset(data, str(manifest_path), val_fraction, test_fraction, seed)
     print(f"scanned {scanned['images']} images in {len(scanned['classes'])} classes "
           f"({scanned['layout']} layout), {scanned['skipped']} files skipped")
-    summary = extract_codes(str(manifest_path), str(store_path), spec_dict(spec), [list(c) for c in cuts],
-                            options_dict(options))
+    if not isinstance(shards, int) or shards < 1:
+        raise ParameterError(f"shards must be a positive integer; got {shards!r}.")
+    if shards == 1:
+        summary = extract_codes(str(manifest_path), str(store_path), spec_dict(spec), [list(c) for c in cuts],
+                                options_dict(options))
+    else:
+        n_workers = workers or shards
+        threads = None if dask_address else max(1, (os.cpu_count() or 1) // n_workers)
+        summary = extract_shards.with_options(task_runner=dask_runner(n_workers, dask_address))(
+            str(manifest_path), str(store_path), shards, spec_dict(spec), [list(c) for c in cuts],
+            options_dict(options), threads)
     summary["report"] = extract_report(summary, str(Path(out) / "reports" / f"{store_path.stem}.extract.md"))
     summary["manifest"] = str(manifest_path.resolve())
     print(f"store: {summary['store']} ({summary['computed']} computed, {summary['reused']} reused, "

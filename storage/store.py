@@ -178,6 +178,15 @@ class FeatureStore:
     >>> codes = store.read("conv_pw_13_relu", "avg", split="train")  # doctest: +SKIP
     """
 
+    def __new__(cls, path: str | os.PathLike):
+        # An index of shards (written by a sharded extraction) opens as a ShardedStore.
+        if cls is FeatureStore and Path(path).exists():
+            from .sharded import ShardedStore, is_index
+
+            if is_index(path):
+                return super().__new__(ShardedStore)
+        return super().__new__(cls)
+
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         if not self.path.exists():

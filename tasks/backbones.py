@@ -15,7 +15,9 @@ import ast
 import difflib
 import hashlib
 import os
+import random
 import socket
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -348,6 +350,26 @@ def _load_model_file(spec: BackboneSpec, keras):
     return model, size
 
 
+@contextmanager
+def _seeded_init(seed: int | None):
+    """Random initialisation that depends on ``seed`` alone. Keras draws each initializer's seed from
+    Python's global ``random``, which other threads (Prefect, Dask) also consume: the same seed then
+    gives other weights in a worker than in the main process. A private generator fixes that."""
+    if seed is None:
+        yield
+        return
+    keras = tf_runtime.keras()
+    from keras.src.random import seed_generator
+
+    keras.utils.set_random_seed(seed)
+    shared = seed_generator.python_random
+    seed_generator.python_random = random.Random(seed)
+    try:
+        yield
+    finally:
+        seed_generator.python_random = shared
+
+
 def _keras_home() -> str:
     """The folder Keras caches weights in (read from KERAS_HOME when Keras was imported)."""
     try:
@@ -363,12 +385,11 @@ def _build_application(spec: BackboneSpec, keras):
     size = spec.size
     ctor = getattr(keras.applications, info.constructor)
     weights = {"imagenet": "imagenet", "none": None}.get(spec.weights, spec.weights)
-    if weights is None:
-        keras.utils.set_random_seed(spec.seed)  # random init is part of the identity: make it repeatable
     old_timeout = socket.getdefaulttimeout()
     socket.setdefaulttimeout(30)  # a missing weights file must fail, not hang
     try:
-        model = ctor(include_top=False, weights=weights, input_shape=(size, size, 3), **spec.backbone_args)
+        with _seeded_init(spec.seed if weights is None else None):
+            model = ctor(include_top=False, weights=weights, input_shape=(size, size, 3), **spec.backbone_args)
     except ValueError as exc:
         raise BackboneError(f"{spec.name} cannot be built with input size {size}, weights {spec.weights!r} and "
                             f"arguments {spec.backbone_args}: {exc}") from exc

@@ -9,6 +9,7 @@ and returns a small summary (counts, skips with reasons, timings, paths).
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -262,3 +263,71 @@ def _summary(store: Path, cuts, manifest: Manifest, *, computed: int, removed: i
         "weights": config.get("weights"),
         "manifest_fingerprint": manifest.fingerprint(),
     }
+
+
+# --------------------------------------------------------------------------- shards
+def shard_of(path: str, shards: int) -> int:
+    """A stable shard for an image path: the same image stays in the same shard as the dataset grows."""
+    import hashlib
+
+    return int(hashlib.sha256(path.encode("utf-8")).hexdigest()[:8], 16) % shards
+
+
+def shard_store_paths(store: str | os.PathLike, shards: int) -> list[Path]:
+    store = Path(store)
+    return [store.parent / f"{store.stem}.shards" / f"shard-{i:03d}-of-{shards:03d}.h5" for i in range(shards)]
+
+
+def shard_manifest(manifest: Manifest, index: int, shards: int) -> Manifest:
+    return Manifest(manifest.root, manifest.layout, list(manifest.class_names),
+                    [s for s in manifest.samples if shard_of(s.path, shards) == index],
+                    manifest.split_seed, dict(manifest.split_fractions),
+                    [k for k in manifest.skipped if shard_of(k.path, shards) == index])
+
+
+def extract_shard(manifest: Manifest, store: str | os.PathLike, index: int, shards: int, spec: BackboneSpec,
+                  cuts: Sequence[tuple[str, str]], options: ExtractOptions | None = None,
+                  threads: int | None = None, progress: Progress | None = None) -> dict[str, Any]:
+    """Extract shard ``index`` of ``shards`` into its own store file (run by one worker each).
+
+    ``threads`` caps TensorFlow's compute threads in this process (set before TensorFlow starts),
+    so that several workers on one machine share its cores instead of fighting over them."""
+    if threads and "tensorflow" not in sys.modules:
+        os.environ["TF_NUM_INTRAOP_THREADS"] = str(threads)
+        os.environ["TF_NUM_INTEROP_THREADS"] = "1"
+    path = shard_store_paths(store, shards)[index]
+    out = extract_to_store(shard_manifest(manifest, index, shards), path, spec, cuts, options, progress)
+    out["shard"] = index
+    return out
+
+
+def finish_sharded(store: str | os.PathLike, shards: int, manifest: Manifest, parts: Sequence[dict[str, Any]]
+                   ) -> dict[str, Any]:
+    """Write the index that presents the shards as one store; return a summary over all shards."""
+    from storage.sharded import write_index
+    from storage.store import FeatureStore
+
+    paths = shard_store_paths(store, shards)
+    first = FeatureStore(paths[0]).provenance
+    write_index(store, paths, {k: first.get(k) for k in ("backbone", "backbone_args", "weights", "weights_digest",
+                                                          "input_size", "preprocessing", "precision", "class_names")
+                               if first.get(k) is not None})
+    timings: dict[str, float] = {}
+    for p in parts:
+        for k, v in p["timings"].items():
+            timings[k] = max(timings.get(k, 0.0), v)  # shards ran side by side: the slowest one is the wall time
+    fs = FeatureStore(store)
+    groups = {g["group"]: g for g in fs.groups()}
+    computed = sum(p["computed"] for p in parts)
+    return {
+        "store": str(Path(store).resolve()), "shards": [str(p) for p in paths],
+        "groups": [{**g, "rows": groups[g["group"]]["rows"]} for g in parts[0]["groups"]],
+        "images": len(manifest.samples), "classes": list(manifest.class_names), "counts": manifest.counts(),
+        "computed": computed, "reused": sum(p["reused"] for p in parts), "removed": sum(p["removed"] for p in parts),
+        "up_to_date": all(p["up_to_date"] for p in parts),
+        "skipped": [s for p in parts for s in p["skipped"]], "timings": timings,
+        "images_per_s": round(computed / timings["total"], 2) if computed and timings.get("total") else None,
+        "forward_images_per_s": None, "backbone": parts[0]["backbone"], "weights": parts[0]["weights"],
+        "manifest_fingerprint": manifest.fingerprint(), "per_shard": [
+            {"shard": p["shard"], "images": p["images"], "computed": p["computed"], "seconds": p["timings"]["total"]}
+            for p in parts]}

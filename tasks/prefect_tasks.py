@@ -246,3 +246,25 @@ def promote_or_keep(registry: str, name: str, champion_version: int, challenger_
                             "accuracy": decision["challenger_accuracy"]}],
                           key="retrain-challenge", description=decision["reason"])
     return event
+
+
+@task(name="extract-shard", retries=1, retry_delay_seconds=5, retry_condition_fn=transient_only,
+      cache_policy=NO_CACHE, task_run_name="extract shard {index} of {shards}")
+def extract_codes_shard(manifest_path: str, store: str, index: int, shards: int, spec: dict[str, Any],
+                        cuts: list[list[str]], options: dict[str, Any], threads: int | None) -> dict:
+    """One shard of a sharded extraction, into its own store file (one writer per shard)."""
+    manifest = Manifest.load(manifest_path)
+    bar = Progress(f"shard {index}", unit="img", key=f"extract-shard-{index}")
+    try:
+        return extract.extract_shard(manifest, store, index, shards, BackboneSpec(**spec), [tuple(c) for c in cuts],
+                                     extract.ExtractOptions(**options), threads=threads, progress=bar)
+    finally:
+        bar.close()
+
+
+@task(name="index-shards", cache_policy=NO_CACHE)
+def index_shards(store: str, shards: int, manifest_path: str, parts: list[dict]) -> dict:
+    """Write the index that reads the shards as one store."""
+    summary = extract.finish_sharded(store, shards, Manifest.load(manifest_path), sorted(parts, key=lambda p: p["shard"]))
+    create_table_artifact(summary["per_shard"], key="extract-shards", description=f"Shards of {store}")
+    return summary

@@ -1,0 +1,107 @@
+"""Sharded feature stores: several store files presented as one.
+
+When extraction runs on several workers (Dask, several GPUs or machines), each shard of the dataset
+is written to its own store file by its own single writer, with all of a store's guarantees
+(incremental, crash-safe, never mixed). A small index file at the store's path lists the shards; opening
+it with :class:`~storage.store.FeatureStore` gives a :class:`ShardedStore`, which reads like one store.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import h5py
+import numpy as np
+
+from .errors import StoreError
+from .store import Codes, FeatureStore
+
+INDEX_FORMAT = "cnncodes-store-index/1"
+
+
+def write_index(path: str | os.PathLike, shards: Sequence[str | os.PathLike], attrs: dict[str, Any]) -> Path:
+    """Write the index at ``path`` (temporary file renamed into place) listing ``shards`` relative to it."""
+    path = Path(path)
+    rel = [os.path.relpath(Path(s).resolve(), path.resolve().parent) for s in shards]
+    tmp = path.with_name(f".{path.name}.incomplete")
+    with h5py.File(tmp, "w") as f:
+        f.attrs["format"] = INDEX_FORMAT
+        f.attrs["shards"] = json.dumps(rel)
+        for k, v in attrs.items():
+            f.attrs[k] = v if isinstance(v, (str, int, float)) else json.dumps(v, sort_keys=True)
+    os.replace(tmp, path)
+    return path
+
+
+def is_index(path: str | os.PathLike) -> bool:
+    try:
+        with h5py.File(path, "r") as f:
+            return f.attrs.get("format") == INDEX_FORMAT
+    except OSError:
+        return False
+
+
+class ShardedStore(FeatureStore):
+    """The shards of an index, read as one store (rows in shard order)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        with h5py.File(self.path, "r") as f:
+            rel = json.loads(f.attrs["shards"])
+        self.shard_paths = [(self.path.parent / r).resolve() for r in rel]
+        missing = [str(p) for p in self.shard_paths if not p.exists()]
+        if missing:
+            raise StoreError(f"sharded store {self.path} lists shards that are missing: {missing[:3]}. Re-run the "
+                             "extraction with the same --shards to rebuild them.")
+        self.shards = [FeatureStore(p) for p in self.shard_paths]
+
+    def __repr__(self) -> str:
+        return f"ShardedStore({str(self.path)!r}, shards={len(self.shards)})"
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        prov = dict(self.shards[0].provenance)
+        prov["shards"] = [str(p) for p in self.shard_paths]
+        prov["skipped"] = [s for shard in self.shards for s in (shard.provenance.get("skipped") or [])]
+        return prov
+
+    def groups(self) -> list[dict[str, Any]]:
+        per = [shard.groups() for shard in self.shards]
+        out = []
+        for i, g in enumerate(per[0]):
+            merged = dict(g)
+            merged["rows"] = sum(p[i]["rows"] for p in per if i < len(p))
+            merged["shards"] = len(per)
+            out.append(merged)
+        return out
+
+    def read(self, layer: str, pooling: str | None = None, split=None, classes=None) -> Codes:
+        parts = [s.read(layer, pooling, split, classes) for s in self.shards]
+        first = parts[0]
+        return Codes(features=np.concatenate([p.features for p in parts]),
+                     labels=np.concatenate([p.labels for p in parts]),
+                     paths=np.concatenate([p.paths for p in parts]),
+                     splits=np.concatenate([p.splits for p in parts]),
+                     sha256=np.concatenate([p.sha256 for p in parts]),
+                     class_names=first.class_names, layer=first.layer, pooling=first.pooling)
+
+    def iter_chunks(self, layer: str, pooling: str | None = None, split=None, rows: int = 8192) -> Iterator[Codes]:
+        for s in self.shards:
+            yield from s.iter_chunks(layer, pooling, split, rows)
+
+    def lookup(self, layer: str, pooling: str | None, sha256: Sequence[str]) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        for s in self.shards:
+            out.update(s.lookup(layer, pooling, sha256))
+        return out
+
+    def group_attrs(self, layer: str, pooling: str | None = None) -> dict[str, Any]:
+        attrs = [s.group_attrs(layer, pooling) for s in self.shards]
+        out = dict(attrs[0])
+        out["rows"] = sum(a["rows"] for a in attrs)
+        fps = {a.get("manifest_fingerprint") for a in attrs}
+        out["manifest_fingerprint"] = attrs[0].get("manifest_fingerprint") if len(fps) == 1 else ""
+        out["shard_fingerprints"] = [a.get("manifest_fingerprint") for a in attrs]
+        return out
