@@ -39,17 +39,17 @@ def _stop(proc: subprocess.Popen, first=signal.SIGINT) -> None:
         proc.wait(timeout=10)
 
 
-@pytest.fixture
-def server(tmp_path):
+def start_server(tmp_path, extra_env: dict | None = None):
+    """A Prefect server on a free loopback port; returns (env for clients, process, stop function)."""
     port = _free_port()
     env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect-home"),
                PREFECT_API_URL=f"http://127.0.0.1:{port}/api", PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               PREFECT_WORKER_QUERY_SECONDS="2", CNNCODES_ROOT=str(ROOT), CNNCODES_PROGRESS="0")
+               PREFECT_WORKER_QUERY_SECONDS="2", CNNCODES_ROOT=str(ROOT), CNNCODES_PROGRESS="0",
+               **(extra_env or {}))
     env.pop("PREFECT_RESULTS_LOCAL_STORAGE_PATH", None)
     log = open(tmp_path / "server.log", "w")
     proc = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                             stdout=log, stderr=subprocess.STDOUT, env=env)
-    workers: list[subprocess.Popen] = []
     try:
         deadline = time.monotonic() + 90
         while True:
@@ -62,12 +62,28 @@ def server(tmp_path):
             assert proc.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "the Prefect server did not become healthy in 90 s"
             time.sleep(0.5)
+    except BaseException:
+        _stop(proc, signal.SIGTERM)
+        log.close()
+        raise
+
+    def stop():
+        _stop(proc, signal.SIGTERM)
+        log.close()
+
+    return env, proc, stop
+
+
+@pytest.fixture
+def server(tmp_path):
+    env, _, stop = start_server(tmp_path)
+    workers: list[subprocess.Popen] = []
+    try:
         yield env, workers
     finally:
         for w in workers:  # workers before the server: a worker whose server is gone ignores SIGTERM
             _stop(w)
-        _stop(proc, signal.SIGTERM)
-        log.close()
+        stop()
 
 
 def _prefect(env, *args, timeout=300, check=True) -> subprocess.CompletedProcess:

@@ -48,3 +48,92 @@ def test_two_dask_workers_give_the_single_process_features_and_stay_incremental(
         again = extract_features(str(texture_data), layers=[TINY_LAST], store=str(tmp_path / "sharded.h5"),
                                  out=str(tmp_path / "o2"), shards=2, workers=2, **TINY_FLOW)
         assert again["up_to_date"] and again["computed"] == 0
+
+
+def _postgres_binaries():
+    import shutil
+
+    found = {b: shutil.which(b) for b in ("initdb", "pg_ctl", "postgres")}
+    if not all(found.values()):
+        import glob
+
+        for d in sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True):
+            found = {b: f"{d}/{b}" for b in ("initdb", "pg_ctl", "postgres")}
+            if all(os.path.exists(p) for p in found.values()):
+                break
+    return found if all(found.values()) and all(os.path.exists(p) for p in found.values()) else None
+
+
+import os  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+
+def test_a_prefect_server_on_postgresql_completes_a_deployment_run(tmp_path):
+    """PostgreSQL in a temporary folder (skipped where its binaries are absent or we cannot switch user),
+    a Prefect server on it, a deployment run through a process worker."""
+    import json
+    import pwd
+    import subprocess
+
+    from test_deployments import PREFECT, _free_port, _prefect, _stop, start_server
+    from test_linear import make_store
+
+    bins = _postgres_binaries()
+    if bins is None or os.geteuid() != 0:
+        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) are not installed, or not root to run them as 'postgres'")
+    try:
+        pg_user = pwd.getpwnam("postgres")
+    except KeyError:
+        pytest.skip("no 'postgres' system user to run the database server as")
+    import shutil
+    import tempfile
+
+    psql = shutil.which("psql") or bins["pg_ctl"].replace("pg_ctl", "psql")
+    # pytest's own temporary folders are private to root: the database lives in one 'postgres' can enter
+    pg_root = Path(tempfile.mkdtemp(prefix="cnncodes-pg-"))
+    os.chmod(pg_root, 0o755)
+    pgdata, port = pg_root / "data", _free_port()
+    pgdata.mkdir()
+    os.chown(pgdata, pg_user.pw_uid, pg_user.pw_gid)
+
+    def as_pg(*cmd):
+        return subprocess.run(["runuser", "-u", "postgres", "--", *cmd], capture_output=True, text=True, timeout=120)
+
+    r = as_pg(bins["initdb"], "-D", str(pgdata), "-A", "trust", "-U", "prefect")
+    assert r.returncode == 0, r.stderr
+    r = as_pg(bins["pg_ctl"], "-D", str(pgdata), "-l", str(pgdata / "log"), "-w", "-o",
+              f"-p {port} -k {pgdata} -c listen_addresses=127.0.0.1", "start")
+    assert r.returncode == 0, r.stderr + (pgdata / "log").read_text()
+    stop_server = None
+    worker = None
+    try:
+        r = as_pg(psql, "-h", "127.0.0.1", "-p", str(port), "-U", "prefect", "-d", "postgres",
+                  "-c", "CREATE DATABASE prefect")
+        assert r.returncode == 0, r.stderr
+        url = f"postgresql+asyncpg://prefect@127.0.0.1:{port}/prefect"
+        env, _, stop_server = start_server(tmp_path, {"PREFECT_SERVER_DATABASE_CONNECTION_URL": url})
+        _prefect(env, "work-pool", "create", "cnncodes-cpu", "--type", "process")
+        _prefect(env, "work-pool", "create", "cnncodes-gpu", "--type", "process")
+        _prefect(env, "deploy", "--prefect-file", "deployments/prefect.yaml", "--name", "train-linear", "--no-prompt")
+        store = make_store(tmp_path / "s.h5")
+        log = open(tmp_path / "worker.log", "w")
+        worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", "cnncodes-cpu"], env=env, cwd=tmp_path,
+                                  stdout=log, stderr=subprocess.STDOUT)
+        params = {"store": str(store), "layer": "signal", "model_name": "pg", "registry": str(tmp_path / "reg"),
+                  "out": str(tmp_path / "out")}
+        run = _prefect(env, "deployment", "run", "train-linear/train-linear", "--params", json.dumps(params),
+                       "--watch", "--watch-timeout", "300", timeout=360, check=False)
+        assert run.returncode == 0, run.stdout[-2000:] + (tmp_path / "worker.log").read_text()[-3000:]
+        from storage import ModelRegistry
+
+        assert ModelRegistry(tmp_path / "reg").versions("pg") == [1]
+        r = as_pg(psql, "-h", "127.0.0.1", "-p", str(port), "-U", "prefect", "-d", "prefect", "-tAc",
+                  "SELECT count(*) FROM flow_run WHERE state_type = 'COMPLETED'")
+        assert r.returncode == 0 and int(r.stdout.strip()) >= 1  # the run's state lives in PostgreSQL
+    finally:
+        if worker is not None:
+            _stop(worker)
+        if stop_server is not None:
+            stop_server()
+        as_pg(bins["pg_ctl"], "-D", str(pgdata), "-m", "fast", "stop")
+        shutil.rmtree(pg_root, ignore_errors=True)
