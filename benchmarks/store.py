@@ -4,12 +4,13 @@
 single-writer API, as an extraction would) and into a .npy file. Then, alternately, 5 times each:
 
   * numpy     ``np.load("codes.npy")``
+  * features  ``FeatureStore(path).read_features(layer, pooling)``: the same bytes, through the API
   * store     ``FeatureStore(path).read(layer, pooling)`` (features plus paths, labels, splits, hashes)
   * chunks    ``for c in FeatureStore(path).iter_chunks(layer, pooling, rows=8192)`` (bounded memory)
   * split     ``read(..., split="train")`` (80% of the rows, a selection)
 
 Both files are in the page cache after writing (the machine has 24 GiB), so this compares the
-reading code, not the disk. Target: store <= 2x numpy.
+reading code, not the disk. Target: the API <= 2x numpy for the same bytes (``features``).
 
 Usage:
     .venv/bin/python benchmarks/store.py [--rows 100000] [--json out.json]
@@ -82,9 +83,10 @@ def main() -> None:
                 n += len(c)
             assert n == args.rows
 
-        runs: dict[str, list[float]] = {"numpy": [], "store": [], "chunks": [], "split": []}
+        runs: dict[str, list[float]] = {"numpy": [], "features": [], "store": [], "chunks": [], "split": []}
         for _ in range(args.repeats):
             runs["numpy"].append(timed(lambda: np.load(npy)))
+            runs["features"].append(timed(lambda: fs.read_features("codes", "avg")))
             runs["store"].append(timed(lambda: fs.read("codes", "avg")))
             runs["chunks"].append(timed(chunks))
             runs["split"].append(timed(lambda: fs.read("codes", "avg", split="train")))

@@ -87,6 +87,9 @@ class ShardedStore(FeatureStore):
                      sha256=np.concatenate([p.sha256 for p in parts]),
                      class_names=first.class_names, layer=first.layer, pooling=first.pooling)
 
+    def read_features(self, layer: str, pooling: str | None = None, split=None, classes=None) -> np.ndarray:
+        return np.concatenate([s.read_features(layer, pooling, split, classes) for s in self.shards])
+
     def iter_chunks(self, layer: str, pooling: str | None = None, split=None, rows: int = 8192) -> Iterator[Codes]:
         for s in self.shards:
             yield from s.iter_chunks(layer, pooling, split, rows)

@@ -159,3 +159,19 @@ def test_reading_during_an_extraction_in_another_process(tmp_path):
     assert len(FeatureStore(path).read("l1", "avg")) == 400
     with h5py.File(path, "r") as f:                               # and the file closed cleanly
         assert int(f["l1/avg/committed"][0]) == 400
+
+
+def test_read_features_equals_read_and_filters(tmp_path):
+    from test_linear import make_store
+
+    fs = FeatureStore(make_store(tmp_path / "s.h5"))
+    full = fs.read("signal", "avg")
+    np.testing.assert_array_equal(fs.read_features("signal", "avg"), full.features)
+    val = fs.read("signal", "avg", split="val", classes=["cat", "fox"])
+    assert set(val.splits) == {"val"} and set(val.labels) == {0, 2}
+    np.testing.assert_array_equal(fs.read_features("signal", "avg", split="val", classes=["cat", "fox"]), val.features)
+    df = fs.to_dataframe("signal", "avg", split="test")
+    assert list(df.columns[:5]) == ["path", "label", "class", "split", "sha256"] and df.shape[1] == 5 + 32
+    np.testing.assert_array_equal(df.iloc[:, 5:].to_numpy(), fs.read("signal", "avg", split="test").features)
+    with pytest.raises(StoreError, match="class 'wolf' is not in store"):
+        fs.read("signal", "avg", classes=["wolf"])
