@@ -16,7 +16,10 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade "pip>=24"
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev]"
+	# editable_mode=compat puts the checkout on sys.path: a Dask worker puts its own folder, which holds
+	# a "storage" spill directory, first on sys.path, and a path-less editable finder would lose to it.
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev]" \
+		--config-settings editable_mode=compat
 	@touch $(STAMP)
 
 # On developer machines ../shared/keras holds ImageNet weights in Keras's cache layout: use them offline.

@@ -59,6 +59,15 @@ def _add_extract_options(p: argparse.ArgumentParser) -> None:
                    help="share of each class held out for test when the data has no split (default: %(default)s)")
     p.add_argument("--out", default="cnncodes-out",
                    help="folder for stores, manifests and reports (default: %(default)s)")
+    p.add_argument("--shards", type=int, default=1,
+                   help="split the dataset into N shards extracted side by side by Dask workers, each into its "
+                        "own store file; --store is then an index that reads as one store (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes of the local Dask cluster for --shards (default: one per shard)")
+    p.add_argument("--dask-address", default=None,
+                   help="use this Dask scheduler (tcp://host:8786) instead of a local cluster")
+    p.add_argument("--gpus", type=int, default=0,
+                   help="one shard per GPU of this machine, each worker pinned to its GPU (default: %(default)s)")
 
 
 def _add_registry_options(p: argparse.ArgumentParser) -> None:
@@ -287,7 +296,8 @@ def _extract_kwargs(args) -> dict[str, Any]:
                 store=args.store, weights=args.weights, backbone_args=parse_backbone_args(args.backbone_arg),
                 input_size=args.input_size, preprocessing=args.preprocessing, precision=args.precision,
                 batch_size=args.batch_size, dtype=args.dtype, compression=args.compression, resize=args.resize,
-                val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=args.seed, out=args.out)
+                val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=args.seed, out=args.out,
+                shards=args.shards, workers=args.workers, dask_address=args.dask_address, gpus=args.gpus)
 
 
 def _extract_text(s: dict[str, Any]) -> str:

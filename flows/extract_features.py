@@ -45,10 +45,11 @@ def dask_runner(workers: int, address: str | None):
 
 @flow(name="extract-shards", log_prints=True, flow_run_name="extract {shards} shards into {store}")
 def extract_shards(manifest_path: str, store: str, shards: int, spec: dict[str, Any], cuts: list[list[str]],
-                   options: dict[str, Any], threads: int | None) -> dict:
-    """Each shard by its own worker, side by side; then the index that reads them as one store."""
-    futures = [extract_codes_shard.submit(manifest_path, store, i, shards, spec, cuts, options, threads)
-               for i in range(shards)]
+                   options: dict[str, Any], threads: int | None, gpus: int = 0) -> dict:
+    """Each shard by its own worker, side by side (shard i on GPU i % gpus when ``gpus``); then the
+    index that reads them as one store."""
+    futures = [extract_codes_shard.submit(manifest_path, store, i, shards, spec, cuts, options, threads,
+                                          i % gpus if gpus else None) for i in range(shards)]
     parts = [f.result() for f in futures]
     return index_shards(store, shards, manifest_path, parts)
 
@@ -76,13 +77,15 @@ def extract_features(
     shards: int = 1,
     workers: int | None = None,
     dask_address: str | None = None,
+    gpus: int = 0,
 ) -> dict:
     """Extract CNN codes of ``data`` at ``layers`` of ``backbone`` into ``store``.
 
     With ``shards`` > 1 the dataset is split into that many shards (by a hash of each image's path),
     each extracted into its own store file by a Dask worker: ``workers`` processes of a local cluster
     (default: one per shard), or the cluster at ``dask_address``. ``store`` is then an index that
-    reads as one store. Returns the extraction summary (counts, skips, timings, store and report paths).
+    reads as one store. ``gpus`` > 0 runs one shard per GPU of this machine (``shards`` and ``workers``
+    default to it), each worker pinned to its GPU. Returns the extraction summary (counts, skips, timings, store and report paths).
     """
     spec = BackboneSpec(backbone, weights=weights, input_size=input_size,
                         backbone_args=parse_backbone_args(backbone_args), preprocessing=preprocessing,
@@ -100,6 +103,10 @@ def extract_features(
     scanned = scan_dataset(data, str(manifest_path), val_fraction, test_fraction, seed)
     print(f"scanned {scanned['images']} images in {len(scanned['classes'])} classes "
           f"({scanned['layout']} layout), {scanned['skipped']} files skipped")
+    if not isinstance(gpus, int) or gpus < 0:
+        raise ParameterError(f"gpus must be an integer >= 0; got {gpus!r}.")
+    if gpus and shards == 1:
+        shards = gpus
     if not isinstance(shards, int) or shards < 1:
         raise ParameterError(f"shards must be a positive integer; got {shards!r}.")
     if shards == 1:
@@ -110,7 +117,7 @@ def extract_features(
         threads = None if dask_address else max(1, (os.cpu_count() or 1) // n_workers)
         summary = extract_shards.with_options(task_runner=dask_runner(n_workers, dask_address))(
             str(manifest_path), str(store_path), shards, spec_dict(spec), [list(c) for c in cuts],
-            options_dict(options), threads)
+            options_dict(options), threads, gpus)
     summary["report"] = extract_report(summary, str(Path(out) / "reports" / f"{store_path.stem}.extract.md"))
     summary["manifest"] = str(manifest_path.resolve())
     print(f"store: {summary['store']} ({summary['computed']} computed, {summary['reused']} reused, "

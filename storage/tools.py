@@ -127,8 +127,34 @@ def _human(n: int) -> str:
 # --------------------------------------------------------------------------- ls / info
 
 
+def _shard_paths(path: str | os.PathLike) -> list[Path] | None:
+    """The shard files of a sharded store's index, or None for an ordinary store."""
+    from .sharded import is_index
+
+    if Path(path).is_file() and is_index(path):
+        return _index_shards(path)
+    return None
+
+
+def _index_shards(path: str | os.PathLike) -> list[Path]:
+    import json
+
+    with h5py.File(path, "r") as f:
+        rel = json.loads(f.attrs["shards"])
+    return [(Path(path).parent / r).resolve() for r in rel]
+
+
 def list_store(path: str | os.PathLike) -> dict[str, Any]:
-    """File size, format, provenance summary and the layer groups of a store."""
+    """File size, format, provenance summary and the layer groups of a store (for a sharded store:
+    of its first shard, with the rows of all shards, and the shards listed)."""
+    shards = _shard_paths(path)
+    if shards is not None:
+        first = list_store(shards[0])
+        rows = [list_store(p)["groups"] for p in shards]
+        for i, g in enumerate(first["groups"]):
+            g["rows"] = sum(r[i]["rows"] for r in rows if i < len(r))
+        return {**first, "store": str(Path(path)), "format": "cnncodes-store-index/1",
+                "size_bytes": sum(p.stat().st_size for p in shards), "shards": [str(p) for p in shards]}
     store = FeatureStore(path)
     with _open_read(store.path) as f:
         attrs = _root_attrs(f)
@@ -599,6 +625,19 @@ def verify_store(path: str | os.PathLike, check_files: bool = False, dataset: st
     ``check_files``, how many image files were re-hashed under ``dataset`` (default: the store's
     ``dataset`` attribute)."""
     path = Path(path)
+    if path.is_file() and _shard_paths(path) is not None:
+        try:
+            shards = _index_shards(path)
+        except (OSError, KeyError, ValueError) as exc:
+            return {"store": str(path), "ok": False, "problems": [f"the shard index {path} is unreadable ({exc}); "
+                    "re-run the sharded extraction to write it again."], "notes": [], "groups": [],
+                    "files_checked": None}
+        parts = [verify_store(p, check_files, dataset, rows, workers) for p in shards]
+        return {"store": str(path), "ok": all(p["ok"] for p in parts),
+                "problems": [f"shard {p['store']}: {x}" for p in parts for x in p["problems"]],
+                "notes": [f"shard {p['store']}: {x}" for p in parts for x in p["notes"]],
+                "groups": parts[0]["groups"], "shards": [p["store"] for p in parts],
+                "files_checked": sum(p["files_checked"] or 0 for p in parts) if check_files else None}
     problems: list[str] = []
     notes: list[str] = []
     result: dict[str, Any] = {"store": str(path), "ok": False, "problems": problems, "notes": notes,

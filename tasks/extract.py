@@ -287,14 +287,19 @@ def shard_manifest(manifest: Manifest, index: int, shards: int) -> Manifest:
 
 def extract_shard(manifest: Manifest, store: str | os.PathLike, index: int, shards: int, spec: BackboneSpec,
                   cuts: Sequence[tuple[str, str]], options: ExtractOptions | None = None,
-                  threads: int | None = None, progress: Progress | None = None) -> dict[str, Any]:
+                  threads: int | None = None, progress: Progress | None = None,
+                  gpu: int | None = None) -> dict[str, Any]:
     """Extract shard ``index`` of ``shards`` into its own store file (run by one worker each).
 
-    ``threads`` caps TensorFlow's compute threads in this process (set before TensorFlow starts),
-    so that several workers on one machine share its cores instead of fighting over them."""
-    if threads and "tensorflow" not in sys.modules:
-        os.environ["TF_NUM_INTRAOP_THREADS"] = str(threads)
-        os.environ["TF_NUM_INTEROP_THREADS"] = "1"
+    ``threads`` caps TensorFlow's compute threads in this process and ``gpu`` pins it to one GPU
+    (``CUDA_VISIBLE_DEVICES``); both take effect only where TensorFlow has not started yet in the
+    worker process, so give each worker its own GPU when starting it where that matters."""
+    if "tensorflow" not in sys.modules:
+        if threads:
+            os.environ["TF_NUM_INTRAOP_THREADS"] = str(threads)
+            os.environ["TF_NUM_INTEROP_THREADS"] = "1"
+        if gpu is not None:
+            os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
     path = shard_store_paths(store, shards)[index]
     out = extract_to_store(shard_manifest(manifest, index, shards), path, spec, cuts, options, progress)
     out["shard"] = index

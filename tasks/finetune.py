@@ -21,6 +21,7 @@ through ``BackupAndRestore``.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
@@ -171,7 +172,13 @@ def keras_pieces() -> dict[str, Any]:
                 self._head_refs: set = set()
 
             def set_head_variables(self, variables) -> None:
-                self._head_refs = {_tf_variable(v).ref() for v in variables}
+                refs = set()
+                for v in variables:
+                    tv = _tf_variable(v)
+                    refs.add(tv.ref())
+                    # under MirroredStrategy the update sees each GPU's copy
+                    refs.update(x.ref() for x in getattr(tv, "values", ()) or ())
+                self._head_refs = refs
 
             def update_step(self, gradient, variable, learning_rate):
                 # The TensorFlow backend hands tf.Variables to update_step, Keras variables elsewhere.
@@ -448,8 +455,12 @@ def fine_tune(manifest: Manifest, spec: BackboneSpec, cfg: FineTuneConfig, workd
     prev_policy = keras.config.dtype_policy()
     if policy != "off":
         keras.config.set_dtype_policy(f"mixed_{policy}")
+    # Several GPUs of one machine: data-parallel training, one replica per GPU.
+    strategy = tf.distribute.MirroredStrategy() if len(tf_runtime.gpus()) > 1 else None
+    scope = strategy.scope if strategy else contextlib.nullcontext
     try:
-        net = build_network(spec, n_classes, cfg)
+        with scope():
+            net = build_network(spec, n_classes, cfg)
     finally:
         keras.config.set_dtype_policy(prev_policy)
     skips = SkipLog()
@@ -474,11 +485,12 @@ def fine_tune(manifest: Manifest, spec: BackboneSpec, cfg: FineTuneConfig, workd
             offset += epochs
             continue
         apply_freezing(net, freeze, cfg.freeze_batchnorm)
-        opt = make_optimizer(cfg, steps, phase)
-        if hasattr(opt, "set_head_variables"):
-            opt.set_head_variables(net.head_variables())
-        net.model.compile(optimizer=opt, loss="sparse_categorical_crossentropy", metrics=["accuracy"],
-                          jit_compile=bool(cfg.xla))
+        with scope():
+            opt = make_optimizer(cfg, steps, phase)
+            if hasattr(opt, "set_head_variables"):
+                opt.set_head_variables(net.head_variables())
+            net.model.compile(optimizer=opt, loss="sparse_categorical_crossentropy", metrics=["accuracy"],
+                              jit_compile=bool(cfg.xla))
         backup = workdir / f"backup-{phase}"
         start_epoch = 0
         meta = backup / "training_metadata.json"

@@ -251,13 +251,14 @@ def promote_or_keep(registry: str, name: str, champion_version: int, challenger_
 @task(name="extract-shard", retries=1, retry_delay_seconds=5, retry_condition_fn=transient_only,
       cache_policy=NO_CACHE, task_run_name="extract shard {index} of {shards}")
 def extract_codes_shard(manifest_path: str, store: str, index: int, shards: int, spec: dict[str, Any],
-                        cuts: list[list[str]], options: dict[str, Any], threads: int | None) -> dict:
+                        cuts: list[list[str]], options: dict[str, Any], threads: int | None,
+                        gpu: int | None = None) -> dict:
     """One shard of a sharded extraction, into its own store file (one writer per shard)."""
     manifest = Manifest.load(manifest_path)
     bar = Progress(f"shard {index}", unit="img", key=f"extract-shard-{index}")
     try:
         return extract.extract_shard(manifest, store, index, shards, BackboneSpec(**spec), [tuple(c) for c in cuts],
-                                     extract.ExtractOptions(**options), threads=threads, progress=bar)
+                                     extract.ExtractOptions(**options), threads=threads, progress=bar, gpu=gpu)
     finally:
         bar.close()
 

@@ -48,6 +48,11 @@ def test_two_dask_workers_give_the_single_process_features_and_stay_incremental(
         again = extract_features(str(texture_data), layers=[TINY_LAST], store=str(tmp_path / "sharded.h5"),
                                  out=str(tmp_path / "o2"), shards=2, workers=2, **TINY_FLOW)
         assert again["up_to_date"] and again["computed"] == 0
+    from storage.tools import list_store, verify_store
+
+    assert list_store(tmp_path / "sharded.h5")["groups"][0]["rows"] == 43
+    v = verify_store(tmp_path / "sharded.h5", check_files=True)
+    assert v["ok"] and len(v["shards"]) == 2 and v["files_checked"] == 43
 
 
 def _postgres_binaries():
