@@ -7,7 +7,8 @@ from pathlib import Path
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
-from tasks.prefect_tasks import evaluate_champion, promote_or_keep, retrain_plan, scan_dataset
+from tasks.prefect_tasks import (evaluate_champion, promote_or_keep, retrain_plan, retrain_split_settings,
+                                  scan_dataset)
 
 from flows.extract_features import extract_features
 from flows.fine_tune import fine_tune
@@ -22,18 +23,8 @@ def retrain(data: str, model: str, registry: str = "cnncodes-out/registry", marg
     Returns ``{"retrained", "reason", "champion", ...}``; the registry's ``champion`` alias moves only
     when the challenger's accuracy beats the champion's by more than ``margin`` on the same split."""
     manifest_path = str(Path(out) / "runs" / f"retrain-{model}.manifest.json")
-    from storage import ModelRegistry
-
-    meta = ModelRegistry(registry).record(model).metadata
-    prov_fractions = {"val": 0.2, "test": 0.0, "seed": 0}
-    if meta.get("kind") == "linear-probe":
-        from storage import FeatureStore
-
-        prov = FeatureStore(meta["store"]).provenance
-        prov_fractions = {**prov_fractions, **(prov.get("split_fractions") or {}), "seed": prov.get("split_seed") or 0}
-    elif meta.get("kind") == "fine-tuned":
-        prov_fractions["seed"] = meta.get("config", {}).get("seed", 0)
-    scanned = scan_dataset(data, manifest_path, prov_fractions["val"], prov_fractions["test"], prov_fractions["seed"])
+    split = retrain_split_settings(registry, model)
+    scanned = scan_dataset(data, manifest_path, split["val"], split["test"], split["seed"])
     plan = retrain_plan(registry, model, manifest_path)
     if not plan["changed"] and not force:
         print(plan["reason"])
@@ -60,7 +51,7 @@ def retrain(data: str, model: str, registry: str = "cnncodes-out/registry", marg
         store = st["store"]
         extracted_new = extracted["computed"]
     else:
-        cfg, spec = meta["config"], meta["spec"]
+        cfg, spec = plan["settings"]["config"], plan["settings"]["spec"]
         challenger = fine_tune(data, backbone=spec["name"], weights=spec["weights"], backbone_args=spec["backbone_args"],
                                input_size=spec["input_size"], preprocessing=spec["preprocessing"],
                                cut_layer=cfg["cut_layer"], freeze=cfg["freeze"], freeze_batchnorm=cfg["freeze_batchnorm"],
@@ -71,8 +62,8 @@ def retrain(data: str, model: str, registry: str = "cnncodes-out/registry", marg
                                head_learning_rate=cfg["head_learning_rate"], batch_size=cfg["batch_size"],
                                augment=cfg["augment"], monitor=cfg["monitor"], patience=cfg["patience"],
                                mixed_precision=cfg["mixed_precision"], xla=cfg["xla"],
-                               resize=meta.get("resize") or "stretch", val_fraction=prov_fractions["val"],
-                               test_fraction=prov_fractions["test"], seed=cfg["seed"], model_name=model,
+                               resize=plan["settings"]["resize"], val_fraction=split["val"],
+                               test_fraction=split["test"], seed=cfg["seed"], model_name=model,
                                registry=registry, out=out)
         store = None
         extracted_new = None

@@ -34,6 +34,12 @@ def transient_only(task_, task_run, state) -> bool:
     return False
 
 
+def _metrics_artifact(metrics: dict[str, dict], key: str) -> None:
+    create_table_artifact([{"split": s, "images": m["images"], "accuracy": round(m["accuracy"], 4),
+                            "balanced_accuracy": round(m["balanced_accuracy"], 4), "macro_f1": round(m["macro_f1"], 4)}
+                           for s, m in metrics.items()], key=key, description="Metrics per split")
+
+
 @task(name="scan-dataset", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=transient_only,
       cache_policy=NO_CACHE)
 def scan_dataset(data: str, manifest_path: str, val_fraction: float, test_fraction: float, seed: int) -> dict:
@@ -94,10 +100,7 @@ def evaluate_probe(registry: str, name: str, version: int, store: str | None, re
     result = probe.evaluate_probe(registry, name, version, store, report_dir=report_dir)
     create_markdown_artifact(Path(result["report"]).read_text(), key="probe-report",
                              description=f"Linear probe {name} v{version}")
-    create_table_artifact([{"split": s, "images": m["images"], "accuracy": round(m["accuracy"], 4),
-                            "balanced_accuracy": round(m["balanced_accuracy"], 4), "macro_f1": round(m["macro_f1"], 4)}
-                           for s, m in result["metrics"].items()], key="probe-metrics",
-                          description="Metrics per split")
+    _metrics_artifact(result["metrics"], "probe-metrics")
     for split in ("val", "test"):
         if split in result["metrics"]:
             names = result["class_names"]
@@ -161,10 +164,7 @@ def evaluate_finetuned(trained: dict, manifest_path: str, spec: dict[str, Any], 
                                                       report_dir)
     create_markdown_artifact(Path(result["report"]).read_text(), key="finetune-report",
                              description=f"Fine-tuned {name} v{result['version']}")
-    create_table_artifact([{"split": s, "images": m["images"], "accuracy": round(m["accuracy"], 4),
-                            "balanced_accuracy": round(m["balanced_accuracy"], 4), "macro_f1": round(m["macro_f1"], 4)}
-                           for s, m in result["metrics"].items()], key="finetune-metrics",
-                          description="Metrics per split")
+    _metrics_artifact(result["metrics"], "finetune-metrics")
     create_table_artifact(trained["history"], key="finetune-history", description="Loss and accuracy per epoch")
     return result
 
@@ -211,11 +211,20 @@ def decision_report(result: dict, path: str) -> str:
     return str(p.resolve())
 
 
+@task(name="retrain-split-settings", cache_policy=NO_CACHE)
+def retrain_split_settings(registry: str, name: str) -> dict:
+    """The split fractions and seed the champion's data was split with (to rescan the same way)."""
+    return retrain.split_settings(registry, name)
+
+
 @task(name="retrain-plan", cache_policy=NO_CACHE)
 def retrain_plan(registry: str, name: str, manifest_path: str) -> dict:
     plan = retrain.retrain_plan(registry, name, Manifest.load(manifest_path))
     if plan["kind"] == "linear-probe":
         plan["settings"] = retrain.probe_settings(registry, name)
+    else:
+        meta = retrain.champion_record(registry, name).metadata
+        plan["settings"] = {"config": meta["config"], "spec": meta["spec"], "resize": meta.get("resize") or "stretch"}
     return plan
 
 

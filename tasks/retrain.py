@@ -56,6 +56,19 @@ def probe_settings(registry: str | Path, name: str) -> dict[str, Any]:
             "test_fraction": (prov.get("split_fractions") or {}).get("test", 0.0)}
 
 
+def split_settings(registry: str | Path, name: str) -> dict[str, Any]:
+    """``{"val", "test", "seed"}``: how the champion's dataset was split, to rescan it the same way."""
+    meta = champion_record(registry, name).metadata
+    out = {"val": 0.2, "test": 0.0, "seed": 0}
+    if meta.get("kind") == "linear-probe":
+        prov = FeatureStore(meta["store"]).provenance
+        out.update({k: v for k, v in (prov.get("split_fractions") or {}).items() if k in ("val", "test")})
+        out["seed"] = prov.get("split_seed") or 0
+    elif meta.get("kind") == "fine-tuned":
+        out["seed"] = meta.get("config", {}).get("seed", 0)
+    return out
+
+
 def decide_promotion(champion: dict[str, Any], challenger: dict[str, Any], margin: float) -> dict[str, Any]:
     """Champion and challenger metrics ({split: {accuracy, ...}}) on the same data: promote only a
     challenger whose accuracy exceeds the champion's by more than ``margin`` (test split if both

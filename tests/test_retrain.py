@@ -74,3 +74,29 @@ def test_retrain_flow_no_change_then_growth(tmp_path, texture_data):
         strict = retrain(str(texture_data), "tex", registry=reg, out=out, force=True, margin=1.0)
         assert strict["retrained"] and not strict["promoted"]  # nothing can win by more than 1.0
         assert r.aliases("tex")["champion"] == grown["champion"]
+
+
+@pytest.mark.slow
+def test_retrain_a_fine_tuned_lineage(tmp_path, texture_data):
+    import keras
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.fine_tune import fine_tune
+    from flows.retrain import retrain
+
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((32, 32, 3))
+    x = keras.layers.Conv2D(8, 3, strides=2, name="c")(inp)
+    model = tmp_path / "cnn.keras"
+    keras.Model(inp, keras.layers.ReLU(name="r")(x)).save(model)
+    out, reg = str(tmp_path / "out"), str(tmp_path / "reg")
+    with prefect_test_harness(server_startup_timeout=90):
+        fine_tune(str(texture_data), backbone=str(model), weights="file", preprocessing="scale01", dense=[8],
+                  dropout=0.0, epochs=1, augment=[], batch_size=8, model_name="ft", registry=reg, out=out)
+        same = retrain(str(texture_data), "ft", registry=reg, out=out)
+        assert same["retrained"] is False
+        forced = retrain(str(texture_data), "ft", registry=reg, out=out, force=True)
+    assert forced["retrained"] and forced["challenger"] == 2 and forced["extracted"] is None
+    r = ModelRegistry(reg)
+    assert r.versions("ft") == [1, 2] and r.record("ft", 2).metadata["config"]["dense"] == [8]
+    assert r.aliases("ft")["champion"] == forced["champion"] and r.history("ft")[-1]["challenger"] == 2
