@@ -42,6 +42,7 @@ import numpy as np  # noqa: E402
 
 from tasks import tf_runtime  # noqa: E402
 from tasks.synthetic import CLASSES, make_dataset  # noqa: E402
+from report import emit  # noqa: E402  benchmarks/ is the script's folder
 
 BATCH = 32
 
@@ -300,10 +301,7 @@ def main() -> None:
         a, b = results["memory"]
         results["memory_ratio"] = b["peak_rss_mb"] / a["peak_rss_mb"]
         results["memory_ratio_during_extraction"] = b["rss_max_during_extraction_mb"] / a["rss_max_during_extraction_mb"]
-    text = json.dumps(results, indent=1, default=float)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text)
+    emit(results, args.json)
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -34,6 +34,7 @@ import numpy as np  # noqa: E402
 
 from tasks import tf_runtime  # noqa: E402
 from tasks.synthetic import CLASSES, make_dataset  # noqa: E402
+from report import emit  # noqa: E402  benchmarks/ is the script's folder
 
 
 def plain_fit(spec, cfg, manifest, epochs: int) -> list[float]:
@@ -112,10 +113,7 @@ def main() -> None:
             row["overhead"] = 1.0 - row["cnncodes_images_per_s"] / row["plain_images_per_s"]
             results["runs"].append(row)
             print(json.dumps(row), flush=True)
-    text = json.dumps(results, indent=1)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text)
+    emit(results, args.json)
 
 
 if __name__ == "__main__":

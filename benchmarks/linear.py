@@ -23,6 +23,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from report import emit  # benchmarks/ is the script's folder
+
 ROOT = Path(__file__).resolve().parents[1]
 
 CHILD = r"""
@@ -152,10 +154,7 @@ def main() -> None:
                                                features_mb=round(features_mb, 1)))
         sgd["rows"] = n_big
     results = {"classifiers": rows, "sgd_out_of_core": sgd}
-    text = json.dumps(results, indent=1)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text)
+    emit(results, args.json)
 
 
 if __name__ == "__main__":

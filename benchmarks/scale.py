@@ -17,12 +17,12 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
 import time
 from pathlib import Path
+from report import emit  # noqa: E402  benchmarks/ is the script's folder
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -95,10 +95,7 @@ def main() -> None:
               "runs": runs, "per_image": costs,
               "speedup_2_workers_steady": round(runs[1]["steady_images_per_s"] / runs[0]["steady_images_per_s"], 3),
               "speedup_2_workers_wall": round(runs[1]["wall_images_per_s"] / runs[0]["wall_images_per_s"], 3)}
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text)
+    emit(result, args.json)
 
 
 if __name__ == "__main__":

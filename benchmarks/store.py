@@ -18,7 +18,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -32,6 +31,7 @@ import numpy as np  # noqa: E402
 
 from storage import FeatureStore, Manifest, Sample  # noqa: E402
 from storage.store import GroupSpec, StoreWriter  # noqa: E402
+from report import emit  # noqa: E402  benchmarks/ is the script's folder
 
 
 def write(path: Path, npy: Path, rows: int, dims: int) -> None:
@@ -97,10 +97,7 @@ def main() -> None:
                   "mib_per_s": {k: round(mib / v, 1) for k, v in med.items()},
                   "ratio_to_numpy": {k: round(v / med["numpy"], 3) for k, v in med.items()},
                   "runs_s": runs, "store_bytes": store.stat().st_size, "npy_bytes": npy.stat().st_size}
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text)
+    emit(result, args.json)
 
 
 if __name__ == "__main__":

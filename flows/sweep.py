@@ -14,16 +14,10 @@ def sweep(store: str, layers: list[str] | None = None, pooling: str | None = Non
           C: float = 0.1, cv_folds: int = 5, out: str = "cnncodes-out", seed: int = 0,
           max_images: int | None = None) -> dict:
     """Cross-validate the same probe on each layer group of ``store`` (all groups when ``layers`` is
-    empty) and name the best; ``max_images`` caps the images per layer with a stratified sample. Returns the table, the best group and the report and plot paths."""
+    empty; only ``pooling`` groups when given) and name the best; ``max_images`` caps the images per layer
+    with a stratified sample. Returns the table, the best group and the report and plot paths."""
     config = LinearConfig(classifier=classifier, C=C, cv_folds=cv_folds, seed=seed, calibrate=False).validate()
-    groups = None
-    if layers:
-        from storage import FeatureStore
-
-        have = {(g["layer"], g["pooling"]) for g in FeatureStore(store).groups()}
-        groups = [[layer, p] for layer in layers for p in sorted({q for l2, q in have if l2 == layer})
-                  if pooling in (None, p)] or [[layer, pooling or "avg"] for layer in layers]
-    result = sweep_layers(store, groups, config.as_dict(), str(Path(out) / "reports"), max_images)
+    result = sweep_layers(store, layers, pooling, config.as_dict(), str(Path(out) / "reports"), max_images)
     for r in result["rows"]:
         print(f"{r['layer']}/{r['pooling']}: {r['mean']:.3f} ± {r['std']:.3f}")
     print(f"best: {result['best']['layer']}/{result['best']['pooling']}; report: {result['report']}")

@@ -400,6 +400,7 @@ class FineTuneResult:
     seconds: float
     resumed_from_epoch: dict[str, int] = field(default_factory=dict)
     stopped_early: bool = False
+    input_size: int | None = None
 
 
 class _EpochProgress:
@@ -544,7 +545,7 @@ def fine_tune(manifest: Manifest, spec: BackboneSpec, cfg: FineTuneConfig, workd
     tmp.replace(model_path)
     _write_history(workdir, history)
     return FineTuneResult(str(model_path), history, phase_info, net.counts(), skips.as_list(),
-                          time.perf_counter() - t0, resumed, stopped_early)
+                          time.perf_counter() - t0, resumed, stopped_early, net.size)
 
 
 def _write_history(workdir: Path, history: list[dict[str, Any]]) -> None:

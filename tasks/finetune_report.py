@@ -16,11 +16,12 @@ from .probe import metrics_markdown
 
 def evaluate_register_report(trained: dict[str, Any], manifest: Manifest, spec: BackboneSpec, cfg: FineTuneConfig,
                              resize: str, registry: str | Path, name: str, report_dir: str | Path) -> dict[str, Any]:
-    size = int(load_finetuned(trained["model_path"]).input_shape[1])
+    # trained records the input size; older records only have the model file to ask
+    size = int(trained.get("input_size") or load_finetuned(trained["model_path"]).input_shape[1])
     metrics, skipped = evaluate_finetuned(trained["model_path"], manifest, size, resize, cfg.batch_size)
     result_obj = FineTuneResult(trained["model_path"], trained["history"], trained["phases"], trained["counts"],
                                 trained["skipped"], trained["seconds"], trained.get("resumed_from_epoch", {}),
-                                trained.get("stopped_early", False))
+                                trained.get("stopped_early", False), size)
     reg = register_finetuned(result_obj, manifest, spec, cfg, resize, size, metrics, registry, name)
     report_dir = Path(report_dir)
     stem = f"{reg['name']}-v{reg['version']}"

@@ -128,8 +128,6 @@ def train_linear(X: np.ndarray, y: np.ndarray, class_names: Sequence[str], cfg: 
     """Fit the pipeline on ``(X, y)``, choosing C by stratified k-fold CV when ``cfg.C`` is None.
 
     Raises DatasetError for fewer than two classes or too few images to cross-validate."""
-    from sklearn.model_selection import StratifiedKFold, cross_val_score
-
     cfg.validate()
     check_labels(y, class_names)
     X = np.asarray(X, dtype=np.float32).reshape(len(X), -1)
@@ -142,15 +140,24 @@ def train_linear(X: np.ndarray, y: np.ndarray, class_names: Sequence[str], cfg: 
         if counts[counts > 0].min() < 2:
             raise DatasetError("a class has a single training image, too few to cross-validate C; "
                                "add images, or give C explicitly (--C 0.1).")
-        cv = StratifiedKFold(n_splits=_cv_folds(y, cfg.cv_folds), shuffle=True, random_state=cfg.seed)
         for c in grid:
-            s = cross_val_score(_final(cfg, c, X.shape[1], calibrate=False), X, y, cv=cv,
-                                scoring="balanced_accuracy", n_jobs=cfg.n_jobs)
-            scores.append({"C": c, "mean": float(s.mean()), "std": float(s.std())})
+            mean, std = cv_score(X, y, cfg, c)
+            scores.append({"C": c, "mean": mean, "std": std})
         best_c = max(scores, key=lambda r: (round(r["mean"], 6), -r["C"]))["C"]
     model = _final(cfg, best_c, X.shape[1], calibrate=cfg.calibrate, y=y)
     model.fit(X, y)
     return TrainResult(model=model, C=best_c, cv_scores=scores, seconds=time.perf_counter() - t)
+
+
+def cv_score(X: np.ndarray, y: np.ndarray, cfg: LinearConfig, C: float) -> tuple[float, float]:
+    """Mean and standard deviation of the balanced accuracy of ``cfg``'s pipeline at ``C`` over
+    stratified folds (seeded: the same folds for every C and every layer), in parallel with joblib."""
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+
+    cv = StratifiedKFold(n_splits=_cv_folds(y, cfg.cv_folds), shuffle=True, random_state=cfg.seed)
+    s = cross_val_score(_final(cfg, C, X.shape[1], calibrate=False), X, y, cv=cv, scoring="balanced_accuracy",
+                        n_jobs=cfg.n_jobs)
+    return float(s.mean()), float(s.std())
 
 
 def _final(cfg: LinearConfig, C: float, n_features: int, calibrate: bool, y: np.ndarray | None = None):

@@ -111,9 +111,9 @@ def evaluate_probe(registry: str, name: str, version: int, store: str | None, re
 
 
 @task(name="sweep-layers", cache_policy=NO_CACHE)
-def sweep_layers(store: str, groups: list[list[str]] | None, config: dict[str, Any], report_dir: str,
-                 max_images: int | None = None) -> dict:
-    result = probe.sweep_layers(store, [tuple(g) for g in groups] if groups else None, LinearConfig(**config),
+def sweep_layers(store: str, layers: list[str] | None, pooling: str | None, config: dict[str, Any],
+                 report_dir: str, max_images: int | None = None) -> dict:
+    result = probe.sweep_layers(store, probe.resolve_groups(store, layers, pooling), LinearConfig(**config),
                                 report_dir, max_images)
     create_table_artifact(result["rows"], key="layer-sweep", description=f"Probe CV score by layer; best: "
                           f"{result['best']['layer']}/{result['best']['pooling']}")
@@ -152,7 +152,7 @@ def fine_tune_network(manifest_path: str, spec: dict[str, Any], config: dict[str
         bar.close()
     return {"model_path": r.model_path, "history": r.history, "phases": r.phases, "counts": r.counts,
             "skipped": r.skipped, "seconds": r.seconds, "resumed_from_epoch": r.resumed_from_epoch,
-            "stopped_early": r.stopped_early}
+            "stopped_early": r.stopped_early, "input_size": r.input_size}
 
 
 @task(name="evaluate-finetuned", cache_policy=NO_CACHE)

@@ -20,7 +20,7 @@ from storage.errors import DatasetError, ParameterError
 from storage.manifest import atomic_write_text
 
 from . import evaluate as ev
-from .linear import LinearConfig, check_labels, train_linear, train_sgd_chunked
+from .linear import LinearConfig, check_labels, cv_score, train_linear, train_sgd_chunked
 
 # Keys copied from the store's provenance into a model's metadata: what `predict` needs to
 # recompute exactly the same codes, and what loading checks against.
@@ -190,24 +190,34 @@ def metrics_markdown(header: list[str], result: dict[str, Any], meta: dict[str, 
     return "\n".join(lines) + "\n"
 
 
+def resolve_groups(store: str | Path, layers: Sequence[str] | None, pooling: str | None
+                   ) -> list[tuple[str, str]] | None:
+    """The (layer, pooling) groups a sweep compares: every group of the store, or those of ``layers``,
+    keeping only ``pooling`` when given. None means every group."""
+    if not layers and pooling is None:
+        return None
+    have = [(g["layer"], g["pooling"]) for g in FeatureStore(store).groups()]
+    wanted = [(layer, p) for layer, p in have if (not layers or layer in layers) and pooling in (None, p)]
+    found = {layer for layer, _ in wanted}
+    # a layer the store lacks stays in the list, so that the sweep says which and how to fix it
+    return wanted + [(layer, pooling or "avg") for layer in (layers or []) if layer not in found]
+
+
 def sweep_layers(store: str | Path, groups: Sequence[tuple[str, str]] | None, cfg: LinearConfig,
                  report_dir: str | Path, max_images: int | None = None) -> dict[str, Any]:
     """Cross-validate the same probe on each (layer, pooling) group of a store (train split, plus val
     when present): the evidence for which layer to use. Writes a table and a bar plot; names the best."""
-    from sklearn.model_selection import StratifiedKFold, cross_val_score
-
-    from .linear import _cv_folds, _final
-
     cfg.validate()
     fs = FeatureStore(store)
     available = [(g["layer"], g["pooling"]) for g in fs.groups()]
-    groups = list(groups or available)
+    groups = list(available if groups is None else groups)
     missing = [f"{layer}/{pooling}" for layer, pooling in groups if (layer, pooling) not in available]
     if missing:
         raise ParameterError(f"groups {missing} are not in store {store} (it has "
                              f"{[f'{a}/{b}' for a, b in available]}); extract them first.")
     if len(groups) < 1:
-        raise DatasetError(f"store {store} has no layer groups to sweep.")
+        raise ParameterError(f"no layer group of store {store} matches the selection (it has "
+                             f"{[f'{a}/{b}' for a, b in available] or 'none'}); check --layer and --pooling.")
     class_names = fs.class_names
     C = float(cfg.C) if cfg.C is not None else 0.1
     rows = []
@@ -219,11 +229,9 @@ def sweep_layers(store: str | Path, groups: Sequence[tuple[str, str]] | None, cf
             from sklearn.model_selection import train_test_split
 
             X, _, y, _ = train_test_split(X, y, train_size=max_images, stratify=y, random_state=cfg.seed)
-        cv = StratifiedKFold(n_splits=_cv_folds(y, cfg.cv_folds), shuffle=True, random_state=cfg.seed)
-        s = cross_val_score(_final(cfg, C, X.shape[1], calibrate=False), X, y, cv=cv,
-                            scoring="balanced_accuracy", n_jobs=cfg.n_jobs)
+        mean, std = cv_score(X, y, cfg, C)
         rows.append({"layer": layer, "pooling": pooling, "dims": int(X.shape[1]), "images": int(len(y)),
-                     "mean": float(s.mean()), "std": float(s.std())})
+                     "mean": mean, "std": std})
     best = max(range(len(rows)), key=lambda i: rows[i]["mean"])
     report_dir = Path(report_dir)
     stem = Path(store).stem

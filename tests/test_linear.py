@@ -206,3 +206,16 @@ def test_top5_accuracy_appears_with_more_than_five_classes(tmp_path):
     three = make_store(tmp_path / "t.h5")
     fit_probe(three, "signal", "avg", LinearConfig(C=0.1, n_jobs=1), tmp_path / "r", name="three")
     assert "top5_accuracy" not in evaluate_probe(tmp_path / "r", "three", None, three, report_dir=tmp_path)["metrics"]["val"]
+
+
+def test_sweep_group_selection_by_layer_and_pooling(tmp_path):
+    from tasks.probe import resolve_groups
+
+    store = make_store(tmp_path / "s.h5")
+    assert resolve_groups(store, None, None) is None
+    assert resolve_groups(store, ["signal"], None) == [("signal", "avg")]
+    assert resolve_groups(store, None, "avg") == [("noise", "avg"), ("signal", "avg")]
+    assert resolve_groups(store, None, "max") == []
+    assert resolve_groups(store, ["conv9"], None) == [("conv9", "avg")]  # kept, so the sweep can say it is missing
+    with pytest.raises(ParameterError, match="no layer group .* matches"):
+        sweep_layers(store, resolve_groups(store, None, "max"), LinearConfig(), tmp_path)
