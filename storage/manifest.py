@@ -11,7 +11,6 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 from .errors import DatasetError
 from .hashing import fingerprint
@@ -65,12 +64,6 @@ class Manifest:
 
     def abspath(self, sample: Sample) -> str:
         return sample.path if os.path.isabs(sample.path) else os.path.join(self.root, sample.path)
-
-    def subset(self, paths: Iterable[str]) -> "Manifest":
-        keep = set(paths)
-        return Manifest(self.root, self.layout, list(self.class_names),
-                        [s for s in self.samples if s.path in keep],
-                        self.split_seed, dict(self.split_fractions), list(self.skipped))
 
     # -- (de)serialisation -------------------------------------------------
     def to_dict(self) -> dict:

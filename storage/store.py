@@ -33,7 +33,6 @@ import errno
 import fcntl
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -747,11 +746,3 @@ def store_is_current(path: str | os.PathLike, identity: dict[str, Any], layers: 
     except (StoreError, OSError, KeyError):
         return False
     return True
-
-
-def delete_store(path: str | os.PathLike) -> None:
-    """Remove a store and its lock file."""
-    p = Path(path)
-    for q in (p, p.with_name(p.name + ".lock")):
-        if q.exists():
-            q.unlink() if q.is_file() else shutil.rmtree(q)

@@ -20,7 +20,6 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from storage.errors import ParameterError
-from storage.hashing import fingerprint
 from storage.manifest import Manifest, Skip
 from storage.store import COMPRESSIONS, DTYPES, POOLINGS, GroupSpec, StoreWriter, group_name, store_is_current
 
@@ -146,14 +145,6 @@ def decoded_batches(manifest: Manifest, todo: Sequence[int], size: int, options:
             yield idx, arrays, ok, skips
             if not ahead:
                 submit_next()
-
-
-def feature_fingerprint(identity: dict[str, Any], layer: str, pooling: str, manifest_fp: str, resize: str) -> str:
-    """Fingerprint of one feature set: what a cache of its downstream results is keyed by."""
-    ident = {k: v for k, v in identity.items() if k != "weights_digest"}
-    return fingerprint({"identity": ident, "digest": identity.get("weights_digest"), "layer": layer,
-                        "pooling": pooling, "manifest": manifest_fp, "resize": resize,
-                        "extractor": EXTRACTOR_VERSION})
 
 
 def extract_to_store(manifest: Manifest, store: str | os.PathLike, spec: BackboneSpec,
