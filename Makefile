@@ -9,9 +9,18 @@ OUT    ?= cnncodes-out
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: run test test-all install bench clean
+.PHONY: run test test-all install install-gpu bench clean
 
 install: $(STAMP)
+
+# The GPU build of TensorFlow (CUDA libraries from the package index): for benchmarks/gpu.sh and GPU machines.
+GPU_STAMP := $(VENV)/.installed-gpu
+install-gpu: $(GPU_STAMP)
+
+$(GPU_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev,gpu]" \
+		--config-settings editable_mode=compat
+	@touch $@
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

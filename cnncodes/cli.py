@@ -31,9 +31,10 @@ def _add_backbone_options(p: argparse.ArgumentParser, weights_default: str = "im
     p.add_argument("--preprocessing", default="auto",
                    help="'auto' (the family's preprocess_input), 'none', 'tf', 'caffe', 'torch', 'scale01', "
                         "or a keras.applications module name (default: %(default)s)")
-    p.add_argument("--precision", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="compute precision: float32; bfloat16 on GPUs and CPUs with AVX512-BF16/AMX; "
-                        "float16 (mixed) on GPUs (default: %(default)s)")
+    p.add_argument("--precision", default="auto", choices=["float32", "float16", "bfloat16", "auto"],
+                   help="compute precision of the whole network: float32; float16 (mixed, GPUs); bfloat16 (GPUs "
+                        "and CPUs with AVX512-BF16/AMX); auto = float16 on a GPU, float32 on a CPU (an existing "
+                        "store keeps its own where it runs here) (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the random split and of random weights (default: %(default)s)")
 
@@ -68,6 +69,8 @@ def _add_extract_options(p: argparse.ArgumentParser) -> None:
                    help="use this Dask scheduler (tcp://host:8786) instead of a local cluster")
     p.add_argument("--gpus", type=int, default=0,
                    help="one shard per GPU of this machine, each worker pinned to its GPU (default: %(default)s)")
+    p.add_argument("--xla", action="store_true",
+                   help="compile the forward pass with XLA (the same codes; faster on GPUs)")
 
 
 def _add_registry_options(p: argparse.ArgumentParser) -> None:
@@ -208,8 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma list of flip, rotation, zoom, translation, contrast; '' for none (default: %(default)s)")
     p.add_argument("--monitor", default="val_accuracy", help="metric for checkpoints and early stopping (default: %(default)s)")
     p.add_argument("--patience", type=int, default=3, help="early-stopping patience in epochs (default: %(default)s)")
-    p.add_argument("--mixed-precision", default="auto", choices=["auto", "off", "float16", "bfloat16"],
-                   help="auto: mixed float16 on a GPU, off on a CPU (default: %(default)s)")
+    # Before --precision covered fine-tuning too: kept so that existing scripts run; off means float32.
+    p.add_argument("--mixed-precision", default=None, choices=["auto", "off", "float16", "bfloat16"],
+                   help=argparse.SUPPRESS)
     p.add_argument("--xla", action="store_true", help="compile the training step with XLA")
     p.add_argument("--resize", default="stretch", choices=["stretch", "crop", "pad"], help="(default: %(default)s)")
     p.add_argument("--val-fraction", type=float, default=0.2, help="(default: %(default)s)")
@@ -297,7 +301,8 @@ def _extract_kwargs(args) -> dict[str, Any]:
                 input_size=args.input_size, preprocessing=args.preprocessing, precision=args.precision,
                 batch_size=args.batch_size, dtype=args.dtype, compression=args.compression, resize=args.resize,
                 val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=args.seed, out=args.out,
-                shards=args.shards, workers=args.workers, dask_address=args.dask_address, gpus=args.gpus)
+                shards=args.shards, workers=args.workers, dask_address=args.dask_address, gpus=args.gpus,
+                xla=args.xla)
 
 
 def _extract_text(s: dict[str, Any]) -> str:
@@ -369,6 +374,13 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def _precision(args) -> str:
+    """--precision, or the older --mixed-precision (off = float32) where a script still gives it."""
+    if args.mixed_precision is not None:
+        return {"off": "float32"}.get(args.mixed_precision, args.mixed_precision)
+    return args.precision
+
+
 def cmd_fine_tune(args) -> int:
     from flows.fine_tune import fine_tune
     from tasks.backbones import parse_backbone_args
@@ -382,7 +394,7 @@ def cmd_fine_tune(args) -> int:
                   momentum=args.momentum, head_lr_multiplier=args.head_lr_multiplier, schedule=args.schedule,
                   epochs=args.epochs, head_epochs=args.head_epochs, head_learning_rate=args.head_learning_rate,
                   batch_size=args.batch_size, augment=[a for a in args.augment.split(",") if a.strip()],
-                  monitor=args.monitor, patience=args.patience, mixed_precision=args.mixed_precision, xla=args.xla,
+                  monitor=args.monitor, patience=args.patience, precision=_precision(args), xla=args.xla,
                   resize=args.resize, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
                   seed=args.seed, model_name=args.model_name, registry=_registry(args), out=args.out)
     text = [f"model:  {r['model']} v{r['version']} in {r['registry']}", f"report: {r['report']}",
@@ -405,7 +417,8 @@ def cmd_transfer(args) -> int:
 
     r = transfer(data=args.data, backbone=args.backbone, weights=args.weights,
                  backbone_args=parse_backbone_args(args.backbone_arg), input_size=args.input_size,
-                 preprocessing=args.preprocessing, layers=args.layers or None, case=args.case, layer=args.layer,
+                 preprocessing=args.preprocessing, precision=args.precision, layers=args.layers or None,
+                 case=args.case, layer=args.layer,
                  large_per_class=args.large_per_class, similarity_margin=args.similarity_margin,
                  gate_margin=args.gate_margin, from_scratch=args.from_scratch, classifier=args.classifier,
                  epochs=args.epochs, head_epochs=args.head_epochs, learning_rate=args.learning_rate,

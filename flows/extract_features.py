@@ -46,10 +46,10 @@ def dask_runner(workers: int, address: str | None):
 @flow(name="extract-shards", log_prints=True, flow_run_name="extract {shards} shards into {store}")
 def extract_shards(manifest_path: str, store: str, shards: int, spec: dict[str, Any], cuts: list[list[str]],
                    options: dict[str, Any], threads: int | None, gpus: int = 0) -> dict:
-    """Each shard by its own worker, side by side (shard i on GPU i % gpus when ``gpus``); then the
-    index that reads them as one store."""
-    futures = [extract_codes_shard.submit(manifest_path, store, i, shards, spec, cuts, options, threads,
-                                          i % gpus if gpus else None) for i in range(shards)]
+    """Each shard by its own worker, side by side (with ``gpus``, each worker pinned to its own GPU);
+    then the index that reads them as one store."""
+    futures = [extract_codes_shard.submit(manifest_path, store, i, shards, spec, cuts, options, threads, gpus)
+               for i in range(shards)]
     parts = [f.result() for f in futures]
     return index_shards(store, shards, manifest_path, parts)
 
@@ -65,7 +65,7 @@ def extract_features(
     backbone_args: dict[str, Any] | None = None,
     input_size: int | None = None,
     preprocessing: str = "auto",
-    precision: str = "float32",
+    precision: str = "auto",
     batch_size: int = 32,
     dtype: str = "float32",
     compression: str | None = None,
@@ -78,6 +78,7 @@ def extract_features(
     workers: int | None = None,
     dask_address: str | None = None,
     gpus: int = 0,
+    xla: bool = False,
 ) -> dict:
     """Extract CNN codes of ``data`` at ``layers`` of ``backbone`` into ``store``.
 
@@ -85,7 +86,8 @@ def extract_features(
     each extracted into its own store file by a Dask worker: ``workers`` processes of a local cluster
     (default: one per shard), or the cluster at ``dask_address``. ``store`` is then an index that
     reads as one store. ``gpus`` > 0 runs one shard per GPU of this machine (``shards`` and ``workers``
-    default to it), each worker pinned to its GPU. Returns the extraction summary (counts, skips, timings, store and report paths).
+    default to it), each worker pinned to its GPU. ``precision`` is float32, float16 (mixed, GPUs),
+    bfloat16 or auto (float16 on a GPU, float32 on a CPU); ``xla`` compiles the forward pass. Returns the extraction summary (counts, skips, timings, store and report paths).
     """
     spec = BackboneSpec(backbone, weights=weights, input_size=input_size,
                         backbone_args=parse_backbone_args(backbone_args), preprocessing=preprocessing,
@@ -94,7 +96,8 @@ def extract_features(
         raise ParameterError("give at least one layer (--layer NAME); `cnncodes layers "
                              f"{backbone}` lists the layers of {backbone}.")
     cuts = normalise_cuts(layers, pooling)
-    options = ExtractOptions(batch_size=batch_size, dtype=dtype, compression=compression, resize=resize).validate()
+    options = ExtractOptions(batch_size=batch_size, dtype=dtype, compression=compression, resize=resize,
+                             xla=xla).validate()
     check_split_params(val_fraction, test_fraction)
     store_path = Path(store) if store else default_store_path(out, data, spec)
     runs = Path(out) / "runs"
@@ -111,9 +114,9 @@ def extract_features(
         raise ParameterError(f"shards must be a positive integer; got {shards!r}.")
     if shards == 1:
         summary = extract_codes(str(manifest_path), str(store_path), spec_dict(spec), [list(c) for c in cuts],
-                                options_dict(options))
+                                options_dict(options), gpus)
     else:
-        n_workers = workers or shards
+        n_workers = workers or (min(gpus, shards) if gpus else shards)
         threads = None if dask_address else max(1, (os.cpu_count() or 1) // n_workers)
         summary = extract_shards.with_options(task_runner=dask_runner(n_workers, dask_address))(
             str(manifest_path), str(store_path), shards, spec_dict(spec), [list(c) for c in cuts],

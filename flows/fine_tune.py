@@ -57,7 +57,7 @@ def fine_tune(
     augment: list[str] = ("flip", "rotation", "zoom"),
     monitor: str = "val_accuracy",
     patience: int = 3,
-    mixed_precision: str = "auto",
+    precision: str = "auto",
     xla: bool = False,
     resize: str = "stretch",
     val_fraction: float = 0.2,
@@ -67,16 +67,19 @@ def fine_tune(
     registry: str = "cnncodes-out/registry",
     out: str = "cnncodes-out",
 ) -> dict:
-    """Fine-tune ``backbone`` on ``data``; returns model name and version, metrics per split, report path."""
+    """Fine-tune ``backbone`` on ``data``; returns model name and version, metrics per split, report path.
+
+    ``precision`` (float32, float16, bfloat16, auto) applies to the whole network: 'auto' is mixed
+    float16 on a GPU (with loss scaling), float32 on a CPU; the last Dense and softmax stay float32."""
     spec = BackboneSpec(backbone, weights=weights, input_size=input_size,
                         backbone_args=parse_backbone_args(backbone_args), preprocessing=preprocessing,
-                        seed=seed).validate()
+                        precision=precision, seed=seed).validate()
     cfg = FineTuneConfig(freeze=freeze, freeze_batchnorm=freeze_batchnorm, cut_layer=cut_layer,
                          head_pooling=head_pooling, dense=list(dense), dropout=dropout, optimizer=optimizer,
                          learning_rate=learning_rate, momentum=momentum, head_lr_multiplier=head_lr_multiplier,
                          schedule=schedule, epochs=epochs, head_epochs=head_epochs,
                          head_learning_rate=head_learning_rate, batch_size=batch_size, augment=list(augment),
-                         monitor=monitor, patience=patience, mixed_precision=mixed_precision, xla=xla,
+                         monitor=monitor, patience=patience, xla=xla,
                          seed=seed).validate()
     if resize not in RESIZE_MODES:
         raise ParameterError(f"resize must be one of {RESIZE_MODES}; got {resize!r}.")

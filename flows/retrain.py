@@ -7,6 +7,7 @@ from pathlib import Path
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
+from tasks.finetune import precision_of
 from tasks.prefect_tasks import (evaluate_champion, promote_or_keep, retrain_plan, retrain_split_settings,
                                   scan_dataset)
 
@@ -61,7 +62,7 @@ def retrain(data: str, model: str, registry: str = "cnncodes-out/registry", marg
                                schedule=cfg["schedule"], epochs=cfg["epochs"], head_epochs=cfg["head_epochs"],
                                head_learning_rate=cfg["head_learning_rate"], batch_size=cfg["batch_size"],
                                augment=cfg["augment"], monitor=cfg["monitor"], patience=cfg["patience"],
-                               mixed_precision=cfg["mixed_precision"], xla=cfg["xla"],
+                               precision=precision_of(spec, cfg), xla=cfg["xla"],
                                resize=plan["settings"]["resize"], val_fraction=split["val"],
                                test_fraction=split["test"], seed=cfg["seed"], model_name=model,
                                registry=registry, out=out)

@@ -27,6 +27,7 @@ def transfer(
     backbone_args: dict[str, Any] | None = None,
     input_size: int | None = None,
     preprocessing: str = "auto",
+    precision: str = "auto",
     layers: list[str] | None = None,
     case: int | None = None,
     layer: str | None = None,
@@ -52,7 +53,7 @@ def transfer(
     Returns the case, the measurements behind it, the champion (name, version, metrics) and paths."""
     spec = BackboneSpec(backbone, weights=weights, input_size=input_size,
                         backbone_args=parse_backbone_args(backbone_args), preprocessing=preprocessing,
-                        seed=seed).validate()
+                        precision=precision, seed=seed).validate()
     thresholds = Thresholds(large_per_class, similarity_margin, gate_margin).validate()
     registry = registry or str(Path(out) / "registry")
     data_name = Path(data).stem if Path(data).is_file() else Path(data).resolve().name
@@ -64,7 +65,7 @@ def transfer(
     print(f"candidate layers: {', '.join(cands)}")
     extracted = extract_features(data, backbone=backbone, layers=cands, pooling="avg", weights=weights,
                                  backbone_args=spec.backbone_args, input_size=input_size, preprocessing=preprocessing,
-                                 batch_size=batch_size, val_fraction=val_fraction, test_fraction=test_fraction,
+                                 precision=precision, batch_size=batch_size, val_fraction=val_fraction, test_fraction=test_fraction,
                                  seed=seed, out=out)
     swept = sweep(extracted["store"], layers=cands, pooling="avg", classifier=classifier, out=out, seed=seed,
                   max_images=max_similarity_images)
@@ -79,7 +80,7 @@ def transfer(
     if decision["finetune"]:
         finetuned = fine_tune(data, backbone=backbone, weights="none" if decision["from_scratch"] else weights,
                               backbone_args=spec.backbone_args, input_size=input_size, preprocessing=preprocessing,
-                              freeze=decision["freeze"] or "none", epochs=epochs,
+                              precision=precision, freeze=decision["freeze"] or "none", epochs=epochs,
                               head_epochs=0 if decision["from_scratch"] else head_epochs,
                               learning_rate=learning_rate if not decision["from_scratch"] else max(learning_rate, 1e-3),
                               optimizer="sgd" if not decision["from_scratch"] else "adam", batch_size=batch_size,

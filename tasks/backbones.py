@@ -12,6 +12,7 @@ listed and parameters validated without it.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import difflib
 import hashlib
 import os
@@ -145,7 +146,8 @@ class BackboneSpec:
             raise ParameterError(f"preprocessing must be one of {PREPROCESSING_MODES} or a keras.applications "
                                  f"module name (e.g. 'resnet', 'mobilenet_v2'); got {self.preprocessing!r}.")
         if self.precision not in tf_runtime.PRECISIONS:
-            raise ParameterError(f"precision must be one of {tf_runtime.PRECISIONS}; got {self.precision!r}.")
+            raise ParameterError(f"precision must be one of {', '.join(tf_runtime.PRECISIONS)}; "
+                                 f"got {self.precision!r}.")
         w = str(self.weights)
         if w.lower() in ("none", "null", "random"):
             self.weights = "none"
@@ -173,6 +175,14 @@ class BackboneSpec:
                 raise BackboneError(f"{self.name} cannot take input size {self.input_size!r}: the smallest it "
                                     f"accepts is {info.min_size} (default {info.default_size}).")
         return self
+
+    def resolved(self) -> "BackboneSpec":
+        """This spec with ``precision`` 'auto' replaced by what it means on this machine (imports
+        TensorFlow only then): stores and models record the precision that actually ran."""
+        if self.precision != "auto":
+            return self
+        return dataclasses.replace(self, backbone_args=dict(self.backbone_args),
+                                   precision=tf_runtime.resolve_precision(self.precision))
 
     @property
     def size(self) -> int | None:
@@ -309,20 +319,21 @@ def _preprocess_fn(spec: BackboneSpec):
     return getattr(keras.applications, p).preprocess_input
 
 
-def build_backbone(spec: BackboneSpec) -> Backbone:
-    """Build the backbone of ``spec`` (headless, fixed square input). Raises BackboneError."""
-    spec.validate()
+def build_backbone(spec: BackboneSpec, check_device: bool = True) -> Backbone:
+    """Build the backbone of ``spec`` (headless, fixed square input), every layer computing in
+    ``spec.precision`` ('auto' resolved for this machine). Raises BackboneError.
+
+    ``check_device=False`` skips the check that the precision runs fast here (tests build
+    float16 models on CPUs to inspect them)."""
+    spec = spec.validate().resolved()
     keras = tf_runtime.keras()
-    tf_runtime.check_precision(spec.precision)
-    previous = keras.config.dtype_policy()
-    keras.config.set_dtype_policy(tf_runtime.policy_name(spec.precision))
-    try:
+    if check_device:
+        tf_runtime.check_precision(spec.precision)
+    with tf_runtime.precision_policy(spec.precision):
         if is_model_file(spec.name):
             model, size = _load_model_file(spec, keras)
         else:
             model, size = _build_application(spec, keras)
-    finally:
-        keras.config.set_dtype_policy(previous)
     return Backbone(spec, model, size)
 
 
@@ -344,10 +355,32 @@ def _load_model_file(spec: BackboneSpec, keras):
             model.load_weights(spec.weights)
         except Exception as exc:  # noqa: BLE001
             raise BackboneError(f"cannot load weights {spec.weights} into {spec.name}: {exc}") from exc
+    if spec.precision != "float32":
+        model = _recast(model, keras)
     if not fixed:  # give the graph a fixed spatial size so layer shapes are known
         inp = keras.Input((size, size, 3))
         model = keras.Model(inp, model(inp))
     return model, size
+
+
+def _recast(model, keras):
+    """A loaded model rebuilt under the current (mixed) dtype policy with the same weights: a saved
+    model's layers carry their own policy in their config, which the global policy does not override."""
+    policy = keras.config.dtype_policy()
+
+    def clone(layer):
+        config = layer.get_config()
+        if "dtype" in config:
+            config["dtype"] = policy
+        return layer.__class__.from_config(config)
+
+    try:
+        recast = keras.models.clone_model(model, clone_function=clone, recursive=True)
+        recast.set_weights(model.get_weights())
+    except Exception as exc:  # noqa: BLE001 - clone_model refuses some subclassed models
+        raise BackboneError(f"model file cannot be rebuilt in precision {policy.name}: {exc}. "
+                            "Use --precision float32 for this model.") from exc
+    return recast
 
 
 @contextmanager
@@ -423,7 +456,7 @@ class Extractor:
     returns one float32 array per (layer, pooling), in the order given.
     """
 
-    def __init__(self, backbone: Backbone, cuts: Sequence[tuple[str, str]]):
+    def __init__(self, backbone: Backbone, cuts: Sequence[tuple[str, str]], xla: bool = False):
         tf = tf_runtime.tensorflow()
         keras = tf_runtime.keras()
         self.backbone = backbone
@@ -433,12 +466,15 @@ class Extractor:
         self.shapes = [pooled_shape(backbone.output_shape(layer), pooling, layer) for layer, pooling in self.cuts]
         model = backbone.model
         cut = keras.Model(model.inputs, [model.get_layer(layer).output for layer in layers])
+        self.model = cut  # the network that runs: its layers compute in the backbone's precision
         where = {layer: i for i, layer in enumerate(layers)}
         pre = _preprocess_fn(backbone.spec)
         cuts_ = self.cuts
         self.images_seen = 0  # rows that went through the backbone: what incremental runs are judged by
 
-        @tf.function(input_signature=[tf.TensorSpec([None, backbone.size, backbone.size, 3], tf.uint8)])
+        # jit_compile: XLA fuses the pooling and casts into the network's kernels (GPUs gain most).
+        @tf.function(input_signature=[tf.TensorSpec([None, backbone.size, backbone.size, 3], tf.uint8)],
+                     jit_compile=bool(xla))
         def forward(x):
             x = tf.cast(x, tf.float32)
             if pre is not None:

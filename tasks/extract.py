@@ -8,12 +8,13 @@ and returns a small summary (counts, skips with reasons, timings, paths).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -40,7 +41,8 @@ def spec_dict(spec: BackboneSpec) -> dict[str, Any]:
 
 def options_dict(o: "ExtractOptions") -> dict[str, Any]:
     return {"batch_size": o.batch_size, "dtype": o.dtype, "compression": o.compression, "resize": o.resize,
-            "max_pixels": o.max_pixels, "decode_workers": o.decode_workers, "prefetch_batches": o.prefetch_batches}
+            "max_pixels": o.max_pixels, "decode_workers": o.decode_workers, "prefetch_batches": o.prefetch_batches,
+            "xla": o.xla}
 
 
 def normalise_cuts(layers: Sequence[str], poolings: Sequence[str] | str) -> list[tuple[str, str]]:
@@ -76,10 +78,13 @@ class ExtractOptions:
     compression: str | None = None
     resize: str = "stretch"
     max_pixels: int = DEFAULT_MAX_PIXELS
-    decode_workers: int = field(default_factory=lambda: max(1, min(4, os.cpu_count() or 1)))
+    # Threads decoding images. None: every core where a GPU computes (decoding is then the likely
+    # bottleneck), at most 4 on a CPU (the cores are busy with the network).
+    decode_workers: int | None = None
     # Batches decoded ahead while the model computes; None: 2 where spare cores or a GPU can take
     # the decoding, 0 on a small CPU (decoding beside the model there only slows both down).
     prefetch_batches: int | None = None
+    xla: bool = False                 # compile the forward pass with XLA (same features, faster on GPUs)
 
     def validate(self) -> "ExtractOptions":
         if not isinstance(self.batch_size, int) or not 1 <= self.batch_size <= 4096:
@@ -94,7 +99,7 @@ class ExtractOptions:
             raise ParameterError(f"resize must be one of {RESIZE_MODES}; got {self.resize!r}.")
         if not isinstance(self.max_pixels, int) or self.max_pixels < 1:
             raise ParameterError(f"max_pixels must be a positive integer; got {self.max_pixels!r}.")
-        if self.decode_workers < 1:
+        if self.decode_workers is not None and (not isinstance(self.decode_workers, int) or self.decode_workers < 1):
             raise ParameterError(f"decode_workers must be at least 1; got {self.decode_workers!r}.")
         if self.prefetch_batches is not None and not 0 <= self.prefetch_batches <= 64:
             raise ParameterError(f"prefetch_batches must be in [0, 64]; got {self.prefetch_batches!r}.")
@@ -110,6 +115,14 @@ def _versions() -> dict[str, str]:
             "h5py": h5py.__version__, "numpy": np.__version__}
 
 
+def decode_workers(options: ExtractOptions) -> int:
+    """Decoding threads: as set, else every core beside a GPU, at most 4 on a CPU."""
+    if options.decode_workers:
+        return options.decode_workers
+    cores = os.cpu_count() or 1
+    return max(1, cores if tf_runtime.gpus() else min(4, cores))
+
+
 def decoded_batches(manifest: Manifest, todo: Sequence[int], size: int, options: ExtractOptions
                     ) -> Iterator[tuple[list[int], list[np.ndarray], list[int], list[Skip]]]:
     """Yield ``(indices, arrays, decoded indices, skips)`` per batch of ``todo``, decoding in threads.
@@ -120,7 +133,7 @@ def decoded_batches(manifest: Manifest, todo: Sequence[int], size: int, options:
     if ahead is None:
         ahead = 2 if tf_runtime.gpus() or (os.cpu_count() or 1) > 4 else 0
     batches = iter([list(todo[i:i + options.batch_size]) for i in range(0, len(todo), options.batch_size)])
-    with ThreadPoolExecutor(max_workers=options.decode_workers, thread_name_prefix="decode") as pool:
+    with ThreadPoolExecutor(max_workers=decode_workers(options), thread_name_prefix="decode") as pool:
         pending: deque[tuple[list[int], list[Future]]] = deque()
 
         def submit_next() -> None:
@@ -159,9 +172,9 @@ def extract_to_store(manifest: Manifest, store: str | os.PathLike, spec: Backbon
     """
     t0 = time.perf_counter()
     options = (options or ExtractOptions()).validate()
-    spec.validate()
-    cuts = list(cuts)
     store = Path(store)
+    spec = _resolve_for_store(spec.validate(), store)
+    cuts = list(cuts)
     config = dict(spec.identity(), resize=options.resize)
     manifest_fp = manifest.fingerprint()
 
@@ -175,7 +188,7 @@ def extract_to_store(manifest: Manifest, store: str | os.PathLike, spec: Backbon
 
     t_build = time.perf_counter()
     backbone = build_backbone(spec)
-    extractor = Extractor(backbone, cuts)
+    extractor = Extractor(backbone, cuts, xla=options.xla)
     identity = dict(backbone.identity(), resize=options.resize)
     build_s = time.perf_counter() - t_build
     specs = [GroupSpec(layer, pooling, shape, options.dtype, options.compression)
@@ -222,7 +235,32 @@ def extract_to_store(manifest: Manifest, store: str | os.PathLike, spec: Backbon
     out["recovered_after_crash"] = recovered
     out["relabelled"] = max(plan.relabelled.values(), default=0)
     out["weights_digest"] = identity["weights_digest"]
+    out["device"] = tf_runtime.device_name()
+    out["precision"] = spec.precision
+    out["decode_workers"] = decode_workers(options)
     return out
+
+
+def _resolve_for_store(spec: BackboneSpec, store: Path) -> BackboneSpec:
+    """Precision 'auto' keeps an existing store's precision where this machine runs it fast (a store
+    made on a GPU in float16 and brought up to date there, or made in float32 on a CPU and extended on
+    a GPU, stays consistent); else float16 on a GPU, float32 on a CPU. The store records what ran."""
+    if spec.precision != "auto":
+        return spec
+    if store.exists():
+        from storage.store import FeatureStore
+
+        try:
+            recorded = FeatureStore(store).provenance.get("precision")
+        except Exception:  # noqa: BLE001 - a damaged store is reported by the writer, with its own message
+            recorded = None
+        if recorded in tf_runtime.CONCRETE_PRECISIONS:
+            try:
+                tf_runtime.check_precision(recorded)
+                return dataclasses.replace(spec, backbone_args=dict(spec.backbone_args), precision=recorded)
+            except ParameterError:
+                pass
+    return spec.resolved()
 
 
 def _summary(store: Path, cuts, manifest: Manifest, *, computed: int, removed: int, up_to_date: bool,
@@ -276,6 +314,32 @@ def shard_manifest(manifest: Manifest, index: int, shards: int) -> Manifest:
                     [k for k in manifest.skipped if shard_of(k.path, shards) == index])
 
 
+def require_gpus(n: int) -> None:
+    """ParameterError unless TensorFlow sees at least ``n`` GPUs in this process."""
+    seen = len(tf_runtime.gpus())
+    if seen < n:
+        raise ParameterError(f"--gpus {n} was given but TensorFlow sees {seen} GPU(s) here. Install "
+                             "tensorflow[and-cuda] (pip install 'cnncodes[gpu]') and check nvidia-smi, or run "
+                             "without --gpus.")
+
+
+def gpu_for_shard(index: int, gpus: int) -> int:
+    """The GPU a shard runs on: this worker's own (a Dask worker of a local cluster is named 0..n-1,
+    and worker k takes GPU k % gpus, so two workers never share one by chance and a worker never has
+    to move); the one this process is already pinned to; else shard ``index`` % ``gpus``."""
+    if tf_runtime.pinned_gpu() is not None:
+        return tf_runtime.pinned_gpu()
+    try:
+        from distributed import get_worker
+
+        name = get_worker().name
+        if isinstance(name, int):
+            return name % gpus
+    except (ImportError, ValueError):  # not inside a Dask worker
+        pass
+    return index % gpus
+
+
 def extract_shard(manifest: Manifest, store: str | os.PathLike, index: int, shards: int, spec: BackboneSpec,
                   cuts: Sequence[tuple[str, str]], options: ExtractOptions | None = None,
                   threads: int | None = None, progress: Progress | None = None,
@@ -285,15 +349,17 @@ def extract_shard(manifest: Manifest, store: str | os.PathLike, index: int, shar
     ``threads`` caps TensorFlow's compute threads in this process and ``gpu`` pins it to one GPU
     (``CUDA_VISIBLE_DEVICES``); both take effect only where TensorFlow has not started yet in the
     worker process, so give each worker its own GPU when starting it where that matters."""
-    if "tensorflow" not in sys.modules:
-        if threads:
-            os.environ["TF_NUM_INTRAOP_THREADS"] = str(threads)
-            os.environ["TF_NUM_INTEROP_THREADS"] = "1"
-        if gpu is not None:
-            os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
+    if "tensorflow" not in sys.modules and threads:
+        os.environ["TF_NUM_INTRAOP_THREADS"] = str(threads)
+        os.environ["TF_NUM_INTEROP_THREADS"] = "1"
+    pinned = None
+    if gpu is not None:
+        tf_runtime.pin_gpu(gpu)                # a clear error where this worker cannot be pinned
+        pinned = tf_runtime.check_pinned(gpu)  # and one where TensorFlow then sees not exactly that GPU
     path = shard_store_paths(store, shards)[index]
     out = extract_to_store(shard_manifest(manifest, index, shards), path, spec, cuts, options, progress)
     out["shard"] = index
+    out["pinned"] = pinned
     return out
 
 

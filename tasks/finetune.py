@@ -75,7 +75,6 @@ class FineTuneConfig:
     monitor: str = "val_accuracy"
     patience: int = 3
     min_delta: float = 0.0
-    mixed_precision: str = "auto"    # "auto" (mixed float16 on a GPU), "off", "float16", "bfloat16"
     xla: bool = False
     seed: int = 0
 
@@ -112,9 +111,13 @@ class FineTuneConfig:
             bad("augment", "a subset of flip, rotation, zoom, translation, contrast")
         if self.monitor not in ("val_accuracy", "val_loss", "accuracy", "loss"):
             bad("monitor", "val_accuracy, val_loss, accuracy or loss")
-        if self.mixed_precision not in ("auto", "off", "float16", "bfloat16"):
-            bad("mixed_precision", "auto, off, float16 or bfloat16")
         return self
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "FineTuneConfig":
+        """From :meth:`as_dict` output, also of models registered before precision moved to the
+        backbone spec (their ``mixed_precision`` key is dropped: see :func:`precision_of`)."""
+        return cls(**{k: v for k, v in d.items() if k != "mixed_precision"})
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -234,11 +237,29 @@ class Network:
                 "frozen_params": int(sum(np.prod(w.shape) for w in self.model.non_trainable_weights))}
 
 
-def build_network(spec: BackboneSpec, n_classes: int, cfg: FineTuneConfig) -> Network:
-    """Backbone (cut at ``cfg.cut_layer``) + preprocessing layer + new head; freezing not applied yet."""
+def precision_of(spec: dict[str, Any], config: dict[str, Any]) -> str:
+    """The precision a registered fine-tuned model asked for: its spec's, or, for models registered
+    before one precision option existed, their ``mixed_precision`` (off -> float32)."""
+    old = config.get("mixed_precision")
+    if old is not None:
+        return {"off": "float32"}.get(old, old)
+    return spec.get("precision") or "auto"
+
+
+def build_network(spec: BackboneSpec, n_classes: int, cfg: FineTuneConfig, check_device: bool = True) -> Network:
+    """Backbone (cut at ``cfg.cut_layer``) + preprocessing layer + new head; freezing not applied yet.
+
+    Every layer computes in ``spec.precision`` (mixed: float32 variables) except the last Dense and its
+    softmax, which stay float32 so probabilities and the loss keep their precision."""
+    spec = spec.validate().resolved()
+    with tf_runtime.precision_policy(spec.precision):
+        return _build_network(spec, n_classes, cfg, check_device)
+
+
+def _build_network(spec: BackboneSpec, n_classes: int, cfg: FineTuneConfig, check_device: bool) -> Network:
     keras = tf_runtime.keras()
     pieces = keras_pieces()
-    backbone = build_backbone(spec)
+    backbone = build_backbone(spec, check_device=check_device)
     base = backbone.model
     if cfg.cut_layer:
         backbone.check_layers([cfg.cut_layer])
@@ -401,6 +422,8 @@ class FineTuneResult:
     resumed_from_epoch: dict[str, int] = field(default_factory=dict)
     stopped_early: bool = False
     input_size: int | None = None
+    precision: str | None = None      # what the network computed in ('auto' resolved)
+    devices: int = 1                   # replicas of the distribution strategy
 
 
 class _EpochProgress:
@@ -424,17 +447,26 @@ class _EpochProgress:
         return CB()
 
 
+def default_strategy():
+    """MirroredStrategy (one replica per GPU) where TensorFlow sees several GPUs; else None."""
+    tf = tf_runtime.tensorflow()
+    return tf.distribute.MirroredStrategy() if len(tf_runtime.gpus()) > 1 else None
+
+
 def fine_tune(manifest: Manifest, spec: BackboneSpec, cfg: FineTuneConfig, workdir: str | Path,
               resize: str = "stretch", progress: Callable[[int, int], None] | None = None,
-              stop_after_epochs: int | None = None) -> FineTuneResult:
+              stop_after_epochs: int | None = None, strategy=None) -> FineTuneResult:
     """Fine-tune on ``manifest``'s train split, validating on val (or test). Writes into ``workdir``:
     ``model.keras`` (the best weights, no optimizer), ``history.csv``, ``tensorboard/``, per-phase
     backups for resuming, ``best.weights.h5``. A second call with the same ``workdir`` after a
     killed run resumes each unfinished phase from its last finished epoch.
 
+    ``spec.precision`` applies to the whole network ('auto': mixed float16 on a GPU, float32 on a
+    CPU), with dynamic loss scaling under float16. ``strategy`` (a ``tf.distribute`` strategy)
+    defaults to MirroredStrategy over every GPU when there are several.
+
     ``stop_after_epochs`` ends training after that many epochs in this call (for tests of resume)."""
     cfg.validate()
-    tf = tf_runtime.tensorflow()
     keras = tf_runtime.keras()
     t0 = time.perf_counter()
     workdir = Path(workdir)
@@ -450,20 +482,13 @@ def fine_tune(manifest: Manifest, spec: BackboneSpec, cfg: FineTuneConfig, workd
     if not va_paths:
         raise DatasetError("fine-tuning needs a val (or test) split to monitor; use --val-fraction > 0 or a "
                            "dataset with val/.")
-    policy = cfg.mixed_precision
-    if policy == "auto":
-        policy = "float16" if tf_runtime.gpus() else "off"
-    prev_policy = keras.config.dtype_policy()
-    if policy != "off":
-        keras.config.set_dtype_policy(f"mixed_{policy}")
-    # Several GPUs of one machine: data-parallel training, one replica per GPU.
-    strategy = tf.distribute.MirroredStrategy() if len(tf_runtime.gpus()) > 1 else None
+    spec = spec.validate().resolved()
+    tf_runtime.check_precision(spec.precision)
+    if strategy is None:
+        strategy = default_strategy()
     scope = strategy.scope if strategy else contextlib.nullcontext
-    try:
-        with scope():
-            net = build_network(spec, n_classes, cfg)
-    finally:
-        keras.config.set_dtype_policy(prev_policy)
+    with scope():
+        net = build_network(spec, n_classes, cfg)
     skips = SkipLog()
     train_ds = make_dataset(tr_paths, tr_labels, tr_rel, net.size, resize, cfg.batch_size, skips, training=True,
                             augment=augmentation(cfg), seed=cfg.seed)
@@ -490,6 +515,8 @@ def fine_tune(manifest: Manifest, spec: BackboneSpec, cfg: FineTuneConfig, workd
             opt = make_optimizer(cfg, steps, phase)
             if hasattr(opt, "set_head_variables"):
                 opt.set_head_variables(net.head_variables())
+            if spec.precision == "float16":  # float16 gradients underflow without dynamic loss scaling
+                opt = keras.optimizers.LossScaleOptimizer(opt)
             net.model.compile(optimizer=opt, loss="sparse_categorical_crossentropy", metrics=["accuracy"],
                               jit_compile=bool(cfg.xla))
         backup = workdir / f"backup-{phase}"
@@ -545,7 +572,8 @@ def fine_tune(manifest: Manifest, spec: BackboneSpec, cfg: FineTuneConfig, workd
     tmp.replace(model_path)
     _write_history(workdir, history)
     return FineTuneResult(str(model_path), history, phase_info, net.counts(), skips.as_list(),
-                          time.perf_counter() - t0, resumed, stopped_early, net.size)
+                          time.perf_counter() - t0, resumed, stopped_early, net.size, spec.precision,
+                          strategy.num_replicas_in_sync if strategy else 1)
 
 
 def _write_history(workdir: Path, history: list[dict[str, Any]]) -> None:
@@ -634,6 +662,7 @@ def register_finetuned(result: FineTuneResult, manifest: Manifest, spec: Backbon
     from .extract import spec_dict
 
     meta = {"kind": "fine-tuned", "config": cfg.as_dict(), "spec": spec_dict(spec), **spec.identity(),
+            "precision": result.precision or spec.precision, "replicas": result.devices,
             "input_size": size, "resize": resize, "preprocess_layer": preprocess_mode(spec),
             "class_names": list(manifest.class_names), "dataset": manifest.root,
             "manifest_fingerprint": manifest.fingerprint(), "counts": result.counts, "phases": [

@@ -21,7 +21,8 @@ def evaluate_register_report(trained: dict[str, Any], manifest: Manifest, spec: 
     metrics, skipped = evaluate_finetuned(trained["model_path"], manifest, size, resize, cfg.batch_size)
     result_obj = FineTuneResult(trained["model_path"], trained["history"], trained["phases"], trained["counts"],
                                 trained["skipped"], trained["seconds"], trained.get("resumed_from_epoch", {}),
-                                trained.get("stopped_early", False), size)
+                                trained.get("stopped_early", False), size, trained.get("precision"),
+                                trained.get("devices", 1))
     reg = register_finetuned(result_obj, manifest, spec, cfg, resize, size, metrics, registry, name)
     report_dir = Path(report_dir)
     stem = f"{reg['name']}-v{reg['version']}"
@@ -39,6 +40,8 @@ def evaluate_register_report(trained: dict[str, Any], manifest: Manifest, spec: 
     header = [f"# Fine-tuned `{reg['name']}` v{reg['version']}", "",
               f"- backbone: `{spec.name}` {spec.backbone_args or ''}, weights `{spec.weights}`, input {size} px"
               + (f", cut at `{cfg.cut_layer}`" if cfg.cut_layer else ""),
+              f"- precision: {trained.get('precision') or spec.precision}, "
+              f"{trained.get('devices', 1)} replica(s)",
               f"- head: {cfg.head_pooling} pooling, dense {list(cfg.dense)}, dropout {cfg.dropout}",
               f"- optimizer: {cfg.optimizer}, learning rate {cfg.learning_rate:g} (head x{cfg.head_lr_multiplier:g}), "
               f"schedule {cfg.schedule}; augmentation: {', '.join(cfg.augment) or 'none'}",

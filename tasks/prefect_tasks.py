@@ -59,8 +59,11 @@ def scan_dataset(data: str, manifest_path: str, val_fraction: float, test_fracti
 @task(name="extract-codes", retries=1, retry_delay_seconds=5, retry_condition_fn=transient_only,
       cache_policy=NO_CACHE)
 def extract_codes(manifest_path: str, store: str, spec: dict[str, Any], cuts: list[list[str]],
-                  options: dict[str, Any]) -> dict:
-    """Bring the store up to date for the manifest; returns the extraction summary."""
+                  options: dict[str, Any], gpus: int = 0) -> dict:
+    """Bring the store up to date for the manifest; returns the extraction summary. ``gpus`` (0 or 1
+    here) says a GPU was asked for: its absence is then an error, not a silent run on the CPU."""
+    if gpus:
+        extract.require_gpus(gpus)
     manifest = Manifest.load(manifest_path)
     bar = Progress("extracting codes", unit="img", key="extract-codes")
     try:
@@ -144,7 +147,7 @@ def fine_tune_network(manifest_path: str, spec: dict[str, Any], config: dict[str
                       resize: str) -> dict:
     """Train (resuming a killed run in ``workdir``); returns paths and the training summary."""
     manifest = Manifest.load(manifest_path)
-    cfg = finetune.FineTuneConfig(**config)
+    cfg = finetune.FineTuneConfig.from_dict(config)
     bar = Progress("fine-tuning", unit="epoch", key="fine-tune-epochs")
     try:
         r = finetune.fine_tune(manifest, BackboneSpec(**spec), cfg, workdir, resize=resize, progress=bar)
@@ -152,7 +155,8 @@ def fine_tune_network(manifest_path: str, spec: dict[str, Any], config: dict[str
         bar.close()
     return {"model_path": r.model_path, "history": r.history, "phases": r.phases, "counts": r.counts,
             "skipped": r.skipped, "seconds": r.seconds, "resumed_from_epoch": r.resumed_from_epoch,
-            "stopped_early": r.stopped_early, "input_size": r.input_size}
+            "stopped_early": r.stopped_early, "input_size": r.input_size, "precision": r.precision,
+            "devices": r.devices}
 
 
 @task(name="evaluate-finetuned", cache_policy=NO_CACHE)
@@ -160,7 +164,7 @@ def evaluate_finetuned(trained: dict, manifest_path: str, spec: dict[str, Any], 
                        resize: str, registry: str, name: str, report_dir: str) -> dict:
     """Evaluate on every split, register the model, write the report with learning curves."""
     result = finetune_report.evaluate_register_report(trained, Manifest.load(manifest_path), BackboneSpec(**spec),
-                                                      finetune.FineTuneConfig(**config), resize, registry, name,
+                                                      finetune.FineTuneConfig.from_dict(config), resize, registry, name,
                                                       report_dir)
     create_markdown_artifact(Path(result["report"]).read_text(), key="finetune-report",
                              description=f"Fine-tuned {name} v{result['version']}")
@@ -261,9 +265,11 @@ def promote_or_keep(registry: str, name: str, champion_version: int, challenger_
       cache_policy=NO_CACHE, task_run_name="extract shard {index} of {shards}")
 def extract_codes_shard(manifest_path: str, store: str, index: int, shards: int, spec: dict[str, Any],
                         cuts: list[list[str]], options: dict[str, Any], threads: int | None,
-                        gpu: int | None = None) -> dict:
-    """One shard of a sharded extraction, into its own store file (one writer per shard)."""
+                        gpus: int = 0) -> dict:
+    """One shard of a sharded extraction, into its own store file (one writer per shard); with ``gpus``
+    the worker is pinned to one of them."""
     manifest = Manifest.load(manifest_path)
+    gpu = extract.gpu_for_shard(index, gpus) if gpus else None
     bar = Progress(f"shard {index}", unit="img", key=f"extract-shard-{index}")
     try:
         return extract.extract_shard(manifest, store, index, shards, BackboneSpec(**spec), [tuple(c) for c in cuts],

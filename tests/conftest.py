@@ -35,6 +35,39 @@ def _isolated_homes(tmp_path_factory):
     yield
 
 
+@pytest.fixture(scope="session")
+def small_cnn(tmp_path_factory):
+    """A 6-layer CNN with BatchNormalization saved as .keras (a user's own model file): healthy gradients
+    (a randomly initialised MobileNet's vanish), 32 px, float32, trains in a second."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((32, 32, 3))
+    x = inp
+    for i, (f, s) in enumerate([(8, 1), (16, 2), (16, 2)]):
+        x = keras.layers.Conv2D(f, 3, strides=s, padding="same", name=f"conv{i}")(x)
+        x = keras.layers.BatchNormalization(name=f"bn{i}")(x)
+        x = keras.layers.ReLU(name=f"relu{i}")(x)
+    path = tmp_path_factory.mktemp("cnn") / "small.keras"
+    keras.Model(inp, x).save(path)
+    return str(path)
+
+
+def _gpu_visible() -> bool:
+    from tasks import tf_runtime
+
+    return tf_runtime.gpu_hardware_present() and bool(tf_runtime.gpus())
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` run only where TensorFlow sees a GPU (benchmarks/gpu.sh runs them there)."""
+    marked = [item for item in items if "gpu" in item.keywords]
+    if marked and not _gpu_visible():
+        skip = pytest.mark.skip(reason="needs a GPU that TensorFlow sees (run benchmarks/gpu.sh on a GPU machine)")
+        for item in marked:
+            item.add_marker(skip)
+
+
 @pytest.fixture
 def tiny_spec():
     from tasks.backbones import BackboneSpec

@@ -23,24 +23,6 @@ pytestmark = pytest.mark.slow
 SMALL = dict(dense=[16], dropout=0.0, batch_size=8, augment=[], epochs=2, patience=5)
 
 
-@pytest.fixture(scope="module")
-def small_cnn(tmp_path_factory):
-    """A 6-layer CNN with BatchNormalization saved as .keras: healthy gradients (a randomly initialised
-    MobileNet's vanish), 32 px, trains in a second."""
-    import keras
-
-    keras.utils.set_random_seed(0)
-    inp = keras.Input((32, 32, 3))
-    x = inp
-    for i, (f, s) in enumerate([(8, 1), (16, 2), (16, 2)]):
-        x = keras.layers.Conv2D(f, 3, strides=s, padding="same", name=f"conv{i}")(x)
-        x = keras.layers.BatchNormalization(name=f"bn{i}")(x)
-        x = keras.layers.ReLU(name=f"relu{i}")(x)
-    path = tmp_path_factory.mktemp("cnn") / "small.keras"
-    keras.Model(inp, x).save(path)
-    return str(path)
-
-
 def _spec(small_cnn):
     return BackboneSpec(small_cnn, weights="file", preprocessing="scale01")
 
