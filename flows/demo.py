@@ -6,12 +6,13 @@ from pathlib import Path
 from prefect import flow, task
 
 from tasks.backbones import BackboneSpec, imagenet_weights_available
+from tasks.settings import Output
 from tasks.synthetic import CLASSES, make_dataset
 
 from flows.predict import predict
 from flows.transfer import transfer
 
-DEMO_BACKBONE = dict(backbone="mobilenet", backbone_args={"alpha": 0.25}, input_size=224)
+DEMO_BACKBONE = BackboneSpec(name="mobilenet", backbone_args={"alpha": 0.25}, input_size=224, weights="imagenet")
 
 @task(name="generate-demo-dataset")
 def generate_demo_dataset(root: str, images_per_class: int) -> str:
@@ -22,9 +23,7 @@ def generate_demo_dataset(root: str, images_per_class: int) -> str:
 
 @task(name="check-imagenet-weights")
 def check_imagenet_weights() -> bool:
-    spec = BackboneSpec(DEMO_BACKBONE["backbone"], "imagenet", DEMO_BACKBONE["input_size"],
-                        dict(DEMO_BACKBONE["backbone_args"]))
-    return imagenet_weights_available(spec)
+    return imagenet_weights_available(DEMO_BACKBONE)
 
 
 @flow(name="demo", log_prints=True)
@@ -36,10 +35,10 @@ def demo(out: str = "cnncodes-out", images_per_class: int = 40) -> dict:
     if weights == "none":
         print("ImageNet weights of MobileNet 0.25 are neither in Keras's cache (KERAS_HOME) nor downloadable; "
               "the demo goes on with random weights.")
-    registry = str(Path(out) / "registry")
-    result = transfer(data, weights=weights, out=out, registry=registry, model_name="demo-textures",
-                      **DEMO_BACKBONE)
+    output = Output(out=out)
+    result = transfer(data, DEMO_BACKBONE.model_copy(update={"weights": weights}), model_name="demo-textures",
+                      output=output)
     champion = result["champion"]
-    predicted = predict(str(Path(data) / "stripes"), champion["name"], version="champion", registry=registry,
-                        output=str(Path(out) / "predictions" / "demo-stripes.csv"))
+    predicted = predict(str(Path(data) / "stripes"), champion["name"], version="champion", output=output,
+                        predictions=str(Path(out) / "predictions" / "demo-stripes.csv"))
     return {"dataset": data, "transfer": result, "predict": predicted}

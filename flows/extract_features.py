@@ -14,9 +14,9 @@ from typing import Any
 from prefect import flow
 
 from storage.errors import ParameterError
-from tasks.backbones import BackboneSpec, is_model_file, parse_backbone_args
-from tasks.datasets import check_split_params
-from tasks.extract import ExtractOptions, normalise_cuts, options_dict, spec_dict
+from tasks.backbones import BackboneSpec, is_model_file
+from tasks.extract import ExtractOptions, options_dict, spec_dict
+from tasks.settings import Output, ScaleOut, SplitConfig
 from tasks.prefect_tasks import extract_codes, extract_codes_shard, extract_report, index_shards, scan_dataset
 
 
@@ -54,74 +54,47 @@ def extract_shards(manifest_path: str, store: str, shards: int, spec: dict[str, 
     return index_shards(store, shards, manifest_path, parts)
 
 
-@flow(name="extract-features", log_prints=True, flow_run_name="extract {backbone} on {data}")
+@flow(name="extract-features", log_prints=True, flow_run_name="extract {backbone.name} on {data}")
 def extract_features(
     data: str,
-    backbone: str = "mobilenet_v2",
-    layers: list[str] | None = None,
-    pooling: list[str] | str = "avg",
-    store: str | None = None,
-    weights: str = "imagenet",
-    backbone_args: dict[str, Any] | None = None,
-    input_size: int | None = None,
-    preprocessing: str = "auto",
-    precision: str = "auto",
-    batch_size: int = 32,
-    dtype: str = "float32",
-    compression: str | None = None,
-    resize: str = "stretch",
-    val_fraction: float = 0.2,
-    test_fraction: float = 0.0,
-    seed: int = 0,
-    out: str = "cnncodes-out",
-    shards: int = 1,
-    workers: int | None = None,
-    dask_address: str | None = None,
-    gpus: int = 0,
-    xla: bool = False,
+    backbone: BackboneSpec = BackboneSpec(),
+    extract: ExtractOptions = ExtractOptions(),
+    split: SplitConfig = SplitConfig(),
+    output: Output = Output(),
+    scale: ScaleOut = ScaleOut(),
 ) -> dict:
-    """Extract CNN codes of ``data`` at ``layers`` of ``backbone`` into ``store``.
+    """Extract CNN codes of ``data`` at ``extract.layers`` of ``backbone`` into ``extract.store``.
 
-    With ``shards`` > 1 the dataset is split into that many shards (by a hash of each image's path),
-    each extracted into its own store file by a Dask worker: ``workers`` processes of a local cluster
-    (default: one per shard), or the cluster at ``dask_address``. ``store`` is then an index that
-    reads as one store. ``gpus`` > 0 runs one shard per GPU of this machine (``shards`` and ``workers``
-    default to it), each worker pinned to its GPU. ``precision`` is float32, float16 (mixed, GPUs),
-    bfloat16 or auto (float16 on a GPU, float32 on a CPU); ``xla`` compiles the forward pass. Returns the extraction summary (counts, skips, timings, store and report paths).
+    With ``scale.shards`` > 1 the dataset is split into that many shards (by a hash of each image's
+    path), each extracted into its own store file by a Dask worker: ``scale.workers`` processes of a
+    local cluster (default: one per shard), or the cluster at ``scale.dask_address``. The store is then
+    an index that reads as one store. ``scale.gpus`` > 0 runs one shard per GPU of this machine (shards
+    and workers default to it), each worker pinned to its GPU. ``backbone.precision`` is float32,
+    float16 (mixed, GPUs), bfloat16 or auto (float16 on a GPU, float32 on a CPU); ``extract.xla``
+    compiles the forward pass. Returns the extraction summary (counts, skips, timings, store and
+    report paths).
     """
-    spec = BackboneSpec(backbone, weights=weights, input_size=input_size,
-                        backbone_args=parse_backbone_args(backbone_args), preprocessing=preprocessing,
-                        precision=precision, seed=seed).validate()
-    if not layers:
+    if not extract.layers:
         raise ParameterError("give at least one layer (--layer NAME); `cnncodes layers "
-                             f"{backbone}` lists the layers of {backbone}.")
-    cuts = normalise_cuts(layers, pooling)
-    options = ExtractOptions(batch_size=batch_size, dtype=dtype, compression=compression, resize=resize,
-                             xla=xla).validate()
-    check_split_params(val_fraction, test_fraction)
-    store_path = Path(store) if store else default_store_path(out, data, spec)
-    runs = Path(out) / "runs"
-    manifest_path = runs / f"{store_path.stem}.manifest.json"
+                             f"{backbone.name}` lists the layers of {backbone.name}.")
+    cuts = extract.cuts()
+    store_path = Path(extract.store) if extract.store else default_store_path(output.out, data, backbone)
+    manifest_path = output.runs / f"{store_path.stem}.manifest.json"
 
-    scanned = scan_dataset(data, str(manifest_path), val_fraction, test_fraction, seed)
+    scanned = scan_dataset(data, str(manifest_path), split.val_fraction, split.test_fraction, split.seed)
     print(f"scanned {scanned['images']} images in {len(scanned['classes'])} classes "
           f"({scanned['layout']} layout), {scanned['skipped']} files skipped")
-    if not isinstance(gpus, int) or gpus < 0:
-        raise ParameterError(f"gpus must be an integer >= 0; got {gpus!r}.")
-    if gpus and shards == 1:
-        shards = gpus
-    if not isinstance(shards, int) or shards < 1:
-        raise ParameterError(f"shards must be a positive integer; got {shards!r}.")
+    shards = scale.gpus if scale.gpus and scale.shards == 1 else scale.shards
     if shards == 1:
-        summary = extract_codes(str(manifest_path), str(store_path), spec_dict(spec), [list(c) for c in cuts],
-                                options_dict(options), gpus)
+        summary = extract_codes(str(manifest_path), str(store_path), spec_dict(backbone), [list(c) for c in cuts],
+                                options_dict(extract), scale.gpus)
     else:
-        n_workers = workers or (min(gpus, shards) if gpus else shards)
-        threads = None if dask_address else max(1, (os.cpu_count() or 1) // n_workers)
-        summary = extract_shards.with_options(task_runner=dask_runner(n_workers, dask_address))(
-            str(manifest_path), str(store_path), shards, spec_dict(spec), [list(c) for c in cuts],
-            options_dict(options), threads, gpus)
-    summary["report"] = extract_report(summary, str(Path(out) / "reports" / f"{store_path.stem}.extract.md"))
+        n_workers = scale.workers or (min(scale.gpus, shards) if scale.gpus else shards)
+        threads = None if scale.dask_address else max(1, (os.cpu_count() or 1) // n_workers)
+        summary = extract_shards.with_options(task_runner=dask_runner(n_workers, scale.dask_address))(
+            str(manifest_path), str(store_path), shards, spec_dict(backbone), [list(c) for c in cuts],
+            options_dict(extract), threads, scale.gpus)
+    summary["report"] = extract_report(summary, str(Path(output.reports) / f"{store_path.stem}.extract.md"))
     summary["manifest"] = str(manifest_path.resolve())
     print(f"store: {summary['store']} ({summary['computed']} computed, {summary['reused']} reused, "
           f"{len(summary['skipped'])} skipped); report: {summary['report']}")
@@ -131,4 +104,4 @@ def extract_features(
 if __name__ == "__main__":
     import sys
 
-    print(extract_features(sys.argv[1], layers=sys.argv[2:] or None))
+    print(extract_features(sys.argv[1], extract=ExtractOptions(layers=sys.argv[2:])))

@@ -10,38 +10,27 @@ from pathlib import Path
 from prefect import flow
 
 from tasks.linear import LinearConfig
+from tasks.settings import Output
 from tasks.prefect_tasks import evaluate_probe, fit_probe
 
 
-@flow(name="train-linear", log_prints=True, flow_run_name="train-linear {classifier} on {layer}")
+@flow(name="train-linear", log_prints=True, flow_run_name="train-linear {linear.classifier} on {layer}")
 def train_linear(
     store: str,
     layer: str,
     pooling: str | None = None,
-    classifier: str = "softmax",
-    C: float | None = None,
-    cv_folds: int = 5,
-    class_weight: str | None = None,
-    l2_normalize: bool = False,
-    pca: float | int | None = None,
-    calibrate: bool = True,
-    sgd_epochs: int = 5,
-    chunk_rows: int = 8192,
+    linear: LinearConfig = LinearConfig(),
     model_name: str | None = None,
-    registry: str = "cnncodes-out/registry",
-    out: str = "cnncodes-out",
-    seed: int = 0,
+    output: Output = Output(),
 ) -> dict:
     """Train, register and evaluate a linear probe on ``layer`` of ``store``.
 
     Returns ``{"model", "version", "C", "metrics": {split: {...}}, "report", "confusion_plots"}``."""
-    config = LinearConfig(classifier=classifier, C=C, cv_folds=cv_folds, class_weight=class_weight,
-                          l2_normalize=l2_normalize, pca=pca, calibrate=calibrate, sgd_epochs=sgd_epochs,
-                          chunk_rows=chunk_rows, seed=seed).validate()
-    trained = fit_probe(store, layer, pooling, config.as_dict(), registry, model_name)
+    registry = output.registry_path
+    trained = fit_probe(store, layer, pooling, linear.as_dict(), registry, model_name)
     print(f"registered {trained['name']} v{trained['version']} (C={trained['C']:g}, "
           f"{trained['train_images']} training images, {trained['seconds']} s)")
-    result = evaluate_probe(registry, trained["name"], trained["version"], store, str(Path(out) / "reports"))
+    result = evaluate_probe(registry, trained["name"], trained["version"], store, output.reports)
     for split, m in result["metrics"].items():
         print(f"{split}: accuracy {m['accuracy']:.3f}, balanced {m['balanced_accuracy']:.3f}, "
               f"macro-F1 {m['macro_f1']:.3f} on {m['images']} images")

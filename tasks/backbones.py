@@ -12,16 +12,17 @@ listed and parameters validated without it.
 from __future__ import annotations
 
 import ast
-import dataclasses
 import difflib
 import hashlib
 import os
 import random
 import socket
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
+
+from pydantic import Field, model_validator
 
 import numpy as np
 
@@ -30,6 +31,7 @@ from storage.hashing import file_sha256
 from storage.store import POOLINGS
 
 from . import tf_runtime
+from .settings import Settings
 
 
 @dataclass(frozen=True)
@@ -127,40 +129,62 @@ def parse_backbone_args(items: Sequence[str] | dict[str, Any] | None) -> dict[st
     return out
 
 
-@dataclass
-class BackboneSpec:
-    """Everything needed to rebuild the same backbone; recorded as provenance."""
+class BackboneSpec(Settings):
+    """Everything needed to rebuild the same backbone; recorded as provenance.
 
-    name: str
-    weights: str = "imagenet"          # "imagenet", "none", or a weights file path
-    input_size: int | None = None      # None: the family's default
-    backbone_args: dict[str, Any] = field(default_factory=dict)
-    preprocessing: str = "auto"
-    precision: str = "float32"
-    seed: int = 0                      # initialisation seed for weights="none"
+    A bare string is a backbone name (``"resnet50"`` as a flow parameter means
+    ``{"name": "resnet50"}``). Weights spelled ``none``/``null``/``random`` mean ``"none"``, and a
+    model file asked for ``imagenet`` weights uses the weights inside it (``"file"``): both are
+    settled at construction, so the object never changes afterwards."""
 
-    def validate(self) -> "BackboneSpec":
-        """Check everything that can be checked without TensorFlow; returns self."""
+    name: str = Field("mobilenet_v2", description="registered backbone (`cnncodes backbones` lists them) or a "
+                                                   ".keras/.h5 model file")
+    weights: str = Field("imagenet", description="'imagenet' (through Keras's cache, KERAS_HOME), 'none' (random, "
+                                                 "seeded), or a weights file")
+    input_size: int | None = Field(None, description="square input size in pixels (default: the backbone's own, "
+                                                     "e.g. 224)")
+    backbone_args: dict[str, Any] = Field(default_factory=dict, description="constructor options passed through, "
+                                                                             "e.g. alpha=0.25 (recorded in the store)")
+    preprocessing: str = Field("auto", description="'auto' (the family's preprocess_input), 'none', 'tf', 'caffe', "
+                                                   "'torch', 'scale01', or a keras.applications module name")
+    precision: Literal["float32", "float16", "bfloat16", "auto"] = Field(
+        "auto", description="compute precision of the whole network: float32; float16 (mixed, GPUs); bfloat16 "
+                            "(GPUs and CPUs with AVX512-BF16/AMX); auto = float16 on a GPU, float32 on a CPU")
+    seed: int = Field(0, description="initialisation seed for weights 'none'")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _normalise(cls, data: Any) -> Any:
+        if isinstance(data, str):
+            data = {"name": data}
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        w = str(data.get("weights", "imagenet"))
+        if w.lower() in ("none", "null", "random"):
+            data["weights"] = "none"
+        elif w == "imagenet" and is_model_file(str(data.get("name", ""))):
+            data["weights"] = "file"  # the model file carries its own weights
+        if data.get("backbone_args") is None:
+            data["backbone_args"] = {}
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> "BackboneSpec":
+        """Everything that can be checked without TensorFlow."""
         if self.preprocessing not in PREPROCESSING_MODES and self.preprocessing not in {
                 b.module for b in REGISTRY.values()}:
             raise ParameterError(f"preprocessing must be one of {PREPROCESSING_MODES} or a keras.applications "
                                  f"module name (e.g. 'resnet', 'mobilenet_v2'); got {self.preprocessing!r}.")
-        if self.precision not in tf_runtime.PRECISIONS:
-            raise ParameterError(f"precision must be one of {', '.join(tf_runtime.PRECISIONS)}; "
-                                 f"got {self.precision!r}.")
-        w = str(self.weights)
-        if w.lower() in ("none", "null", "random"):
-            self.weights = "none"
-        elif w == "file" and not is_model_file(self.name):
+        w = self.weights
+        if w == "file" and not is_model_file(self.name):
             raise ParameterError("weights 'file' means the weights inside a model file; give a weights file path.")
-        elif w not in ("imagenet", "file") and not Path(w).is_file():
+        if w not in ("imagenet", "file", "none") and not Path(w).is_file():
             raise ParameterError(f"weights must be 'imagenet', 'none' or an existing weights file; "
                                  f"{w!r} is neither (no such file).")
         if is_model_file(self.name):
             if not Path(self.name).is_file():
                 raise BackboneError(f"model file {self.name} does not exist.")
-            if self.weights == "imagenet":
-                self.weights = "file"  # the model file carries its own weights
             if self.backbone_args:
                 raise ParameterError("backbone arguments only apply to keras.applications backbones, "
                                      f"not to a model file ({self.name}).")
@@ -170,10 +194,9 @@ class BackboneSpec:
         if unknown:
             allowed = ", ".join(info.options) or "none"
             raise ParameterError(f"{self.name} does not take backbone argument(s) {unknown}; it takes: {allowed}.")
-        if self.input_size is not None:
-            if not isinstance(self.input_size, int) or self.input_size < info.min_size:
-                raise BackboneError(f"{self.name} cannot take input size {self.input_size!r}: the smallest it "
-                                    f"accepts is {info.min_size} (default {info.default_size}).")
+        if self.input_size is not None and self.input_size < info.min_size:
+            raise BackboneError(f"{self.name} cannot take input size {self.input_size!r}: the smallest it "
+                                f"accepts is {info.min_size} (default {info.default_size}).")
         return self
 
     def resolved(self) -> "BackboneSpec":
@@ -181,8 +204,7 @@ class BackboneSpec:
         TensorFlow only then): stores and models record the precision that actually ran."""
         if self.precision != "auto":
             return self
-        return dataclasses.replace(self, backbone_args=dict(self.backbone_args),
-                                   precision=tf_runtime.resolve_precision(self.precision))
+        return self.model_copy(update={"precision": tf_runtime.resolve_precision(self.precision)})
 
     @property
     def size(self) -> int | None:
@@ -325,7 +347,7 @@ def build_backbone(spec: BackboneSpec, check_device: bool = True) -> Backbone:
 
     ``check_device=False`` skips the check that the precision runs fast here (tests build
     float16 models on CPUs to inspect them)."""
-    spec = spec.validate().resolved()
+    spec = spec.resolved()
     keras = tf_runtime.keras()
     if check_device:
         tf_runtime.check_precision(spec.precision)

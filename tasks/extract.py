@@ -8,17 +8,16 @@ and returns a small summary (counts, skips with reasons, timings, paths).
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Literal, Sequence
 
 import numpy as np
+from pydantic import Field, model_validator
 
 from storage.errors import ParameterError
 from storage.manifest import Manifest, Skip
@@ -27,6 +26,7 @@ from storage.store import COMPRESSIONS, DTYPES, POOLINGS, GroupSpec, StoreWriter
 from . import tf_runtime
 from .backbones import BackboneSpec, Extractor, build_backbone
 from .images import DEFAULT_MAX_PIXELS, RESIZE_MODES, ImageError, load_image
+from .settings import Settings
 
 EXTRACTOR_VERSION = "1"
 Progress = Callable[[int, int], None]
@@ -34,15 +34,12 @@ Progress = Callable[[int, int], None]
 
 def spec_dict(spec: BackboneSpec) -> dict[str, Any]:
     """The arguments that rebuild ``spec`` (stored with the codes, so `predict` can recompute them)."""
-    return {"name": spec.name, "weights": spec.weights, "input_size": spec.input_size,
-            "backbone_args": dict(spec.backbone_args), "preprocessing": spec.preprocessing,
-            "precision": spec.precision, "seed": spec.seed}
+    return spec.as_dict()
 
 
 def options_dict(o: "ExtractOptions") -> dict[str, Any]:
-    return {"batch_size": o.batch_size, "dtype": o.dtype, "compression": o.compression, "resize": o.resize,
-            "max_pixels": o.max_pixels, "decode_workers": o.decode_workers, "prefetch_batches": o.prefetch_batches,
-            "xla": o.xla}
+    """How codes are computed (a task's input): the options without the cut points and the store."""
+    return o.model_dump(mode="json", exclude={"layers", "pooling", "store"})
 
 
 def normalise_cuts(layers: Sequence[str], poolings: Sequence[str] | str) -> list[tuple[str, str]]:
@@ -69,41 +66,55 @@ def normalise_cuts(layers: Sequence[str], poolings: Sequence[str] | str) -> list
     return cuts
 
 
-@dataclass
-class ExtractOptions:
-    """How codes are computed and stored (validated by :meth:`validate`)."""
+Pooling = Literal[POOLINGS]
 
-    batch_size: int = 32
-    dtype: str = "float32"
-    compression: str | None = None
-    resize: str = "stretch"
-    max_pixels: int = DEFAULT_MAX_PIXELS
+
+class ExtractOptions(Settings):
+    """What is extracted (cut points, store) and how codes are computed and stored."""
+
+    layers: list[str] = Field(default_factory=list, description="Keras layer names to cut at (one forward pass "
+                                                                 "stores them all); LAYER:POOLING sets its pooling")
+    pooling: list[Pooling] | Pooling = Field(
+        "avg", description="pooling of the layer outputs: one for all layers or one per layer")
+    store: str | None = Field(None, description="HDF5 feature store (default: OUT/stores/<dataset>__<backbone>__"
+                                                "<weights>.h5)")
+    batch_size: int = Field(32, description="images per forward pass")
+    dtype: Literal[DTYPES] = Field("float32", description="storage type of the codes")
+    compression: Literal[tuple(c for c in COMPRESSIONS if c)] | None = Field(None, description="HDF5 compression of the codes")
+    resize: Literal[RESIZE_MODES] = Field("stretch", description="how images are fitted to the square "
+                                                                             "input")
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, description="larger images are skipped (decompression bombs)")
     # Threads decoding images. None: every core where a GPU computes (decoding is then the likely
     # bottleneck), at most 4 on a CPU (the cores are busy with the network).
-    decode_workers: int | None = None
+    decode_workers: int | None = Field(None, description="threads decoding images (default: every core beside a "
+                                                         "GPU, at most 4 on a CPU)")
     # Batches decoded ahead while the model computes; None: 2 where spare cores or a GPU can take
     # the decoding, 0 on a small CPU (decoding beside the model there only slows both down).
-    prefetch_batches: int | None = None
-    xla: bool = False                 # compile the forward pass with XLA (same features, faster on GPUs)
+    prefetch_batches: int | None = Field(None, description="batches decoded ahead while the model computes")
+    xla: bool = Field(False, description="compile the forward pass with XLA (the same codes; faster on GPUs)")
 
-    def validate(self) -> "ExtractOptions":
-        if not isinstance(self.batch_size, int) or not 1 <= self.batch_size <= 4096:
+    @model_validator(mode="before")
+    @classmethod
+    def _normalise(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("compression") in ("none", ""):
+            data = {**data, "compression": None}
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> "ExtractOptions":
+        if not 1 <= self.batch_size <= 4096:
             raise ParameterError(f"batch_size must be an integer in [1, 4096]; got {self.batch_size!r}.")
-        if self.dtype not in DTYPES:
-            raise ParameterError(f"dtype must be one of {DTYPES}; got {self.dtype!r}.")
-        if self.compression in ("none", ""):
-            self.compression = None
-        if self.compression not in COMPRESSIONS:
-            raise ParameterError(f"compression must be one of none, gzip, lzf; got {self.compression!r}.")
-        if self.resize not in RESIZE_MODES:
-            raise ParameterError(f"resize must be one of {RESIZE_MODES}; got {self.resize!r}.")
-        if not isinstance(self.max_pixels, int) or self.max_pixels < 1:
+        if self.max_pixels < 1:
             raise ParameterError(f"max_pixels must be a positive integer; got {self.max_pixels!r}.")
-        if self.decode_workers is not None and (not isinstance(self.decode_workers, int) or self.decode_workers < 1):
+        if self.decode_workers is not None and self.decode_workers < 1:
             raise ParameterError(f"decode_workers must be at least 1; got {self.decode_workers!r}.")
         if self.prefetch_batches is not None and not 0 <= self.prefetch_batches <= 64:
             raise ParameterError(f"prefetch_batches must be in [0, 64]; got {self.prefetch_batches!r}.")
         return self
+
+    def cuts(self) -> list[tuple[str, str]]:
+        """The (layer, pooling) pairs to extract."""
+        return normalise_cuts(self.layers, self.pooling)
 
 
 def _versions() -> dict[str, str]:
@@ -171,9 +182,9 @@ def extract_to_store(manifest: Manifest, store: str | os.PathLike, spec: Backbon
     StoreMismatchError or StoreLockedError before writing anything.
     """
     t0 = time.perf_counter()
-    options = (options or ExtractOptions()).validate()
+    options = options or ExtractOptions()
     store = Path(store)
-    spec = _resolve_for_store(spec.validate(), store)
+    spec = _resolve_for_store(spec, store)
     cuts = list(cuts)
     config = dict(spec.identity(), resize=options.resize)
     manifest_fp = manifest.fingerprint()
@@ -257,7 +268,7 @@ def _resolve_for_store(spec: BackboneSpec, store: Path) -> BackboneSpec:
         if recorded in tf_runtime.CONCRETE_PRECISIONS:
             try:
                 tf_runtime.check_precision(recorded)
-                return dataclasses.replace(spec, backbone_args=dict(spec.backbone_args), precision=recorded)
+                return spec.model_copy(update={"precision": recorded})
             except ParameterError:
                 pass
     return spec.resolved()

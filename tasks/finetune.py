@@ -26,20 +26,23 @@ import json
 import re
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
+from pydantic import Field, model_validator
 
 from storage.errors import DatasetError, ParameterError
 from storage.manifest import Manifest, Skip, atomic_write_text
 
 from . import tf_runtime
 from .backbones import REGISTRY, BackboneSpec, build_backbone, is_model_file
-from .images import ImageError, load_image
+from .images import RESIZE_MODES, ImageError, load_image
+from .settings import Settings
 
 OPTIMIZERS = ("sgd", "adam")
+AUGMENTATIONS = ("flip", "rotation", "zoom", "translation", "contrast")
 SCHEDULES = ("constant", "step", "cosine", "plateau")
 PREPROCESS_MODES = ("none", "tf", "caffe", "torch", "scale01")
 # The preprocess_input of each keras.applications module, as a serialisable mode.
@@ -49,80 +52,77 @@ FAMILY_MODES = {"vgg16": "caffe", "vgg19": "caffe", "resnet": "caffe", "resnet_v
                 "efficientnet_v2": "none", "convnext": "none"}
 
 
-@dataclass
-class FineTuneConfig:
-    """How the network is fine-tuned; :meth:`validate` checks every field with a clear message."""
+class FineTuneConfig(Settings):
+    """How the network is fine-tuned (the backbone and its precision are a :class:`BackboneSpec`)."""
 
-    freeze: str = "none"            # "all" (head only), "none", "first:N", "until:LAYER" (that layer included)
-    freeze_batchnorm: bool = True    # keep every BatchNormalization layer frozen (inference mode)
-    cut_layer: str | None = None     # use the backbone only up to this layer
-    head_pooling: str = "avg"        # "avg" or "flatten"
-    dense: Sequence[int] = (1024,)   # hidden Dense+ReLU blocks of the head
-    dropout: float = 0.5
-    optimizer: str = "sgd"
-    learning_rate: float = 1e-4
-    momentum: float = 0.9
-    head_lr_multiplier: float = 10.0
-    schedule: str = "constant"
-    step_epochs: int = 5             # schedule "step": multiply by step_gamma every step_epochs
-    step_gamma: float = 0.1
-    epochs: int = 10
-    head_epochs: int = 0             # two-phase: first train the head alone (backbone frozen) this many epochs
-    head_learning_rate: float = 1e-3  # phase one uses Adam at this rate
-    batch_size: int = 32
-    augment: Sequence[str] = ("flip", "rotation", "zoom")
-    augment_strength: float = 0.1
-    monitor: str = "val_accuracy"
-    patience: int = 3
-    min_delta: float = 0.0
-    xla: bool = False
-    seed: int = 0
+    freeze: str = Field("none", description="'all' (head only), 'none', 'first:N' (the first N backbone layers) "
+                                            "or 'until:LAYER' (up to and including it)")
+    freeze_batchnorm: bool = Field(True, description="keep every BatchNormalization layer frozen (inference mode)")
+    cut_layer: str | None = Field(None, description="use the backbone only up to this layer")
+    head_pooling: Literal["avg", "flatten"] = Field("avg", description="pooling of the new head")
+    dense: tuple[int, ...] = Field((1024,), description="hidden Dense+ReLU widths of the head (empty for none)")
+    dropout: float = Field(0.5, description="dropout after each hidden Dense, in [0, 1)")
+    optimizer: Literal[OPTIMIZERS] = Field("sgd", description="optimizer of the fine-tuning phase")
+    learning_rate: float = Field(1e-4, description="base rate of the backbone")
+    momentum: float = Field(0.9, description="SGD momentum, in [0, 1)")
+    head_lr_multiplier: float = Field(10.0, description="the new head learns at base rate x this")
+    schedule: Literal[SCHEDULES] = Field("constant", description="learning-rate schedule: step (x step_gamma every "
+                                                                 "step_epochs), cosine, plateau (reduce on plateau)")
+    step_epochs: int = Field(5, description="schedule step: epochs between steps")
+    step_gamma: float = Field(0.1, description="schedule step/plateau: rate factor")
+    epochs: int = Field(10, description="fine-tuning epochs")
+    head_epochs: int = Field(0, description="two-phase: first train the head alone this many epochs (Adam), "
+                                            "backbone frozen")
+    head_learning_rate: float = Field(1e-3, description="phase one's rate")
+    batch_size: int = Field(32, description="images per step")
+    augment: tuple[Literal[AUGMENTATIONS], ...] = Field(("flip", "rotation", "zoom"),
+                                                       description="Keras preprocessing layers, training only")
+    augment_strength: float = Field(0.1, description="strength of rotation, zoom, translation and contrast")
+    monitor: Literal["val_accuracy", "val_loss", "accuracy", "loss"] = Field(
+        "val_accuracy", description="metric for checkpoints and early stopping")
+    patience: int = Field(3, description="early-stopping patience in epochs")
+    min_delta: float = Field(0.0, description="smallest change of the monitored metric that counts")
+    resize: Literal[RESIZE_MODES] = Field("stretch", description="how images are fitted to the square input")
+    xla: bool = Field(False, description="compile the training step with XLA")
+    seed: int = Field(0, description="seed of initialisation, shuffling, dropout and augmentation")
 
-    def validate(self) -> "FineTuneConfig":
+    @model_validator(mode="before")
+    @classmethod
+    def _older_keys(cls, data: Any) -> Any:
+        # Registered before precision moved to the backbone spec: see precision_of.
+        if isinstance(data, dict) and "mixed_precision" in data:
+            data = {k: v for k, v in data.items() if k != "mixed_precision"}
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> "FineTuneConfig":
         def bad(name, allowed):
             raise ParameterError(f"{name} must be {allowed}; got {getattr(self, name)!r}.")
 
         if not (self.freeze in ("all", "none") or re.fullmatch(r"first:\d+", self.freeze)
                 or re.fullmatch(r"until:.+", self.freeze)):
             bad("freeze", "'all', 'none', 'first:N' or 'until:LAYER'")
-        if self.head_pooling not in ("avg", "flatten"):
-            bad("head_pooling", "'avg' or 'flatten'")
-        if any((not isinstance(d, int)) or d < 1 for d in self.dense):
+        if any(d < 1 for d in self.dense):
             bad("dense", "a list of positive layer widths (or empty)")
         if not 0.0 <= self.dropout < 1.0:
             bad("dropout", "in [0, 1)")
-        if self.optimizer not in OPTIMIZERS:
-            bad("optimizer", f"one of {OPTIMIZERS}")
         for name in ("learning_rate", "head_learning_rate", "head_lr_multiplier"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or not v > 0:
+            if not getattr(self, name) > 0:
                 bad(name, "a positive number")
         if not 0.0 <= self.momentum < 1.0:
             bad("momentum", "in [0, 1)")
-        if self.schedule not in SCHEDULES:
-            bad("schedule", f"one of {SCHEDULES}")
         for name in ("epochs", "batch_size", "step_epochs"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+            if getattr(self, name) < 1:
                 bad(name, "a positive integer")
-        if not isinstance(self.head_epochs, int) or self.head_epochs < 0:
+        if self.head_epochs < 0:
             bad("head_epochs", "an integer >= 0")
-        unknown = set(self.augment) - {"flip", "rotation", "zoom", "translation", "contrast"}
-        if unknown:
-            bad("augment", "a subset of flip, rotation, zoom, translation, contrast")
-        if self.monitor not in ("val_accuracy", "val_loss", "accuracy", "loss"):
-            bad("monitor", "val_accuracy, val_loss, accuracy or loss")
         return self
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "FineTuneConfig":
         """From :meth:`as_dict` output, also of models registered before precision moved to the
         backbone spec (their ``mixed_precision`` key is dropped: see :func:`precision_of`)."""
-        return cls(**{k: v for k, v in d.items() if k != "mixed_precision"})
-
-    def as_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["dense"], d["augment"] = list(self.dense), list(self.augment)
-        return d
+        return cls.model_validate(d)
 
 
 # --------------------------------------------------------------------------- Keras pieces
@@ -251,7 +251,7 @@ def build_network(spec: BackboneSpec, n_classes: int, cfg: FineTuneConfig, check
 
     Every layer computes in ``spec.precision`` (mixed: float32 variables) except the last Dense and its
     softmax, which stay float32 so probabilities and the loss keep their precision."""
-    spec = spec.validate().resolved()
+    spec = spec.resolved()
     with tf_runtime.precision_policy(spec.precision):
         return _build_network(spec, n_classes, cfg, check_device)
 
@@ -466,7 +466,6 @@ def fine_tune(manifest: Manifest, spec: BackboneSpec, cfg: FineTuneConfig, workd
     defaults to MirroredStrategy over every GPU when there are several.
 
     ``stop_after_epochs`` ends training after that many epochs in this call (for tests of resume)."""
-    cfg.validate()
     keras = tf_runtime.keras()
     t0 = time.perf_counter()
     workdir = Path(workdir)
@@ -482,7 +481,7 @@ def fine_tune(manifest: Manifest, spec: BackboneSpec, cfg: FineTuneConfig, workd
     if not va_paths:
         raise DatasetError("fine-tuning needs a val (or test) split to monitor; use --val-fraction > 0 or a "
                            "dataset with val/.")
-    spec = spec.validate().resolved()
+    spec = spec.resolved()
     tf_runtime.check_precision(spec.precision)
     if strategy is None:
         strategy = default_strategy()

@@ -10,62 +10,70 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Literal, Sequence
 
 import numpy as np
+from pydantic import Field, model_validator
 
 from storage.errors import DatasetError, ParameterError
+
+from .settings import Settings
 
 CLASSIFIERS = ("svm", "softmax", "sgd")
 DEFAULT_C_GRID = (0.001, 0.01, 0.1, 1.0, 10.0)
 
 
-@dataclass
-class LinearConfig:
-    """How a linear probe is trained. ``C=None`` searches ``c_grid`` by cross-validation."""
+class LinearConfig(Settings):
+    """How a linear probe is trained. ``C`` left out searches ``c_grid`` by cross-validation."""
 
-    classifier: str = "softmax"
-    C: float | None = None
-    c_grid: Sequence[float] = DEFAULT_C_GRID
-    cv_folds: int = 5
-    class_weight: str | None = None        # None or "balanced"
-    l2_normalize: bool = False
-    pca: float | int | None = None          # components (int) or explained variance (0 < float < 1)
-    calibrate: bool = True                  # SVM: CalibratedClassifierCV so that predict_proba exists
-    max_iter: int = 3000
-    n_jobs: int = -1
-    seed: int = 0
-    sgd_epochs: int = 5
-    chunk_rows: int = 8192
+    classifier: Literal[CLASSIFIERS] = Field("softmax", description="linear SVM (calibrated), multinomial logistic "
+                                                                    "regression, or SGD trained chunk by chunk for "
+                                                                    "stores larger than memory")
+    C: float | None = Field(None, description="inverse regularisation strength (default: chosen by stratified "
+                                              "k-fold CV among c_grid)")
+    c_grid: tuple[float, ...] = Field(DEFAULT_C_GRID, description="values of C the search compares")
+    cv_folds: int = Field(5, description="folds of the C search")
+    class_weight: Literal["balanced"] | None = Field(None, description="weight classes inversely to their "
+                                                                       "frequency")
+    l2_normalize: bool = Field(False, description="L2-normalise codes after standardisation")
+    pca: float | int | None = Field(None, description="PCA before the classifier: components (>= 1) or share of "
+                                                      "variance (< 1)")
+    calibrate: bool = Field(True, description="SVM: calibrate probabilities (without, predictions carry none)")
+    max_iter: int = Field(3000, description="solver iterations")
+    n_jobs: int = Field(-1, description="processes of the C search (-1: every core)")
+    seed: int = Field(0, description="seed of CV folds and solvers")
+    sgd_epochs: int = Field(5, description="passes over the store for classifier sgd")
+    chunk_rows: int = Field(8192, description="rows per chunk for classifier sgd")
 
-    def validate(self) -> "LinearConfig":
-        if self.classifier not in CLASSIFIERS:
-            raise ParameterError(f"classifier must be one of {', '.join(CLASSIFIERS)}; got {self.classifier!r}.")
-        if self.C is not None and not (isinstance(self.C, (int, float)) and self.C > 0 and math.isfinite(self.C)):
+    @model_validator(mode="before")
+    @classmethod
+    def _whole_pca(cls, data: Any) -> Any:
+        # 64.0 components from a float option is 64 components; 0.95 stays a share of variance
+        if isinstance(data, dict) and isinstance(data.get("pca"), float) and data["pca"] >= 1 \
+                and float(data["pca"]).is_integer():
+            data = {**data, "pca": int(data["pca"])}
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> "LinearConfig":
+        if self.C is not None and not (self.C > 0 and math.isfinite(self.C)):
             raise ParameterError(f"C must be a positive number (or left out to search {list(self.c_grid)}); "
                                  f"got {self.C!r}.")
-        if not self.c_grid or any((not isinstance(c, (int, float))) or c <= 0 for c in self.c_grid):
+        if not self.c_grid or any(c <= 0 for c in self.c_grid):
             raise ParameterError(f"c_grid must be positive numbers; got {list(self.c_grid)!r}.")
-        if not isinstance(self.cv_folds, int) or self.cv_folds < 2:
+        if self.cv_folds < 2:
             raise ParameterError(f"cv_folds must be an integer of at least 2; got {self.cv_folds!r}.")
-        if self.class_weight not in (None, "balanced"):
-            raise ParameterError(f"class_weight must be 'balanced' or left out; got {self.class_weight!r}.")
         if self.pca is not None:
             ok = (isinstance(self.pca, int) and self.pca >= 1) or (isinstance(self.pca, float) and 0 < self.pca < 1)
             if not ok:
                 raise ParameterError(f"pca must be a number of components (integer >= 1) or a share of variance "
                                      f"in (0, 1); got {self.pca!r}.")
-        if not isinstance(self.sgd_epochs, int) or self.sgd_epochs < 1:
+        if self.sgd_epochs < 1:
             raise ParameterError(f"sgd_epochs must be a positive integer; got {self.sgd_epochs!r}.")
-        if not isinstance(self.chunk_rows, int) or self.chunk_rows < 16:
+        if self.chunk_rows < 16:
             raise ParameterError(f"chunk_rows must be an integer of at least 16; got {self.chunk_rows!r}.")
         return self
-
-    def as_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["c_grid"] = list(self.c_grid)
-        return d
 
 
 def check_labels(y: np.ndarray, class_names: Sequence[str], split: str = "train") -> None:
@@ -128,7 +136,6 @@ def train_linear(X: np.ndarray, y: np.ndarray, class_names: Sequence[str], cfg: 
     """Fit the pipeline on ``(X, y)``, choosing C by stratified k-fold CV when ``cfg.C`` is None.
 
     Raises DatasetError for fewer than two classes or too few images to cross-validate."""
-    cfg.validate()
     check_labels(y, class_names)
     X = np.asarray(X, dtype=np.float32).reshape(len(X), -1)
     t = time.perf_counter()
@@ -180,7 +187,6 @@ def train_sgd_chunked(chunks: Callable[[], Iterator[tuple[np.ndarray, np.ndarray
     from sklearn.pipeline import Pipeline
     from sklearn.preprocessing import Normalizer, StandardScaler
 
-    cfg.validate()
     if cfg.pca is not None:
         raise ParameterError("pca is not available with chunked SGD training (it needs every row in memory); "
                              "leave pca out, or use classifier softmax/svm on a store that fits in memory.")

@@ -41,7 +41,7 @@ def _spec_from(meta: dict[str, Any], store_prov: dict[str, Any]) -> BackboneSpec
         raise ModelMismatchError(f"the training store {meta.get('store')} does not record how its codes were "
                                  "computed (it predates cnncodes' 'spec' attribute); re-extract it, retrain, "
                                  "then predict.")
-    return BackboneSpec(**spec)
+    return BackboneSpec.model_validate(spec)
 
 
 def predict_images(source: str | Path, registry: str | Path, name: str, version: int | str | None,
@@ -82,8 +82,8 @@ def predict_images(source: str | Path, registry: str | Path, name: str, version:
         spec = _spec_from(meta, FeatureStore(train_store).provenance)
         pstore = prediction_store_path(train_store, source)
         sub = Manifest(manifest.root, manifest.layout, [], missing)
-        options = options or ExtractOptions()
-        options.resize = meta.get("resize") or "stretch"  # the model's, whatever was asked
+        # the model's resize, whatever was asked
+        options = (options or ExtractOptions()).model_copy(update={"resize": meta.get("resize") or "stretch"})
         summary = extract_to_store(sub, pstore, spec, [(layer, pooling)], options, progress=progress)
         pfs = FeatureStore(pstore)
         if pfs.provenance.get("weights_digest") != meta.get("weights_digest"):

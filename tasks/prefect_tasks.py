@@ -67,8 +67,8 @@ def extract_codes(manifest_path: str, store: str, spec: dict[str, Any], cuts: li
     manifest = Manifest.load(manifest_path)
     bar = Progress("extracting codes", unit="img", key="extract-codes")
     try:
-        return extract.extract_to_store(manifest, store, BackboneSpec(**spec), [tuple(c) for c in cuts],
-                                        extract.ExtractOptions(**options), progress=bar)
+        return extract.extract_to_store(manifest, store, BackboneSpec.model_validate(spec), [tuple(c) for c in cuts],
+                                        extract.ExtractOptions.model_validate(options), progress=bar)
     finally:
         bar.close()
 
@@ -92,7 +92,7 @@ def fit_probe(store: str, layer: str, pooling: str | None, config: dict[str, Any
     """Train a linear probe on the store's train split and register it."""
     bar = Progress("SGD epochs", unit="epoch", key="fit-probe")
     try:
-        return probe.fit_probe(store, layer, pooling, LinearConfig(**config), registry, name, progress=bar)
+        return probe.fit_probe(store, layer, pooling, LinearConfig.model_validate(config), registry, name, progress=bar)
     finally:
         bar.close()
 
@@ -116,7 +116,7 @@ def evaluate_probe(registry: str, name: str, version: int, store: str | None, re
 @task(name="sweep-layers", cache_policy=NO_CACHE)
 def sweep_layers(store: str, layers: list[str] | None, pooling: str | None, config: dict[str, Any],
                  report_dir: str, max_images: int | None = None) -> dict:
-    result = probe.sweep_layers(store, probe.resolve_groups(store, layers, pooling), LinearConfig(**config),
+    result = probe.sweep_layers(store, probe.resolve_groups(store, layers, pooling), LinearConfig.model_validate(config),
                                 report_dir, max_images)
     create_table_artifact(result["rows"], key="layer-sweep", description=f"Probe CV score by layer; best: "
                           f"{result['best']['layer']}/{result['best']['pooling']}")
@@ -131,7 +131,7 @@ def predict_images(source: str, registry: str, name: str, version: int | str | N
     bar = Progress("extracting codes", unit="img", key="predict-codes")
     try:
         result = predict.predict_images(source, registry, name, version, output,
-                                        extract.ExtractOptions(**options) if options else None, progress=bar)
+                                        extract.ExtractOptions.model_validate(options) if options else None, progress=bar)
     finally:
         bar.close()
     create_table_artifact([{"class": c, "images": n} for c, n in result["class_counts"].items()],
@@ -150,7 +150,7 @@ def fine_tune_network(manifest_path: str, spec: dict[str, Any], config: dict[str
     cfg = finetune.FineTuneConfig.from_dict(config)
     bar = Progress("fine-tuning", unit="epoch", key="fine-tune-epochs")
     try:
-        r = finetune.fine_tune(manifest, BackboneSpec(**spec), cfg, workdir, resize=resize, progress=bar)
+        r = finetune.fine_tune(manifest, BackboneSpec.model_validate(spec), cfg, workdir, resize=resize, progress=bar)
     finally:
         bar.close()
     return {"model_path": r.model_path, "history": r.history, "phases": r.phases, "counts": r.counts,
@@ -163,7 +163,7 @@ def fine_tune_network(manifest_path: str, spec: dict[str, Any], config: dict[str
 def evaluate_finetuned(trained: dict, manifest_path: str, spec: dict[str, Any], config: dict[str, Any],
                        resize: str, registry: str, name: str, report_dir: str) -> dict:
     """Evaluate on every split, register the model, write the report with learning curves."""
-    result = finetune_report.evaluate_register_report(trained, Manifest.load(manifest_path), BackboneSpec(**spec),
+    result = finetune_report.evaluate_register_report(trained, Manifest.load(manifest_path), BackboneSpec.model_validate(spec),
                                                       finetune.FineTuneConfig.from_dict(config), resize, registry, name,
                                                       report_dir)
     create_markdown_artifact(Path(result["report"]).read_text(), key="finetune-report",
@@ -179,14 +179,14 @@ def inspect_backbone(spec: dict[str, Any]) -> list[dict]:
     """The backbone's layers (name, kind, output shape, stride, parameters)."""
     from .backbones import build_backbone
 
-    return [layer.as_dict() for layer in build_backbone(BackboneSpec(**spec)).layers()]
+    return [layer.as_dict() for layer in build_backbone(BackboneSpec.model_validate(spec)).layers()]
 
 
 @task(name="decide-case", cache_policy=NO_CACHE)
 def decide_case(manifest_path: str, sweep_rows: list[dict], late_layer: str, thresholds: dict[str, Any],
                 pretrained: bool, force_case: int | None, force_layer: str | None, top_freeze: str | None,
                 from_scratch: bool) -> dict:
-    th = transfer.Thresholds(**thresholds).validate()
+    th = transfer.Thresholds.model_validate(thresholds)
     size = transfer.measure_size(Manifest.load(manifest_path), th.large_per_class)
     sim = transfer.measure_similarity(sweep_rows, late_layer, th.similarity_margin, pretrained)
     d = transfer.decide(size, sim, force_case=force_case, force_layer=force_layer, top_freeze=top_freeze,
@@ -272,8 +272,8 @@ def extract_codes_shard(manifest_path: str, store: str, index: int, shards: int,
     gpu = extract.gpu_for_shard(index, gpus) if gpus else None
     bar = Progress(f"shard {index}", unit="img", key=f"extract-shard-{index}")
     try:
-        return extract.extract_shard(manifest, store, index, shards, BackboneSpec(**spec), [tuple(c) for c in cuts],
-                                     extract.ExtractOptions(**options), threads=threads, progress=bar, gpu=gpu)
+        return extract.extract_shard(manifest, store, index, shards, BackboneSpec.model_validate(spec), [tuple(c) for c in cuts],
+                                     extract.ExtractOptions.model_validate(options), threads=threads, progress=bar, gpu=gpu)
     finally:
         bar.close()
 

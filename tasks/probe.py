@@ -46,7 +46,6 @@ def fit_probe(store: str | Path, layer: str, pooling: str | None, cfg: LinearCon
 
     Returns ``{"name", "version", "C", "cv_scores", "seconds", "train_images", "model_path"}``.
     Raises DatasetError when the train split lacks images or has a single class."""
-    cfg.validate()
     fs = FeatureStore(store)
     attrs = fs.group_attrs(layer, pooling)
     pooling = attrs["pooling"]
@@ -207,7 +206,6 @@ def sweep_layers(store: str | Path, groups: Sequence[tuple[str, str]] | None, cf
                  report_dir: str | Path, max_images: int | None = None) -> dict[str, Any]:
     """Cross-validate the same probe on each (layer, pooling) group of a store (train split, plus val
     when present): the evidence for which layer to use. Writes a table and a bar plot; names the best."""
-    cfg.validate()
     fs = FeatureStore(store)
     available = [(g["layer"], g["pooling"]) for g in fs.groups()]
     groups = list(available if groups is None else groups)

@@ -48,7 +48,7 @@ def probe_settings(registry: str | Path, name: str) -> dict[str, Any]:
     """Everything needed to train a challenger exactly like the champion probe, and to extract its codes."""
     meta = champion_record(registry, name).metadata
     prov = FeatureStore(meta["store"]).provenance
-    cfg = LinearConfig(**meta["config"]).as_dict()
+    cfg = LinearConfig.model_validate(meta["config"]).as_dict()
     return {"store": meta["store"], "layer": meta["layer"], "pooling": meta["pooling"], "config": cfg,
             "spec": prov.get("spec"), "resize": prov.get("resize") or "stretch",
             "split_seed": prov.get("split_seed") or 0,

@@ -23,8 +23,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from pydantic import Field, model_validator
+
 from storage.errors import ParameterError
 from storage.manifest import Manifest, atomic_write_text
+
+from .settings import Settings
 
 DEFAULT_LARGE_PER_CLASS = 500
 DEFAULT_SIMILARITY_MARGIN = 0.02
@@ -35,19 +39,30 @@ CASES = {1: "small + similar: linear classifier on codes of a late layer, backbo
          4: "large + different: fine-tune the whole network (or train from scratch)"}
 
 
-@dataclass
-class Thresholds:
-    large_per_class: int = DEFAULT_LARGE_PER_CLASS
-    similarity_margin: float = DEFAULT_SIMILARITY_MARGIN
-    gate_margin: float = DEFAULT_GATE_MARGIN
+class Thresholds(Settings):
+    """How the transfer flow decides: the thresholds of size and similarity, the champion gate, and
+    what may be forced instead of measured."""
 
-    def validate(self) -> "Thresholds":
-        if not isinstance(self.large_per_class, int) or self.large_per_class < 1:
-            raise ParameterError(f"large_per_class must be a positive integer; got {self.large_per_class!r}.")
-        for name in ("similarity_margin", "gate_margin"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or not -1 <= v <= 1:
-                raise ParameterError(f"{name} must be a number in [-1, 1]; got {v!r}.")
+    large_per_class: int = Field(DEFAULT_LARGE_PER_CLASS, ge=1, description="median training images per class "
+                                                                            "from which data is 'large'")
+    similarity_margin: float = Field(DEFAULT_SIMILARITY_MARGIN, ge=-1, le=1,
+                                     description="similar when the last layer's CV score >= the best earlier "
+                                                 "layer's minus this")
+    gate_margin: float = Field(DEFAULT_GATE_MARGIN, ge=-1, le=1, description="a fine-tuned model must beat the probe "
+                                                                             "by this accuracy to be champion")
+    layers: list[str] = Field(default_factory=list, description="candidate layers to compare, the last one the late "
+                                                               "layer (default: the end of each stage at strides "
+                                                               "8, 16, 32 plus the last layer)")
+    max_similarity_images: int = Field(2000, ge=2, description="stratified sample of images the similarity "
+                                                               "measurement cross-validates on")
+    case: int | None = Field(None, description="force a case (1-4) instead of measuring")
+    layer: str | None = Field(None, description="force the linear probe's layer")
+    from_scratch: bool = Field(False, description="case 4 trains from random weights")
+
+    @model_validator(mode="after")
+    def _check(self) -> "Thresholds":
+        if self.case is not None and self.case not in CASES:
+            raise ParameterError(f"case must be 1, 2, 3 or 4; got {self.case!r}.")
         return self
 
 

@@ -110,7 +110,23 @@ def test_deploy_run_and_schedule_on_a_real_server(server, tmp_path, texture_data
                 flow = client.read_flow(d.flow_id)
                 names.add(f"{flow.name}/{d.name}")
             retrain = client.read_deployment_by_name("retrain/retrain")
+            schema = client.read_deployment_by_name("transfer/transfer").parameter_openapi_schema
     assert DEPLOYMENTS <= names
+    # The run form in the UI: grouped, described, validated settings
+    assert set(schema["properties"]) == {"data", "backbone", "thresholds", "probe", "finetune", "split",
+                                         "model_name", "output"}
+    defs = schema.get("definitions") or schema.get("$defs")
+
+    def group(name):
+        prop = schema["properties"][name]
+        ref = prop.get("$ref") or next(p["$ref"] for p in prop.get("allOf", prop.get("anyOf", [])) if "$ref" in p)
+        return defs[ref.rsplit("/", 1)[-1]]
+
+    precision = group("backbone")["properties"]["precision"]
+    assert precision["enum"] == ["float32", "float16", "bfloat16", "auto"] and "compute precision" in \
+        precision["description"]
+    assert "fine-tuning epochs" in group("finetune")["properties"]["epochs"]["description"]
+    assert group("thresholds")["properties"]["large_per_class"]["minimum"] == 1
     crons = [s.schedule.cron for s in retrain.schedules]
     assert crons == ["0 3 * * *"] and retrain.schedules[0].active
     assert retrain.work_pool_name == "cnncodes-cpu"
@@ -119,9 +135,9 @@ def test_deploy_run_and_schedule_on_a_real_server(server, tmp_path, texture_data
     workers.append(subprocess.Popen([PREFECT, "worker", "start", "--pool", "cnncodes-gpu"], env=env, cwd=tmp_path,
                                     stdout=log, stderr=subprocess.STDOUT))
     out = tmp_path / "out"
-    params = {"data": str(texture_data), "backbone": "mobilenet_v2", "weights": "none", "input_size": 96,
-              "backbone_args": {"alpha": 0.35}, "out": str(out), "registry": str(out / "registry"),
-              "model_name": "deployed"}
+    params = {"data": str(texture_data), "backbone": {"name": "mobilenet_v2", "weights": "none", "input_size": 96,
+                                                      "backbone_args": {"alpha": 0.35}},
+              "output": {"out": str(out), "registry": str(out / "registry")}, "model_name": "deployed"}
     run = _prefect(env, "deployment", "run", "transfer/transfer", "--params", json.dumps(params), "--watch",
                    "--watch-timeout", "400", timeout=480, check=False)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:] + (tmp_path / "worker.log").read_text()[-5000:]

@@ -18,6 +18,7 @@ from storage import ModelRegistry, ParameterError
 from tasks.backbones import BackboneSpec
 from tasks.datasets import scan_dataset
 from tasks.finetune import FineTuneConfig, apply_freezing, build_network, fine_tune, make_optimizer
+from tasks.settings import Output
 
 pytestmark = pytest.mark.slow
 SMALL = dict(dense=[16], dropout=0.0, batch_size=8, augment=[], epochs=2, patience=5)
@@ -190,8 +191,9 @@ def test_flow_reports_registers_and_predict_serves_the_model(tmp_path, texture_d
     import pandas as pd
 
     with prefect_test_harness(server_startup_timeout=90):
-        r = flow(str(texture_data), backbone=small_cnn, weights="file", preprocessing="scale01", dense=[16], dropout=0.0, batch_size=8, augment=["flip"], epochs=2, head_epochs=1,
-                 out=str(tmp_path / "out"), registry=str(tmp_path / "reg"), model_name="tex-ft")
+        r = flow(str(texture_data), _spec(small_cnn),
+                 FineTuneConfig(dense=[16], dropout=0.0, batch_size=8, augment=["flip"], epochs=2, head_epochs=1),
+                 model_name="tex-ft", output=Output(out=str(tmp_path / "out"), registry=str(tmp_path / "reg")))
     assert r["model"] == "tex-ft" and r["version"] == 1
     report = Path(r["report"]).read_text()
     assert "## Phases" in report and "| head | all |" in report and "| finetune | none |" in report

@@ -11,8 +11,12 @@ import pytest
 
 from conftest import ROOT, TINY_EARLY, TINY_LAST
 from storage import FeatureStore, ParameterError
+from tasks.backbones import BackboneSpec
+from tasks.extract import ExtractOptions
+from tasks.linear import LinearConfig
+from tasks.settings import Output, SplitConfig
 
-TINY_FLOW = dict(backbone="mobilenet_v2", weights="none", input_size=96, backbone_args={"alpha": 0.35})
+TINY_FLOW = BackboneSpec(name="mobilenet_v2", weights="none", input_size=96, backbone_args={"alpha": 0.35})
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +35,9 @@ def test_extract_flow_end_to_end_with_report_and_artifacts(prefect_harness, tmp_
 
     (texture_data / sorted(os.listdir(texture_data))[0] / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
     out = tmp_path / "out"
-    s = extract_features(str(texture_data), layers=[TINY_LAST, TINY_EARLY], pooling=["avg", "max"],
-                         out=str(out), **TINY_FLOW)
+    s = extract_features(str(texture_data), TINY_FLOW,
+                         ExtractOptions(layers=[TINY_LAST, TINY_EARLY], pooling=["avg", "max"]),
+                         output=Output(out=str(out)))
     assert s["computed"] == 36 and len(s["skipped"]) == 1
     store = Path(s["store"])
     assert store.parent == (out / "stores").resolve() and store.name == "data__mobilenet_v2-alpha0.35__none.h5"
@@ -44,8 +49,9 @@ def test_extract_flow_end_to_end_with_report_and_artifacts(prefect_harness, tmp_
         keys = {a.key for a in client.read_artifacts()}
     assert {"extract-report", "extract-counts", "extract-skipped", "extract-codes"} <= keys
 
-    again = extract_features(str(texture_data), layers=[TINY_LAST, TINY_EARLY], pooling=["avg", "max"],
-                             out=str(out), **TINY_FLOW)
+    again = extract_features(str(texture_data), TINY_FLOW,
+                             ExtractOptions(layers=[TINY_LAST, TINY_EARLY], pooling=["avg", "max"]),
+                             output=Output(out=str(out)))
     assert again["up_to_date"] and again["computed"] == 0 and len(again["skipped"]) == 1
 
 
@@ -53,9 +59,11 @@ def test_extract_flow_validates_parameters_before_any_work(prefect_harness, tmp_
     from flows.extract_features import extract_features
 
     with pytest.raises(ParameterError, match="batch_size must be an integer"):
-        extract_features(str(texture_data), layers=[TINY_LAST], batch_size=0, out=str(tmp_path), **TINY_FLOW)
+        extract_features(str(texture_data), TINY_FLOW, ExtractOptions(layers=[TINY_LAST], batch_size=0),
+                         output=Output(out=str(tmp_path)))
     with pytest.raises(ParameterError, match="val_fraction"):
-        extract_features(str(texture_data), layers=[TINY_LAST], val_fraction=1.5, out=str(tmp_path), **TINY_FLOW)
+        extract_features(str(texture_data), TINY_FLOW, ExtractOptions(layers=[TINY_LAST]),
+                         SplitConfig(val_fraction=1.5), Output(out=str(tmp_path)))
     assert not (tmp_path / "stores").exists()
 
 
@@ -125,8 +133,8 @@ def test_train_linear_flow_publishes_report_metrics_and_confusion(prefect_harnes
     from test_linear import make_store
 
     store = make_store(tmp_path / "s.h5")
-    r = train_linear(str(store), "signal", classifier="softmax", C=0.1, out=str(tmp_path / "o"),
-                     registry=str(tmp_path / "o" / "registry"))
+    r = train_linear(str(store), "signal", linear=LinearConfig(classifier="softmax", C=0.1),
+                     output=Output(out=str(tmp_path / "o"), registry=str(tmp_path / "o" / "registry")))
     assert r["model"] == "s-signal-softmax" and r["metrics"]["test"]["accuracy"] > 0.85
     with get_client(sync_client=True) as client:
         arts = {a.key: a for a in client.read_artifacts()}

@@ -145,7 +145,7 @@ def test_auto_precision_is_float32_on_a_cpu_and_one_option_serves_every_flow():
     assert BackboneSpec(**dict(TINY, precision="auto")).validate().resolved().precision == "float32"
     for f in (extract_features, fine_tune, transfer):
         params = inspect.signature(f.fn).parameters
-        assert params["precision"].default == "auto" and "mixed_precision" not in params
+        assert params["backbone"].default.precision == "auto" and "mixed_precision" not in params
     with pytest.raises(ParameterError, match="precision must be one of float32, float16, bfloat16, auto"):
         BackboneSpec(**dict(TINY, precision="half")).validate()
     with pytest.raises(ParameterError, match="needs a GPU"):
@@ -153,14 +153,13 @@ def test_auto_precision_is_float32_on_a_cpu_and_one_option_serves_every_flow():
 
 
 def test_cli_fine_tune_takes_precision_and_still_the_old_mixed_precision():
-    from cnncodes.cli import _precision, build_parser
+    from cnncodes.cli import _backbone, build_parser
 
     parser = build_parser()
-    args = parser.parse_args(["fine-tune", "data", "--precision", "bfloat16"])
-    assert _precision(args) == "bfloat16"
-    assert _precision(parser.parse_args(["fine-tune", "data", "--mixed-precision", "off"])) == "float32"
-    assert _precision(parser.parse_args(["fine-tune", "data"])) == "auto"
-    assert parser.parse_args(["extract", "data", "--xla"]).xla is True
+    assert _backbone(parser.parse_args(["fine-tune", "data", "--precision", "bfloat16"])).precision == "bfloat16"
+    assert _backbone(parser.parse_args(["fine-tune", "data", "--mixed-precision", "off"])).precision == "float32"
+    assert _backbone(parser.parse_args(["fine-tune", "data"])).precision == "auto"
+    assert parser.parse_args(["extract", "data", "--xla"]).__dict__["extract.xla"] is True
 
 
 def test_an_extraction_store_records_the_precision_that_ran(tmp_path, texture_data, small_cnn):

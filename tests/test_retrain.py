@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import pytest
 
+from tasks.backbones import BackboneSpec
+from tasks.extract import ExtractOptions
+from tasks.finetune import FineTuneConfig
+from tasks.linear import LinearConfig
+from tasks.settings import Output
+
 from storage import ModelRegistry
 from tasks.linear import LinearConfig
 from tasks.probe import evaluate_probe, fit_probe
@@ -51,12 +57,14 @@ def test_retrain_flow_no_change_then_growth(tmp_path, texture_data):
     from flows.train_linear import train_linear
 
     out, reg = str(tmp_path / "out"), str(tmp_path / "reg")
-    tiny = dict(backbone="mobilenet_v2", weights="none", input_size=96, backbone_args={"alpha": 0.35})
+    tiny = BackboneSpec(name="mobilenet_v2", weights="none", input_size=96, backbone_args={"alpha": 0.35})
+    output = Output(out=out, registry=reg)
     with prefect_test_harness(server_startup_timeout=90):
-        s = extract_features(str(texture_data), layers=["block_3_expand_relu"], out=out, **tiny)
-        train_linear(s["store"], "block_3_expand_relu", C=1.0, model_name="tex", registry=reg, out=out)
+        s = extract_features(str(texture_data), tiny, ExtractOptions(layers=["block_3_expand_relu"]),
+                             output=Output(out=out))
+        train_linear(s["store"], "block_3_expand_relu", linear=LinearConfig(C=1.0), model_name="tex", output=output)
 
-        same = retrain(str(texture_data), "tex", registry=reg, out=out)
+        same = retrain(str(texture_data), "tex", output)
         assert same["retrained"] is False and "no data change" in same["reason"]
         assert ModelRegistry(reg).versions("tex") == [1]
 
@@ -64,14 +72,14 @@ def test_retrain_flow_no_change_then_growth(tmp_path, texture_data):
         for i, cls in enumerate(classes * 2):
             make_image(cls if cls in ("stripes", "checks", "rings") else "blobs", (50, 60), 500 + i).save(
                 texture_data / cls / f"grown_{i}.jpg")
-        grown = retrain(str(texture_data), "tex", registry=reg, out=out)
+        grown = retrain(str(texture_data), "tex", output)
         assert grown["retrained"] and grown["extracted"] == 6 and grown["challenger"] == 2
         r = ModelRegistry(reg)
         assert r.versions("tex") == [1, 2]
         assert r.aliases("tex")["champion"] == (2 if grown["promoted"] else 1) == grown["champion"]
         assert r.history("tex")[-1]["challenger"] == 2
 
-        strict = retrain(str(texture_data), "tex", registry=reg, out=out, force=True, margin=1.0)
+        strict = retrain(str(texture_data), "tex", output, force=True, margin=1.0)
         assert strict["retrained"] and not strict["promoted"]  # nothing can win by more than 1.0
         assert r.aliases("tex")["champion"] == grown["champion"]
 
@@ -91,11 +99,13 @@ def test_retrain_a_fine_tuned_lineage(tmp_path, texture_data):
     keras.Model(inp, keras.layers.ReLU(name="r")(x)).save(model)
     out, reg = str(tmp_path / "out"), str(tmp_path / "reg")
     with prefect_test_harness(server_startup_timeout=90):
-        fine_tune(str(texture_data), backbone=str(model), weights="file", preprocessing="scale01", dense=[8],
-                  dropout=0.0, epochs=1, augment=[], batch_size=8, model_name="ft", registry=reg, out=out)
-        same = retrain(str(texture_data), "ft", registry=reg, out=out)
+        output = Output(out=out, registry=reg)
+        fine_tune(str(texture_data), BackboneSpec(name=str(model), weights="file", preprocessing="scale01"),
+                  FineTuneConfig(dense=[8], dropout=0.0, epochs=1, augment=[], batch_size=8), model_name="ft",
+                  output=output)
+        same = retrain(str(texture_data), "ft", output)
         assert same["retrained"] is False
-        forced = retrain(str(texture_data), "ft", registry=reg, out=out, force=True)
+        forced = retrain(str(texture_data), "ft", output, force=True)
     assert forced["retrained"] and forced["challenger"] == 2 and forced["extracted"] is None
     r = ModelRegistry(reg)
     assert r.versions("ft") == [1, 2] and r.record("ft", 2).metadata["config"]["dense"] == [8]

@@ -6,10 +6,18 @@ import pytest
 
 from conftest import TINY_LAST
 from storage import FeatureStore
+from tasks.backbones import BackboneSpec
+from tasks.extract import ExtractOptions
+from tasks.settings import Output, ScaleOut
 from tasks.synthetic import make_image
 
 pytestmark = pytest.mark.slow
-TINY_FLOW = dict(backbone="mobilenet_v2", weights="none", input_size=96, backbone_args={"alpha": 0.35})
+TINY_FLOW = BackboneSpec(name="mobilenet_v2", weights="none", input_size=96, backbone_args={"alpha": 0.35})
+TWO_WORKERS = ScaleOut(shards=2, workers=2)
+
+
+def _cut(store):
+    return ExtractOptions(layers=[TINY_LAST], store=str(store))
 
 
 def _by_path(codes):
@@ -23,10 +31,10 @@ def test_two_dask_workers_give_the_single_process_features_and_stay_incremental(
     from flows.extract_features import extract_features
 
     with prefect_test_harness(server_startup_timeout=90):
-        single = extract_features(str(texture_data), layers=[TINY_LAST], store=str(tmp_path / "single.h5"),
-                                  out=str(tmp_path / "o1"), **TINY_FLOW)
-        sharded = extract_features(str(texture_data), layers=[TINY_LAST], store=str(tmp_path / "sharded.h5"),
-                                   out=str(tmp_path / "o2"), shards=2, workers=2, **TINY_FLOW)
+        single = extract_features(str(texture_data), TINY_FLOW, _cut(tmp_path / "single.h5"),
+                                  output=Output(out=str(tmp_path / "o1")))
+        sharded = extract_features(str(texture_data), TINY_FLOW, _cut(tmp_path / "sharded.h5"),
+                                   output=Output(out=str(tmp_path / "o2")), scale=TWO_WORKERS)
         assert sharded["computed"] == single["computed"] == 36
         per_shard = {p["shard"]: p["computed"] for p in sharded["per_shard"]}
         assert set(per_shard) == {0, 1} and all(n > 0 for n in per_shard.values())  # both workers worked
@@ -41,12 +49,12 @@ def test_two_dask_workers_give_the_single_process_features_and_stay_incremental(
         classes = sorted(p.name for p in texture_data.iterdir())
         for i in range(7):
             make_image("stripes", (50, 50), 900 + i).save(texture_data / classes[i % 3] / f"more_{i}.jpg")
-        grown = extract_features(str(texture_data), layers=[TINY_LAST], store=str(tmp_path / "sharded.h5"),
-                                 out=str(tmp_path / "o2"), shards=2, workers=2, **TINY_FLOW)
+        grown = extract_features(str(texture_data), TINY_FLOW, _cut(tmp_path / "sharded.h5"),
+                                 output=Output(out=str(tmp_path / "o2")), scale=TWO_WORKERS)
         assert grown["computed"] == 7 and grown["reused"] == 36       # only the new images, across both shards
         assert len(FeatureStore(tmp_path / "sharded.h5").read(TINY_LAST, "avg")) == 43
-        again = extract_features(str(texture_data), layers=[TINY_LAST], store=str(tmp_path / "sharded.h5"),
-                                 out=str(tmp_path / "o2"), shards=2, workers=2, **TINY_FLOW)
+        again = extract_features(str(texture_data), TINY_FLOW, _cut(tmp_path / "sharded.h5"),
+                                 output=Output(out=str(tmp_path / "o2")), scale=TWO_WORKERS)
         assert again["up_to_date"] and again["computed"] == 0
     from storage.tools import list_store, verify_store
 
@@ -124,8 +132,8 @@ def test_a_prefect_server_on_postgresql_completes_a_deployment_run(tmp_path):
         log = open(tmp_path / "worker.log", "w")
         worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", "cnncodes-cpu"], env=env, cwd=tmp_path,
                                   stdout=log, stderr=subprocess.STDOUT)
-        params = {"store": str(store), "layer": "signal", "model_name": "pg", "registry": str(tmp_path / "reg"),
-                  "out": str(tmp_path / "out")}
+        params = {"store": str(store), "layer": "signal", "model_name": "pg",
+                  "output": {"registry": str(tmp_path / "reg"), "out": str(tmp_path / "out")}}
         run = _prefect(env, "deployment", "run", "train-linear/train-linear", "--params", json.dumps(params),
                        "--watch", "--watch-timeout", "300", timeout=360, check=False)
         assert run.returncode == 0, run.stdout[-2000:] + (tmp_path / "worker.log").read_text()[-3000:]

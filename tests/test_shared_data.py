@@ -9,6 +9,7 @@ from storage import FeatureStore
 from tasks.backbones import BackboneSpec
 from tasks.datasets import scan_dataset
 from tasks.extract import extract_to_store
+from tasks.settings import Output
 
 pytestmark = [pytest.mark.shared, pytest.mark.slow]
 
@@ -82,8 +83,8 @@ def test_transfer_on_hymenoptera_decides_case_1_and_reaches_the_documented_accur
     from flows.transfer import transfer
 
     with prefect_test_harness(server_startup_timeout=90):
-        r = transfer(str(data), backbone="mobilenet", weights="imagenet", backbone_args={"alpha": 0.25},
-                     out=str(tmp_path / "out"))
+        r = transfer(str(data), BackboneSpec(name="mobilenet", weights="imagenet", backbone_args={"alpha": 0.25}),
+                     output=Output(out=str(tmp_path / "out")))
     assert r["case"] == 1, r["decision"]["reason"]
     assert r["decision"]["probe_layer"] == "conv_pw_13_relu"
     scores = {row["layer"]: row["mean"] for row in r["decision"]["similarity"]["scores"]}

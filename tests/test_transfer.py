@@ -8,6 +8,10 @@ import pytest
 from storage import ModelRegistry, ParameterError
 from storage.manifest import Manifest, Sample
 from tasks import transfer as tr
+from tasks.backbones import BackboneSpec
+from tasks.finetune import FineTuneConfig
+from tasks.settings import Output
+from tasks.transfer import Thresholds
 
 ROWS_LATE_WINS = [{"layer": "early", "pooling": "avg", "dims": 8, "mean": 0.70, "std": 0.05},
                   {"layer": "late", "pooling": "avg", "dims": 16, "mean": 0.90, "std": 0.03}]
@@ -85,8 +89,9 @@ def harness():
         yield
 
 
-TINY_FLOW = dict(backbone="mobilenet_v2", weights="none", input_size=96, backbone_args={"alpha": 0.35},
-                 epochs=1, head_epochs=0, batch_size=8)
+TINY_FLOW = dict(backbone=BackboneSpec(name="mobilenet_v2", weights="none", input_size=96,
+                                       backbone_args={"alpha": 0.35}),
+                 finetune=FineTuneConfig(epochs=1, head_epochs=0, batch_size=8))
 
 
 @pytest.mark.slow
@@ -99,7 +104,8 @@ TINY_FLOW = dict(backbone="mobilenet_v2", weights="none", input_size=96, backbon
 def test_transfer_flow_routes_gates_and_reports(harness, tmp_path, texture_data, kwargs, case, promoted):
     from flows.transfer import transfer
 
-    r = transfer(str(texture_data), out=str(tmp_path / "out"), **TINY_FLOW, **kwargs)
+    r = transfer(str(texture_data), thresholds=Thresholds(**kwargs), output=Output(out=str(tmp_path / "out")),
+                 **TINY_FLOW)
     assert r["case"] == case and r["gate"]["promoted"] == promoted
     assert (r["finetuned"] is not None) == (case in (3, 4))
     reg = ModelRegistry(r["registry"])

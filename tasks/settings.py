@@ -1,0 +1,170 @@
+"""Settings as frozen, validated pydantic models: one place that says what each knob means.
+
+Every group of settings (:class:`~tasks.backbones.BackboneSpec`, :class:`~tasks.extract.ExtractOptions`,
+:class:`SplitConfig`, :class:`~tasks.linear.LinearConfig`, :class:`~tasks.finetune.FineTuneConfig`,
+:class:`~tasks.transfer.Thresholds`, :class:`Output`, :class:`ScaleOut`) derives from :class:`Settings`:
+
+* fields carry their type, constraints (``Literal``, ``Field(ge=...)``) and a description, so the
+  Prefect UI shows a grouped, validated form for a deployment, and the CLI builds its options and
+  help from the same fields (``cnncodes.cli``);
+* models are frozen: a changed setting is a new object (``model_copy(update=...)``), never a value
+  rewritten behind the caller's back;
+* validation happens at construction, and :func:`settings_error` turns pydantic's report into the
+  project's own error with a message that names the setting, what is allowed and what was given.
+
+Nothing here imports TensorFlow or Prefect.
+"""
+from __future__ import annotations
+
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from storage.errors import CnncodesError, ParameterError
+
+
+def _choices(model: type[BaseModel], field: str) -> list[Any] | None:
+    info = model.model_fields.get(field)
+    if info is None:
+        return None
+    ann = info.annotation
+    for arg in (ann, *typing.get_args(ann)):
+        if typing.get_origin(arg) is Literal:
+            return list(typing.get_args(arg))
+    return None
+
+
+def settings_error(model: type[BaseModel], exc: ValidationError) -> CnncodesError:
+    """The first problem of ``exc`` as a project error: a check of our own keeps its exception and
+    message; pydantic's type and range checks become "NAME must be ...; got VALUE."."""
+    errors = exc.errors(include_url=False)
+    err = errors[0]
+    # A union (a list of choices or one choice) reports one error per member: the choice error says most.
+    same_field = [e for e in errors if e.get("loc", ())[:1] == err.get("loc", ())[:1]]
+    err = next((e for e in same_field if e.get("type") == "literal_error"), err)
+    original = (err.get("ctx") or {}).get("error")
+    if isinstance(original, CnncodesError):
+        return original
+    loc = err.get("loc", ())
+    name = str(loc[0]) if loc else model.__name__
+    if len(loc) > 1 and isinstance(loc[1], int):  # an item of a list setting
+        name = f"{name}[{loc[1]}]"
+    got = err.get("input")
+    kind = err.get("type", "")
+    ctx = err.get("ctx") or {}
+    choices = _choices(model, str(err["loc"][0])) if err.get("loc") else None
+    if kind == "literal_error" and choices:
+        want = "one of " + ", ".join(str(c) for c in choices)
+    elif kind == "extra_forbidden":
+        known = ", ".join(model.model_fields)
+        return ParameterError(f"{model.__name__} has no setting {name!r}; its settings are: {known}.")
+    elif kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        sign = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}[kind]
+        bound = next(iter(ctx.values()), "")
+        want = f"a number {sign} {bound}"
+    elif kind.startswith("int"):
+        want = "an integer"
+    elif kind.startswith("float"):
+        want = "a number"
+    elif kind.startswith("bool"):
+        want = "true or false"
+    elif kind.startswith(("list", "tuple")):
+        want = "a list"
+    elif kind.startswith("dict"):
+        want = "a mapping of names to values"
+    elif original is not None:
+        return ParameterError(str(original))
+    else:
+        want = err.get("msg", "valid")
+    return ParameterError(f"{name} must be {want}; got {got!r}.")
+
+
+class Settings(BaseModel):
+    """Base of every settings group: frozen, no unknown keys, validated at construction."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=(), validate_default=False)
+
+    def __init__(self, *args: Any, **data: Any) -> None:
+        if args:  # positional construction in field order, as the dataclasses this replaces allowed
+            names = list(type(self).model_fields)
+            if len(args) > len(names):
+                raise ParameterError(f"{type(self).__name__} takes at most {len(names)} positional settings.")
+            data = {**dict(zip(names, args)), **data}
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise settings_error(type(self), exc) from None
+
+    @classmethod
+    def model_validate(cls, obj: Any, **kwargs: Any):  # type: ignore[override]
+        try:
+            return super().model_validate(obj, **kwargs)
+        except ValidationError as exc:
+            raise settings_error(cls, exc) from None
+
+    def validate(self):  # type: ignore[override]
+        """Validation happens at construction; kept so that callers of the older API still work."""
+        return self
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready values (for Prefect task inputs, metadata and reports)."""
+        return self.model_dump(mode="json")
+
+
+def _check_fractions(val: float, test: float) -> None:
+    for name, v in (("val_fraction", val), ("test_fraction", test)):
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0.0 <= v < 1.0:
+            raise ParameterError(f"{name} must be a number in [0, 1); got {v!r}.")
+    if val + test >= 1.0:
+        raise ParameterError(f"val_fraction + test_fraction must be below 1 so that some images are left "
+                             f"to train on; got {val} + {test}.")
+
+
+class SplitConfig(Settings):
+    """How a dataset without split folders is split: stratified per class, seeded, recorded."""
+
+    val_fraction: float = Field(0.2, description="share of each class held out for validation when the data "
+                                                 "has no split")
+    test_fraction: float = Field(0.0, description="share of each class held out for test when the data has no split")
+    seed: int = Field(0, description="seed of the drawn split")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fractions(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            _check_fractions(data.get("val_fraction", 0.2), data.get("test_fraction", 0.0))
+        return data
+
+
+class Output(Settings):
+    """Where results go: stores, manifests, reports and runs under ``out``; models in ``registry``."""
+
+    out: str = Field("cnncodes-out", description="folder for stores, manifests, runs and reports")
+    registry: str | None = Field(None, description="model registry folder (default: OUT/registry)")
+
+    @property
+    def registry_path(self) -> str:
+        return self.registry or str(Path(self.out) / "registry")
+
+    @property
+    def reports(self) -> str:
+        return str(Path(self.out) / "reports")
+
+    @property
+    def runs(self) -> Path:
+        return Path(self.out) / "runs"
+
+
+class ScaleOut(Settings):
+    """Extraction over several processes, machines or GPUs (Dask shards)."""
+
+    shards: int = Field(1, ge=1, description="split the dataset into N shards extracted side by side by Dask "
+                                             "workers, each into its own store file; the store is then an index "
+                                             "that reads as one store")
+    workers: int | None = Field(None, ge=1, description="processes of the local Dask cluster (default: one per "
+                                                        "shard, or one per GPU)")
+    dask_address: str | None = Field(None, description="use this Dask scheduler (tcp://host:8786) instead of a "
+                                                       "local cluster")
+    gpus: int = Field(0, ge=0, description="one shard per GPU of this machine, each worker pinned to its GPU")

@@ -1,0 +1,73 @@
+"""The shape of the code (issue 13): flows take a few settings groups, the CLI declares each shared option
+once and generates the rest from the settings models, and no module imports itself through others."""
+from __future__ import annotations
+
+import inspect
+import re
+import pytest
+
+from conftest import ROOT
+
+def _flows():
+    from prefect import Flow
+
+    import flows.demo
+    import flows.extract_features
+    import flows.fine_tune
+    import flows.predict
+    import flows.retrain
+    import flows.sweep
+    import flows.train_linear
+    import flows.transfer
+
+    mods = [flows.demo, flows.extract_features, flows.fine_tune, flows.predict, flows.retrain, flows.sweep,
+            flows.train_linear, flows.transfer]
+    found = {obj.name: obj for m in mods for obj in vars(m).values() if isinstance(obj, Flow)}
+    assert len(found) >= 9, sorted(found)
+    return found
+
+
+def test_no_flow_takes_more_than_eight_parameters():
+    too_many = {name: len(inspect.signature(f.fn).parameters) for name, f in _flows().items()
+                if len(inspect.signature(f.fn).parameters) > 8}
+    assert not too_many, too_many
+
+
+def test_shared_options_are_declared_once_and_settings_options_are_generated():
+    source = (ROOT / "cnncodes" / "cli.py").read_text()
+    for option in ("--json", "--seed", "--out", "--registry", "--model-name", "--backbone", "--precision",
+                   "--batch-size", "--val-fraction", "--epochs"):
+        declared = len(re.findall(rf'add_argument\(\s*"{option}"', source))
+        assert declared <= 1, f"{option} is declared {declared} times in cnncodes/cli.py"
+
+
+@pytest.mark.parametrize("command,models", [
+    ("extract", ["BackboneSpec", "ExtractOptions", "SplitConfig", "ScaleOut"]),
+    ("fine-tune", ["BackboneSpec", "FineTuneConfig", "SplitConfig"]),
+    ("train-linear", ["LinearConfig"]),
+])
+def test_every_setting_of_a_command_is_an_option_with_its_description(command, models):
+    from cnncodes.cli import build_parser
+    from cnncodes.options import OVERRIDES
+    from tasks import backbones, extract, finetune, linear, settings
+
+    classes = {c.__name__: c for c in (backbones.BackboneSpec, extract.ExtractOptions, settings.SplitConfig,
+                                        settings.ScaleOut, finetune.FineTuneConfig, linear.LinearConfig)}
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices[command]
+    by_dest = {a.dest: a for a in sub._actions}
+    for model in models:
+        for name, field in classes[model].model_fields.items():
+            if name == "seed":
+                assert "seed" in by_dest  # one --seed sets every seed
+                continue
+            group = next(d.split(".")[0] for d in by_dest if d.endswith("." + name) and "." in d)
+            action = by_dest[f"{group}.{name}"]
+            override = OVERRIDES.get((model, name))
+            assert (override and override.help) or field.description.split(" (")[0][:30] in action.help, name
+
+
+def test_retrain_has_a_command():
+    from cnncodes.cli import COMMANDS, build_parser
+
+    args = build_parser().parse_args(["retrain", "data", "--model", "m", "--margin", "0.02", "--force"])
+    assert COMMANDS["retrain"] and args.model == "m" and args.margin == 0.02 and args.force
