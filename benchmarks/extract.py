@@ -41,7 +41,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 
 from tasks import tf_runtime  # noqa: E402
-from tasks.synthetic import CLASSES, make_dataset  # noqa: E402
+from tasks.data.synthetic import CLASSES, make_dataset  # noqa: E402
 from report import emit  # noqa: E402  benchmarks/ is the script's folder
 
 BATCH = 32
@@ -104,7 +104,7 @@ def bench_script(name: str, files: list[Path], size: int, out: Path) -> float:
 
 def bench_cnncodes(spec, data: Path, store: Path, layer: str) -> tuple[float, dict]:
     """scan + extract_to_store, minus the model build (timed by extract_to_store itself)."""
-    from tasks.datasets import scan_dataset
+    from tasks.data.datasets import scan_dataset
     from tasks.extract import ExtractOptions, extract_to_store
 
     if store.exists():
@@ -134,7 +134,7 @@ def raw_model(spec, layer: str):
 
 def decoded(files: list[Path], size: int, module: str) -> np.ndarray:
     keras = tf_runtime.keras()
-    from tasks.images import load_image
+    from tasks.data.images import load_image
 
     x = np.stack([load_image(p, size) for p in files]).astype(np.float32)
     return getattr(keras.applications, module).preprocess_input(x)
@@ -196,7 +196,7 @@ def precision_effect(work: Path, n: int) -> list[dict]:
     """Linear-probe accuracy and code agreement, float32 vs bfloat16, on the same images."""
     from storage import FeatureStore
     from tasks.backbones import BackboneSpec
-    from tasks.datasets import scan_dataset
+    from tasks.data.datasets import scan_dataset
     from tasks.extract import extract_to_store
 
     cases = [("generated textures, 4 classes", photos(work / f"photos-{n}", n),
@@ -239,7 +239,7 @@ import json, os, resource, sys, time
 sys.path.insert(0, {root!r})
 os.environ["CNNCODES_PROGRESS"] = "0"
 from tasks.backbones import BackboneSpec
-from tasks.datasets import scan_dataset
+from tasks.data.datasets import scan_dataset
 from tasks.extract import extract_to_store
 
 def rss_mb():

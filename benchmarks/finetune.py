@@ -33,7 +33,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 
 from tasks import tf_runtime  # noqa: E402
-from tasks.synthetic import CLASSES, make_dataset  # noqa: E402
+from tasks.data.synthetic import CLASSES, make_dataset  # noqa: E402
 from report import emit  # noqa: E402  benchmarks/ is the script's folder
 
 
@@ -42,7 +42,7 @@ def plain_fit(spec, cfg, manifest, epochs: int) -> list[float]:
     tf = tf_runtime.tensorflow()
     keras = tf_runtime.keras()
     from tasks.finetune import apply_freezing, augmentation, build_network, make_optimizer, split_arrays
-    from tasks.images import load_image
+    from tasks.data.images import load_image
 
     keras.utils.set_random_seed(cfg.seed)
     net = build_network(spec, len(manifest.class_names), cfg)
@@ -91,7 +91,7 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     from tasks.backbones import BackboneSpec
-    from tasks.datasets import scan_dataset
+    from tasks.data.datasets import scan_dataset
     from tasks.finetune import FineTuneConfig
 
     per_class, epochs = (24, 3) if args.quick else (48, 4)

@@ -82,7 +82,7 @@ def run_gpu_tests(timeout: int) -> dict:
 
 def photos(root: Path, n: int) -> Path:
     """``n`` JPEGs of 4 texture classes at photo-like sizes, generated on every core."""
-    from tasks.synthetic import CLASSES, make_dataset
+    from tasks.data.synthetic import CLASSES, make_dataset
 
     per = max(2, n // 4)
     parts = min(os.cpu_count() or 1, 16)
@@ -118,7 +118,7 @@ def raw_rate(spec, batch: int, seconds: float) -> float:
 
 
 def extract_rate(spec, data: Path, store: Path, batch: int) -> dict:
-    from tasks.datasets import scan_dataset
+    from tasks.data.datasets import scan_dataset
     from tasks.extract import ExtractOptions, extract_to_store
 
     m = scan_dataset(data)
@@ -141,7 +141,7 @@ def _last_layer(spec) -> str:
 
 
 def decode_rates(data: Path, size: int) -> dict:
-    from tasks.images import load_image
+    from tasks.data.images import load_image
 
     files = sorted(str(p) for p in data.rglob("*.jpg"))
     one = files[: max(8, len(files) // 8)]
@@ -160,7 +160,7 @@ def finetune_rates(data: Path, size: int, epochs: int, batch: int, out: Path) ->
     """Whole wall time of fine_tune() against build + fit + save of the same network, same data."""
     from tasks import tf_runtime
     from tasks.backbones import BackboneSpec
-    from tasks.datasets import scan_dataset
+    from tasks.data.datasets import scan_dataset
     from tasks.finetune import (FineTuneConfig, SkipLog, apply_freezing, build_network, fine_tune, make_dataset,
                                 make_optimizer, split_arrays)
 

@@ -3,7 +3,7 @@
 For 1k, 10k and 100k rows x 1280 dims of generated features (10 classes, class-dependent means),
 each case in a fresh process so that peak RSS is its own:
 
-  * cnncodes  ``tasks.linear.train_linear`` with a fixed C (no search), calibration off for the SVM;
+  * cnncodes  ``tasks.probe.linear.train_linear`` with a fixed C (no search), calibration off for the SVM;
   * sklearn   ``make_pipeline(StandardScaler(), <the same estimator>)`` on the same array.
 
 Then the chunked SGD variant on a store larger than the memory the process may use
@@ -38,7 +38,7 @@ X = (rng.normal(0, 1, (k, d))[y] * 0.3 + rng.normal(0, 1, (n, d))).astype(np.flo
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 t = time.perf_counter()
 if {which!r} == "cnncodes":
-    from tasks.linear import LinearConfig, train_linear
+    from tasks.probe.linear import LinearConfig, train_linear
     model = train_linear(X, y, [str(i) for i in range(k)],
                          LinearConfig(classifier={clf!r}, C=0.1, calibrate=False, n_jobs=1)).model
 else:
@@ -63,7 +63,7 @@ sys.path.insert(0, {root!r})
 import numpy as np
 from sklearn.linear_model import SGDClassifier  # imported before the limit: its libraries are not the data
 from storage import FeatureStore
-from tasks.linear import LinearConfig, train_sgd_chunked
+from tasks.probe.linear import LinearConfig, train_sgd_chunked
 
 def vm_mb():
     with open("/proc/self/statm") as f:

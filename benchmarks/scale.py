@@ -56,7 +56,7 @@ def per_image_costs(manifest, spec, cuts) -> dict:
     import numpy as np
 
     from tasks.backbones import Extractor, build_backbone
-    from tasks.images import load_image
+    from tasks.data.images import load_image
 
     files = [manifest.abspath(s) for s in manifest.samples[:128]]
     t = time.perf_counter()
@@ -81,8 +81,8 @@ def main() -> None:
     args = ap.parse_args()
     from tasks import tf_runtime
     from tasks.backbones import BackboneSpec
-    from tasks.datasets import scan_dataset
-    from tasks.synthetic import CLASSES, make_dataset
+    from tasks.data.datasets import scan_dataset
+    from tasks.data.synthetic import CLASSES, make_dataset
 
     spec = BackboneSpec("mobilenet_v2", weights="none", input_size=224)
     cuts = [("out_relu", "avg")]

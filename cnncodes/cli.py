@@ -88,9 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     from tasks.backbones import BackboneSpec
     from tasks.extract import ExtractOptions
     from tasks.finetune import FineTuneConfig
-    from tasks.linear import LinearConfig
+    from tasks.probe.linear import LinearConfig
     from tasks.settings import ScaleOut, SplitConfig
-    from tasks.transfer import Thresholds
+    from tasks.decide.transfer import Thresholds
 
     from flows.sweep import SWEEP_PROBE
     from flows.transfer import TRANSFER_FINETUNE
@@ -261,7 +261,7 @@ def _metrics_text(metrics: dict[str, Any]) -> list[str]:
 
 def cmd_train_linear(args) -> int:
     from flows.train_linear import train_linear
-    from tasks.linear import LinearConfig
+    from tasks.probe.linear import LinearConfig
 
     r = train_linear(args.store, args.layer, args.pooling, settings_from(args, "linear", LinearConfig, seed=args.seed),
                      model_name=args.model_name, output=_output(args))
@@ -272,7 +272,7 @@ def cmd_train_linear(args) -> int:
 
 def cmd_sweep(args) -> int:
     from flows.sweep import SWEEP_PROBE, sweep
-    from tasks.linear import LinearConfig
+    from tasks.probe.linear import LinearConfig
 
     r = sweep(args.store, layers=args.layer or None, pooling=args.pooling,
               linear=settings_from(args, "linear", LinearConfig, SWEEP_PROBE, seed=args.seed), output=_output(args),
@@ -320,8 +320,8 @@ def _transfer_text(r: dict[str, Any]) -> str:
 def cmd_transfer(args) -> int:
     from flows.transfer import TRANSFER_FINETUNE, transfer
     from tasks.finetune import FineTuneConfig
-    from tasks.linear import LinearConfig
-    from tasks.transfer import Thresholds
+    from tasks.probe.linear import LinearConfig
+    from tasks.decide.transfer import Thresholds
 
     r = transfer(args.data, _backbone(args), settings_from(args, "thresholds", Thresholds),
                  settings_from(args, "probe", LinearConfig, seed=args.seed),

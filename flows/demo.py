@@ -7,7 +7,7 @@ from prefect import flow, task
 
 from tasks.backbones import BackboneSpec, imagenet_weights_available
 from tasks.settings import Output
-from tasks.synthetic import CLASSES, make_dataset
+from tasks.data.synthetic import CLASSES, make_dataset
 
 from flows.predict import predict
 from flows.transfer import transfer

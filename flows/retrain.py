@@ -8,7 +8,7 @@ from prefect.artifacts import create_markdown_artifact
 from tasks.backbones import BackboneSpec
 from tasks.extract import ExtractOptions
 from tasks.finetune import FineTuneConfig, precision_of
-from tasks.linear import LinearConfig
+from tasks.probe.linear import LinearConfig
 from tasks.prefect_tasks import (evaluate_champion, promote_or_keep, retrain_plan, retrain_split_settings,
                                   scan_dataset)
 from tasks.settings import Output, SplitConfig

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prefect import flow
 
-from tasks.linear import LinearConfig
+from tasks.probe.linear import LinearConfig
 from tasks.settings import Output
 from tasks.prefect_tasks import sweep_layers
 

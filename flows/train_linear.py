@@ -9,7 +9,7 @@ from pathlib import Path
 
 from prefect import flow
 
-from tasks.linear import LinearConfig
+from tasks.probe.linear import LinearConfig
 from tasks.settings import Output
 from tasks.prefect_tasks import evaluate_probe, fit_probe
 

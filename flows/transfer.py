@@ -9,10 +9,10 @@ from prefect import flow
 from tasks.backbones import BackboneSpec, is_model_file
 from tasks.extract import ExtractOptions, spec_dict
 from tasks.finetune import FineTuneConfig
-from tasks.linear import LinearConfig
+from tasks.probe.linear import LinearConfig
 from tasks.prefect_tasks import champion_gate, decide_case, decision_report, inspect_backbone
 from tasks.settings import Output, SplitConfig
-from tasks.transfer import Thresholds, candidate_layers, top_freeze_for
+from tasks.decide.transfer import Thresholds, candidate_layers, top_freeze_for
 
 from flows.extract_features import extract_features
 from flows.fine_tune import fine_tune

@@ -25,7 +25,7 @@ from storage.store import COMPRESSIONS, DTYPES, POOLINGS, GroupSpec, StoreWriter
 
 from . import tf_runtime
 from .backbones import BackboneSpec, Extractor, build_backbone
-from .images import DEFAULT_MAX_PIXELS, RESIZE_MODES, ImageError, load_image
+from .data.images import DEFAULT_MAX_PIXELS, RESIZE_MODES, ImageError, load_image
 from .settings import Settings
 
 EXTRACTOR_VERSION = "1"

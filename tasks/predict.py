@@ -20,8 +20,8 @@ from storage.errors import ParameterError
 from storage.manifest import Manifest
 
 from .backbones import BackboneSpec
-from .datasets import scan_images
-from .evaluate import scores_of
+from .data.datasets import scan_images
+from .reports.evaluate import scores_of
 from .extract import ExtractOptions, extract_to_store
 
 OUTPUT_SUFFIXES = (".csv", ".parquet")

@@ -17,9 +17,11 @@ from prefect.cache_policies import NO_CACHE
 from storage.errors import CnncodesError
 from storage.manifest import Manifest
 
-from . import datasets, extract, finetune, finetune_report, predict, probe, reports, retrain, transfer
+from . import extract, finetune, predict, probe, reports
+from .data import datasets
+from .decide import retrain, transfer
 from .backbones import BackboneSpec
-from .linear import LinearConfig
+from .probe.linear import LinearConfig
 from .progress import Progress
 
 
@@ -163,7 +165,7 @@ def fine_tune_network(manifest_path: str, spec: dict[str, Any], config: dict[str
 def evaluate_finetuned(trained: dict, manifest_path: str, spec: dict[str, Any], config: dict[str, Any],
                        resize: str, registry: str, name: str, report_dir: str) -> dict:
     """Evaluate on every split, register the model, write the report with learning curves."""
-    result = finetune_report.evaluate_register_report(trained, Manifest.load(manifest_path), BackboneSpec.model_validate(spec),
+    result = finetune.evaluate_register_report(trained, Manifest.load(manifest_path), BackboneSpec.model_validate(spec),
                                                       finetune.FineTuneConfig.from_dict(config), resize, registry, name,
                                                       report_dir)
     create_markdown_artifact(Path(result["report"]).read_text(), key="finetune-report",

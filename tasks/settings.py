@@ -1,8 +1,8 @@
 """Settings as frozen, validated pydantic models: one place that says what each knob means.
 
 Every group of settings (:class:`~tasks.backbones.BackboneSpec`, :class:`~tasks.extract.ExtractOptions`,
-:class:`SplitConfig`, :class:`~tasks.linear.LinearConfig`, :class:`~tasks.finetune.FineTuneConfig`,
-:class:`~tasks.transfer.Thresholds`, :class:`Output`, :class:`ScaleOut`) derives from :class:`Settings`:
+:class:`SplitConfig`, :class:`~tasks.probe.linear.LinearConfig`, :class:`~tasks.finetune.FineTuneConfig`,
+:class:`~tasks.decide.transfer.Thresholds`, :class:`Output`, :class:`ScaleOut`) derives from :class:`Settings`:
 
 * fields carry their type, constraints (``Literal``, ``Field(ge=...)``) and a description, so the
   Prefect UI shows a grouped, validated form for a deployment, and the CLI builds its options and

@@ -78,7 +78,7 @@ def tiny_spec():
 @pytest.fixture
 def texture_data(tmp_path):
     """A 3-class folder dataset of small generated JPEGs (12 per class)."""
-    from tasks.synthetic import make_dataset
+    from tasks.data.synthetic import make_dataset
 
     return make_dataset(tmp_path / "data", per_class=12, size=(48, 56), seed=1)
 

@@ -1,4 +1,4 @@
-"""tasks.datasets: scanning folders, split folders and CSV manifests into a Manifest.
+"""tasks.data.datasets: scanning folders, split folders and CSV manifests into a Manifest.
 
 Only small generated images; nothing is decoded, no TensorFlow.
 """
@@ -14,8 +14,8 @@ import pytest
 
 from storage.errors import CnncodesError, DatasetError, ParameterError
 from storage.manifest import Manifest
-from tasks.datasets import scan_dataset
-from tasks.synthetic import make_dataset, make_image
+from tasks.data.datasets import scan_dataset
+from tasks.data.synthetic import make_dataset, make_image
 
 
 def sha(path: Path) -> str:

@@ -49,7 +49,8 @@ def test_shared_options_are_declared_once_and_settings_options_are_generated():
 def test_every_setting_of_a_command_is_an_option_with_its_description(command, models):
     from cnncodes.cli import build_parser
     from cnncodes.options import OVERRIDES
-    from tasks import backbones, extract, finetune, linear, settings
+    from tasks import backbones, extract, finetune, settings
+    from tasks.probe import linear
 
     classes = {c.__name__: c for c in (backbones.BackboneSpec, extract.ExtractOptions, settings.SplitConfig,
                                         settings.ScaleOut, finetune.FineTuneConfig, linear.LinearConfig)}
@@ -71,3 +72,12 @@ def test_retrain_has_a_command():
 
     args = build_parser().parse_args(["retrain", "data", "--model", "m", "--margin", "0.02", "--force"])
     assert COMMANDS["retrain"] and args.model == "m" and args.margin == 0.02 and args.force
+
+
+def test_one_preprocessing_table_covers_every_family():
+    from tasks.backbones import FAMILY_MODES, MODES, REGISTRY, BackboneSpec, preprocess_mode
+
+    assert {info.module for info in REGISTRY.values()} <= set(FAMILY_MODES)
+    assert set(FAMILY_MODES.values()) <= set(MODES)
+    for name in REGISTRY:  # the layer form of fine-tuning exists for every registered backbone
+        assert preprocess_mode(BackboneSpec(name=name, weights="none")) in MODES

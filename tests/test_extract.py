@@ -19,9 +19,9 @@ from conftest import ROOT, TINY, TINY_EARLY, TINY_LAST
 from storage import FeatureStore, StoreLockedError, StoreMismatchError
 from storage.store import GroupSpec, StoreWriter
 from tasks.backbones import BackboneSpec
-from tasks.datasets import scan_dataset
+from tasks.data.datasets import scan_dataset
 from tasks.extract import ExtractOptions, extract_to_store, normalise_cuts
-from tasks.synthetic import make_dataset, make_image
+from tasks.data.synthetic import make_dataset, make_image
 
 
 def assert_same_codes(a, b):
@@ -187,7 +187,7 @@ KILL_SCRIPT = textwrap.dedent("""
     import sys
     sys.path.insert(0, {root!r})
     from tasks.backbones import BackboneSpec
-    from tasks.datasets import scan_dataset
+    from tasks.data.datasets import scan_dataset
     from tasks.extract import ExtractOptions, extract_to_store
     spec = BackboneSpec(**{tiny!r})
     m = scan_dataset({data!r})

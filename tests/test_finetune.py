@@ -16,7 +16,7 @@ import pytest
 from conftest import ROOT, TINY
 from storage import ModelRegistry, ParameterError
 from tasks.backbones import BackboneSpec
-from tasks.datasets import scan_dataset
+from tasks.data.datasets import scan_dataset
 from tasks.finetune import FineTuneConfig, apply_freezing, build_network, fine_tune, make_optimizer
 from tasks.settings import Output
 
@@ -145,7 +145,7 @@ KILL = textwrap.dedent("""
     import sys
     sys.path.insert(0, {root!r})
     from tasks.backbones import BackboneSpec
-    from tasks.datasets import scan_dataset
+    from tasks.data.datasets import scan_dataset
     from tasks.finetune import FineTuneConfig, fine_tune
     fine_tune(scan_dataset({data!r}), BackboneSpec({model!r}, weights="file", preprocessing="scale01"),
               FineTuneConfig(**{cfg!r}), {run!r})

@@ -13,7 +13,7 @@ from conftest import ROOT, TINY_EARLY, TINY_LAST
 from storage import FeatureStore, ParameterError
 from tasks.backbones import BackboneSpec
 from tasks.extract import ExtractOptions
-from tasks.linear import LinearConfig
+from tasks.probe.linear import LinearConfig
 from tasks.settings import Output, SplitConfig
 
 TINY_FLOW = BackboneSpec(name="mobilenet_v2", weights="none", input_size=96, backbone_args={"alpha": 0.35})

@@ -39,7 +39,7 @@ def test_float16_codes_match_float32_codes(spec, layer):
 
 
 def test_float16_fine_tuning_trains_with_loss_scaling(tmp_path, texture_data, small_cnn):
-    from tasks.datasets import scan_dataset
+    from tasks.data.datasets import scan_dataset
     from tasks.finetune import FineTuneConfig, fine_tune
 
     spec = BackboneSpec(small_cnn, weights="file", preprocessing="scale01", precision="auto")

@@ -1,4 +1,4 @@
-"""tasks.images: any image file -> (size, size, 3) uint8 upright RGB, or ImageError with a reason.
+"""tasks.data.images: any image file -> (size, size, 3) uint8 upright RGB, or ImageError with a reason.
 
 Every case is generated here with Pillow/numpy; no TensorFlow.
 """
@@ -13,7 +13,7 @@ import pytest
 from PIL import Image, features
 
 from storage.errors import ParameterError
-from tasks.images import RESIZE_MODES, ImageError, decode_image, load_image
+from tasks.data.images import RESIZE_MODES, ImageError, decode_image, load_image
 
 # decode_image silences these at import, but pytest resets warning filters for each test
 pytestmark = pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")

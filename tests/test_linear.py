@@ -10,7 +10,7 @@ from conftest import TINY_EARLY
 from storage import (DatasetError, FeatureStore, Manifest, ModelMismatchError, ModelRegistry, ParameterError,
                      Sample, TamperedModelError)
 from storage.store import GroupSpec, StoreWriter
-from tasks.linear import LinearConfig, train_linear, train_sgd_chunked
+from tasks.probe.linear import LinearConfig, train_linear, train_sgd_chunked
 from tasks.probe import evaluate_probe, fit_probe, sweep_layers
 
 CLASSES = ["cat", "dog", "fox"]
@@ -163,8 +163,8 @@ def test_sweep_ranks_the_layer_with_the_signal_first(tmp_path):
 
 @pytest.mark.slow
 def test_predict_reproduces_the_evaluation_on_validation_images(tmp_path, texture_data, tiny_spec):
-    from tasks.datasets import scan_dataset
-    from tasks.evaluate import scores_of
+    from tasks.data.datasets import scan_dataset
+    from tasks.reports.evaluate import scores_of
     from tasks.extract import extract_to_store
     from tasks.predict import predict_images
 

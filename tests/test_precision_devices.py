@@ -93,7 +93,7 @@ def test_a_saved_model_file_is_recast_with_its_weights_kept(small_cnn):
 def test_fine_tuning_in_bfloat16_registers_a_model_whose_every_convolution_is_bfloat16(tmp_path, texture_data):
     """The bug of issue 12: `--mixed-precision bfloat16` gave a model whose convolutions all ran in float32."""
     from tasks import tf_runtime
-    from tasks.datasets import scan_dataset
+    from tasks.data.datasets import scan_dataset
     from tasks.finetune import FineTuneConfig, fine_tune
 
     if not tf_runtime.cpu_supports_bfloat16() and not tf_runtime.gpus():
@@ -111,7 +111,7 @@ def test_float16_fine_tuning_scales_the_loss(tmp_path, texture_data, small_cnn, 
     import keras
 
     from tasks import tf_runtime
-    from tasks.datasets import scan_dataset
+    from tasks.data.datasets import scan_dataset
     from tasks.finetune import FineTuneConfig, fine_tune
 
     monkeypatch.setattr(tf_runtime, "check_precision", lambda p: None)
@@ -165,7 +165,7 @@ def test_cli_fine_tune_takes_precision_and_still_the_old_mixed_precision():
 def test_an_extraction_store_records_the_precision_that_ran(tmp_path, texture_data, small_cnn):
     from storage import FeatureStore
     from tasks import tf_runtime
-    from tasks.datasets import scan_dataset
+    from tasks.data.datasets import scan_dataset
     from tasks.extract import extract_to_store
 
     m = scan_dataset(texture_data)
@@ -362,7 +362,7 @@ def test_shards_take_their_workers_gpu(monkeypatch):
 
 def test_asking_for_gpus_on_a_machine_without_one_is_a_clear_error(tmp_path, texture_data):
     from tasks import tf_runtime
-    from tasks.datasets import scan_dataset
+    from tasks.data.datasets import scan_dataset
     from tasks.extract import extract_shard
 
     if tf_runtime.gpus():

@@ -7,14 +7,13 @@ import pytest
 from tasks.backbones import BackboneSpec
 from tasks.extract import ExtractOptions
 from tasks.finetune import FineTuneConfig
-from tasks.linear import LinearConfig
 from tasks.settings import Output
 
 from storage import ModelRegistry
-from tasks.linear import LinearConfig
+from tasks.probe.linear import LinearConfig
 from tasks.probe import evaluate_probe, fit_probe
-from tasks.retrain import apply_promotion, decide_promotion
-from tasks.synthetic import make_image
+from tasks.decide.retrain import apply_promotion, decide_promotion
+from tasks.data.synthetic import make_image
 from test_linear import make_store
 
 

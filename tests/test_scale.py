@@ -9,7 +9,7 @@ from storage import FeatureStore
 from tasks.backbones import BackboneSpec
 from tasks.extract import ExtractOptions
 from tasks.settings import Output, ScaleOut
-from tasks.synthetic import make_image
+from tasks.data.synthetic import make_image
 
 pytestmark = pytest.mark.slow
 TINY_FLOW = BackboneSpec(name="mobilenet_v2", weights="none", input_size=96, backbone_args={"alpha": 0.35})

@@ -7,7 +7,7 @@ import pytest
 from conftest import require_shared
 from storage import FeatureStore
 from tasks.backbones import BackboneSpec
-from tasks.datasets import scan_dataset
+from tasks.data.datasets import scan_dataset
 from tasks.extract import extract_to_store
 from tasks.settings import Output
 
@@ -40,7 +40,7 @@ def test_hymenoptera_imagenet_codes_transfer_and_random_codes_do_not(tmp_path):
     assert pretrained >= 0.80, pretrained  # documented: 0.843 with the reference script
 
     # the product's own path: train-linear's functions, registry, evaluation report
-    from tasks.linear import LinearConfig
+    from tasks.probe.linear import LinearConfig
     from tasks.probe import evaluate_probe, fit_probe
 
     fit_probe(tmp_path / "hym.h5", layer, "avg", LinearConfig(classifier="softmax"), tmp_path / "reg", name="hym")

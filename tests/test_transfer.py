@@ -7,11 +7,11 @@ import pytest
 
 from storage import ModelRegistry, ParameterError
 from storage.manifest import Manifest, Sample
-from tasks import transfer as tr
+from tasks.decide import transfer as tr
 from tasks.backbones import BackboneSpec
 from tasks.finetune import FineTuneConfig
 from tasks.settings import Output
-from tasks.transfer import Thresholds
+from tasks.decide.transfer import Thresholds
 
 ROWS_LATE_WINS = [{"layer": "early", "pooling": "avg", "dims": 8, "mean": 0.70, "std": 0.05},
                   {"layer": "late", "pooling": "avg", "dims": 16, "mean": 0.90, "std": 0.03}]

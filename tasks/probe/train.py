@@ -1,7 +1,7 @@
 """Linear probes on a feature store: train and register, evaluate and report, sweep layers.
 
-The glue between the store (codes and their provenance), :mod:`tasks.linear`
-(the scikit-learn pipelines), :mod:`tasks.evaluate` (metrics and plots) and
+The glue between the store (codes and their provenance), :mod:`tasks.probe.linear`
+(the scikit-learn pipelines), :mod:`tasks.reports.evaluate` (metrics and plots) and
 the model registry. Inputs and outputs are paths and small dicts, so that the
 Prefect wrappers stay thin.
 """
@@ -19,7 +19,7 @@ from storage import FeatureStore, ModelRegistry
 from storage.errors import DatasetError, ParameterError
 from storage.manifest import atomic_write_text
 
-from . import evaluate as ev
+from ..reports import evaluate as ev
 from .linear import LinearConfig, check_labels, cv_score, train_linear, train_sgd_chunked
 
 # Keys copied from the store's provenance into a model's metadata: what `predict` needs to

@@ -28,7 +28,7 @@ from pydantic import Field, model_validator
 from storage.errors import ParameterError
 from storage.manifest import Manifest, atomic_write_text
 
-from .settings import Settings
+from ..settings import Settings
 
 DEFAULT_LARGE_PER_CLASS = 500
 DEFAULT_SIMILARITY_MARGIN = 0.02

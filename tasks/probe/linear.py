@@ -18,7 +18,7 @@ from pydantic import Field, model_validator
 
 from storage.errors import DatasetError, ParameterError
 
-from .settings import Settings
+from ..settings import Settings
 
 CLASSIFIERS = ("svm", "softmax", "sgd")
 DEFAULT_C_GRID = (0.001, 0.01, 0.1, 1.0, 10.0)

@@ -16,7 +16,7 @@ from storage.errors import ParameterError
 from storage.registry import RegistryError
 from storage.manifest import Manifest
 
-from .linear import LinearConfig
+from ..probe.linear import LinearConfig
 
 
 def champion_record(registry: str | Path, name: str):

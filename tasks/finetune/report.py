@@ -1,4 +1,5 @@
-"""After fine-tuning: evaluate, register, and write the same report as a linear probe's (plus learning curves)."""
+"""After fine-tuning: register the model, evaluate it, and write the same report as a linear probe's
+(plus learning curves and the phases' frozen/trainable counts)."""
 from __future__ import annotations
 
 import json
@@ -7,11 +8,12 @@ from typing import Any
 
 from storage.manifest import Manifest, atomic_write_text
 
-from . import evaluate as ev
-from .backbones import BackboneSpec
-from .finetune import (FineTuneConfig, FineTuneResult, evaluate_finetuned, load_finetuned, plot_learning_curves,
-                       register_finetuned)
-from .probe import metrics_markdown
+from ..reports import evaluate as ev
+from ..backbones import BackboneSpec, preprocess_mode
+from ..probe import metrics_markdown
+from .config import FineTuneConfig
+from .evaluation import evaluate_finetuned, load_finetuned, plot_learning_curves
+from .training import FineTuneResult
 
 
 def evaluate_register_report(trained: dict[str, Any], manifest: Manifest, spec: BackboneSpec, cfg: FineTuneConfig,
@@ -61,3 +63,23 @@ def evaluate_register_report(trained: dict[str, Any], manifest: Manifest, spec: 
     atomic_write_text(report.with_suffix(".json"), json.dumps(result, indent=1, default=float))
     result["report"] = str(report.resolve())
     return result
+
+
+def register_finetuned(result: FineTuneResult, manifest: Manifest, spec: BackboneSpec, cfg: FineTuneConfig,
+                       resize: str, size: int, metrics: dict[str, Any], registry: str | Path,
+                       name: str) -> dict[str, Any]:
+    from storage import ModelRegistry
+
+    from ..extract import spec_dict
+
+    meta = {"kind": "fine-tuned", "config": cfg.as_dict(), "spec": spec_dict(spec), **spec.identity(),
+            "precision": result.precision or spec.precision, "replicas": result.devices,
+            "input_size": size, "resize": resize, "preprocess_layer": preprocess_mode(spec),
+            "class_names": list(manifest.class_names), "dataset": manifest.root,
+            "manifest_fingerprint": manifest.fingerprint(), "counts": result.counts, "phases": [
+                {k: v for k, v in p.items() if k != "history"} for p in result.phases],
+            "history": result.history, "train_seconds": round(result.seconds, 2), "metrics": metrics,
+            "stopped_early": result.stopped_early, "train_images": sum(1 for s in manifest.samples
+                                                                        if s.split == "train")}
+    record = ModelRegistry(registry).save(name, metadata=meta, file=result.model_path)
+    return {"name": record.name, "version": record.version, "model_path": str(record.model_path)}

@@ -1,0 +1,244 @@
+"""Building a backbone: a ``keras.applications`` constructor or a model file, cut at named layers,
+in the requested precision, with seeded random weights or ImageNet weights from Keras's cache."""
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import socket
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from storage.errors import BackboneError, ParameterError
+from storage.store import POOLINGS
+
+from .. import tf_runtime
+from .catalog import _suggest, backbone_info, is_model_file, preprocessing_of
+from .spec import BackboneSpec
+
+
+@dataclass
+class LayerInfo:
+    name: str
+    kind: str
+    output_shape: tuple
+    params: int
+    stride: int | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": self.kind, "output_shape": list(self.output_shape),
+                "params": self.params, "stride": self.stride}
+
+
+class Backbone:
+    """A built Keras backbone plus what produced it."""
+
+    def __init__(self, spec: BackboneSpec, model, size: int):
+        self.spec = spec
+        self.model = model
+        self.size = size
+        self._digest: str | None = None
+
+    @property
+    def weights_digest(self) -> str:
+        """sha256 over the backbone's weight tensors (names and bytes, in order)."""
+        if self._digest is None:
+            h = hashlib.sha256()
+            for w in self.model.weights:
+                h.update(w.path.encode() if hasattr(w, "path") else w.name.encode())
+                h.update(np.ascontiguousarray(np.asarray(w.numpy(), dtype=np.float32)).tobytes())
+            self._digest = h.hexdigest()
+        return self._digest
+
+    def identity(self) -> dict[str, Any]:
+        ident = self.spec.identity()
+        ident["input_size"] = self.size
+        ident["weights_digest"] = self.weights_digest
+        return ident
+
+    def layers(self) -> list[LayerInfo]:
+        out = []
+        for layer in self.model.layers:
+            try:
+                shape = tuple(layer.output.shape)
+            except (AttributeError, ValueError):
+                shape = ()
+            stride = None
+            if len(shape) == 4 and shape[1]:
+                stride = max(1, round(self.size / shape[1]))
+            out.append(LayerInfo(layer.name, type(layer).__name__, shape, int(layer.count_params()), stride))
+        return out
+
+    def check_layers(self, layers: Sequence[str]) -> None:
+        names = [layer.name for layer in self.model.layers]
+        for name in layers:
+            if name not in names:
+                raise BackboneError(f"unknown layer {name!r} for {self.spec.name}.{_suggest(name, names)} "
+                                    f"`cnncodes layers {self.spec.name}` lists its {len(names)} layers "
+                                    f"(the last one is {names[-1]!r}).")
+
+    def output_shape(self, layer: str) -> tuple:
+        return tuple(self.model.get_layer(layer).output.shape)
+
+
+def pooled_shape(shape: tuple, pooling: str, layer: str) -> tuple[int, ...]:
+    """Feature shape per image after pooling a layer output of ``shape`` (batch first)."""
+    if pooling not in POOLINGS:
+        raise ParameterError(f"pooling must be one of {POOLINGS}; got {pooling!r}.")
+    dims = tuple(int(d) for d in shape[1:])
+    if pooling in ("avg", "max"):
+        if len(dims) != 3:
+            raise ParameterError(f"layer {layer!r} outputs shape {dims}, not a spatial map, so pooling "
+                                 f"{pooling!r} does not apply; use pooling 'none' or 'flatten'.")
+        return (dims[-1],)
+    if pooling == "flatten":
+        return (int(np.prod(dims)),)
+    return dims
+
+
+def _preprocess_fn(spec: BackboneSpec):
+    """The function that preprocesses float32 RGB in [0, 255] for ``spec`` (None: nothing to do)."""
+    what, _ = preprocessing_of(spec)
+    if what == "none":
+        return None
+    if what == "scale01":
+        return lambda x: x / 255.0
+    if what in ("tf", "caffe", "torch"):
+        from keras.applications import imagenet_utils
+
+        return lambda x: imagenet_utils.preprocess_input(x, mode=what)
+    return getattr(tf_runtime.keras().applications, what).preprocess_input
+
+
+def build_backbone(spec: BackboneSpec, check_device: bool = True) -> Backbone:
+    """Build the backbone of ``spec`` (headless, fixed square input), every layer computing in
+    ``spec.precision`` ('auto' resolved for this machine). Raises BackboneError.
+
+    ``check_device=False`` skips the check that the precision runs fast here (tests build
+    float16 models on CPUs to inspect them)."""
+    spec = spec.resolved()
+    keras = tf_runtime.keras()
+    if check_device:
+        tf_runtime.check_precision(spec.precision)
+    with tf_runtime.precision_policy(spec.precision):
+        if is_model_file(spec.name):
+            model, size = _load_model_file(spec, keras)
+        else:
+            model, size = _build_application(spec, keras)
+    return Backbone(spec, model, size)
+
+
+def _load_model_file(spec: BackboneSpec, keras):
+    try:
+        model = keras.models.load_model(spec.name, compile=False)
+    except Exception as exc:  # noqa: BLE001 - Keras raises many kinds here
+        raise BackboneError(f"cannot load model file {spec.name}: {exc}") from exc
+    shape = tuple(model.inputs[0].shape)
+    if len(shape) != 4 or shape[-1] != 3:
+        raise BackboneError(f"model file {spec.name} takes inputs of shape {shape[1:]}; cnncodes needs "
+                            "(height, width, 3) RGB images.")
+    fixed = shape[1] if shape[1] == shape[2] and shape[1] else None
+    size = spec.input_size or fixed or 224
+    if fixed and size != fixed:
+        raise BackboneError(f"model file {spec.name} takes {fixed}x{fixed} inputs; input size {size} does not fit.")
+    if spec.weights not in ("file", "none"):
+        try:
+            model.load_weights(spec.weights)
+        except Exception as exc:  # noqa: BLE001
+            raise BackboneError(f"cannot load weights {spec.weights} into {spec.name}: {exc}") from exc
+    if spec.precision != "float32":
+        model = _recast(model, keras)
+    if not fixed:  # give the graph a fixed spatial size so layer shapes are known
+        inp = keras.Input((size, size, 3))
+        model = keras.Model(inp, model(inp))
+    return model, size
+
+
+def _recast(model, keras):
+    """A loaded model rebuilt under the current (mixed) dtype policy with the same weights: a saved
+    model's layers carry their own policy in their config, which the global policy does not override."""
+    policy = keras.config.dtype_policy()
+
+    def clone(layer):
+        config = layer.get_config()
+        if "dtype" in config:
+            config["dtype"] = policy
+        return layer.__class__.from_config(config)
+
+    try:
+        recast = keras.models.clone_model(model, clone_function=clone, recursive=True)
+        recast.set_weights(model.get_weights())
+    except Exception as exc:  # noqa: BLE001 - clone_model refuses some subclassed models
+        raise BackboneError(f"model file cannot be rebuilt in precision {policy.name}: {exc}. "
+                            "Use --precision float32 for this model.") from exc
+    return recast
+
+
+@contextmanager
+def _seeded_init(seed: int | None):
+    """Random initialisation that depends on ``seed`` alone. Keras draws each initializer's seed from
+    Python's global ``random``, which other threads (Prefect, Dask) also consume: the same seed then
+    gives other weights in a worker than in the main process. A private generator fixes that."""
+    if seed is None:
+        yield
+        return
+    keras = tf_runtime.keras()
+    from keras.src.random import seed_generator
+
+    keras.utils.set_random_seed(seed)
+    shared = seed_generator.python_random
+    seed_generator.python_random = random.Random(seed)
+    try:
+        yield
+    finally:
+        seed_generator.python_random = shared
+
+
+def _keras_home() -> str:
+    """The folder Keras caches weights in (read from KERAS_HOME when Keras was imported)."""
+    try:
+        from keras.src.backend import config
+
+        return str(config.keras_home())
+    except (ImportError, AttributeError):
+        return os.environ.get("KERAS_HOME", str(Path.home() / ".keras"))
+
+
+def _build_application(spec: BackboneSpec, keras):
+    info = backbone_info(spec.name)
+    size = spec.size
+    ctor = getattr(keras.applications, info.constructor)
+    weights = {"imagenet": "imagenet", "none": None}.get(spec.weights, spec.weights)
+    old_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(30)  # a missing weights file must fail, not hang
+    try:
+        with _seeded_init(spec.seed if weights is None else None):
+            model = ctor(include_top=False, weights=weights, input_shape=(size, size, 3), **spec.backbone_args)
+    except ValueError as exc:
+        raise BackboneError(f"{spec.name} cannot be built with input size {size}, weights {spec.weights!r} and "
+                            f"arguments {spec.backbone_args}: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - a failed download surfaces as a bare Exception
+        if spec.weights == "imagenet":
+            home = _keras_home()
+            raise BackboneError(
+                f"the ImageNet weights of {spec.name} (input {size}, {spec.backbone_args or 'default arguments'}) "
+                f"are not in Keras's cache ({home}/models) and could not be downloaded: {exc}. "
+                "Copy the weights file there (or set KERAS_HOME to a folder holding models/<file>), "
+                "run once with network access, or use --weights none / a weights file.") from exc
+        raise BackboneError(f"cannot build {spec.name}: {exc}") from exc
+    finally:
+        socket.setdefaulttimeout(old_timeout)
+    return model, size
+
+
+def imagenet_weights_available(spec: BackboneSpec) -> bool:
+    """Whether ``spec`` builds with ImageNet weights here (cached under KERAS_HOME, or downloadable)."""
+    try:
+        build_backbone(BackboneSpec(spec.name, "imagenet", spec.input_size, dict(spec.backbone_args)))
+        return True
+    except BackboneError:
+        return False

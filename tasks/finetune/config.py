@@ -1,0 +1,99 @@
+"""How a network is fine-tuned: the settings, validated (see :mod:`tasks.settings`)."""
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from storage.errors import ParameterError
+
+from ..data.images import RESIZE_MODES
+from ..settings import Settings
+
+
+OPTIMIZERS = ("sgd", "adam")
+AUGMENTATIONS = ("flip", "rotation", "zoom", "translation", "contrast")
+SCHEDULES = ("constant", "step", "cosine", "plateau")
+
+
+class FineTuneConfig(Settings):
+    """How the network is fine-tuned (the backbone and its precision are a :class:`BackboneSpec`)."""
+
+    freeze: str = Field("none", description="'all' (head only), 'none', 'first:N' (the first N backbone layers) "
+                                            "or 'until:LAYER' (up to and including it)")
+    freeze_batchnorm: bool = Field(True, description="keep every BatchNormalization layer frozen (inference mode)")
+    cut_layer: str | None = Field(None, description="use the backbone only up to this layer")
+    head_pooling: Literal["avg", "flatten"] = Field("avg", description="pooling of the new head")
+    dense: tuple[int, ...] = Field((1024,), description="hidden Dense+ReLU widths of the head (empty for none)")
+    dropout: float = Field(0.5, description="dropout after each hidden Dense, in [0, 1)")
+    optimizer: Literal[OPTIMIZERS] = Field("sgd", description="optimizer of the fine-tuning phase")
+    learning_rate: float = Field(1e-4, description="base rate of the backbone")
+    momentum: float = Field(0.9, description="SGD momentum, in [0, 1)")
+    head_lr_multiplier: float = Field(10.0, description="the new head learns at base rate x this")
+    schedule: Literal[SCHEDULES] = Field("constant", description="learning-rate schedule: step (x step_gamma every "
+                                                                 "step_epochs), cosine, plateau (reduce on plateau)")
+    step_epochs: int = Field(5, description="schedule step: epochs between steps")
+    step_gamma: float = Field(0.1, description="schedule step/plateau: rate factor")
+    epochs: int = Field(10, description="fine-tuning epochs")
+    head_epochs: int = Field(0, description="two-phase: first train the head alone this many epochs (Adam), "
+                                            "backbone frozen")
+    head_learning_rate: float = Field(1e-3, description="phase one's rate")
+    batch_size: int = Field(32, description="images per step")
+    augment: tuple[Literal[AUGMENTATIONS], ...] = Field(("flip", "rotation", "zoom"),
+                                                       description="Keras preprocessing layers, training only")
+    augment_strength: float = Field(0.1, description="strength of rotation, zoom, translation and contrast")
+    monitor: Literal["val_accuracy", "val_loss", "accuracy", "loss"] = Field(
+        "val_accuracy", description="metric for checkpoints and early stopping")
+    patience: int = Field(3, description="early-stopping patience in epochs")
+    min_delta: float = Field(0.0, description="smallest change of the monitored metric that counts")
+    resize: Literal[RESIZE_MODES] = Field("stretch", description="how images are fitted to the square input")
+    xla: bool = Field(False, description="compile the training step with XLA")
+    seed: int = Field(0, description="seed of initialisation, shuffling, dropout and augmentation")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _older_keys(cls, data: Any) -> Any:
+        # Registered before precision moved to the backbone spec: see precision_of.
+        if isinstance(data, dict) and "mixed_precision" in data:
+            data = {k: v for k, v in data.items() if k != "mixed_precision"}
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> "FineTuneConfig":
+        def bad(name, allowed):
+            raise ParameterError(f"{name} must be {allowed}; got {getattr(self, name)!r}.")
+
+        if not (self.freeze in ("all", "none") or re.fullmatch(r"first:\d+", self.freeze)
+                or re.fullmatch(r"until:.+", self.freeze)):
+            bad("freeze", "'all', 'none', 'first:N' or 'until:LAYER'")
+        if any(d < 1 for d in self.dense):
+            bad("dense", "a list of positive layer widths (or empty)")
+        if not 0.0 <= self.dropout < 1.0:
+            bad("dropout", "in [0, 1)")
+        for name in ("learning_rate", "head_learning_rate", "head_lr_multiplier"):
+            if not getattr(self, name) > 0:
+                bad(name, "a positive number")
+        if not 0.0 <= self.momentum < 1.0:
+            bad("momentum", "in [0, 1)")
+        for name in ("epochs", "batch_size", "step_epochs"):
+            if getattr(self, name) < 1:
+                bad(name, "a positive integer")
+        if self.head_epochs < 0:
+            bad("head_epochs", "an integer >= 0")
+        return self
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "FineTuneConfig":
+        """From :meth:`as_dict` output, also of models registered before precision moved to the
+        backbone spec (their ``mixed_precision`` key is dropped: see :func:`precision_of`)."""
+        return cls.model_validate(d)
+
+
+def precision_of(spec: dict[str, Any], config: dict[str, Any]) -> str:
+    """The precision a registered fine-tuned model asked for: its spec's, or, for models registered
+    before one precision option existed, their ``mixed_precision`` (off -> float32)."""
+    old = config.get("mixed_precision")
+    if old is not None:
+        return {"off": "float32"}.get(old, old)
+    return spec.get("precision") or "auto"

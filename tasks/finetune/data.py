@@ -1,0 +1,95 @@
+"""Fine-tuning's input pipeline: ``tf.data`` over the manifest, decoded by the project's decoder
+(bad files skipped and reported), cached, shuffled, augmented with Keras preprocessing layers."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from storage.manifest import Manifest
+
+from .. import tf_runtime
+from ..data.images import ImageError, load_image
+from .config import FineTuneConfig
+
+
+# --------------------------------------------------------------------------- data
+class SkipLog:
+    """Files the input pipeline could not decode (recorded once each)."""
+
+    def __init__(self):
+        self.items: dict[str, str] = {}
+
+    def add(self, path: str, reason: str) -> None:
+        self.items.setdefault(path, reason)
+
+    def as_list(self) -> list[dict[str, str]]:
+        return [{"path": p, "reason": r} for p, r in sorted(self.items.items())]
+
+
+def split_arrays(manifest: Manifest, split: str) -> tuple[list[str], np.ndarray, list[str]]:
+    samples = [s for s in manifest.samples if s.split == split]
+    return [manifest.abspath(s) for s in samples], np.array([s.label for s in samples], np.int32), \
+        [s.path for s in samples]
+
+
+def make_dataset(paths: Sequence[str], labels: np.ndarray, rel: Sequence[str], size: int, resize: str,
+                 batch_size: int, skips: SkipLog, *, training: bool, augment=None, seed: int = 0,
+                 cache: str | None = ""):
+    """``tf.data`` pipeline of (uint8 image, label) batches: decode with the project's decoder
+    (bad files dropped and logged), cache, shuffle and augment when training, prefetch."""
+    tf = tf_runtime.tensorflow()
+    rel_of = dict(zip(paths, rel))
+
+    def decode(path_bytes):
+        path = path_bytes.decode()
+        try:
+            return load_image(path, size, resize), True
+        except ImageError as exc:
+            skips.add(rel_of.get(path, path), str(exc))
+            return np.zeros((size, size, 3), np.uint8), False
+
+    def load(path, label):
+        img, ok = tf.numpy_function(decode, [path], [tf.uint8, tf.bool], stateful=False)
+        img.set_shape((size, size, 3))
+        ok.set_shape(())
+        return img, label, ok
+
+    def decoded(img, label, ok):
+        return ok
+
+    def drop_flag(img, label, ok):
+        return img, label
+
+    def augmented(x, y):
+        return augment(tf.cast(x, tf.float32), training=True), y
+
+    ds = tf.data.Dataset.from_tensor_slices((list(paths), labels))
+    ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.filter(decoded).map(drop_flag)
+    if cache is not None:
+        ds = ds.cache(cache)
+    if training:
+        ds = ds.shuffle(max(1, len(paths)), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.batch(batch_size)
+    if training and augment is not None:
+        ds = ds.map(augmented, num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def augmentation(cfg: FineTuneConfig):
+    if not cfg.augment:
+        return None
+    keras = tf_runtime.keras()
+    s, layers = cfg.augment_strength, []
+    if "flip" in cfg.augment:
+        layers.append(keras.layers.RandomFlip("horizontal", seed=cfg.seed))
+    if "rotation" in cfg.augment:
+        layers.append(keras.layers.RandomRotation(s, seed=cfg.seed + 1))
+    if "zoom" in cfg.augment:
+        layers.append(keras.layers.RandomZoom(s, seed=cfg.seed + 2))
+    if "translation" in cfg.augment:
+        layers.append(keras.layers.RandomTranslation(s, s, seed=cfg.seed + 3))
+    if "contrast" in cfg.augment:
+        layers.append(keras.layers.RandomContrast(s, seed=cfg.seed + 4))
+    return keras.Sequential(layers, name="augment")

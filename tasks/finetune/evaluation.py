@@ -1,0 +1,84 @@
+"""A fine-tuned model after training: load it, predict images decoded as in training, metrics per
+split, learning curves."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from storage.manifest import Manifest, Skip
+
+from .. import tf_runtime
+from ..data.images import ImageError, load_image
+from .data import split_arrays
+from .network import keras_pieces
+
+
+def plot_learning_curves(history: list[dict[str, Any]], path: str | Path) -> Path:
+    from ..reports.evaluate import _pyplot, _save
+
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    x = np.arange(1, len(history) + 1)
+    for ax, metric in zip(axes, ("loss", "accuracy")):
+        for key, style in ((metric, "-"), (f"val_{metric}", "--")):
+            ys = [h.get(key) for h in history]
+            if any(v is not None for v in ys):
+                ax.plot(x, [np.nan if v is None else v for v in ys], style, marker="o", label=key)
+        boundaries = [i + 0.5 for i in range(1, len(history)) if history[i]["phase"] != history[i - 1]["phase"]]
+        for b in boundaries:
+            ax.axvline(b, color="grey", lw=0.8)
+        ax.set_xlabel("epoch")
+        ax.set_title(metric)
+        ax.legend()
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def load_finetuned(path: str | Path):
+    keras = tf_runtime.keras()
+    keras_pieces()
+    return keras.models.load_model(path, compile=False)
+
+
+def predict_images_array(model, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    return np.asarray(model.predict(images.astype(np.float32), batch_size=batch_size, verbose=0))
+
+
+def predict_paths(model, paths: Sequence[str], size: int, resize: str, batch_size: int = 32
+                  ) -> tuple[np.ndarray, list[int], list[Skip]]:
+    """Class probabilities of images on disk, decoded as in training; returns (probs, ok indices, skips)."""
+    probs, ok, skips = [], [], []
+    for start in range(0, len(paths), batch_size):
+        batch, idx = [], []
+        for i in range(start, min(len(paths), start + batch_size)):
+            try:
+                batch.append(load_image(paths[i], size, resize))
+                idx.append(i)
+            except ImageError as exc:
+                skips.append(Skip(paths[i], str(exc)))
+        if batch:
+            probs.append(predict_images_array(model, np.stack(batch), batch_size))
+            ok += idx
+    out = np.concatenate(probs) if probs else np.zeros((0, model.output_shape[-1]))
+    return out, ok, skips
+
+
+# --------------------------------------------------------------------------- evaluate + register
+def evaluate_finetuned(model_path: str | Path, manifest: Manifest, size: int, resize: str, batch_size: int,
+                       splits: Sequence[str] = ("train", "val", "test")) -> tuple[dict[str, Any], list[dict]]:
+    """Metrics per split of a saved fine-tuned model (images decoded as in training, no augmentation)."""
+    from ..reports.evaluate import evaluate_scores
+
+    model = load_finetuned(model_path)
+    metrics, skipped = {}, []
+    for split in splits:
+        paths, labels, _ = split_arrays(manifest, split)
+        if not paths:
+            continue
+        probs, ok, skips = predict_paths(model, paths, size, resize, batch_size)
+        skipped += [{"path": s.path, "reason": s.reason} for s in skips]
+        if ok:
+            metrics[split] = evaluate_scores(probs, labels[ok], manifest.class_names)
+    return metrics, skipped

@@ -1,0 +1,215 @@
+"""Fine-tuning (cases 3 and 4 of transfer learning): the backbone itself is trained.
+
+A backbone (optionally cut at a layer) gets a new head: global average pooling
+or Flatten, optional Dense+ReLU+Dropout blocks, a softmax over the classes.
+The known traps are handled here rather than left to the user:
+
+* BatchNormalization layers of a frozen part stay in inference mode (Keras 3
+  runs a BN layer with ``trainable=False`` on its moving statistics), and by
+  default every BN layer stays frozen while the rest fine-tunes.
+* The new head learns at the base rate times ``head_lr_multiplier`` (default
+  10): a true per-variable learning rate inside the optimizer's update step,
+  so it holds for SGD with momentum and for Adam alike.
+* Preprocessing is a layer of the saved model: the ``.keras`` file takes RGB
+  pixels in [0, 255] and nothing about it can be forgotten at prediction time.
+
+Data comes from the same manifest as extraction, through ``tf.data``: decoded
+once with the same decoder (bad files skipped and reported), cached, shuffled,
+augmented with Keras preprocessing layers (training only), prefetched.
+A killed run resumes from its last epoch (weights, optimizer state, epoch)
+through ``BackupAndRestore``.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from storage.errors import DatasetError
+from storage.manifest import Manifest, atomic_write_text
+
+from .. import tf_runtime
+from ..backbones import BackboneSpec
+from .config import FineTuneConfig
+from .data import SkipLog, augmentation, make_dataset, split_arrays
+from .network import apply_freezing, build_network, make_optimizer
+
+
+# --------------------------------------------------------------------------- training
+@dataclass
+class FineTuneResult:
+    model_path: str
+    history: list[dict[str, Any]]
+    phases: list[dict[str, Any]]
+    counts: dict[str, int]
+    skipped: list[dict[str, str]]
+    seconds: float
+    resumed_from_epoch: dict[str, int] = field(default_factory=dict)
+    stopped_early: bool = False
+    input_size: int | None = None
+    precision: str | None = None      # what the network computed in ('auto' resolved)
+    devices: int = 1                   # replicas of the distribution strategy
+
+
+class _EpochProgress:
+    def __init__(self, progress: Callable[[int, int], None] | None, total: int, offset: int):
+        self.progress, self.total, self.offset = progress, total, offset
+
+    def callback(self):
+        keras = tf_runtime.keras()
+        outer = self
+
+        class CB(keras.callbacks.Callback):
+            def on_epoch_begin(self, epoch, logs=None):
+                self._t = time.perf_counter()
+
+            def on_epoch_end(self, epoch, logs=None):
+                if logs is not None:  # seconds per epoch land in the history
+                    logs["epoch_seconds"] = time.perf_counter() - self._t
+                if outer.progress:
+                    outer.progress(outer.offset + epoch + 1, outer.total)
+
+        return CB()
+
+
+def default_strategy():
+    """MirroredStrategy (one replica per GPU) where TensorFlow sees several GPUs; else None."""
+    tf = tf_runtime.tensorflow()
+    return tf.distribute.MirroredStrategy() if len(tf_runtime.gpus()) > 1 else None
+
+
+def fine_tune(manifest: Manifest, spec: BackboneSpec, cfg: FineTuneConfig, workdir: str | Path,
+              resize: str = "stretch", progress: Callable[[int, int], None] | None = None,
+              stop_after_epochs: int | None = None, strategy=None) -> FineTuneResult:
+    """Fine-tune on ``manifest``'s train split, validating on val (or test). Writes into ``workdir``:
+    ``model.keras`` (the best weights, no optimizer), ``history.csv``, ``tensorboard/``, per-phase
+    backups for resuming, ``best.weights.h5``. A second call with the same ``workdir`` after a
+    killed run resumes each unfinished phase from its last finished epoch.
+
+    ``spec.precision`` applies to the whole network ('auto': mixed float16 on a GPU, float32 on a
+    CPU), with dynamic loss scaling under float16. ``strategy`` (a ``tf.distribute`` strategy)
+    defaults to MirroredStrategy over every GPU when there are several.
+
+    ``stop_after_epochs`` ends training after that many epochs in this call (for tests of resume)."""
+    keras = tf_runtime.keras()
+    t0 = time.perf_counter()
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    keras.utils.set_random_seed(cfg.seed)
+    n_classes = len(manifest.class_names)
+    tr_paths, tr_labels, tr_rel = split_arrays(manifest, "train")
+    val_split = "val" if any(s.split == "val" for s in manifest.samples) else "test"
+    va_paths, va_labels, va_rel = split_arrays(manifest, val_split)
+    if len(np.unique(tr_labels)) < 2:
+        raise DatasetError(f"the train split has images of {len(np.unique(tr_labels))} class(es); fine-tuning "
+                           "needs at least two.")
+    if not va_paths:
+        raise DatasetError("fine-tuning needs a val (or test) split to monitor; use --val-fraction > 0 or a "
+                           "dataset with val/.")
+    spec = spec.resolved()
+    tf_runtime.check_precision(spec.precision)
+    if strategy is None:
+        strategy = default_strategy()
+    scope = strategy.scope if strategy else contextlib.nullcontext
+    with scope():
+        net = build_network(spec, n_classes, cfg)
+    skips = SkipLog()
+    train_ds = make_dataset(tr_paths, tr_labels, tr_rel, net.size, resize, cfg.batch_size, skips, training=True,
+                            augment=augmentation(cfg), seed=cfg.seed)
+    val_ds = make_dataset(va_paths, va_labels, va_rel, net.size, resize, cfg.batch_size, skips, training=False)
+    steps = max(1, int(np.ceil(len(tr_paths) / cfg.batch_size)))
+    net.model(np.zeros((1, net.size, net.size, 3), np.float32))  # built, for BackupAndRestore
+    phases = ([("head", "all", cfg.head_epochs)] if cfg.head_epochs else []) + [("finetune", cfg.freeze, cfg.epochs)]
+    total_epochs = sum(p[2] for p in phases)
+    history: list[dict[str, Any]] = []
+    phase_info, resumed, offset, budget = [], {}, 0, stop_after_epochs
+    stopped_early = False
+    for phase, freeze, epochs in phases:
+        done_marker = workdir / f"phase-{phase}.done.json"
+        weights_after = workdir / f"phase-{phase}.weights.h5"
+        if done_marker.exists() and weights_after.exists():
+            net.model.load_weights(weights_after)
+            info = json.loads(done_marker.read_text())
+            phase_info.append(info)
+            history += info.get("history", [])
+            offset += epochs
+            continue
+        apply_freezing(net, freeze, cfg.freeze_batchnorm)
+        with scope():
+            opt = make_optimizer(cfg, steps, phase)
+            if hasattr(opt, "set_head_variables"):
+                opt.set_head_variables(net.head_variables())
+            if spec.precision == "float16":  # float16 gradients underflow without dynamic loss scaling
+                opt = keras.optimizers.LossScaleOptimizer(opt)
+            net.model.compile(optimizer=opt, loss="sparse_categorical_crossentropy", metrics=["accuracy"],
+                              jit_compile=bool(cfg.xla))
+        backup = workdir / f"backup-{phase}"
+        start_epoch = 0
+        meta = backup / "training_metadata.json"
+        if meta.exists():
+            start_epoch = int(json.loads(meta.read_text()).get("epoch", 0))
+            resumed[phase] = start_epoch
+        callbacks = [
+            _EpochProgress(progress, total_epochs, offset).callback(),
+            # kept until the phase is recorded as done below, so no moment exists without a checkpoint
+            keras.callbacks.BackupAndRestore(str(backup), double_checkpoint=True, delete_checkpoint=False),
+            keras.callbacks.CSVLogger(str(workdir / f"history-{phase}.csv"), append=True),
+            keras.callbacks.TensorBoard(str(workdir / "tensorboard" / phase), histogram_freq=0, write_graph=False),
+            keras.callbacks.ModelCheckpoint(str(workdir / "best.weights.h5"), monitor=cfg.monitor,
+                                            save_best_only=True, save_weights_only=True),
+        ]
+        if phase == "finetune":
+            callbacks.append(keras.callbacks.EarlyStopping(monitor=cfg.monitor, min_delta=cfg.min_delta,
+                                                           patience=cfg.patience, restore_best_weights=True))
+            if cfg.schedule == "plateau":
+                callbacks.append(keras.callbacks.ReduceLROnPlateau(monitor=cfg.monitor, factor=cfg.step_gamma,
+                                                                   patience=max(1, cfg.patience // 2)))
+        run_epochs = epochs
+        if budget is not None:
+            run_epochs = min(epochs, start_epoch + budget)
+        before = net.counts()
+        h = net.model.fit(train_ds, validation_data=val_ds, epochs=run_epochs, callbacks=callbacks, verbose=0,
+                          shuffle=False)  # the dataset shuffles itself
+        ran = len(h.history.get("loss", []))
+        rows = [{"phase": phase, "epoch": start_epoch + i + 1, **{k: float(v[i]) for k, v in h.history.items()}}
+                for i in range(ran)]
+        history += rows
+        if budget is not None:
+            budget -= ran
+            if run_epochs < epochs and (start_epoch + ran) >= run_epochs:
+                # stopped on request before the phase ended: leave the backup for a resume
+                return FineTuneResult("", history, phase_info, before, skips.as_list(),
+                                      time.perf_counter() - t0, resumed)
+        if phase == "finetune":
+            stopped_early = (start_epoch + ran) < epochs
+        info = {"phase": phase, "freeze": freeze, "epochs_run": start_epoch + ran, "epochs": epochs,
+                "counts": before, "history": rows}
+        phase_info.append(info)
+        net.model.save_weights(weights_after)
+        atomic_write_text(done_marker, json.dumps(info, default=float))
+        shutil.rmtree(backup, ignore_errors=True)
+        offset += epochs
+    plain = keras.Model(net.model.inputs, net.model.outputs, name="cnncodes_finetuned")
+    model_path = workdir / "model.keras"
+    tmp = workdir / ".model.incomplete.keras"
+    plain.save(tmp)
+    tmp.replace(model_path)
+    _write_history(workdir, history)
+    return FineTuneResult(str(model_path), history, phase_info, net.counts(), skips.as_list(),
+                          time.perf_counter() - t0, resumed, stopped_early, net.size, spec.precision,
+                          strategy.num_replicas_in_sync if strategy else 1)
+
+
+def _write_history(workdir: Path, history: list[dict[str, Any]]) -> None:
+    import pandas as pd
+
+    if not history:
+        return
+    df = pd.DataFrame(history)
+    atomic_write_text(workdir / "history.csv", df.to_csv(index=False))
