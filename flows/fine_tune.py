@@ -20,6 +20,7 @@ from tasks.finetune import FineTuneConfig
 from tasks.images import RESIZE_MODES
 from tasks.prefect_tasks import evaluate_finetuned, fine_tune_network, scan_dataset
 from storage.errors import ParameterError
+from storage.files import atomic_write_json
 
 
 def run_dir(out: str, name: str, key: dict[str, Any]) -> Path:
@@ -96,7 +97,7 @@ def fine_tune(
         print(f"resumed from the last checkpoint: {trained['resumed_from_epoch']}")
     result = evaluate_finetuned(trained, str(manifest_path), spec_dict(spec), cfg.as_dict(), resize, registry, name,
                                 str(Path(out) / "reports"))
-    (workdir / "registered.json").write_text(f'{{"name": "{result["name"]}", "version": {result["version"]}}}')
+    atomic_write_json(workdir / "registered.json", {"name": result["name"], "version": result["version"]})
     for split, m in result["metrics"].items():
         print(f"{split}: accuracy {m['accuracy']:.3f}, balanced {m['balanced_accuracy']:.3f} on {m['images']} images")
     print(f"registered {result['name']} v{result['version']}; report: {result['report']}")

@@ -33,7 +33,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from storage.errors import DatasetError, ParameterError
-from storage.manifest import Manifest, Skip, atomic_write_text
+from storage.files import atomic_path, atomic_write
+from storage.manifest import Manifest, Skip
 
 from . import tf_runtime
 from .backbones import REGISTRY, BackboneSpec, build_backbone, is_model_file
@@ -562,14 +563,13 @@ def fine_tune(manifest: Manifest, spec: BackboneSpec, cfg: FineTuneConfig, workd
                 "counts": before, "history": rows}
         phase_info.append(info)
         net.model.save_weights(weights_after)
-        atomic_write_text(done_marker, json.dumps(info, default=float))
+        atomic_write(done_marker, json.dumps(info, default=float))
         shutil.rmtree(backup, ignore_errors=True)
         offset += epochs
     plain = keras.Model(net.model.inputs, net.model.outputs, name="cnncodes_finetuned")
     model_path = workdir / "model.keras"
-    tmp = workdir / ".model.incomplete.keras"
-    plain.save(tmp)
-    tmp.replace(model_path)
+    with atomic_path(model_path, suffix=".keras") as tmp:
+        plain.save(tmp)
     _write_history(workdir, history)
     return FineTuneResult(str(model_path), history, phase_info, net.counts(), skips.as_list(),
                           time.perf_counter() - t0, resumed, stopped_early, net.size, spec.precision,
@@ -582,7 +582,7 @@ def _write_history(workdir: Path, history: list[dict[str, Any]]) -> None:
     if not history:
         return
     df = pd.DataFrame(history)
-    atomic_write_text(workdir / "history.csv", df.to_csv(index=False))
+    atomic_write(workdir / "history.csv", df.to_csv(index=False))
 
 
 def plot_learning_curves(history: list[dict[str, Any]], path: str | Path) -> Path:
