@@ -106,6 +106,15 @@ def _human(n: int) -> str:
 # --------------------------------------------------------------------------- ls / info
 
 
+def _one_file(path: str | os.PathLike, command: str) -> FeatureStore:
+    """The store file at ``path``; for the index of a sharded store, a StoreError naming its shards."""
+    if is_index(path):
+        shards = ", ".join(str(p) for p in read_index(path))
+        raise StoreError(f"{path} is the index of a sharded store and `cnncodes store {command}` works on one store "
+                         f"file: run it on each shard ({shards}); `store ls` and `store verify` take the index.")
+    return FeatureStore(path)
+
+
 def list_store(path: str | os.PathLike) -> dict[str, Any]:
     """File size, format, provenance summary and the layer groups of a store (for a sharded store:
     of its first shard, with the rows of all shards, and the shards listed)."""
@@ -130,8 +139,8 @@ def list_store(path: str | os.PathLike) -> dict[str, Any]:
 def store_info(path: str | os.PathLike, head: int = 5, rows: int = 65536) -> dict[str, Any]:
     """:func:`list_store` plus, per group: rows per split and class, uncommitted rows, chunking,
     the manifest fingerprint, and its first ``head`` rows (with the first feature values)."""
+    store = _one_file(path, "info")
     out = list_store(path)
-    store = FeatureStore(path)
     with store.open() as f:
         attrs = {**decode_attrs(f), **run_state(f)}
         names = list(attrs.get("class_names") or [])
@@ -252,7 +261,7 @@ def export_group(path: str | os.PathLike, layer: str, pooling: str | None = None
     plus ``<name>.rows.csv`` with ``path, label, class, split, sha256`` in the same order. At most
     ``rows`` rows (fewer for wide rows) are in memory at a time; the output appears under its name only
     once complete. The format comes from ``fmt`` or the output's suffix."""
-    store = FeatureStore(path)
+    store = _one_file(path, "export")
     out = Path(out)
     kind = (fmt or out.suffix).lower().lstrip(".")
     if kind not in EXPORT_FORMATS:

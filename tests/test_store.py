@@ -216,13 +216,17 @@ def test_open_store_reads_a_sharded_index_as_one_store_and_feature_store_refuses
 
 
 def test_store_tools_see_a_sharded_store_as_one(tmp_path):
-    from storage.tools import list_store, verify_store
+    from storage.tools import export_group, list_store, store_info, verify_store
 
     index, paths, _ = _sharded(tmp_path)
     ls = list_store(index)
     assert ls["groups"][0]["rows"] == 10 and ls["shards"] == [str(p.resolve()) for p in paths]
     v = verify_store(index)
     assert v["ok"] and v["shards"] == [str(p.resolve()) for p in paths]
+    for call in (lambda: store_info(index), lambda: export_group(index, "l1", out=tmp_path / "x.csv")):
+        with pytest.raises(StoreError, match=r"index of a sharded store .* run it on each shard"):
+            call()
+    assert store_info(paths[0])["groups"][0]["rows"] == 6
 
 
 def test_atomic_writes_leave_the_old_file_or_the_new_one(tmp_path):
