@@ -6,7 +6,6 @@ learning curves and the phases' frozen/trainable counts).
 """
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,7 @@ from typing import Any
 from prefect import flow
 
 from storage.hashing import fingerprint
-from storage.manifest import atomic_write_text
+from storage.files import atomic_write_json
 from tasks.backbones import BackboneSpec, is_model_file
 from tasks.extract import spec_dict
 from tasks.finetune import FineTuneConfig
@@ -59,7 +58,7 @@ def fine_tune(
         print(f"resumed from the last checkpoint: {trained['resumed_from_epoch']}")
     result = evaluate_finetuned(trained, str(manifest_path), spec_dict(backbone), finetune.as_dict(),
                                 finetune.resize, registry, name, output.reports)
-    atomic_write_text(workdir / "registered.json", json.dumps({"name": result["name"], "version": result["version"]}))
+    atomic_write_json(workdir / "registered.json", {"name": result["name"], "version": result["version"]})
     for split_name, m in result["metrics"].items():
         print(f"{split_name}: accuracy {m['accuracy']:.3f}, balanced {m['balanced_accuracy']:.3f} on "
               f"{m['images']} images")

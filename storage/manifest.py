@@ -1,6 +1,6 @@
 """The dataset manifest: which images, with which label and split.
 
-A manifest is produced by scanning a dataset (``tasks.datasets``) and consumed
+A manifest is produced by scanning a dataset (``tasks.data.datasets``) and consumed
 by the feature store to decide what to compute. It is a small JSON file so
 that tasks can pass its path to each other instead of large objects.
 """
@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import DatasetError
+from .files import atomic_write_json
 from .hashing import fingerprint
 
 SPLITS = ("train", "val", "test")
@@ -82,7 +82,7 @@ class Manifest:
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
-        atomic_write_text(path, json.dumps(self.to_dict(), indent=1))
+        atomic_write_json(path, self.to_dict(), indent=1)
         return path
 
     @classmethod
@@ -92,21 +92,3 @@ class Manifest:
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise DatasetError(f"cannot read manifest {path}: {exc}. Re-run the scan to write it again.") from exc
 
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path`` and rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".incomplete", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise

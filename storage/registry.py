@@ -29,7 +29,6 @@ This module imports neither TensorFlow, Keras, Prefect nor scikit-learn
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
 import io
 import json
@@ -41,7 +40,6 @@ import shutil
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -49,8 +47,8 @@ import joblib
 import numpy as np
 
 from .errors import CnncodesError
+from .files import FileLock, atomic_write_json, fsync_dir, now_iso
 from .hashing import file_sha256
-from .manifest import atomic_write_text
 
 REGISTRY_FORMAT = "cnncodes-registry/1"
 METADATA_FILE = "metadata.json"
@@ -82,10 +80,6 @@ class ModelMismatchError(RegistryError):
 
 class TamperedModelError(RegistryError):
     """A saved model's file or metadata is missing, unreadable or not what was saved: it is not loaded."""
-
-
-def _now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def _check_name(name: Any, what: str = "model name") -> str:
@@ -120,19 +114,6 @@ def _library_versions() -> dict[str, str]:
         if version is not None:
             out[key] = str(version)
     return out
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 @dataclass
@@ -459,13 +440,13 @@ class ModelRegistry:
                 kind = src.suffix[1:].lower() if src.suffix else "file"
                 shutil.copyfile(src, tmp / model_file)
             meta = dict(metadata)
-            meta.update(registry_format=REGISTRY_FORMAT, name=name, version=n, created=_now_iso(),
+            meta.update(registry_format=REGISTRY_FORMAT, name=name, version=n, created=now_iso(),
                         model_file=model_file, model_sha256=file_sha256(tmp / model_file), model_kind=kind,
                         libraries=_library_versions())
-            atomic_write_text(tmp / METADATA_FILE, json.dumps(meta, indent=1, sort_keys=True))
-            _fsync_dir(tmp)
+            atomic_write_json(tmp / METADATA_FILE, meta, indent=1, sort_keys=True)
+            fsync_dir(tmp)
             os.rename(tmp, d / f"v{n}")
-            _fsync_dir(d)
+            fsync_dir(d)
         except BaseException as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             if isinstance(exc, CnncodesError) or not isinstance(exc, Exception):
@@ -508,12 +489,8 @@ class ModelRegistry:
         if not d.is_dir():
             raise RegistryError(f"no saved model named {name!r} in registry {self.root} "
                                 f"(models there: {self._known_names()}).")
-        with open(d / ".lock", "a+") as fh:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-            try:
-                yield d
-            finally:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+        with FileLock(d / ".lock"):
+            yield d
 
     def aliases(self, name: str) -> dict[str, int]:
         """Aliases of ``name`` and the versions they point to (empty if none were set)."""
@@ -549,11 +526,11 @@ class ModelRegistry:
             n = self._resolve(name, version)
             aliases = self.aliases(name)
             aliases[alias] = n
-            atomic_write_text(d / ALIASES_FILE, json.dumps(dict(sorted(aliases.items())), indent=1))
+            atomic_write_json(d / ALIASES_FILE, dict(sorted(aliases.items())), indent=1)
 
     def record_event(self, name: str, event: dict[str, Any]) -> None:
         """Append one JSON line to ``<name>/history.jsonl`` (champion decisions of retraining, ...)."""
-        line = json.dumps({"time": _now_iso(), **event}, default=_json_default, sort_keys=True)
+        line = json.dumps({"time": now_iso(), **event}, default=_json_default, sort_keys=True)
         with self._locked(name) as d:
             with open(d / HISTORY_FILE, "a", encoding="utf-8") as fh:
                 fh.write(line + "\n")
@@ -581,7 +558,7 @@ class ModelRegistry:
                 raise RegistryError(f"model {name!r} has no alias {alias!r} (aliases: "
                                     f"{', '.join(aliases) or 'none'}).")
             del aliases[alias]
-            atomic_write_text(d / ALIASES_FILE, json.dumps(aliases, indent=1))
+            atomic_write_json(d / ALIASES_FILE, aliases, indent=1)
 
     def delete(self, name: str, version: int | str) -> None:
         """Delete one version. Refused while an alias points to it; its number is never reused."""

@@ -2,55 +2,29 @@
 
 When extraction runs on several workers (Dask, several GPUs or machines), each shard of the dataset
 is written to its own store file by its own single writer, with all of a store's guarantees
-(incremental, crash-safe, never mixed). A small index file at the store's path lists the shards; opening
-it with :class:`~storage.store.FeatureStore` gives a :class:`ShardedStore`, which reads like one store.
+(incremental, crash-safe, never mixed). A small index file at the store's path lists the shards
+(:func:`storage.format.write_index`); :func:`storage.open_store` opens it as a :class:`ShardedStore`,
+which reads like one store.
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-import h5py
 import numpy as np
 
 from .errors import StoreError
-from .store import Codes, FeatureStore
-
-INDEX_FORMAT = "cnncodes-store-index/1"
-
-
-def write_index(path: str | os.PathLike, shards: Sequence[str | os.PathLike], attrs: dict[str, Any]) -> Path:
-    """Write the index at ``path`` (temporary file renamed into place) listing ``shards`` relative to it."""
-    path = Path(path)
-    rel = [os.path.relpath(Path(s).resolve(), path.resolve().parent) for s in shards]
-    tmp = path.with_name(f".{path.name}.incomplete")
-    with h5py.File(tmp, "w") as f:
-        f.attrs["format"] = INDEX_FORMAT
-        f.attrs["shards"] = json.dumps(rel)
-        for k, v in attrs.items():
-            f.attrs[k] = v if isinstance(v, (str, int, float)) else json.dumps(v, sort_keys=True)
-    os.replace(tmp, path)
-    return path
+from .format import read_index
+from .reader import Classes, Codes, FeatureStore, Splits, StoreReader
 
 
-def is_index(path: str | os.PathLike) -> bool:
-    try:
-        with h5py.File(path, "r") as f:
-            return f.attrs.get("format") == INDEX_FORMAT
-    except OSError:
-        return False
-
-
-class ShardedStore(FeatureStore):
+class ShardedStore(StoreReader):
     """The shards of an index, read as one store (rows in shard order)."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        with h5py.File(self.path, "r") as f:
-            rel = json.loads(f.attrs["shards"])
-        self.shard_paths = [(self.path.parent / r).resolve() for r in rel]
+        self.shard_paths = read_index(self.path)
         missing = [str(p) for p in self.shard_paths if not p.exists()]
         if missing:
             raise StoreError(f"sharded store {self.path} lists shards that are missing: {missing[:3]}. Re-run the "
@@ -77,20 +51,15 @@ class ShardedStore(FeatureStore):
             out.append(merged)
         return out
 
-    def read(self, layer: str, pooling: str | None = None, split=None, classes=None) -> Codes:
-        parts = [s.read(layer, pooling, split, classes) for s in self.shards]
-        first = parts[0]
-        return Codes(features=np.concatenate([p.features for p in parts]),
-                     labels=np.concatenate([p.labels for p in parts]),
-                     paths=np.concatenate([p.paths for p in parts]),
-                     splits=np.concatenate([p.splits for p in parts]),
-                     sha256=np.concatenate([p.sha256 for p in parts]),
-                     class_names=first.class_names, layer=first.layer, pooling=first.pooling)
+    def read(self, layer: str, pooling: str | None = None, split: Splits = None, classes: Classes = None) -> Codes:
+        return Codes.concat([s.read(layer, pooling, split, classes) for s in self.shards])
 
-    def read_features(self, layer: str, pooling: str | None = None, split=None, classes=None) -> np.ndarray:
+    def read_features(self, layer: str, pooling: str | None = None, split: Splits = None,
+                      classes: Classes = None) -> np.ndarray:
         return np.concatenate([s.read_features(layer, pooling, split, classes) for s in self.shards])
 
-    def iter_chunks(self, layer: str, pooling: str | None = None, split=None, rows: int = 8192) -> Iterator[Codes]:
+    def iter_chunks(self, layer: str, pooling: str | None = None, split: Splits = None,
+                    rows: int = 8192) -> Iterator[Codes]:
         for s in self.shards:
             yield from s.iter_chunks(layer, pooling, split, rows)
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import re
-import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -26,8 +25,11 @@ import h5py
 import numpy as np
 
 from .errors import StoreError
+from .files import atomic_path
+from .format import (INDEX_FORMAT, ROW_DATASETS, STORE_FORMAT, decode, decode_attrs, group_fingerprint, group_name,
+                     is_index, layer_names, open_file, read_index, run_state)
 from .hashing import file_sha256
-from .store import ROW_DATASETS, STORE_FORMAT, FeatureStore, _decode, _open_read, group_name
+from .reader import FeatureStore
 
 EXPORT_FORMATS = ("parquet", "csv", "npy")
 SPLIT_VALUES = ("train", "val", "test", "predict")
@@ -66,31 +68,8 @@ def _str(values: np.ndarray) -> np.ndarray:
                       dtype=object)
 
 
-def _fingerprint(g: h5py.Group) -> str:
-    """The manifest fingerprint a group was completed for ("" while not): the ``state`` dataset,
-    or the ``manifest_fingerprint`` attribute of stores written before it existed."""
-    st = g.get("state")
-    if isinstance(st, h5py.Dataset) and st.shape and st.shape[0]:
-        v = st[0]
-        return v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
-    return str(_decode(g.attrs.get("manifest_fingerprint")) or "")
-
-
-def _root_attrs(f: h5py.File) -> dict[str, Any]:
-    """Root attributes, with ``updated`` and ``skipped`` from the run datasets where the store has them."""
-    out = {k: _decode(v) for k, v in f.attrs.items()}
-    upd = f.get("_updated")
-    if isinstance(upd, h5py.Dataset) and upd.shape and upd.shape[0]:
-        v = upd[0]
-        out["updated"] = v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
-    sk = f.get("_skipped")
-    if isinstance(sk, h5py.Dataset):
-        out["skipped"] = [_decode(x) for x in sk[:]]
-    return out
-
-
 def _group_summary(g: h5py.Group, layer: str, pooling: str) -> dict[str, Any]:
-    attrs = {k: _decode(v) for k, v in g.attrs.items()}
+    attrs = decode_attrs(g)
     feats = g.get("features")
     committed = int(g["committed"][0]) if "committed" in g else 0
     shape = attrs.get("feature_shape")
@@ -101,13 +80,13 @@ def _group_summary(g: h5py.Group, layer: str, pooling: str) -> dict[str, Any]:
         "dtype": attrs.get("dtype"), "compression": attrs.get("compression"),
         "stored_bytes": int(feats.id.get_storage_size()) if isinstance(feats, h5py.Dataset) else None,
         "created": attrs.get("created"), "updated": attrs.get("updated"),
-        "complete": bool(_fingerprint(g)),
+        "complete": bool(group_fingerprint(g)),
     }
 
 
 def _iter_groups(f: h5py.File) -> Iterator[tuple[str, str, Any]]:
     """(layer, pooling, object) of each layer group; root names starting with '_' are run records."""
-    for layer in sorted(k for k in f.keys() if not k.startswith("_")):
+    for layer in layer_names(f):
         if not isinstance(f[layer], h5py.Group):
             yield layer, "", f[layer]
             continue
@@ -127,37 +106,29 @@ def _human(n: int) -> str:
 # --------------------------------------------------------------------------- ls / info
 
 
-def _shard_paths(path: str | os.PathLike) -> list[Path] | None:
-    """The shard files of a sharded store's index, or None for an ordinary store."""
-    from .sharded import is_index
-
-    if Path(path).is_file() and is_index(path):
-        return _index_shards(path)
-    return None
-
-
-def _index_shards(path: str | os.PathLike) -> list[Path]:
-    import json
-
-    with h5py.File(path, "r") as f:
-        rel = json.loads(f.attrs["shards"])
-    return [(Path(path).parent / r).resolve() for r in rel]
+def _one_file(path: str | os.PathLike, command: str) -> FeatureStore:
+    """The store file at ``path``; for the index of a sharded store, a StoreError naming its shards."""
+    if is_index(path):
+        shards = ", ".join(str(p) for p in read_index(path))
+        raise StoreError(f"{path} is the index of a sharded store and `cnncodes store {command}` works on one store "
+                         f"file: run it on each shard ({shards}); `store ls` and `store verify` take the index.")
+    return FeatureStore(path)
 
 
 def list_store(path: str | os.PathLike) -> dict[str, Any]:
     """File size, format, provenance summary and the layer groups of a store (for a sharded store:
     of its first shard, with the rows of all shards, and the shards listed)."""
-    shards = _shard_paths(path)
-    if shards is not None:
+    if is_index(path):
+        shards = read_index(path)
         first = list_store(shards[0])
         rows = [list_store(p)["groups"] for p in shards]
         for i, g in enumerate(first["groups"]):
             g["rows"] = sum(r[i]["rows"] for r in rows if i < len(r))
-        return {**first, "store": str(Path(path)), "format": "cnncodes-store-index/1",
+        return {**first, "store": str(Path(path)), "format": INDEX_FORMAT,
                 "size_bytes": sum(p.stat().st_size for p in shards), "shards": [str(p) for p in shards]}
     store = FeatureStore(path)
-    with _open_read(store.path) as f:
-        attrs = _root_attrs(f)
+    with store.open() as f:
+        attrs = {**decode_attrs(f), **run_state(f)}
         groups = [_group_summary(g, layer, pooling) for layer, pooling, g in _iter_groups(f)
                   if isinstance(g, h5py.Group)]
     provenance = {k: attrs.get(k) for k in SUMMARY_KEYS}
@@ -168,10 +139,10 @@ def list_store(path: str | os.PathLike) -> dict[str, Any]:
 def store_info(path: str | os.PathLike, head: int = 5, rows: int = 65536) -> dict[str, Any]:
     """:func:`list_store` plus, per group: rows per split and class, uncommitted rows, chunking,
     the manifest fingerprint, and its first ``head`` rows (with the first feature values)."""
+    store = _one_file(path, "info")
     out = list_store(path)
-    store = FeatureStore(path)
-    with _open_read(store.path) as f:
-        attrs = _root_attrs(f)
+    with store.open() as f:
+        attrs = {**decode_attrs(f), **run_state(f)}
         names = list(attrs.get("class_names") or [])
         skipped = attrs.pop("skipped", None)
         out["provenance_full"] = attrs
@@ -208,7 +179,7 @@ def store_info(path: str | os.PathLike, head: int = 5, rows: int = 65536) -> dic
                 "splits": dict(sorted(per_split.items())),
                 "classes": {(names[i] if 0 <= i < len(names) else str(i)): c for i, c in sorted(per_class.items())},
                 "chunks": list(g["features"].chunks or ()),
-                "manifest_fingerprint": _fingerprint(g),
+                "manifest_fingerprint": group_fingerprint(g),
                 "features_per_row": int(np.prod(g["features"].shape[1:], dtype=np.int64)),
                 "head": first,
             })
@@ -263,7 +234,7 @@ def _class_indices(store: FeatureStore, classes, names: list[str]) -> list[int]:
     wanted = [classes] if isinstance(classes, (str, int)) else list(classes)
     # "3" on a command line means class index 3 unless a class is called "3".
     wanted = [int(c) if isinstance(c, str) and c not in names and c.lstrip("-").isdigit() else c for c in wanted]
-    return store._class_indices(wanted, names)
+    return store.class_indices(wanted, names)
 
 
 def _selected_chunks(g: h5py.Group, n: int, step: int, splits_wanted, labels_wanted) -> Iterator[tuple]:
@@ -279,12 +250,6 @@ def _selected_chunks(g: h5py.Group, n: int, step: int, splits_wanted, labels_wan
             yield start, stop, sel
 
 
-def _temp_beside(target: Path) -> Path:
-    """A fresh name beside ``target`` (not created: the writer creates it with the usual permissions)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    return target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.incomplete")
-
-
 def export_group(path: str | os.PathLike, layer: str, pooling: str | None = None,
                  out: str | os.PathLike = "features.parquet", fmt: str | None = None,
                  split: str | Sequence[str] | None = None, classes: str | int | Sequence[str | int] | None = None,
@@ -296,7 +261,7 @@ def export_group(path: str | os.PathLike, layer: str, pooling: str | None = None
     plus ``<name>.rows.csv`` with ``path, label, class, split, sha256`` in the same order. At most
     ``rows`` rows (fewer for wide rows) are in memory at a time; the output appears under its name only
     once complete. The format comes from ``fmt`` or the output's suffix."""
-    store = FeatureStore(path)
+    store = _one_file(path, "export")
     out = Path(out)
     kind = (fmt or out.suffix).lower().lstrip(".")
     if kind not in EXPORT_FORMATS:
@@ -305,9 +270,9 @@ def export_group(path: str | os.PathLike, layer: str, pooling: str | None = None
                          "these suffixes, or pass the format).")
     if out.exists() and out.resolve() == store.path.resolve():
         raise StoreError(f"the export output {out} is the store itself; choose another --output.")
-    with _open_read(store.path) as f:
-        g = store._resolve(f, layer, pooling)
-        names = list(_decode(f.attrs.get("class_names")) or [])
+    with store.open() as f:
+        g = store.resolve_group(f, layer, pooling)
+        names = list(decode(f.attrs.get("class_names")) or [])
         absent = [ds for ds in (*ROW_DATASETS, "committed") if not isinstance(g.get(ds), h5py.Dataset)]
         if absent:
             raise StoreError(f"group {g.name.strip('/')} of {store.path} is damaged (dataset(s) "
@@ -335,24 +300,15 @@ def export_group(path: str | os.PathLike, layer: str, pooling: str | None = None
                        "split": _str(g["split"][start:stop][sel]), "sha256": _str(g["sha256"][start:stop][sel]),
                        "features": np.asarray(g["features"][start:stop])[sel]}
 
-        tmp: list[Path] = []
-        try:
-            if kind == "npy":
-                rows_out = out.with_suffix(".rows.csv") if out.suffix else out.with_name(out.name + ".rows.csv")
-                written = _write_npy(out, rows_out, pieces(), total, fshape, g["features"].dtype, tmp)
-            elif kind == "parquet":
-                rows_out = None
-                written = _write_parquet(out, pieces(), int(np.prod(fshape, dtype=np.int64)), tmp)
-            else:
-                rows_out = None
-                written = _write_csv(out, pieces(), int(np.prod(fshape, dtype=np.int64)), tmp)
-        except BaseException:
-            for t in tmp:
-                try:
-                    t.unlink()
-                except OSError:
-                    pass
-            raise
+        if kind == "npy":
+            rows_out = out.with_suffix(".rows.csv") if out.suffix else out.with_name(out.name + ".rows.csv")
+            written = _write_npy(out, rows_out, pieces(), total, fshape, g["features"].dtype)
+        elif kind == "parquet":
+            rows_out = None
+            written = _write_parquet(out, pieces(), int(np.prod(fshape, dtype=np.int64)))
+        else:
+            rows_out = None
+            written = _write_csv(out, pieces(), int(np.prod(fshape, dtype=np.int64)))
     result = {"store": str(store.path), "group": gname, "format": kind, "output": str(out),
               "rows": written, "chunks": len(chunks), "feature_shape": list(fshape),
               "split": splits_wanted, "classes": None if labels_wanted is None else
@@ -378,7 +334,7 @@ def _full_frame(piece: dict[str, np.ndarray], columns: list[str]):
     return pd.concat([_meta_frame(piece), pd.DataFrame(X, columns=columns)], axis=1)
 
 
-def _write_parquet(out: Path, pieces: Iterator[dict], width: int, tmp: list[Path]) -> int:
+def _write_parquet(out: Path, pieces: Iterator[dict], width: int) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -386,55 +342,44 @@ def _write_parquet(out: Path, pieces: Iterator[dict], width: int, tmp: list[Path
     schema = pa.schema([("path", pa.string()), ("label", pa.int64()), ("class", pa.string()),
                         ("split", pa.string()), ("sha256", pa.string())]
                        + [(c, pa.float32()) for c in columns])
-    t = _temp_beside(out)
-    tmp.append(t)
     written = 0
-    with pq.ParquetWriter(str(t), schema) as writer:
+    with atomic_path(out) as t, pq.ParquetWriter(str(t), schema) as writer:
         for piece in pieces:
             table = pa.Table.from_pandas(_full_frame(piece, columns), schema=schema, preserve_index=False)
             writer.write_table(table)
             written += table.num_rows
-    os.replace(t, out)
     return written
 
 
-def _write_csv(out: Path, pieces: Iterator[dict], width: int, tmp: list[Path]) -> int:
+def _write_csv(out: Path, pieces: Iterator[dict], width: int) -> int:
     columns = _feature_columns(width)
-    t = _temp_beside(out)
-    tmp.append(t)
     written = 0
-    with open(t, "w", encoding="utf-8", newline="") as fh:
+    with atomic_path(out) as t, open(t, "w", encoding="utf-8", newline="") as fh:
         fh.write(",".join(list(META_COLUMNS) + columns) + "\n")
         for piece in pieces:
             _full_frame(piece, columns).to_csv(fh, header=False, index=False)
             written += len(piece["label"])
-    os.replace(t, out)
     return written
 
 
 def _write_npy(out: Path, rows_out: Path, pieces: Iterator[dict], total: int, fshape: tuple[int, ...],
-               dtype, tmp: list[Path]) -> int:
+               dtype) -> int:
     from numpy.lib.format import open_memmap
 
-    t = _temp_beside(out)
-    tmp.append(t)
-    t_rows = _temp_beside(rows_out)
-    tmp.append(t_rows)
-    arr = open_memmap(str(t), mode="w+", dtype=np.dtype(dtype), shape=(total, *fshape))
-    pos = 0
-    with open(t_rows, "w", encoding="utf-8", newline="") as fh:
-        fh.write(",".join(META_COLUMNS) + "\n")
-        for piece in pieces:
-            k = len(piece["label"])
-            arr[pos:pos + k] = piece["features"]
-            _meta_frame(piece).to_csv(fh, header=False, index=False)
-            pos += k
-    arr.flush()
-    del arr
-    if pos != total:
-        raise StoreError(f"internal: expected {total} rows to export, wrote {pos}.")
-    os.replace(t, out)
-    os.replace(t_rows, rows_out)
+    with atomic_path(out) as t, atomic_path(rows_out) as t_rows:
+        arr = open_memmap(str(t), mode="w+", dtype=np.dtype(dtype), shape=(total, *fshape))
+        pos = 0
+        with open(t_rows, "w", encoding="utf-8", newline="") as fh:
+            fh.write(",".join(META_COLUMNS) + "\n")
+            for piece in pieces:
+                k = len(piece["label"])
+                arr[pos:pos + k] = piece["features"]
+                _meta_frame(piece).to_csv(fh, header=False, index=False)
+                pos += k
+        arr.flush()
+        del arr
+        if pos != total:
+            raise StoreError(f"internal: expected {total} rows to export, wrote {pos}.")
     return pos
 
 
@@ -487,12 +432,12 @@ def _check_group(name: str, g: h5py.Group, names: list[str], step_rows: int, pro
     if longer:
         notes.append(f"group {name}: {max(longer.values())} row(s) past committed={n} (an unfinished batch); "
                      "readers ignore them and the next `cnncodes extract` on this store drops them.")
-    if not _fingerprint(g):
+    if not group_fingerprint(g):
         notes.append(f"group {name}: the extraction that wrote it did not complete; run the same "
                      "`cnncodes extract` again to finish it.")
     feats = g["features"]
-    shape_attr = _decode(g.attrs.get("feature_shape"))
-    dtype_attr = _decode(g.attrs.get("dtype"))
+    shape_attr = decode(g.attrs.get("feature_shape"))
+    dtype_attr = decode(g.attrs.get("dtype"))
     if "feature_shape" in g.attrs and (not isinstance(shape_attr, list)
                                        or tuple(feats.shape[1:]) != tuple(shape_attr)):
         problems.append(f"group {name}: features have shape {tuple(feats.shape[1:])} per row but the group's "
@@ -625,9 +570,9 @@ def verify_store(path: str | os.PathLike, check_files: bool = False, dataset: st
     ``check_files``, how many image files were re-hashed under ``dataset`` (default: the store's
     ``dataset`` attribute)."""
     path = Path(path)
-    if path.is_file() and _shard_paths(path) is not None:
+    if path.is_file() and is_index(path):
         try:
-            shards = _index_shards(path)
+            shards = read_index(path)
         except (OSError, KeyError, ValueError) as exc:
             return {"store": str(path), "ok": False, "problems": [f"the shard index {path} is unreadable ({exc}); "
                     "re-run the sharded extraction to write it again."], "notes": [], "groups": [],
@@ -646,13 +591,13 @@ def verify_store(path: str | os.PathLike, check_files: bool = False, dataset: st
         problems.append(f"no feature store file at {path}. Check the path; `cnncodes extract` creates stores.")
         return result
     try:
-        f = _open_read(path)
+        f = open_file(path)
     except StoreError as exc:
         problems.append(f"cannot open {path} as HDF5 ({exc}). The file is damaged or not a store: "
                         "re-create it with `cnncodes extract`.")
         return result
     with f:
-        fmt = _decode(f.attrs.get("format"))
+        fmt = decode(f.attrs.get("format"))
         if fmt != STORE_FORMAT:
             problems.append(f"{path} has format attribute {fmt!r}, expected {STORE_FORMAT!r}: it is not a "
                             "cnncodes feature store (or of an unsupported version). Re-create it with "
@@ -662,7 +607,7 @@ def verify_store(path: str | os.PathLike, check_files: bool = False, dataset: st
         if missing:
             problems.append(f"provenance attribute(s) {', '.join(missing)} missing from the store's root, so "
                             "what produced the codes is unknown. Re-create the store with `cnncodes extract`.")
-        names = _decode(f.attrs.get("class_names"))
+        names = decode(f.attrs.get("class_names"))
         if "class_names" in f.attrs and not isinstance(names, list):
             problems.append(f"class_names should be a JSON list, it is {names!r}. Re-create the store with "
                             "`cnncodes extract`.")
@@ -688,7 +633,7 @@ def verify_store(path: str | os.PathLike, check_files: bool = False, dataset: st
         if not n_groups:
             notes.append("the store has no layer groups yet.")
         if check_files:
-            root = dataset if dataset is not None else _decode(f.attrs.get("dataset"))
+            root = dataset if dataset is not None else decode(f.attrs.get("dataset"))
             if not root:
                 raise StoreError(f"cannot check image files: {path} records no dataset root. Pass --dataset ROOT.")
             root = Path(root)

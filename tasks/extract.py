@@ -259,10 +259,10 @@ def _resolve_for_store(spec: BackboneSpec, store: Path) -> BackboneSpec:
     if spec.precision != "auto":
         return spec
     if store.exists():
-        from storage.store import FeatureStore
+        from storage.store import open_store
 
         try:
-            recorded = FeatureStore(store).provenance.get("precision")
+            recorded = open_store(store).provenance.get("precision")
         except Exception:  # noqa: BLE001 - a damaged store is reported by the writer, with its own message
             recorded = None
         if recorded in tf_runtime.CONCRETE_PRECISIONS:
@@ -377,8 +377,8 @@ def extract_shard(manifest: Manifest, store: str | os.PathLike, index: int, shar
 def finish_sharded(store: str | os.PathLike, shards: int, manifest: Manifest, parts: Sequence[dict[str, Any]]
                    ) -> dict[str, Any]:
     """Write the index that presents the shards as one store; return a summary over all shards."""
-    from storage.sharded import write_index
-    from storage.store import FeatureStore
+    from storage.format import write_index
+    from storage.store import FeatureStore, open_store
 
     paths = shard_store_paths(store, shards)
     first = FeatureStore(paths[0]).provenance
@@ -389,7 +389,7 @@ def finish_sharded(store: str | os.PathLike, shards: int, manifest: Manifest, pa
     for p in parts:
         for k, v in p["timings"].items():
             timings[k] = max(timings.get(k, 0.0), v)  # shards ran side by side: the slowest one is the wall time
-    fs = FeatureStore(store)
+    fs = open_store(store)
     groups = {g["group"]: g for g in fs.groups()}
     computed = sum(p["computed"] for p in parts)
     return {

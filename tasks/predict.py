@@ -15,7 +15,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from storage import FeatureStore, ModelMismatchError, ModelRegistry
+from storage import FeatureStore, ModelMismatchError, ModelRegistry, open_store
+from storage.files import atomic_path
 from storage.errors import ParameterError
 from storage.manifest import Manifest
 
@@ -68,7 +69,7 @@ def predict_images(source: str | Path, registry: str | Path, name: str, version:
     manifest = scan_images(source)
     codes: dict[str, np.ndarray] = {}
     if reuse and train_store.exists():
-        train_fs = FeatureStore(train_store)
+        train_fs = open_store(train_store)
         if train_fs.provenance.get("weights_digest") == meta.get("weights_digest"):
             codes = train_fs.lookup(layer, pooling, [s.sha256 for s in manifest.samples])
     reused = sum(1 for s in manifest.samples if s.sha256 in codes)
@@ -79,7 +80,7 @@ def predict_images(source: str | Path, registry: str | Path, name: str, version:
         if not train_store.exists():
             raise ModelMismatchError(f"the model's training store {train_store} is gone, so the exact extraction "
                                      "settings are unknown; restore it, or retrain the model.")
-        spec = _spec_from(meta, FeatureStore(train_store).provenance)
+        spec = _spec_from(meta, open_store(train_store).provenance)
         pstore = prediction_store_path(train_store, source)
         sub = Manifest(manifest.root, manifest.layout, [], missing)
         # the model's resize, whatever was asked
@@ -127,16 +128,15 @@ def _table(manifest: Manifest, usable, probs: np.ndarray, class_names):
 
 
 def _write_table(df, output: Path) -> None:
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.incomplete")
-    if output.suffix.lower() == ".parquet":
-        try:
-            df.to_parquet(tmp, index=False)
-        except ImportError as exc:
-            raise ParameterError("writing Parquet needs pyarrow (`pip install pyarrow`); or use a .csv output.") from exc
-    else:
-        df.to_csv(tmp, index=False)
-    tmp.replace(output)
+    with atomic_path(output) as tmp:
+        if output.suffix.lower() == ".parquet":
+            try:
+                df.to_parquet(tmp, index=False)
+            except ImportError as exc:
+                raise ParameterError("writing Parquet needs pyarrow (`pip install pyarrow`); or use a .csv output."
+                                     ) from exc
+        else:
+            df.to_csv(tmp, index=False)
 
 
 def _predict_finetuned(source, reg: ModelRegistry, record, output: Path, options: ExtractOptions | None

@@ -2,11 +2,15 @@
 once and generates the rest from the settings models, and no module imports itself through others."""
 from __future__ import annotations
 
+import ast
 import inspect
 import re
+from pathlib import Path
 import pytest
 
 from conftest import ROOT
+
+PACKAGES = ("storage", "tasks", "flows", "cnncodes")
 
 def _flows():
     from prefect import Flow
@@ -81,3 +85,41 @@ def test_one_preprocessing_table_covers_every_family():
     assert set(FAMILY_MODES.values()) <= set(MODES)
     for name in REGISTRY:  # the layer form of fine-tuning exists for every registered backbone
         assert preprocess_mode(BackboneSpec(name=name, weights="none")) in MODES
+
+
+def _imports(path: Path, package_root: Path) -> set[str]:
+    """Project modules imported anywhere in ``path`` (module level or inside functions)."""
+    module = ".".join(path.relative_to(package_root).with_suffix("").parts)
+    if module.endswith(".__init__"):
+        module = module[: -len(".__init__")]
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = module.split(".")[: -node.level] if not path.name == "__init__.py" else \
+                    module.split(".")[: len(module.split(".")) - node.level + 1]
+                name = ".".join(base + ([node.module] if node.module else []))
+            else:
+                name = node.module or ""
+            out.add(name)
+            out.update(f"{name}.{a.name}" for a in node.names)
+        elif isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+    return {m for m in out if m.split(".")[0] in PACKAGES}
+
+
+def test_no_import_cycle_between_project_modules():
+    files = {".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
+             for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")}
+    graph = {m: {i for i in _imports(p, ROOT) if i in files and i != m} for m, p in files.items()}
+    cyclic = []
+    for start in graph:  # a module that reaches itself through its imports is on a cycle
+        seen, todo = set(), list(graph[start])
+        while todo:
+            m = todo.pop()
+            if m not in seen:
+                seen.add(m)
+                todo.extend(graph[m])
+        if start in seen:
+            cyclic.append(start)
+    assert not cyclic, f"modules on an import cycle: {sorted(cyclic)}"

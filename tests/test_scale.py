@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from conftest import TINY_LAST
-from storage import FeatureStore
+from storage import FeatureStore, open_store
 from tasks.backbones import BackboneSpec
 from tasks.extract import ExtractOptions
 from tasks.settings import Output, ScaleOut
@@ -38,7 +38,7 @@ def test_two_dask_workers_give_the_single_process_features_and_stay_incremental(
         assert sharded["computed"] == single["computed"] == 36
         per_shard = {p["shard"]: p["computed"] for p in sharded["per_shard"]}
         assert set(per_shard) == {0, 1} and all(n > 0 for n in per_shard.values())  # both workers worked
-        a, b = FeatureStore(tmp_path / "single.h5"), FeatureStore(tmp_path / "sharded.h5")
+        a, b = FeatureStore(tmp_path / "single.h5"), open_store(tmp_path / "sharded.h5")
         assert type(b).__name__ == "ShardedStore" and len(b.shards) == 2
         pa, fa, la = _by_path(a.read(TINY_LAST, "avg"))
         pb, fb, lb = _by_path(b.read(TINY_LAST, "avg"))
@@ -52,7 +52,7 @@ def test_two_dask_workers_give_the_single_process_features_and_stay_incremental(
         grown = extract_features(str(texture_data), TINY_FLOW, _cut(tmp_path / "sharded.h5"),
                                  output=Output(out=str(tmp_path / "o2")), scale=TWO_WORKERS)
         assert grown["computed"] == 7 and grown["reused"] == 36       # only the new images, across both shards
-        assert len(FeatureStore(tmp_path / "sharded.h5").read(TINY_LAST, "avg")) == 43
+        assert len(open_store(tmp_path / "sharded.h5").read(TINY_LAST, "avg")) == 43
         again = extract_features(str(texture_data), TINY_FLOW, _cut(tmp_path / "sharded.h5"),
                                  output=Output(out=str(tmp_path / "o2")), scale=TWO_WORKERS)
         assert again["up_to_date"] and again["computed"] == 0

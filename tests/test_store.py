@@ -175,3 +175,92 @@ def test_read_features_equals_read_and_filters(tmp_path):
     np.testing.assert_array_equal(df.iloc[:, 5:].to_numpy(), fs.read("signal", "avg", split="test").features)
     with pytest.raises(StoreError, match="class 'wolf' is not in store"):
         fs.read("signal", "avg", classes=["wolf"])
+
+
+def _sharded(tmp_path):
+    """Two shard stores (rows 0-5 and 6-9) and an index presenting them as one store."""
+    from storage.format import write_index
+
+    m = _manifest(10)
+    feats = np.arange(30, dtype="f4").reshape(10, 3)
+    halves = [list(range(6)), list(range(6, 10))]
+    paths = []
+    for i, rows in enumerate(halves):
+        part = Manifest(m.root, m.layout, m.class_names, [m.samples[j] for j in rows])
+        paths.append(tmp_path / "s.h5.shards" / f"{i}.h5")
+        _write(paths[-1], part, feats[rows])
+    write_index(tmp_path / "s.h5", paths, {"backbone": "toy", "class_names": ["a", "b"]})
+    return tmp_path / "s.h5", paths, feats
+
+
+def test_open_store_reads_a_sharded_index_as_one_store_and_feature_store_refuses_it(tmp_path):
+    from storage import ShardedStore, StoreReader, open_store
+    from storage.format import is_index, read_index
+
+    index, paths, feats = _sharded(tmp_path)
+    assert is_index(index) and not is_index(paths[0]) and read_index(index) == [p.resolve() for p in paths]
+    store = open_store(index)
+    assert isinstance(store, ShardedStore) and isinstance(store, StoreReader) and len(store.shards) == 2
+    assert type(open_store(paths[0])) is FeatureStore
+    c = store.read("l1", "avg")
+    np.testing.assert_array_equal(c.features, feats)
+    np.testing.assert_array_equal(store.read_features("l1", split="val"), feats[[0, 5]])
+    assert store.groups()[0]["rows"] == 10 and store.group_attrs("l1")["rows"] == 10
+    assert store.class_names == ["a", "b"] and len(store.to_dataframe("l1")) == 10
+    assert sum(len(x) for x in store.iter_chunks("l1", rows=3)) == 10
+    assert set(store.lookup("l1", "avg", [f"{i:064x}" for i in (1, 8)])) == {f"{i:064x}" for i in (1, 8)}
+    with pytest.raises(StoreError, match=r"is the index of a sharded store; open it with storage.open_store"):
+        FeatureStore(index)
+    with pytest.raises(StoreError, match="no feature store at"):
+        open_store(tmp_path / "missing.h5")
+
+
+def test_store_tools_see_a_sharded_store_as_one(tmp_path):
+    from storage.tools import export_group, list_store, store_info, verify_store
+
+    index, paths, _ = _sharded(tmp_path)
+    ls = list_store(index)
+    assert ls["groups"][0]["rows"] == 10 and ls["shards"] == [str(p.resolve()) for p in paths]
+    v = verify_store(index)
+    assert v["ok"] and v["shards"] == [str(p.resolve()) for p in paths]
+    for call in (lambda: store_info(index), lambda: export_group(index, "l1", out=tmp_path / "x.csv")):
+        with pytest.raises(StoreError, match=r"index of a sharded store .* run it on each shard"):
+            call()
+    assert store_info(paths[0])["groups"][0]["rows"] == 6
+
+
+def test_atomic_writes_leave_the_old_file_or_the_new_one(tmp_path):
+    from storage.files import atomic_path, atomic_write, atomic_write_json
+
+    target = tmp_path / "sub" / "a.json"
+    atomic_write_json(target, {"v": 1})
+    assert target.read_text() == '{"v": 1}'
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("crash while writing")
+    assert target.read_text() == '{"v": 1}' and [p.name for p in target.parent.iterdir()] == ["a.json"]
+    atomic_write(target, b"\x00bytes")
+    assert target.read_bytes() == b"\x00bytes"
+
+
+def test_one_file_lock_for_the_store_writer_and_the_registry(tmp_path):
+    from storage import FileLock, ModelRegistry, StoreLockedError
+    from storage.files import FileLockBusy
+
+    lock = FileLock(tmp_path / "x.lock")
+    with lock:
+        assert "pid" in (tmp_path / "x.lock").read_text()
+        other = FileLock(tmp_path / "x.lock")
+        with pytest.raises(FileLockBusy):  # flock locks belong to the open file: a second one is refused
+            other.acquire(blocking=False)
+    other.acquire(blocking=False)
+    other.release()
+    with StoreWriter(tmp_path / "s.h5", IDENT, [GroupSpec("l1", "avg", (3,))]):
+        with pytest.raises(StoreLockedError, match="is being written by pid"):
+            with StoreWriter(tmp_path / "s.h5", IDENT, [GroupSpec("l1", "avg", (3,))]):
+                pass
+    reg = ModelRegistry(tmp_path / "reg")
+    rec = reg.save("m", {"w": 1}, {})
+    reg.set_alias("m", "champion", rec.version)  # takes the registry's lock, a FileLock
+    assert reg.aliases("m") == {"champion": 1}

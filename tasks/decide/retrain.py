@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from storage import FeatureStore, ModelRegistry
+from storage import ModelRegistry, open_store
 from storage.errors import ParameterError
 from storage.registry import RegistryError
 from storage.manifest import Manifest
@@ -47,7 +47,7 @@ def retrain_plan(registry: str | Path, name: str, manifest: Manifest) -> dict[st
 def probe_settings(registry: str | Path, name: str) -> dict[str, Any]:
     """Everything needed to train a challenger exactly like the champion probe, and to extract its codes."""
     meta = champion_record(registry, name).metadata
-    prov = FeatureStore(meta["store"]).provenance
+    prov = open_store(meta["store"]).provenance
     cfg = LinearConfig.model_validate(meta["config"]).as_dict()
     return {"store": meta["store"], "layer": meta["layer"], "pooling": meta["pooling"], "config": cfg,
             "spec": prov.get("spec"), "resize": prov.get("resize") or "stretch",
@@ -61,7 +61,7 @@ def split_settings(registry: str | Path, name: str) -> dict[str, Any]:
     meta = champion_record(registry, name).metadata
     out = {"val": 0.2, "test": 0.0, "seed": 0}
     if meta.get("kind") == "linear-probe":
-        prov = FeatureStore(meta["store"]).provenance
+        prov = open_store(meta["store"]).provenance
         out.update({k: v for k, v in (prov.get("split_fractions") or {}).items() if k in ("val", "test")})
         out["seed"] = prov.get("split_seed") or 0
     elif meta.get("kind") == "fine-tuned":

@@ -26,7 +26,8 @@ from typing import Any, Sequence
 from pydantic import Field, model_validator
 
 from storage.errors import ParameterError
-from storage.manifest import Manifest, atomic_write_text
+from storage.files import atomic_write
+from storage.manifest import Manifest
 
 from ..settings import Settings
 
@@ -250,6 +251,6 @@ def write_decision(path: str | Path, d: dict[str, Any]) -> Path:
     import json
 
     path = Path(path)
-    atomic_write_text(path, decision_markdown(d))
-    atomic_write_text(path.with_suffix(".json"), json.dumps(d, indent=1, default=str))
+    atomic_write(path, decision_markdown(d))
+    atomic_write(path.with_suffix(".json"), json.dumps(d, indent=1, default=str))
     return path

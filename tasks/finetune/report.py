@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from storage.manifest import Manifest, atomic_write_text
+from storage.files import atomic_write
+from storage.manifest import Manifest
 
 from ..reports import evaluate as ev
 from ..backbones import BackboneSpec, preprocess_mode
@@ -59,8 +60,8 @@ def evaluate_register_report(trained: dict[str, Any], manifest: Manifest, spec: 
     if result["skipped"]:
         header += ["", f"Skipped files: {len(result['skipped'])} (see the JSON report)."]
     report = report_dir / f"{stem}.report.md"
-    atomic_write_text(report, metrics_markdown(header, result, {"cv_scores": None}))
-    atomic_write_text(report.with_suffix(".json"), json.dumps(result, indent=1, default=float))
+    atomic_write(report, metrics_markdown(header, result, {"cv_scores": None}))
+    atomic_write(report.with_suffix(".json"), json.dumps(result, indent=1, default=float))
     result["report"] = str(report.resolve())
     return result
 

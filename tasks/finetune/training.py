@@ -32,7 +32,8 @@ from typing import Any, Callable
 import numpy as np
 
 from storage.errors import DatasetError
-from storage.manifest import Manifest, atomic_write_text
+from storage.files import atomic_path, atomic_write
+from storage.manifest import Manifest
 
 from .. import tf_runtime
 from ..backbones import BackboneSpec
@@ -192,14 +193,13 @@ def fine_tune(manifest: Manifest, spec: BackboneSpec, cfg: FineTuneConfig, workd
                 "counts": before, "history": rows}
         phase_info.append(info)
         net.model.save_weights(weights_after)
-        atomic_write_text(done_marker, json.dumps(info, default=float))
+        atomic_write(done_marker, json.dumps(info, default=float))
         shutil.rmtree(backup, ignore_errors=True)
         offset += epochs
     plain = keras.Model(net.model.inputs, net.model.outputs, name="cnncodes_finetuned")
     model_path = workdir / "model.keras"
-    tmp = workdir / ".model.incomplete.keras"
-    plain.save(tmp)
-    tmp.replace(model_path)
+    with atomic_path(model_path, suffix=".keras") as tmp:
+        plain.save(tmp)
     _write_history(workdir, history)
     return FineTuneResult(str(model_path), history, phase_info, net.counts(), skips.as_list(),
                           time.perf_counter() - t0, resumed, stopped_early, net.size, spec.precision,
@@ -212,4 +212,4 @@ def _write_history(workdir: Path, history: list[dict[str, Any]]) -> None:
     if not history:
         return
     df = pd.DataFrame(history)
-    atomic_write_text(workdir / "history.csv", df.to_csv(index=False))
+    atomic_write(workdir / "history.csv", df.to_csv(index=False))

@@ -15,9 +15,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from storage import FeatureStore, ModelRegistry
+from storage import ModelRegistry, open_store
 from storage.errors import DatasetError, ParameterError
-from storage.manifest import atomic_write_text
+from storage.files import atomic_write
 
 from ..reports import evaluate as ev
 from .linear import LinearConfig, check_labels, cv_score, train_linear, train_sgd_chunked
@@ -46,7 +46,7 @@ def fit_probe(store: str | Path, layer: str, pooling: str | None, cfg: LinearCon
 
     Returns ``{"name", "version", "C", "cv_scores", "seconds", "train_images", "model_path"}``.
     Raises DatasetError when the train split lacks images or has a single class."""
-    fs = FeatureStore(store)
+    fs = open_store(store)
     attrs = fs.group_attrs(layer, pooling)
     pooling = attrs["pooling"]
     prov = fs.provenance
@@ -100,7 +100,7 @@ def evaluate_probe(registry: str | Path, name: str, version: int | str | None, s
     record = reg.record(name, version)
     meta = record.metadata
     store = Path(store or meta["store"])
-    fs = FeatureStore(store)
+    fs = open_store(store)
     prov = fs.provenance
     attrs = fs.group_attrs(meta["layer"], meta["pooling"])
     model, record = reg.load(name, record.version, expect={
@@ -135,8 +135,8 @@ def evaluate_probe(registry: str | Path, name: str, version: int | str | None, s
               "cv_plot": cv_plot, "store": str(store.resolve()), "layer": meta["layer"], "pooling": meta["pooling"],
               "classifier": meta.get("classifier"), "C": meta.get("C"), "class_names": class_names}
     report = report_dir / f"{stem}.report.md"
-    atomic_write_text(report, probe_markdown(result, meta))
-    atomic_write_text(report.with_suffix(".json"), json.dumps(result, indent=1, default=str))
+    atomic_write(report, probe_markdown(result, meta))
+    atomic_write(report.with_suffix(".json"), json.dumps(result, indent=1, default=str))
     result["report"] = str(report.resolve())
     return result
 
@@ -195,7 +195,7 @@ def resolve_groups(store: str | Path, layers: Sequence[str] | None, pooling: str
     keeping only ``pooling`` when given. None means every group."""
     if not layers and pooling is None:
         return None
-    have = [(g["layer"], g["pooling"]) for g in FeatureStore(store).groups()]
+    have = [(g["layer"], g["pooling"]) for g in open_store(store).groups()]
     wanted = [(layer, p) for layer, p in have if (not layers or layer in layers) and pooling in (None, p)]
     found = {layer for layer, _ in wanted}
     # a layer the store lacks stays in the list, so that the sweep says which and how to fix it
@@ -206,7 +206,7 @@ def sweep_layers(store: str | Path, groups: Sequence[tuple[str, str]] | None, cf
                  report_dir: str | Path, max_images: int | None = None) -> dict[str, Any]:
     """Cross-validate the same probe on each (layer, pooling) group of a store (train split, plus val
     when present): the evidence for which layer to use. Writes a table and a bar plot; names the best."""
-    fs = FeatureStore(store)
+    fs = open_store(store)
     available = [(g["layer"], g["pooling"]) for g in fs.groups()]
     groups = list(available if groups is None else groups)
     missing = [f"{layer}/{pooling}" for layer, pooling in groups if (layer, pooling) not in available]
@@ -243,6 +243,6 @@ def sweep_layers(store: str | Path, groups: Sequence[tuple[str, str]] | None, cf
               f"{_pct(r['mean'])} ± {_pct(r['std'])} |" for i, r in enumerate(rows)]
     lines += ["", f"![sweep]({plot.name})", ""]
     report = report_dir / f"{stem}.sweep.md"
-    atomic_write_text(report, "\n".join(lines))
+    atomic_write(report, "\n".join(lines))
     return {"store": str(Path(store).resolve()), "rows": rows, "best": rows[best], "plot": str(plot.resolve()),
             "report": str(report.resolve())}

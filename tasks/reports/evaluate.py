@@ -6,6 +6,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from storage.files import atomic_path
+
 
 def scores_of(model, X: np.ndarray) -> np.ndarray:
     """Class probabilities (or decision scores where the model has no probabilities), one row per image."""
@@ -64,11 +66,11 @@ def _save(fig, path: str | Path) -> Path:
     """Save a figure as PNG under a temporary name, then rename it into place."""
     plt = _pyplot()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.incomplete.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=110)
+    finally:
+        plt.close(fig)
     return path
 
 

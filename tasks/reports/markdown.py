@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from storage.manifest import atomic_write_text
+from storage.files import atomic_write
 
 
 def extract_table(summary: dict[str, Any]) -> list[dict[str, Any]]:
@@ -46,6 +46,6 @@ def extract_markdown(summary: dict[str, Any]) -> str:
 def write_report(path: str | Path, markdown: str, data: dict[str, Any]) -> Path:
     """Write ``path`` (Markdown) and ``path`` with suffix .json, each atomically."""
     path = Path(path)
-    atomic_write_text(path, markdown)
-    atomic_write_text(path.with_suffix(".json"), json.dumps(data, indent=1, default=str))
+    atomic_write(path, markdown)
+    atomic_write(path.with_suffix(".json"), json.dumps(data, indent=1, default=str))
     return path
