@@ -110,6 +110,27 @@ def test_the_worked_analyst_example_runs_on_a_store(tmp_path):
     assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 10000
 
 
+def test_every_python_block_compiles_and_its_imports_work():
+    """The other Python examples need a store or a dataset to run; their syntax and imports are checked."""
+    import ast
+    import importlib
+
+    blocks = [(p, b) for p in PAGES for b in _blocks(p, "python")]
+    failures = []
+    for page, block in blocks:
+        tree = ast.parse(block, filename=_rel(page))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                module = importlib.import_module(node.module)
+                failures += [f"{_rel(page)}: from {node.module} import {a.name}" for a in node.names
+                             if not hasattr(module, a.name)]
+            elif isinstance(node, ast.Import):
+                for a in node.names:
+                    importlib.import_module(a.name)
+    assert not failures, f"names the examples import that do not exist: {failures}"
+    assert len(blocks) >= 5
+
+
 def test_the_readme_is_a_front_door():
     """Short; the two set-up commands in its first code block; every page of docs/ linked from it."""
     text = README.read_text()
@@ -302,6 +323,19 @@ def test_every_relative_link_points_at_a_file_that_exists():
                 if (problem := _link_problem(page, target))]
     assert not failures, "broken links:\n" + "\n".join(failures)
     assert len(links) >= 20, f"only {len(links)} links found"
+
+
+REPO_PATH = re.compile(r"`((?:flows|tasks|storage|cnncodes|tests|deployments|benchmarks|docs)/[\w./-]*\w)`")
+
+
+def test_every_file_of_the_repository_named_in_backticks_exists():
+    """`tasks/probe/linear.py`, `storage/format.py`... in prose and tables: the files are there."""
+    named = [(p, m) for p in PAGES for m in REPO_PATH.findall(FENCE.sub("", p.read_text()))]
+    missing = [f"{_rel(p)}: {m}" for p, m in named if not (ROOT / m).exists()]
+    assert not missing, f"files the docs name that do not exist: {missing}"
+    assert len(named) >= 10, f"only {len(named)} file names found"
+    assert REPO_PATH.findall("see `tasks/linear.py` and `storage/format.py`.") == ["tasks/linear.py",
+                                                                                   "storage/format.py"]
 
 
 def test_the_link_check_catches_a_broken_link():
