@@ -2,7 +2,12 @@
 
 Same network (``tasks.finetune.build_network``: MobileNetV2 at 224 px, new head), same images
 (generated JPEGs, photo-sized), same optimizer, batch size and epochs. Images/s are counted over
-the training images of epochs 2..N (epoch 1 holds graph compilation and the first decode).
+the training images of epochs 2..N (epoch 1 holds graph compilation and the first decode), median
+epoch time over the repeats (each side run twice, alternating); the overhead of each repeat is kept
+too, so its spread shows. Both
+sides are timed by the same clock (``tasks.finetune.training.EpochClock``): from one epoch's start to
+the next one's, so every callback's work at an epoch's end counts (the flow's checkpoints, backups,
+CSV and TensorBoard logs, early stopping; the plain side has none).
 
   * plain     images decoded into a NumPy array first, ``model.fit(x, y, validation_data=...)``;
   * cnncodes  ``tasks.finetune.fine_tune``: tf.data decoding and caching, checkpoints every epoch
@@ -12,7 +17,7 @@ Twice: without augmentation, and with flip+rotation+zoom (the plain run then app
 Keras layers in its own ``tf.data`` pipeline).
 
 Usage:
-    .venv/bin/python benchmarks/finetune.py            # about 8 minutes on 2 cores
+    .venv/bin/python benchmarks/finetune.py            # about 7 minutes on 2 cores
     .venv/bin/python benchmarks/finetune.py --quick
 """
 from __future__ import annotations
@@ -22,7 +27,6 @@ import json
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,6 +46,7 @@ def plain_fit(spec, cfg, manifest, epochs: int) -> list[float]:
     tf = tf_runtime.tensorflow()
     keras = tf_runtime.keras()
     from tasks.finetune import apply_freezing, augmentation, build_network, make_optimizer, split_arrays
+    from tasks.finetune.training import EpochClock
     from tasks.data.images import load_image
 
     keras.utils.set_random_seed(cfg.seed)
@@ -56,26 +61,19 @@ def plain_fit(spec, cfg, manifest, epochs: int) -> list[float]:
     opt.set_head_variables(net.head_variables())
     net.model.compile(optimizer=opt, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     aug = augmentation(cfg)
-    times: list[float] = []
-
-    class Timer(keras.callbacks.Callback):
-        def on_epoch_begin(self, epoch, logs=None):
-            self.t = time.perf_counter()
-
-        def on_epoch_end(self, epoch, logs=None):
-            times.append(time.perf_counter() - self.t)
+    clock = EpochClock()  # the flow's own clock: from one epoch's start to the next, callbacks included
 
     if aug is None:
         net.model.fit(xtr, tr_y, batch_size=cfg.batch_size, epochs=epochs, validation_data=(xva, va_y),
-                      callbacks=[Timer()], verbose=0)
+                      callbacks=[clock.callback()], verbose=0)
     else:
         def augmented(x, y):
             return aug(tf.cast(x, tf.float32), training=True), y
 
         ds = tf.data.Dataset.from_tensor_slices((xtr, tr_y)).shuffle(len(xtr), seed=cfg.seed).batch(cfg.batch_size)
         ds = ds.map(augmented, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
-        net.model.fit(ds, epochs=epochs, validation_data=(xva, va_y), callbacks=[Timer()], verbose=0)
-    return times
+        net.model.fit(ds, epochs=epochs, validation_data=(xva, va_y), callbacks=[clock.callback()], verbose=0)
+    return clock.seconds()
 
 
 def flow_fit(spec, cfg, manifest, work: Path) -> list[float]:
@@ -88,29 +86,39 @@ def flow_fit(spec, cfg, manifest, work: Path) -> list[float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--repeats", type=int, default=2, help="runs of each side, alternating (default: 2)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     from tasks.backbones import BackboneSpec
     from tasks.data.datasets import scan_dataset
     from tasks.finetune import FineTuneConfig
 
-    per_class, epochs = (24, 3) if args.quick else (48, 4)
-    results = {"device": tf_runtime.device_name(), "cores": os.cpu_count(), "epochs": epochs, "runs": []}
+    per_class, epochs = (24, 3) if args.quick else (48, 6)
+    results = {"device": tf_runtime.device_name(), "cores": os.cpu_count(), "epochs": epochs,
+               "repeats": args.repeats, "runs": []}
     with tempfile.TemporaryDirectory(prefix="cnncodes-ft-") as tmp:
         data = make_dataset(Path(tmp) / "data", CLASSES[:4], per_class=per_class, size=(375, 500), seed=3)
         manifest = scan_dataset(data, val_fraction=0.25)
         n_train = sum(1 for s in manifest.samples if s.split == "train")
-        spec = BackboneSpec("mobilenet_v2", weights="none", input_size=224)
+        spec = BackboneSpec("mobilenet_v2", weights="none", input_size=224, precision="float32")
         for augment in ([], ["flip", "rotation", "zoom"]):
             cfg = FineTuneConfig(freeze="none", epochs=epochs, patience=epochs, batch_size=32, augment=augment,
-                                 dense=[256], dropout=0.5, learning_rate=1e-3, mixed_precision="off")
-            plain = plain_fit(spec, cfg, manifest, epochs)
-            flow = flow_fit(spec, cfg, manifest, Path(tmp) / f"run-{len(augment)}")
+                                 dense=[256], dropout=0.5, learning_rate=1e-3)
+            plain, flow = [], []
+            for k in range(args.repeats):  # alternate the order, so that a slow spell hits both sides
+                sides = [("plain", plain), ("flow", flow)][:: 1 if k % 2 == 0 else -1]
+                for side, out in sides:
+                    out.append(plain_fit(spec, cfg, manifest, epochs) if side == "plain" else
+                               flow_fit(spec, cfg, manifest, Path(tmp) / f"run-{len(augment)}-{k}"))
+            # epochs 2..N (1 holds compilation and the first decode); the median resists a stray slow epoch
+            p_s = float(np.median([t for run in plain for t in run[1:]]))
+            f_s = float(np.median([t for run in flow for t in run[1:]]))
+            per_repeat = [1.0 - float(np.median(p[1:])) / float(np.median(f[1:])) for p, f in zip(plain, flow)]
             row = {"augment": augment or "none", "train_images": n_train,
-                   "plain_images_per_s": n_train / float(np.mean(plain[1:])),
-                   "cnncodes_images_per_s": n_train / float(np.mean(flow[1:])),
-                   "plain_epoch_s": plain, "cnncodes_epoch_s": flow}
-            row["overhead"] = 1.0 - row["cnncodes_images_per_s"] / row["plain_images_per_s"]
+                   "plain_images_per_s": n_train / p_s, "cnncodes_images_per_s": n_train / f_s,
+                   "plain_epoch_s": plain, "cnncodes_epoch_s": flow,
+                   "overhead": 1.0 - p_s / f_s, "overhead_per_repeat": per_repeat,
+                   "overhead_min": min(per_repeat), "overhead_max": max(per_repeat)}
             results["runs"].append(row)
             print(json.dumps(row), flush=True)
     emit(results, args.json)

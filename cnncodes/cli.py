@@ -128,7 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-images", type=int, default=None, help="stratified sample of images per layer")
     add_settings(p, "linear", LinearConfig, SWEEP_PROBE, only=["classifier", "C", "cv_folds", "class_weight",
                                                                "l2_normalize", "pca"],
-                 choices={"classifier": ("svm", "softmax")})
+                 choices={"classifier": ("svm", "softmax")},
+                 helps={"classifier": "linear SVM or multinomial logistic regression",
+                        "cv_folds": "folds of the cross-validation that scores each layer",
+                        "C": "inverse regularisation strength, the same for every layer (a search per layer would "
+                             "compare searches, not layers)"})
 
     p = sub.add_parser("predict", parents=[common, registry],
                        help="flow predict: classify new images with a registered model")

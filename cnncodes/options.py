@@ -85,8 +85,10 @@ def _show(value: Any) -> str:
 
 def add_settings(parser: argparse.ArgumentParser, group: str, model: type[BaseModel], base: BaseModel | None = None,
                  *, exclude: Iterable[str] = (), only: Sequence[str] | None = None,
-                 choices: dict[str, tuple] | None = None, title: str | None = None) -> None:
-    """Add one option per field of ``model`` to an argument group of ``parser``; defaults from ``base``."""
+                 choices: dict[str, tuple] | None = None, helps: dict[str, str] | None = None,
+                 title: str | None = None) -> None:
+    """Add one option per field of ``model`` to an argument group of ``parser``; defaults from ``base``;
+    ``choices`` and ``helps`` narrow or reword a field for this command."""
     base = base if base is not None else model()
     g = parser.add_argument_group(title or f"{group} ({model.__name__})",
                                   (model.__doc__ or "").split("\n\n")[0].replace("``", "").replace("\n", " "))
@@ -99,8 +101,8 @@ def add_settings(parser: argparse.ArgumentParser, group: str, model: type[BaseMo
         default = getattr(base, name)
         scalar, lits, is_list = _parts(info.annotation)
         allowed = (choices or {}).get(name) or ov.choices or lits
-        help_text = ov.help or info.description or ""
-        if "(default" not in help_text:
+        help_text = (helps or {}).get(name) or ov.help or info.description or ""
+        if "(default" not in help_text and scalar is not bool:  # a flag's help says what it changes
             help_text += f" (default: {_show(default)})"
         metavar = "{" + ",".join(str(c) for c in allowed) + "}" if allowed else \
             (name[:-1] if is_list and name.endswith("s") else name).upper()

@@ -90,5 +90,7 @@ def shared_path(*parts: str) -> Path:
 def require_shared(*parts: str) -> Path:
     p = shared_path(*parts)
     if not p.exists():
+        if os.environ.get("CNNCODES_REQUIRE_SHARED"):  # set by .ci/run: CI must not pass by skipping them
+            pytest.fail(f"{p} is absent but CNNCODES_REQUIRE_SHARED is set: the tests on real data cannot run")
         pytest.skip(f"{p} is absent (../shared test material is only on developer machines and CI)")
     return p

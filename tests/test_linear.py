@@ -44,6 +44,20 @@ def make_store(path: Path, per_class=(40, 40, 40), dims=32, seed=0, groups=("sig
     return path
 
 
+def _sklearn_reference(store) -> dict[str, float]:
+    """Accuracy per split of a plain scikit-learn pipeline fit on the same train rows (C by its own CV)."""
+    from sklearn.linear_model import LogisticRegressionCV
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    fs = FeatureStore(store)
+    train = fs.read("signal", "avg", split="train")
+    model = make_pipeline(StandardScaler(), LogisticRegressionCV(Cs=[0.001, 0.01, 0.1, 1.0, 10.0], cv=5,
+                                                                 max_iter=3000)).fit(train.features, train.labels)
+    return {split: float((model.predict(c.features) == c.labels).mean())
+            for split in ("val", "test") for c in [fs.read("signal", "avg", split=split)]}
+
+
 @pytest.mark.parametrize("classifier", ["softmax", "svm", "sgd"])
 def test_each_classifier_is_well_above_chance_and_reported(tmp_path, classifier):
     store = make_store(tmp_path / "s.h5")
@@ -52,9 +66,12 @@ def test_each_classifier_is_well_above_chance_and_reported(tmp_path, classifier)
                         reg, name=f"m-{classifier}")
     assert trained["version"] == 1 and trained["train_images"] == 60
     res = evaluate_probe(reg, f"m-{classifier}", 1, store, report_dir=tmp_path / "reports")
+    reference = _sklearn_reference(store)
     for split in ("val", "test"):
         assert res["metrics"][split]["accuracy"] >= 0.85, (classifier, res["metrics"][split])  # chance: 0.33
         assert res["metrics"][split]["images"] == 30
+        # as good as scikit-learn's own scaler + logistic regression on the same rows, within 2 images of 30
+        assert res["metrics"][split]["accuracy"] >= reference[split] - 2 / 30, (classifier, reference)
     report = Path(res["report"]).read_text()
     assert "| val | 30 |" in report and "## Per class (val)" in report and "**fox**" in report
     for split in ("train", "val", "test"):

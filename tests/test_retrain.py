@@ -9,7 +9,7 @@ from tasks.extract import ExtractOptions
 from tasks.finetune import FineTuneConfig
 from tasks.settings import Output
 
-from storage import ModelRegistry
+from storage import FeatureStore, ModelRegistry
 from tasks.probe.linear import LinearConfig
 from tasks.probe import evaluate_probe, fit_probe
 from tasks.decide.retrain import apply_promotion, decide_promotion
@@ -47,6 +47,15 @@ def test_a_worse_challenger_never_replaces_the_champion(tmp_path):
     assert [e["champion_after"] for e in events] == [1, 2] and all("reason" in e for e in events)
 
 
+def _holdout_accuracy(registry, store, version, split) -> float:
+    """Accuracy of registered probe ``version`` on ``split`` of ``store``, computed without the flow."""
+    from tasks.reports.evaluate import scores_of
+
+    model, rec = ModelRegistry(registry).load("tex", version)
+    codes = FeatureStore(store).read(rec.metadata["layer"], rec.metadata["pooling"], split=split)
+    return float((scores_of(model, codes.features).argmax(1) == codes.labels).mean())
+
+
 @pytest.mark.slow
 def test_retrain_flow_no_change_then_growth(tmp_path, texture_data):
     from prefect.testing.utilities import prefect_test_harness
@@ -77,10 +86,23 @@ def test_retrain_flow_no_change_then_growth(tmp_path, texture_data):
         assert r.versions("tex") == [1, 2]
         assert r.aliases("tex")["champion"] == (2 if grown["promoted"] else 1) == grown["champion"]
         assert r.history("tex")[-1]["challenger"] == 2
+        # The decision, recomputed here from both models on the same held-out rows of the current store
+        champion, challenger = _holdout_accuracy(reg, s["store"], 1, grown["decision"]["split"]), \
+            _holdout_accuracy(reg, s["store"], 2, grown["decision"]["split"])
+        assert grown["decision"]["champion_accuracy"] == pytest.approx(champion)
+        assert grown["decision"]["challenger_accuracy"] == pytest.approx(challenger)
+        assert grown["promoted"] == (challenger > champion + 0.0)
 
         strict = retrain(str(texture_data), "tex", output, force=True, margin=1.0)
         assert strict["retrained"] and not strict["promoted"]  # nothing can win by more than 1.0
         assert r.aliases("tex")["champion"] == grown["champion"]
+        before = grown["champion"]
+        champion = _holdout_accuracy(reg, s["store"], before, strict["decision"]["split"])
+        challenger = _holdout_accuracy(reg, s["store"], 3, strict["decision"]["split"])
+        assert strict["promoted"] == (challenger > champion + 1.0)
+        # and with a margin the challenger does clear, the same rule promotes it
+        lenient = retrain(str(texture_data), "tex", output, force=True, margin=-1.0)
+        assert lenient["promoted"] and r.aliases("tex")["champion"] == 4 == lenient["champion"]
 
 
 @pytest.mark.slow
