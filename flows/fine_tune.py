@@ -17,7 +17,7 @@ from storage.files import atomic_write_json
 from tasks.backbones import BackboneSpec, is_model_file
 from tasks.extract import spec_dict
 from tasks.finetune import FineTuneConfig
-from tasks.prefect_tasks import evaluate_finetuned, fine_tune_network, scan_dataset
+from tasks.prefect_tasks import fine_tune_network, register_finetuned, scan_dataset
 from tasks.settings import Output, SplitConfig
 
 
@@ -56,7 +56,7 @@ def fine_tune(
                                 finetune.resize)
     if trained["resumed_from_epoch"]:
         print(f"resumed from the last checkpoint: {trained['resumed_from_epoch']}")
-    result = evaluate_finetuned(trained, str(manifest_path), spec_dict(backbone), finetune.as_dict(),
+    result = register_finetuned(trained, str(manifest_path), spec_dict(backbone), finetune.as_dict(),
                                 finetune.resize, registry, name, output.reports)
     atomic_write_json(workdir / "registered.json", {"name": result["name"], "version": result["version"]})
     for split_name, m in result["metrics"].items():

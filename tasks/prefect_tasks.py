@@ -161,13 +161,13 @@ def fine_tune_network(manifest_path: str, spec: dict[str, Any], config: dict[str
             "devices": r.devices}
 
 
-@task(name="evaluate-finetuned", cache_policy=NO_CACHE)
-def evaluate_finetuned(trained: dict, manifest_path: str, spec: dict[str, Any], config: dict[str, Any],
+@task(name="register-finetuned", cache_policy=NO_CACHE)
+def register_finetuned(trained: dict, manifest_path: str, spec: dict[str, Any], config: dict[str, Any],
                        resize: str, registry: str, name: str, report_dir: str) -> dict:
-    """Evaluate on every split, register the model, write the report with learning curves."""
+    """Register the trained model with its metrics on every split and write its report (learning curves)."""
     result = finetune.evaluate_register_report(trained, Manifest.load(manifest_path), BackboneSpec.model_validate(spec),
-                                                      finetune.FineTuneConfig.from_dict(config), resize, registry, name,
-                                                      report_dir)
+                                               finetune.FineTuneConfig.from_dict(config), resize, registry, name,
+                                               report_dir)
     create_markdown_artifact(Path(result["report"]).read_text(), key="finetune-report",
                              description=f"Fine-tuned {name} v{result['version']}")
     _metrics_artifact(result["metrics"], "finetune-metrics")
