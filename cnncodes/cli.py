@@ -183,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _emit(result: Any, as_json: bool, text: str) -> None:
     if as_json:
+        if hasattr(result, "as_dict"):  # a flow's typed result
+            result = result.as_dict()
         sys.stdout.write(json.dumps(result, default=str) + "\n")
     else:
         sys.stdout.write(text.rstrip() + "\n")
@@ -236,14 +238,14 @@ def _output(args):
     return settings_from(args, "output", Output)
 
 
-def _extract_text(s: dict[str, Any]) -> str:
-    lines = [f"store:  {s['store']}", f"report: {s['report']}",
-             f"images: {s['images']} ({s['computed']} computed, {s['reused']} reused, {s['removed']} removed, "
-             f"{len(s['skipped'])} skipped)"]
-    lines += [f"group:  {g['group']} rows={g['rows']} shape={g['feature_shape']}" for g in s["groups"]]
-    lines += [f"skipped {k['path']}: {k['reason']}" for k in s["skipped"][:20]]
-    if len(s["skipped"]) > 20:
-        lines.append(f"... and {len(s['skipped']) - 20} more skipped files: see the report")
+def _extract_text(s) -> str:
+    lines = [f"store:  {s.store}", f"report: {s.report}",
+             f"images: {s.images} ({s.computed} computed, {s.reused} reused, {s.removed} removed, "
+             f"{len(s.skipped)} skipped)"]
+    lines += [f"group:  {g['group']} rows={g['rows']} shape={g['feature_shape']}" for g in s.groups]
+    lines += [f"skipped {k['path']}: {k['reason']}" for k in s.skipped[:20]]
+    if len(s.skipped) > 20:
+        lines.append(f"... and {len(s.skipped) - 20} more skipped files: see the report")
     return "\n".join(lines)
 
 
@@ -269,8 +271,8 @@ def cmd_train_linear(args) -> int:
 
     r = train_linear(args.store, args.layer, args.pooling, settings_from(args, "linear", LinearConfig, seed=args.seed),
                      model_name=args.model_name, output=_output(args))
-    text = [f"model:  {r['model']} v{r['version']} (C={r['C']:g}) in {r['registry']}", f"report: {r['report']}"]
-    _emit(r, args.json, "\n".join(text + _metrics_text(r["metrics"])))
+    text = [f"model:  {r.model} v{r.version} (C={r['C']:g}) in {r.registry}", f"report: {r.report}"]
+    _emit(r, args.json, "\n".join(text + _metrics_text(r.metrics)))
     return 0
 
 
@@ -281,8 +283,8 @@ def cmd_sweep(args) -> int:
     r = sweep(args.store, layers=args.layer or None, pooling=args.pooling,
               linear=settings_from(args, "linear", LinearConfig, SWEEP_PROBE, seed=args.seed), output=_output(args),
               max_images=args.max_images)
-    text = [f"{x['layer'] + '/' + x['pooling']:<40} {x['mean']:.3f} ± {x['std']:.3f}" for x in r["rows"]]
-    text += [f"best:   {r['best']['layer']}/{r['best']['pooling']}", f"report: {r['report']}", f"plot:   {r['plot']}"]
+    text = [f"{x['layer'] + '/' + x['pooling']:<40} {x['mean']:.3f} ± {x['std']:.3f}" for x in r.rows]
+    text += [f"best:   {r.best['layer']}/{r.best['pooling']}", f"report: {r.report}", f"plot:   {r.plot}"]
     _emit(r, args.json, "\n".join(text))
     return 0
 
@@ -292,11 +294,11 @@ def cmd_predict(args) -> int:
 
     r = predict(args.images, args.model, version=args.version, output=_output(args), predictions=args.output,
                 batch_size=args.batch_size)
-    text = [f"predictions: {r['predictions']}",
-            f"images: {r['images']} ({r['reused']} codes reused, {r['computed']} computed, "
-            f"{len(r['skipped'])} skipped) with {r['model']} v{r['version']}"]
-    text += [f"  {c}: {n}" for c, n in r["class_counts"].items()]
-    text += [f"skipped {k['path']}: {k['reason']}" for k in r["skipped"][:20]]
+    text = [f"predictions: {r.predictions}",
+            f"images: {r.images} ({r.reused} codes reused, {r.computed} computed, "
+            f"{len(r.skipped)} skipped) with {r.model} v{r.version}"]
+    text += [f"  {c}: {n}" for c, n in r.class_counts.items()]
+    text += [f"skipped {k['path']}: {k['reason']}" for k in r.skipped[:20]]
     _emit(r, args.json, "\n".join(text))
     return 0
 
@@ -307,18 +309,18 @@ def cmd_fine_tune(args) -> int:
 
     r = fine_tune(args.data, _backbone(args), settings_from(args, "finetune", FineTuneConfig, seed=args.seed),
                   _split(args), model_name=args.model_name, output=_output(args))
-    text = [f"model:  {r['model']} v{r['version']} in {r['registry']}", f"report: {r['report']}",
-            f"curves: {r['learning_curves']}", f"run:    {r['workdir']} (checkpoints, history.csv, tensorboard/)"]
-    _emit(r, args.json, "\n".join(text + _metrics_text(r["metrics"])))
+    text = [f"model:  {r.model} v{r.version} in {r.registry}", f"report: {r.report}",
+            f"curves: {r.learning_curves}", f"run:    {r.workdir} (checkpoints, history.csv, tensorboard/)"]
+    _emit(r, args.json, "\n".join(text + _metrics_text(r.metrics)))
     return 0
 
 
-def _transfer_text(r: dict[str, Any]) -> str:
-    d = r["decision"]
-    lines = [f"case {r['case']}: {r['description']}", d["reason"],
-             f"champion: {r['champion']['name']} v{r['champion']['version']} ({r['gate']['reason']})",
-             f"store:    {r['store']}", f"registry: {r['registry']}", f"report:   {r['report']}"]
-    return "\n".join(lines + _metrics_text(r["champion"]["metrics"]))
+def _transfer_text(r) -> str:
+    d = r.decision
+    lines = [f"case {r.case}: {r.description}", d["reason"],
+             f"champion: {r.champion['name']} v{r.champion['version']} ({r.gate['reason']})",
+             f"store:    {r.store}", f"registry: {r.registry}", f"report:   {r.report}"]
+    return "\n".join(lines + _metrics_text(r.champion["metrics"]))
 
 
 def cmd_transfer(args) -> int:
@@ -339,12 +341,12 @@ def cmd_retrain(args) -> int:
     from flows.retrain import retrain
 
     r = retrain(args.data, args.model, _output(args), margin=args.margin, force=args.force)
-    if not r["retrained"]:
-        text = [r["reason"], f"champion: {args.model} v{r['champion']}"]
+    if not r.retrained:
+        text = [r.reason, f"champion: {args.model} v{r.champion}"]
     else:
-        text = [r["decision"]["reason"], f"champion: {args.model} v{r['champion']} "
-                f"({'promoted' if r['promoted'] else 'kept'}); challenger v{r['challenger']}",
-                f"report: {r['challenger_report']}"]
+        text = [r.decision["reason"], f"champion: {args.model} v{r.champion} "
+                f"({'promoted' if r.promoted else 'kept'}); challenger v{r.challenger}",
+                f"report: {r.challenger_report}"]
     _emit(r, args.json, "\n".join(text))
     return 0
 
@@ -353,8 +355,8 @@ def cmd_demo(args) -> int:
     from flows.demo import demo
 
     r = demo(out=_output(args).out, images_per_class=args.images_per_class)
-    text = "\n".join([f"dataset:     {r['dataset']}", _transfer_text(r["transfer"]),
-                      f"predictions: {r['predict']['predictions']}"])
+    text = "\n".join([f"dataset:     {r.dataset}", _transfer_text(r.transfer),
+                      f"predictions: {r.predict['predictions']}"])
     result = r
     _emit(result, args.json, text)
     return 0

@@ -6,6 +6,7 @@ from pathlib import Path
 from prefect import flow, task
 
 from tasks.backbones import BackboneSpec, imagenet_weights_available
+from tasks.results import DemoResult
 from tasks.settings import Output
 from tasks.data.synthetic import CLASSES, make_dataset
 
@@ -27,7 +28,7 @@ def check_imagenet_weights() -> bool:
 
 
 @flow(name="demo", log_prints=True)
-def demo(out: str = "cnncodes-out", images_per_class: int = 40) -> dict:
+def demo(out: str = "cnncodes-out", images_per_class: int = 40) -> DemoResult:
     """Generate a 4-class texture dataset, run the `transfer` flow on it (MobileNet 0.25: ImageNet weights
     when Keras can load them, random weights otherwise), then predict a folder of images with the champion."""
     data = generate_demo_dataset(str(Path(out) / "demo-data"), images_per_class)
@@ -41,4 +42,4 @@ def demo(out: str = "cnncodes-out", images_per_class: int = 40) -> dict:
     champion = result["champion"]
     predicted = predict(str(Path(data) / "stripes"), champion["name"], version="champion", output=output,
                         predictions=str(Path(out) / "predictions" / "demo-stripes.csv"))
-    return {"dataset": data, "transfer": result, "predict": predicted}
+    return DemoResult(dataset=data, transfer=result, predict=predicted)

@@ -16,6 +16,7 @@ from prefect import flow
 from storage.errors import ParameterError
 from tasks.backbones import BackboneSpec, is_model_file
 from tasks.extract import ExtractOptions, options_dict, spec_dict
+from tasks.results import ExtractResult
 from tasks.settings import Output, ScaleOut, SplitConfig
 from tasks.prefect_tasks import extract_codes, extract_codes_shard, extract_report, index_shards, scan_dataset
 
@@ -45,13 +46,13 @@ def dask_runner(workers: int, address: str | None):
 
 @flow(name="extract-shards", log_prints=True, flow_run_name="extract {shards} shards into {store}")
 def extract_shards(manifest_path: str, store: str, shards: int, spec: dict[str, Any], cuts: list[list[str]],
-                   options: dict[str, Any], threads: int | None, gpus: int = 0) -> dict:
+                   options: dict[str, Any], threads: int | None, gpus: int = 0) -> ExtractResult:
     """Each shard by its own worker, side by side (with ``gpus``, each worker pinned to its own GPU);
     then the index that reads them as one store."""
     futures = [extract_codes_shard.submit(manifest_path, store, i, shards, spec, cuts, options, threads, gpus)
                for i in range(shards)]
     parts = [f.result() for f in futures]
-    return index_shards(store, shards, manifest_path, parts)
+    return ExtractResult(**index_shards(store, shards, manifest_path, parts))
 
 
 @flow(name="extract-features", log_prints=True, flow_run_name="extract {backbone.name} on {data}")
@@ -62,7 +63,7 @@ def extract_features(
     split: SplitConfig = SplitConfig(),
     output: Output = Output(),
     scale: ScaleOut = ScaleOut(),
-) -> dict:
+) -> ExtractResult:
     """Extract CNN codes of ``data`` at ``extract.layers`` of ``backbone`` into ``extract.store``.
 
     With ``scale.shards`` > 1 the dataset is split into that many shards (by a hash of each image's
@@ -93,12 +94,13 @@ def extract_features(
         threads = None if scale.dask_address else max(1, (os.cpu_count() or 1) // n_workers)
         summary = extract_shards.with_options(task_runner=dask_runner(n_workers, scale.dask_address))(
             str(manifest_path), str(store_path), shards, spec_dict(backbone), [list(c) for c in cuts],
-            options_dict(extract), threads, scale.gpus)
+            options_dict(extract), threads, scale.gpus).as_dict()
     summary["report"] = extract_report(summary, str(Path(output.reports) / f"{store_path.stem}.extract.md"))
     summary["manifest"] = str(manifest_path.resolve())
-    print(f"store: {summary['store']} ({summary['computed']} computed, {summary['reused']} reused, "
-          f"{len(summary['skipped'])} skipped); report: {summary['report']}")
-    return summary
+    result = ExtractResult(**summary)
+    print(f"store: {result.store} ({result.computed} computed, {result.reused} reused, "
+          f"{len(result.skipped)} skipped); report: {result.report}")
+    return result
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from tasks.backbones import BackboneSpec, is_model_file
 from tasks.extract import spec_dict
 from tasks.finetune import FineTuneConfig
 from tasks.prefect_tasks import fine_tune_network, register_finetuned, scan_dataset
+from tasks.results import FineTuneRunResult
 from tasks.settings import Output, SplitConfig
 
 
@@ -38,7 +39,7 @@ def fine_tune(
     split: SplitConfig = SplitConfig(),
     model_name: str | None = None,
     output: Output = Output(),
-) -> dict:
+) -> FineTuneRunResult:
     """Fine-tune ``backbone`` on ``data``; returns model name and version, metrics per split, report path.
 
     ``backbone.precision`` (float32, float16, bfloat16, auto) applies to the whole network: 'auto' is
@@ -63,7 +64,8 @@ def fine_tune(
         print(f"{split_name}: accuracy {m['accuracy']:.3f}, balanced {m['balanced_accuracy']:.3f} on "
               f"{m['images']} images")
     print(f"registered {result['name']} v{result['version']}; report: {result['report']}")
-    return {"model": result["name"], "version": result["version"], "metrics": result["metrics"],
-            "report": result["report"], "learning_curves": result["learning_curves"], "workdir": str(workdir.resolve()),
-            "skipped": result["skipped"], "resumed_from_epoch": result["resumed_from_epoch"],
-            "stopped_early": result["stopped_early"], "registry": str(Path(registry).resolve())}
+    return FineTuneRunResult(model=result["name"], version=result["version"], metrics=result["metrics"],
+                             report=result["report"], learning_curves=result["learning_curves"],
+                             workdir=str(workdir.resolve()), skipped=result["skipped"],
+                             resumed_from_epoch=result["resumed_from_epoch"], stopped_early=result["stopped_early"],
+                             registry=str(Path(registry).resolve()))

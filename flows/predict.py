@@ -6,17 +6,19 @@ from pathlib import Path
 from prefect import flow
 
 from tasks.prefect_tasks import predict_images
+from tasks.results import PredictResult
 from tasks.settings import Output
 
 
 @flow(name="predict", log_prints=True, flow_run_name="predict {images} with {model}")
 def predict(images: str, model: str, version: str | None = None, output: Output = Output(),
-            predictions: str | None = None, batch_size: int = 32) -> dict:
+            predictions: str | None = None, batch_size: int = 32) -> PredictResult:
     """Predict ``images`` (folder, image, or .txt/.csv list) with registered ``model`` (``version``:
     a number, an alias such as ``champion``, or the latest) from ``output.registry``. Writes CSV or
     Parquet by ``predictions``' suffix (default: OUT/predictions/<model>.csv)."""
     path = predictions or str(Path(output.out) / "predictions" / f"{model}.csv")
-    result = predict_images(images, output.registry_path, model, version, path, {"batch_size": batch_size})
+    result = PredictResult(**predict_images(images, output.registry_path, model, version, path,
+                                            {"batch_size": batch_size}))
     print(f"{result['images']} images predicted ({result['reused']} codes reused from the training store, "
           f"{result['computed']} computed, {len(result['skipped'])} skipped): {result['predictions']}")
     return result

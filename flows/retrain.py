@@ -11,6 +11,7 @@ from tasks.finetune import FineTuneConfig, precision_of
 from tasks.probe.linear import LinearConfig
 from tasks.prefect_tasks import (evaluate_champion, promote_or_keep, retrain_plan, retrain_split_settings,
                                   scan_dataset)
+from tasks.results import RetrainResult
 from tasks.settings import Output, SplitConfig
 
 from flows.extract_features import extract_features
@@ -19,7 +20,8 @@ from flows.train_linear import train_linear
 
 
 @flow(name="retrain", log_prints=True, flow_run_name="retrain {model}")
-def retrain(data: str, model: str, output: Output = Output(), margin: float = 0.0, force: bool = False) -> dict:
+def retrain(data: str, model: str, output: Output = Output(), margin: float = 0.0,
+            force: bool = False) -> RetrainResult:
     """Retrain lineage ``model`` (a registry name in ``output.registry``) on ``data`` if the data changed
     (or ``force``), with the champion's own settings, rebuilt from its metadata.
 
@@ -34,8 +36,8 @@ def retrain(data: str, model: str, output: Output = Output(), margin: float = 0.
     if not plan["changed"] and not force:
         print(plan["reason"])
         create_markdown_artifact(f"**No retraining**: {plan['reason']}.", key="retrain-result")
-        return {"retrained": False, "reason": plan["reason"], "champion": plan["champion_version"],
-                "images": scanned["images"]}
+        return RetrainResult(retrained=False, reason=plan["reason"], champion=plan["champion_version"],
+                             images=scanned["images"])
     champion_version = plan["champion_version"]
     st = plan["settings"]
     if plan["kind"] == "linear-probe":
@@ -65,6 +67,6 @@ def retrain(data: str, model: str, output: Output = Output(), margin: float = 0.
                              else f": v{champion_version} stays champion"))
     create_markdown_artifact(f"**{'Promoted' if event['promote'] else 'Kept'}**: {event['reason']}.",
                              key="retrain-result")
-    return {"retrained": True, "reason": plan["reason"], "promoted": event["promote"],
-            "champion": event["champion_after"], "challenger": challenger["version"], "decision": event,
-            "challenger_report": challenger["report"], "extracted": extracted_new, "images": scanned["images"]}
+    return RetrainResult(retrained=True, reason=plan["reason"], promoted=event["promote"],
+                         champion=event["champion_after"], challenger=challenger["version"], decision=event,
+                         challenger_report=challenger["report"], extracted=extracted_new, images=scanned["images"])

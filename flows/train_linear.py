@@ -10,6 +10,7 @@ from pathlib import Path
 from prefect import flow
 
 from tasks.probe.linear import LinearConfig
+from tasks.results import ProbeResult
 from tasks.settings import Output
 from tasks.prefect_tasks import evaluate_probe, fit_probe
 
@@ -22,7 +23,7 @@ def train_linear(
     linear: LinearConfig = LinearConfig(),
     model_name: str | None = None,
     output: Output = Output(),
-) -> dict:
+) -> ProbeResult:
     """Train, register and evaluate a linear probe on ``layer`` of ``store``.
 
     Returns ``{"model", "version", "C", "metrics": {split: {...}}, "report", "confusion_plots"}``."""
@@ -35,7 +36,7 @@ def train_linear(
         print(f"{split}: accuracy {m['accuracy']:.3f}, balanced {m['balanced_accuracy']:.3f}, "
               f"macro-F1 {m['macro_f1']:.3f} on {m['images']} images")
     print(f"report: {result['report']}")
-    return {"model": trained["name"], "version": trained["version"], "C": trained["C"],
-            "cv_scores": trained["cv_scores"], "train_seconds": trained["seconds"], "metrics": result["metrics"],
-            "report": result["report"], "confusion_plots": result["confusion_plots"],
-            "registry": str(Path(registry).resolve())}
+    return ProbeResult(model=trained["name"], version=trained["version"], C=trained["C"],
+                       cv_scores=trained["cv_scores"], train_seconds=trained["seconds"], metrics=result["metrics"],
+                       report=result["report"], confusion_plots=result["confusion_plots"],
+                       registry=str(Path(registry).resolve()))

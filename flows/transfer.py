@@ -11,6 +11,7 @@ from tasks.extract import ExtractOptions, spec_dict
 from tasks.finetune import FineTuneConfig
 from tasks.probe.linear import LinearConfig
 from tasks.prefect_tasks import champion_gate, decide_case, decision_report, inspect_backbone
+from tasks.results import TransferResult
 from tasks.settings import Output, SplitConfig
 from tasks.decide.transfer import Thresholds, candidate_layers, top_freeze_for
 
@@ -34,7 +35,7 @@ def transfer(
     split: SplitConfig = SplitConfig(),
     model_name: str | None = None,
     output: Output = Output(),
-) -> dict:
+) -> TransferResult:
     """Decide the case for ``data`` and ``backbone`` from measurements, train, gate, report.
 
     ``thresholds`` holds the size and similarity thresholds, the gate margin and what may be forced;
@@ -87,4 +88,4 @@ def transfer(
               "store": extracted["store"], "sweep_plot": swept["plot"], "registry": str(Path(registry).resolve())}
     result["report"] = decision_report(result, str(Path(output.reports) / f"{name}.transfer.md"))
     print(f"champion: {champion['model']} v{champion['version']} ({gate['reason']}); report: {result['report']}")
-    return result
+    return TransferResult(**result)
