@@ -25,13 +25,13 @@ def test_every_measured_figure_in_a_table_is_a_placeholder():
         if not line.startswith("|"):
             header = []
             continue
+        line = render.PLACEHOLDER.sub("§", line)  # a placeholder's format spec holds a "|" of its own
         cells = [c.strip() for c in line.strip("|").split("|")]
         if not header:
             header = cells
             continue
         for name, cell in zip(header, cells):
-            bare = render.PLACEHOLDER.sub("", cell)
-            bare = re.sub(r"\((target|goal)[^)]*\)|[≥≤] ?[\d.]+|`[^`]*`", "", bare)
+            bare = re.sub(r"\((target|goal)[^)]*\)|[≥≤] ?[\d.]+|`[^`]*`", "", cell)
             if re.search(r"\d\.\d", bare) and not re.search(r"target|goal|backbone|dataset|^data$", name, re.I):
                 typed.append(f"{name}: {cell}")
     assert not typed, typed
