@@ -45,6 +45,7 @@ import numpy as np  # noqa: E402
 
 from report import emit  # noqa: E402  benchmarks/ is the script's folder
 
+_LAST: dict[str, str] = {}  # backbone name -> its last layer, learnt when raw_rate builds it
 GOALS = {"extract_over_raw_float16_resnet50": 0.80, "float16_over_float32_raw_resnet50": 2.0,
          "finetune_over_fit": 0.95}
 
@@ -106,7 +107,8 @@ def raw_rate(spec, batch: int, seconds: float) -> float:
 
     tf = tf_runtime.tensorflow()
     bb = build_backbone(spec)
-    ex = Extractor(bb, [(bb.model.layers[-1].name, "avg")])
+    _LAST[spec.name] = bb.model.layers[-1].name  # extract_rate cuts there too, without building again
+    ex = Extractor(bb, [(_LAST[spec.name], "avg")])
     x = tf.constant(np.random.default_rng(0).integers(0, 256, (batch, bb.size, bb.size, 3), dtype=np.uint8))
     for _ in range(3):
         ex(x)
@@ -129,15 +131,8 @@ def extract_rate(spec, data: Path, store: Path, batch: int) -> dict:
             "precision": s["precision"], "device": s["device"]}
 
 
-_LAST: dict[str, str] = {}
-
-
 def _last_layer(spec) -> str:
-    from tasks.backbones import build_backbone
-
-    if spec.name not in _LAST:
-        _LAST[spec.name] = build_backbone(spec, check_device=False).model.layers[-1].name
-    return _LAST[spec.name]
+    return _LAST[spec.name]  # set by raw_rate, which runs first
 
 
 def decode_rates(data: Path, size: int) -> dict:

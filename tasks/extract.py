@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator, Literal, Sequence
 import numpy as np
 from pydantic import Field, model_validator
 
-from storage.errors import ParameterError
+from storage.errors import ParameterError, StoreError
 from storage.manifest import Manifest, Skip
 from storage.store import COMPRESSIONS, DTYPES, POOLINGS, GroupSpec, StoreWriter, group_name, store_is_current
 
@@ -263,7 +263,7 @@ def _resolve_for_store(spec: BackboneSpec, store: Path) -> BackboneSpec:
 
         try:
             recorded = open_store(store).provenance.get("precision")
-        except Exception:  # noqa: BLE001 - a damaged store is reported by the writer, with its own message
+        except (StoreError, OSError):  # a damaged store is reported by the writer, with its own message
             recorded = None
         if recorded in tf_runtime.CONCRETE_PRECISIONS:
             try:

@@ -17,7 +17,7 @@ from storage.errors import BackboneError, ParameterError
 from storage.store import POOLINGS
 
 from .. import tf_runtime
-from .catalog import _suggest, backbone_info, is_model_file, preprocessing_of
+from .catalog import suggest, backbone_info, is_model_file, preprocessing_of
 from .spec import BackboneSpec
 
 
@@ -77,7 +77,7 @@ class Backbone:
         names = [layer.name for layer in self.model.layers]
         for name in layers:
             if name not in names:
-                raise BackboneError(f"unknown layer {name!r} for {self.spec.name}.{_suggest(name, names)} "
+                raise BackboneError(f"unknown layer {name!r} for {self.spec.name}.{suggest(name, names)} "
                                     f"`cnncodes layers {self.spec.name}` lists its {len(names)} layers "
                                     f"(the last one is {names[-1]!r}).")
 

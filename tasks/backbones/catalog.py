@@ -71,7 +71,7 @@ def is_model_file(name: str) -> bool:
     return str(name).lower().endswith(MODEL_SUFFIXES)
 
 
-def _suggest(name: str, choices: Sequence[str]) -> str:
+def suggest(name: str, choices: Sequence[str]) -> str:
     close = difflib.get_close_matches(name, list(choices), n=3, cutoff=0.5)
     return f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
 
@@ -80,7 +80,7 @@ def backbone_info(name: str) -> BackboneInfo:
     """The registry entry of ``name``; BackboneError listing the choices if unknown."""
     if name in REGISTRY:
         return REGISTRY[name]
-    raise BackboneError(f"unknown backbone {name!r}.{_suggest(name, list(REGISTRY))} Known backbones: "
+    raise BackboneError(f"unknown backbone {name!r}.{suggest(name, list(REGISTRY))} Known backbones: "
                         f"{', '.join(list_backbones())}; or give the path of a .keras/.h5 model file. "
                         "`cnncodes backbones` lists them.")
 
