@@ -82,7 +82,8 @@ def extract_features(
     store_path = Path(extract.store) if extract.store else default_store_path(output.out, data, backbone)
     manifest_path = output.runs / f"{store_path.stem}.manifest.json"
 
-    scanned = scan_dataset(data, str(manifest_path), split.val_fraction, split.test_fraction, split.seed)
+    scanned = scan_dataset(data, str(manifest_path), split.val_fraction, split.test_fraction, split.seed,
+                           split.pinned)
     print(f"scanned {scanned['images']} images in {len(scanned['classes'])} classes "
           f"({scanned['layout']} layout), {scanned['skipped']} files skipped")
     shards = scale.gpus if scale.gpus and scale.shards == 1 else scale.shards

@@ -49,7 +49,8 @@ def fine_tune(
     name = model_name or f"{data_name}-{Path(backbone.name).stem if is_model_file(backbone.name) else backbone.name}" \
                          "-finetuned"
     manifest_path = output.runs / f"{name}.manifest.json"
-    scanned = scan_dataset(data, str(manifest_path), split.val_fraction, split.test_fraction, split.seed)
+    scanned = scan_dataset(data, str(manifest_path), split.val_fraction, split.test_fraction, split.seed,
+                           split.pinned)
     print(f"scanned {scanned['images']} images in {len(scanned['classes'])} classes")
     workdir = run_dir(output.out, name, {"manifest": scanned["fingerprint"], "spec": spec_dict(backbone),
                                          "config": finetune.as_dict(), "resize": finetune.resize})

@@ -1,5 +1,5 @@
 """Flow ``retrain``: rescan, extract only what is new, train a challenger the champion's way,
-judge both on the same holdout, promote only a clear winner. Meant to run on a schedule."""
+judge both on the lineage's pinned holdout, promote only a clear winner. Meant to run on a schedule."""
 from __future__ import annotations
 
 from prefect import flow
@@ -25,13 +25,18 @@ def retrain(data: str, model: str, output: Output = Output(), margin: float = 0.
     """Retrain lineage ``model`` (a registry name in ``output.registry``) on ``data`` if the data changed
     (or ``force``), with the champion's own settings, rebuilt from its metadata.
 
-    Returns ``{"retrained", "reason", "champion", ...}``; the registry's ``champion`` alias moves only
-    when the challenger's accuracy beats the champion's by more than ``margin`` on the same split."""
+    The lineage's pinned splits keep every image it has seen on its side: test images stay out of
+    training, new test images come only from new data. Returns ``{"retrained", "reason", "champion",
+    ...}``; the registry's ``champion`` alias moves only when the challenger's test accuracy beats the
+    champion's by more than ``margin`` on the same images, with a paired bootstrap interval of the
+    difference above zero; images the lineage trained on are never judged on."""
     registry = output.registry_path
     output = output.model_copy(update={"registry": registry})
     manifest_path = str(output.runs / f"retrain-{model}.manifest.json")
     split = retrain_split_settings(registry, model)
-    scanned = scan_dataset(data, manifest_path, split["val"], split["test"], split["seed"])
+    scanned = scan_dataset(data, manifest_path, split["val"], split["test"], split["seed"], split["pinned"])
+    split_cfg = SplitConfig(val_fraction=split["val"], test_fraction=split["test"], seed=split["seed"],
+                            pinned=split["pinned"])
     plan = retrain_plan(registry, model, manifest_path)
     if not plan["changed"] and not force:
         print(plan["reason"])
@@ -44,8 +49,7 @@ def retrain(data: str, model: str, output: Output = Output(), margin: float = 0.
         extracted = extract_features(
             data, BackboneSpec.model_validate(st["spec"]),
             ExtractOptions(layers=[st["layer"]], pooling=st["pooling"], store=st["store"], resize=st["resize"]),
-            SplitConfig(val_fraction=st["val_fraction"], test_fraction=st["test_fraction"], seed=st["split_seed"]),
-            output)
+            split_cfg, output)
         print(f"extracted {extracted['computed']} new or changed images ({extracted['reused']} reused)")
         challenger = train_linear(st["store"], st["layer"], st["pooling"], LinearConfig.model_validate(st["config"]),
                                   model_name=model, output=output)
@@ -54,9 +58,7 @@ def retrain(data: str, model: str, output: Output = Output(), margin: float = 0.
     else:
         finetune = FineTuneConfig.model_validate({**st["config"], "resize": st["resize"]})
         spec = BackboneSpec.model_validate({**st["spec"], "precision": precision_of(st["spec"], st["config"])})
-        challenger = fine_tune(data, spec, finetune,
-                               SplitConfig(val_fraction=split["val"], test_fraction=split["test"], seed=split["seed"]),
-                               model_name=model, output=output)
+        challenger = fine_tune(data, spec, finetune, split_cfg, model_name=model, output=output)
         store = None
         extracted_new = None
     champion_metrics = evaluate_champion(registry, model, champion_version, plan["kind"], store, manifest_path,

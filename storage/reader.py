@@ -119,6 +119,10 @@ class StoreReader(ABC):
         """Codes of the images with these content hashes, where the group has them: ``{sha256: codes}``."""
 
     @abstractmethod
+    def row_splits(self, layer: str, pooling: str | None = None) -> dict[str, str]:
+        """The split of every committed row, by content hash (``{sha256: split}``), without features."""
+
+    @abstractmethod
     def group_attrs(self, layer: str, pooling: str | None = None) -> dict[str, Any]:
         """One group's attributes with ``rows`` and ``manifest_fingerprint``."""
 
@@ -282,6 +286,12 @@ class FeatureStore(StoreReader):
                             splits=splits[sel], sha256=g["sha256"][start:stop][sel].astype(str),
                             class_names=names, layer=str(decode(g.attrs["layer"])),
                             pooling=str(decode(g.attrs["pooling"])))
+
+    def row_splits(self, layer: str, pooling: str | None = None) -> dict[str, str]:
+        with self.open() as f:
+            g = self.resolve_group(f, layer, pooling)
+            n = int(g["committed"][0])
+            return dict(zip(g["sha256"][:n].astype(str).tolist(), g["split"][:n].astype(str).tolist()))
 
     def lookup(self, layer: str, pooling: str | None, sha256: Sequence[str]) -> dict[str, np.ndarray]:
         wanted = set(sha256)

@@ -53,6 +53,7 @@ from .hashing import file_sha256
 REGISTRY_FORMAT = "cnncodes-registry/1"
 METADATA_FILE = "metadata.json"
 ALIASES_FILE = "aliases.json"
+SPLITS_FILE = "splits.json"
 HISTORY_FILE = "history.jsonl"
 JOBLIB_FILE = "model.joblib"
 NAME_RULE = ("1 to 100 characters: letters, digits, '.', '_' or '-', starting with a letter or a digit")
@@ -536,6 +537,47 @@ class ModelRegistry:
                 fh.write(line + "\n")
                 fh.flush()
                 os.fsync(fh.fileno())
+
+    def splits_path(self, name: str) -> Path:
+        """Where the lineage's pinned splits live (``<name>/splits.json``)."""
+        return self._dir(name) / SPLITS_FILE
+
+    def splits(self, name: str) -> dict[str, Any]:
+        """The lineage's pinned splits: ``{"seed", "fractions", "samples": {sha256: split}}``, every image
+        any version of ``name`` was trained, validated or tested on, with the split it had the first
+        time. Empty (``{}``) for a lineage that has none recorded."""
+        path = self.splits_path(name)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            raise RegistryError(f"cannot read the pinned splits {path}: {exc}. Restore it from a backup: without "
+                                f"it, retraining {name!r} cannot keep its test images out of training.") from None
+        if not isinstance(data, dict) or not isinstance(data.get("samples"), dict):
+            raise RegistryError(f"{path} is not a pinned-splits file (a JSON object with 'samples'). Restore it "
+                                "from a backup.")
+        return data
+
+    def pin_splits(self, name: str, samples: dict[str, str], fractions: dict[str, float] | None = None,
+                   seed: int | None = None) -> dict[str, int]:
+        """Record the split of each image (content hash) of a training of ``name``: images already pinned
+        keep their first split, new ones are added. ``fractions`` and ``seed`` are kept from the first
+        call. Returns the number of pinned images per split."""
+        bad = sorted({v for v in samples.values() if v not in ("train", "val", "test")})
+        if bad:
+            raise RegistryError(f"unknown splits {bad} to pin for {name!r}; use train, val or test.")
+        with self._locked(name) as d:
+            data = self.splits(name) or {"format": 1, "fractions": dict(fractions or {}), "seed": seed,
+                                         "created": now_iso(), "samples": {}}
+            pinned = data["samples"]
+            for h, sp in samples.items():
+                pinned.setdefault(h, sp)
+            atomic_write_json(d / SPLITS_FILE, data, indent=0)
+        counts: dict[str, int] = {}
+        for sp in pinned.values():
+            counts[sp] = counts.get(sp, 0) + 1
+        return counts
 
     def history(self, name: str) -> list[dict[str, Any]]:
         """Every event recorded for ``name``, oldest first (a torn last line is ignored)."""

@@ -63,6 +63,12 @@ class ShardedStore(StoreReader):
         for s in self.shards:
             yield from s.iter_chunks(layer, pooling, split, rows)
 
+    def row_splits(self, layer: str, pooling: str | None = None) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for s in self.shards:
+            out.update(s.row_splits(layer, pooling))
+        return out
+
     def lookup(self, layer: str, pooling: str | None, sha256: Sequence[str]) -> dict[str, np.ndarray]:
         out: dict[str, np.ndarray] = {}
         for s in self.shards:

@@ -44,11 +44,14 @@ def _metrics_artifact(metrics: dict[str, dict], key: str) -> None:
 
 @task(name="scan-dataset", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=transient_only,
       cache_policy=NO_CACHE)
-def scan_dataset(data: str, manifest_path: str, val_fraction: float, test_fraction: float, seed: int) -> dict:
-    """Scan ``data`` into a manifest JSON at ``manifest_path``; returns a small summary."""
+def scan_dataset(data: str, manifest_path: str, val_fraction: float, test_fraction: float, seed: int,
+                 pinned: str | None = None) -> dict:
+    """Scan ``data`` into a manifest JSON at ``manifest_path``; returns a small summary. ``pinned``: a JSON
+    file of splits that images must keep (see :func:`tasks.data.datasets.load_pinned`)."""
     bar = Progress("hashing images", unit="file", key="scan-dataset")
     try:
-        manifest = datasets.scan_dataset(data, val_fraction, test_fraction, seed, progress=bar)
+        manifest = datasets.scan_dataset(data, val_fraction, test_fraction, seed, progress=bar,
+                                         pinned=datasets.load_pinned(pinned) if pinned else None)
     finally:
         bar.close()
     manifest.save(manifest_path)
@@ -246,14 +249,16 @@ def evaluate_champion(registry: str, name: str, version: int, kind: str, store: 
     path, rec = ModelRegistry(registry).load(name, version)
     metrics, _ = finetune.evaluate_finetuned(path, Manifest.load(manifest_path), int(rec.metadata["input_size"]),
                                              rec.metadata.get("resize") or "stretch",
-                                             int(rec.metadata["config"]["batch_size"]))
+                                             int(rec.metadata["config"]["batch_size"]),
+                                             outcomes_prefix=Path(report_dir) / f"{name}-v{version}")
     return metrics
 
 
 @task(name="promote-or-keep", cache_policy=NO_CACHE)
 def promote_or_keep(registry: str, name: str, champion_version: int, challenger_version: int,
                     champion_metrics: dict, challenger_metrics: dict, margin: float) -> dict:
-    decision = retrain.decide_promotion(champion_metrics, challenger_metrics, margin)
+    decision = retrain.decide_promotion(champion_metrics, challenger_metrics, margin,
+                                        exclude=retrain.trained_on(registry, name))
     event = retrain.apply_promotion(registry, name, champion_version, challenger_version, decision)
     create_table_artifact([{"role": "champion", "version": champion_version,
                             "accuracy": decision["champion_accuracy"]},

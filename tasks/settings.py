@@ -127,14 +127,19 @@ class SplitConfig(Settings):
 
     val_fraction: float = Field(0.2, description="share of each class held out for validation when the data "
                                                  "has no split")
-    test_fraction: float = Field(0.0, description="share of each class held out for test when the data has no split")
+    test_fraction: float = Field(0.15, description="share of each class held out for test, which no selection step "
+                                                   "sees, when the data has no test split (from val first when the data "
+                                                   "has train and val); 0 reports val accuracy, which is optimistic")
     seed: int = Field(0, description="seed of the drawn split")
+    pinned: str | None = Field(None, description="JSON file of pinned splits ({sha256: split}, or a registry "
+                                                 "lineage's splits.json): those images keep their split, only "
+                                                 "the others are drawn")
 
     @model_validator(mode="before")
     @classmethod
     def _fractions(cls, data: Any) -> Any:
         if isinstance(data, dict):
-            _check_fractions(data.get("val_fraction", 0.2), data.get("test_fraction", 0.0))
+            _check_fractions(data.get("val_fraction", 0.2), data.get("test_fraction", 0.15))
         return data
 
 

@@ -467,3 +467,73 @@ def test_bad_fractions_are_parameter_errors(texture_data, val, test, match):
 def test_bad_fractions_are_refused_before_looking_at_the_data(tmp_path):
     with pytest.raises(ParameterError):
         scan_dataset(tmp_path / "does-not-exist", val_fraction=0.7, test_fraction=0.3)
+
+
+# -- the test split: held out by default, carved from val, pinned per lineage --------------------
+def test_unsplit_data_holds_out_a_stratified_test_split_by_default(tmp_path):
+    make_dataset(tmp_path, per_class=20, size=(12, 14), seed=2)
+    m = scan_dataset(tmp_path)
+    assert m.split_fractions == {"val": 0.2, "test": 0.15} and m.split_seed == 0
+    assert all(c["test"] == 3 and c["val"] == 4 and c["train"] == 13
+               for c in [{sp: n[cls] for sp, n in m.counts().items()} for cls in m.class_names])
+
+
+def test_split_folders_without_test_get_a_test_split_from_val_first(tmp_path):
+    for k, (split, n, cls) in enumerate([("train", 20, "a"), ("train", 20, "b"), ("val", 6, "a"), ("val", 6, "b")]):
+        add_images(tmp_path / split / cls, n, f"{split}{cls}", seed=10 + k)
+    add_images(tmp_path / "train" / "c", 10, "tc", seed=77)            # class c has no val images
+    m = scan_dataset(tmp_path, test_fraction=0.2, seed=4)
+    counts = m.counts()
+    # a, b: 26 images -> 5 to test, from val (6) keeping 1 there; c: 2 to test from train
+    assert counts["test"] == {"a": 5, "b": 5, "c": 2}
+    assert counts["val"] == {"a": 1, "b": 1} and counts["train"] == {"a": 20, "b": 20, "c": 8}
+    assert m.split_fractions == {"test": 0.2} and m.split_seed == 4
+    # deterministic, and another seed draws other images
+    assert scan_dataset(tmp_path, test_fraction=0.2, seed=4).fingerprint() == m.fingerprint()
+    assert scan_dataset(tmp_path, test_fraction=0.2, seed=5).fingerprint() != m.fingerprint()
+    # a given test split is used as it is; fraction 0 keeps the folders and warns
+    assert "test" not in scan_dataset(tmp_path, test_fraction=0).counts()
+
+
+def test_no_test_split_is_a_loud_warning(tmp_path, caplog):
+    make_dataset(tmp_path, per_class=6, size=(12, 14), seed=2)
+    with caplog.at_level("WARNING", logger="cnncodes"):
+        m = scan_dataset(tmp_path, test_fraction=0)
+    assert "test" not in m.counts() and "optimistic" in caplog.text
+
+
+def test_identical_files_never_sit_on_both_sides(tmp_path):
+    make_dataset(tmp_path, per_class=30, size=(12, 14), seed=2)
+    for cls in ("stripes", "checks"):                # every image of these classes twice, under two names
+        for f in sorted((tmp_path / cls).iterdir()):
+            shutil.copy(f, f.with_name("copy_" + f.name))
+    m = scan_dataset(tmp_path, seed=1)
+    sides: dict[str, set] = {}
+    for s in m.samples:
+        sides.setdefault(s.sha256, set()).add(s.split)
+    assert all(len(v) == 1 for v in sides.values())
+    assert {sp for v in sides.values() for sp in v} == {"train", "val", "test"}
+
+
+def test_pinned_images_keep_their_split_and_only_new_ones_are_drawn(tmp_path):
+    make_dataset(tmp_path, per_class=20, size=(12, 14), seed=2)
+    first = scan_dataset(tmp_path, seed=0)
+    pinned = {s.sha256: s.split for s in first.samples}
+    for i in range(40):                              # the data grows a lot: 40 new images per class
+        for cls in ("stripes", "checks", "rings"):
+            make_image(cls, (12, 14), 5000 + i + 100 * len(cls)).save(tmp_path / cls / f"new_{i}.png")
+    unpinned = scan_dataset(tmp_path, seed=0)
+    grown = scan_dataset(tmp_path, seed=0, pinned=pinned)
+    assert all(s.split == pinned[s.sha256] for s in grown.samples if s.sha256 in pinned)
+    moved = [s for s in unpinned.samples if s.sha256 in pinned and s.split != pinned[s.sha256]]
+    assert moved  # without pinning, growth moves some of the first images (test ones into train, too)
+    new = [s for s in grown.samples if s.sha256 not in pinned]
+    assert Counter(s.split for s in new) == {"train": 3 * 26, "val": 3 * 8, "test": 3 * 6}
+    # the same through a file, in the registry's format or as a plain map
+    from tasks.data.datasets import load_pinned
+
+    (tmp_path / "p.json").write_text(__import__("json").dumps({"samples": pinned}))
+    assert load_pinned(tmp_path / "p.json") == pinned
+    (tmp_path / "bad.json").write_text('{"x": "holdout"}')
+    with pytest.raises(DatasetError, match="content hashes to splits"):
+        load_pinned(tmp_path / "bad.json")

@@ -53,7 +53,7 @@ def test_extract_writes_every_image_with_labels_and_provenance(tmp_path, texture
     assert prov["input_size"] == 96 and prov["weights"] == "none" and len(prov["weights_digest"]) == 64
     assert prov["preprocessing"] == "keras.applications.mobilenet_v2.preprocess_input"
     assert prov["class_names"] == m.class_names and "tensorflow" in prov["versions"]
-    assert set(codes.splits) == {"train", "val"}
+    assert set(codes.splits) == {"train", "val", "test"}
     # reading one split returns only that split's rows
     val = fs.read(TINY_LAST, "avg", split="val")
     assert len(val) == int(np.sum(codes.splits == "val")) and set(val.splits) == {"val"}

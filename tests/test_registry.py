@@ -293,3 +293,23 @@ def test_import_does_not_pull_heavy_libraries():
                          timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_pinned_splits_keep_the_first_split_of_each_image(tmp_path):
+    from storage import ModelRegistry
+    from storage.registry import RegistryError
+
+    reg = ModelRegistry(tmp_path)
+    assert reg.splits("m") == {}
+    reg.save("m", {"w": 1})
+    assert reg.pin_splits("m", {"a": "train", "b": "test"}, {"val": 0.2, "test": 0.15}, 3) == {"train": 1, "test": 1}
+    counts = reg.pin_splits("m", {"a": "test", "b": "train", "c": "val"}, {"val": 0.5}, 9)
+    assert counts == {"train": 1, "test": 1, "val": 1}
+    data = reg.splits("m")
+    assert data["samples"] == {"a": "train", "b": "test", "c": "val"}
+    assert data["fractions"] == {"val": 0.2, "test": 0.15} and data["seed"] == 3
+    with pytest.raises(RegistryError, match="unknown splits"):
+        reg.pin_splits("m", {"d": "holdout"})
+    reg.splits_path("m").write_text("{not json")
+    with pytest.raises(RegistryError, match="Restore it"):
+        reg.splits("m")

@@ -2,6 +2,7 @@
 challenger never replaces the champion; every decision is in the lineage's history."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from tasks.backbones import BackboneSpec
@@ -17,15 +18,22 @@ from tasks.data.synthetic import make_image
 from test_linear import make_store
 
 
-def test_promotion_rule():
-    champ = {"val": {"accuracy": 0.80}}
-    assert decide_promotion(champ, {"val": {"accuracy": 0.85}}, 0.0)["promote"]
-    assert not decide_promotion(champ, {"val": {"accuracy": 0.80}}, 0.0)["promote"]   # a tie keeps the champion
-    assert not decide_promotion(champ, {"val": {"accuracy": 0.84}}, 0.05)["promote"]
-    assert not decide_promotion(champ, {"val": {"accuracy": 0.60}}, 0.0)["promote"]
-    d = decide_promotion({"val": {"accuracy": 0.9}, "test": {"accuracy": 0.7}},
-                         {"val": {"accuracy": 0.5}, "test": {"accuracy": 0.8}}, 0.0)
-    assert d["split"] == "test" and d["promote"]
+def test_promotion_rule(tmp_path):
+    from test_transfer import _outcomes
+
+    n = 200
+    champ = {"test": _outcomes(tmp_path, "c", [i < 160 for i in range(n)])}
+    clear = {"test": _outcomes(tmp_path, "b", [i < 190 for i in range(n)])}
+    assert decide_promotion(champ, clear, 0.0)["promote"]
+    assert not decide_promotion(champ, champ, 0.0)["promote"]                           # a tie keeps the champion
+    assert not decide_promotion(champ, clear, 0.15)["promote"]                          # not *more* than the margin
+    assert not decide_promotion(clear, champ, 0.0)["promote"]
+    noisy = decide_promotion(champ, {"test": _outcomes(tmp_path, "n", [i < 163 for i in range(n)])}, 0.0)
+    assert not noisy["promote"] and noisy["interval"][0] <= 0 < noisy["difference"] and "noise" in noisy["reason"]
+    # images the lineage trained on are left out of the comparison
+    trained = {f"{i:064x}" for i in range(160, 190)}
+    d = decide_promotion(champ, clear, 0.0, exclude=trained)
+    assert d["images"] == n - 30 and d["excluded"] == 30 and d["difference"] == 0 and not d["promote"]
 
 
 def test_a_worse_challenger_never_replaces_the_champion(tmp_path):
@@ -47,62 +55,86 @@ def test_a_worse_challenger_never_replaces_the_champion(tmp_path):
     assert [e["champion_after"] for e in events] == [1, 2] and all("reason" in e for e in events)
 
 
-def _holdout_accuracy(registry, store, version, split) -> float:
-    """Accuracy of registered probe ``version`` on ``split`` of ``store``, computed without the flow."""
+def _correct_on(registry, store, version, rows: dict[str, str]) -> dict[str, bool]:
+    """Whether registered probe ``version`` is right on each of ``rows`` ({sha256: split}) of the store's
+    current labels, computed here without the flow."""
     from tasks.reports.evaluate import scores_of
 
     model, rec = ModelRegistry(registry).load("tex", version)
-    codes = FeatureStore(store).read(rec.metadata["layer"], rec.metadata["pooling"], split=split)
-    return float((scores_of(model, codes.features).argmax(1) == codes.labels).mean())
+    codes = FeatureStore(store).read(rec.metadata["layer"], rec.metadata["pooling"])
+    keep = np.isin(codes.sha256, list(rows))
+    pred = np.asarray(model.classes_)[scores_of(model, codes.features[keep]).argmax(1)]
+    return dict(zip(codes.sha256[keep].tolist(), (pred == codes.labels[keep]).tolist()))
+
+
+def _check_decision(registry, store, decision: dict, champion: int, challenger: int) -> bool:
+    """Recompute both models' accuracies on the same test rows the flow judged on (the store's test
+    rows minus what the lineage trained on) and check the flow's decision follows its rule."""
+    pinned = ModelRegistry(registry).splits("tex")["samples"]
+    test = {h: sp for h, sp in FeatureStore(store).row_splits("block_3_expand_relu", "avg").items()
+            if sp == "test" and pinned.get(h, "test") == "test"}
+    a, b = _correct_on(registry, store, champion, test), _correct_on(registry, store, challenger, test)
+    acc_a, acc_b = np.mean(list(a.values())), np.mean(list(b.values()))
+    assert decision["images"] == len(test) and decision["split"] == "test"
+    assert decision["champion_accuracy"] == pytest.approx(acc_a)
+    assert decision["challenger_accuracy"] == pytest.approx(acc_b)
+    lo, hi = decision["interval"]
+    assert lo <= acc_b - acc_a <= hi
+    rule = bool(acc_b > acc_a + decision["margin"] and lo > min(decision["margin"], 0))
+    assert decision["promote"] == rule
+    return rule
+
+
+def _swap(data, a: str, b: str) -> None:
+    (data / a).rename(data / "_swap")
+    (data / b).rename(data / a)
+    (data / "_swap").rename(data / b)
 
 
 @pytest.mark.slow
-def test_retrain_flow_no_change_then_growth(tmp_path, texture_data):
+def test_retrain_flow_pinned_holdout_and_both_decisions(tmp_path):
+    """A lineage trained on wrong labels (two class folders swapped); the labels are fixed and the data
+    grows: the challenger is trained with the test images pinned, wins clearly and is promoted; a
+    margin it cannot clear keeps the champion. Each decision is recomputed here from both models."""
     from prefect.testing.utilities import prefect_test_harness
 
     from flows.extract_features import extract_features
     from flows.retrain import retrain
     from flows.train_linear import train_linear
+    from tasks.data.synthetic import make_dataset
 
+    data = make_dataset(tmp_path / "data", per_class=30, size=(48, 56), seed=3)
+    _swap(data, "stripes", "checks")
     out, reg = str(tmp_path / "out"), str(tmp_path / "reg")
     tiny = BackboneSpec(name="mobilenet_v2", weights="none", input_size=96, backbone_args={"alpha": 0.35})
     output = Output(out=out, registry=reg)
     with prefect_test_harness(server_startup_timeout=90):
-        s = extract_features(str(texture_data), tiny, ExtractOptions(layers=["block_3_expand_relu"]),
-                             output=Output(out=out))
+        s = extract_features(str(data), tiny, ExtractOptions(layers=["block_3_expand_relu"]), output=Output(out=out))
         train_linear(s["store"], "block_3_expand_relu", linear=LinearConfig(C=1.0), model_name="tex", output=output)
+        first = dict(ModelRegistry(reg).splits("tex")["samples"])
+        assert sorted(set(first.values())) == ["test", "train", "val"]
+        assert ModelRegistry(reg).splits("tex")["fractions"] == {"val": 0.2, "test": 0.15}
 
-        same = retrain(str(texture_data), "tex", output)
+        same = retrain(str(data), "tex", output)
         assert same["retrained"] is False and "no data change" in same["reason"]
-        assert ModelRegistry(reg).versions("tex") == [1]
 
-        classes = sorted(p.name for p in texture_data.iterdir())
-        for i, cls in enumerate(classes * 2):
-            make_image(cls if cls in ("stripes", "checks", "rings") else "blobs", (50, 60), 500 + i).save(
-                texture_data / cls / f"grown_{i}.jpg")
-        grown = retrain(str(texture_data), "tex", output)
-        assert grown["retrained"] and grown["extracted"] == 6 and grown["challenger"] == 2
+        _swap(data, "stripes", "checks")                                # the labels are fixed ...
+        for i, cls in enumerate(["stripes", "checks", "rings"] * 7):     # ... and the data grows
+            make_image(cls, (50, 60), 900 + i).save(data / cls / f"grown_{i}.jpg")
+        fixed = retrain(str(data), "tex", output)
+        assert fixed["retrained"] and fixed["extracted"] >= 21 and fixed["challenger"] == 2
+        now = FeatureStore(s["store"]).row_splits("block_3_expand_relu", "avg")
+        # the first training's images kept their split; new test images come only from new data
+        assert all(now[h] == sp for h, sp in first.items())
+        assert any(sp == "test" for h, sp in now.items() if h not in first)
+        assert _check_decision(reg, s["store"], fixed["decision"], 1, 2) is True   # the promoted outcome
         r = ModelRegistry(reg)
-        assert r.versions("tex") == [1, 2]
-        assert r.aliases("tex")["champion"] == (2 if grown["promoted"] else 1) == grown["champion"]
-        assert r.history("tex")[-1]["challenger"] == 2
-        # The decision, recomputed here from both models on the same held-out rows of the current store
-        champion, challenger = _holdout_accuracy(reg, s["store"], 1, grown["decision"]["split"]), \
-            _holdout_accuracy(reg, s["store"], 2, grown["decision"]["split"])
-        assert grown["decision"]["champion_accuracy"] == pytest.approx(champion)
-        assert grown["decision"]["challenger_accuracy"] == pytest.approx(challenger)
-        assert grown["promoted"] == (challenger > champion + 0.0)
+        assert fixed["promoted"] and r.aliases("tex")["champion"] == 2 == fixed["champion"]
 
-        strict = retrain(str(texture_data), "tex", output, force=True, margin=1.0)
-        assert strict["retrained"] and not strict["promoted"]  # nothing can win by more than 1.0
-        assert r.aliases("tex")["champion"] == grown["champion"]
-        before = grown["champion"]
-        champion = _holdout_accuracy(reg, s["store"], before, strict["decision"]["split"])
-        challenger = _holdout_accuracy(reg, s["store"], 3, strict["decision"]["split"])
-        assert strict["promoted"] == (challenger > champion + 1.0)
-        # and with a margin the challenger does clear, the same rule promotes it
-        lenient = retrain(str(texture_data), "tex", output, force=True, margin=-1.0)
-        assert lenient["promoted"] and r.aliases("tex")["champion"] == 4 == lenient["champion"]
+        strict = retrain(str(data), "tex", output, force=True, margin=0.5)
+        assert _check_decision(reg, s["store"], strict["decision"], 2, 3) is False  # the kept outcome
+        assert not strict["promoted"] and r.aliases("tex")["champion"] == 2
+        assert [e["champion_after"] for e in r.history("tex")] == [2, 2]
 
 
 @pytest.mark.slow

@@ -63,14 +63,47 @@ def test_size_uses_the_median_class():
     assert s.median_per_class == 600 and s.smallest_class == 10 and s.large
 
 
-def test_gate_promotes_and_refuses():
-    probe = {"metrics": {"val": {"accuracy": 0.80}}}
-    assert tr.gate({"metrics": {"val": {"accuracy": 0.85}}}, probe, 0.01)["promoted"] == "finetuned"
-    refused = tr.gate({"metrics": {"val": {"accuracy": 0.805}}}, probe, 0.01)
-    assert refused["promoted"] == "probe" and "does not beat it" in refused["reason"]
+def _outcomes(tmp_path, name: str, correct: list[bool], split: str = "test") -> dict:
+    """A model's metrics on ``split`` with per-image outcomes: image i has label i % 2."""
+    from tasks.reports.evaluate import write_outcomes
+
+    y = [i % 2 for i in range(len(correct))]
+    pred = [t if c else 1 - t for t, c in zip(y, correct)]
+    path = write_outcomes(tmp_path / f"{name}.outcomes-{split}.csv", [f"img{i}.png" for i in range(len(y))],
+                          [f"{i:064x}" for i in range(len(y))], y, pred)
+    return {"accuracy": sum(correct) / len(correct), "outcomes": str(path)}
+
+
+def test_gate_needs_the_margin_and_an_interval_above_zero(tmp_path):
+    n = 200
+    probe = {"metrics": {"test": _outcomes(tmp_path, "p", [i < 160 for i in range(n)])}}      # 0.80
+    better = {"metrics": {"test": _outcomes(tmp_path, "f", [i < 190 for i in range(n)])}}    # 0.95, never worse
+    g = tr.gate(better, probe, 0.01)
+    assert g["promoted"] == "finetuned" and g["split"] == "test" and g["warning"] is None
+    assert g["difference"] == pytest.approx(0.15) and 0 < g["interval"][0] < 0.15 < g["interval"][1]
+    # +0.015 over the margin, but from 3 images more right and none wrong... and 0 vs 3: within noise
+    noisy = {"metrics": {"test": _outcomes(tmp_path, "n", [i < 163 for i in range(n)])}}
+    g = tr.gate(noisy, probe, 0.01)
+    assert g["difference"] == pytest.approx(0.015) and g["interval"][0] <= 0
+    assert g["promoted"] == "probe" and "within the noise" in g["reason"]
+    # a clear difference that misses the margin
+    g = tr.gate(better, probe, 0.2)
+    assert g["promoted"] == "probe" and "below the margin" in g["reason"]
     assert tr.gate(None, probe, 0.01)["promoted"] == "probe"
-    both_test = {"metrics": {"val": {"accuracy": 0.5}, "test": {"accuracy": 0.9}}}
-    assert tr.gate(both_test, {"metrics": {"val": {"accuracy": 0.9}, "test": {"accuracy": 0.6}}}, 0.01)["split"] == "test"
+
+
+def test_gate_decides_on_test_and_warns_on_val(tmp_path):
+    n = 100
+    # better on val (which selection saw) but worse on test: test decides
+    probe = {"metrics": {"val": _outcomes(tmp_path, "pv", [i < 50 for i in range(n)], "val"),
+                         "test": _outcomes(tmp_path, "pt", [i < 90 for i in range(n)])}}
+    ft = {"metrics": {"val": _outcomes(tmp_path, "fv", [True] * n, "val"),
+                      "test": _outcomes(tmp_path, "ft", [i < 60 for i in range(n)])}}
+    g = tr.gate(ft, probe, 0.0)
+    assert g["split"] == "test" and g["promoted"] == "probe" and g["difference"] == pytest.approx(-0.3)
+    assert g["accuracies"]["finetuned"] == {"val": 1.0, "test": 0.6}
+    only_val = tr.gate({"metrics": {"val": ft["metrics"]["val"]}}, {"metrics": {"val": probe["metrics"]["val"]}}, 0)
+    assert only_val["split"] == "val" and only_val["promoted"] == "finetuned" and "optimistic" in only_val["warning"]
 
 
 def test_candidate_layers_one_per_resolution():
@@ -119,3 +152,78 @@ def test_transfer_flow_routes_gates_and_reports(harness, tmp_path, texture_data,
         assert r["decision"]["probe_layer"] == "out_relu"  # case 1 probes the last layer
     if "case" in kwargs:
         assert f"Case {case} was forced" in report
+
+
+def test_no_selection_step_reads_the_test_rows(tmp_path):
+    """Poison the store's test rows (features replaced by large noise): the layer sweep, the similarity
+    decision and the probe's C search and weights stay exactly the same; only the test metrics move."""
+    import shutil
+
+    import h5py
+    import numpy as np
+
+    from flows.sweep import SWEEP_PROBE
+    from storage import ModelRegistry
+    from tasks.probe import evaluate_probe, fit_probe
+    from tasks.probe.linear import LinearConfig
+    from tasks.probe.train import sweep_layers
+    from test_linear import make_store
+
+    clean = make_store(tmp_path / "clean.h5")
+    poisoned = tmp_path / "poisoned.h5"
+    shutil.copy(clean, poisoned)
+    rng = np.random.default_rng(7)
+    with h5py.File(poisoned, "r+") as f:
+        for layer in ("signal", "noise"):
+            g = f[layer]["avg"]
+            test = np.flatnonzero(g["split"][:].astype(str) == "test")
+            assert len(test) >= 20
+            feats = g["features"][:]
+            feats[test] = rng.normal(0, 1000, feats[test].shape)
+            g["features"][:] = feats
+
+    seen = {}
+    for name, store in (("clean", clean), ("poisoned", poisoned)):
+        sweep = sweep_layers(store, None, SWEEP_PROBE, tmp_path / name)
+        sim = tr.measure_similarity(sweep["rows"], "signal", 0.02, pretrained=True)
+        size = tr.SizeMeasure(80, {"a": 27}, 27, 27, False, 500)
+        reg = tmp_path / name / "reg"
+        trained = fit_probe(store, "signal", "avg", LinearConfig(n_jobs=1), reg, name="p")
+        model, _ = ModelRegistry(reg).load("p", 1)
+        metrics = evaluate_probe(reg, "p", 1, store, report_dir=tmp_path / name)["metrics"]
+        seen[name] = {"rows": [(r["layer"], r["mean"], r["std"]) for r in sweep["rows"]],
+                      "decision": (tr.decide(size, sim).case, tr.decide(size, sim).probe_layer),
+                      "C": trained["C"], "cv": trained["cv_scores"], "coef": model[-1].coef_.copy(),
+                      "val": metrics["val"]["accuracy"], "test": metrics["test"]["accuracy"]}
+    a, b = seen["clean"], seen["poisoned"]
+    assert a["rows"] == b["rows"] and a["decision"] == b["decision"] and a["C"] == b["C"] and a["cv"] == b["cv"]
+    assert np.array_equal(a["coef"], b["coef"]) and a["val"] == b["val"]
+    assert a["test"] > b["test"] + 0.1, (a["test"], b["test"])  # the poison reached the rows that decide
+
+
+@pytest.mark.slow
+def test_fine_tuning_never_shows_test_images_to_training_or_early_stopping(tmp_path, texture_data, small_cnn,
+                                                                            monkeypatch):
+    """Every dataset fine-tuning builds (training, and val for early stopping and the best checkpoint)
+    holds train or val images only; without a val split it refuses rather than watch test."""
+    from storage.errors import DatasetError
+    from tasks.data.datasets import scan_dataset
+    from tasks.finetune import fine_tune, training
+
+    built: list[str] = []
+    real = training.make_dataset
+
+    def spy(paths, *args, **kwargs):
+        built.extend(paths)
+        return real(paths, *args, **kwargs)
+
+    monkeypatch.setattr(training, "make_dataset", spy)
+    m = scan_dataset(texture_data, seed=2)
+    split_of = {m.abspath(s): s.split for s in m.samples}
+    spec = BackboneSpec(small_cnn, weights="file", preprocessing="scale01")
+    cfg = FineTuneConfig(dense=[8], dropout=0.0, batch_size=8, augment=[], epochs=1)
+    fine_tune(m, spec, cfg, tmp_path / "run")
+    assert built and {split_of[p] for p in built} == {"train", "val"}
+    no_val = scan_dataset(texture_data, val_fraction=0.0, seed=2)
+    with pytest.raises(DatasetError, match="val split for early stopping"):
+        fine_tune(no_val, spec, cfg, tmp_path / "run2")

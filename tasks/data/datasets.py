@@ -10,7 +10,10 @@ Three layouts are understood:
 
 The split drawn for unsplit data is stratified per class, and each image's
 side is decided by a hash of (seed, path): the same data and seed always give
-the same split, and growing the dataset moves few existing images.
+the same split, growing the dataset moves few existing images, and identical
+files never sit on both sides. Data with train and val but no test gets a test
+split carved from val. A retraining lineage pins its images' splits by content
+hash (``pinned``), so that its test images never move into training.
 
 Nothing here decodes pixels or imports TensorFlow; files are only hashed.
 """
@@ -18,10 +21,11 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 from storage.errors import DatasetError, ParameterError
 from storage.hashing import file_sha256
@@ -32,6 +36,7 @@ SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "
                  "validation": "val", "test": "test", "testing": "test"}
 
 Progress = Callable[[int, int], None]
+log = logging.getLogger("cnncodes")
 
 
 def _is_hidden(name: str) -> bool:
@@ -108,15 +113,23 @@ def _hash_all(paths: list[str], workers: int, progress: Progress | None) -> dict
     return out
 
 
-def _rank(seed: int, path: str) -> str:
-    return hashlib.sha256(f"{seed}:{path}".encode()).hexdigest()
+def _rank(seed: int, key: str) -> str:
+    return hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()
 
 
-def assign_splits(items: list[tuple[str, int]], val_fraction: float, test_fraction: float,
-                  seed: int) -> dict[str, str]:
-    """Stratified split of ``(path, label)`` items: per class, images ordered by a hash of
-    (seed, path); the first ``round(n * test_fraction)`` go to test, the next
-    ``round(n * val_fraction)`` to val, the rest to train (at least one stays in train)."""
+def _n_held(n: int, fraction: float) -> int:
+    return int(round(n * fraction))
+
+
+def assign_splits(items: list[tuple[str, int]], val_fraction: float, test_fraction: float, seed: int,
+                  content: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Stratified split of ``(path, label)`` items: per class, items ordered by a hash of (seed,
+    path) (so that editing a file does not move it); the first
+    ``round(n * test_fraction)`` go to test, the next ``round(n * val_fraction)`` to val, the rest to
+    train (at least one stays in train). Identical files (``content`` maps paths to content hashes)
+    never straddle splits: when copies land apart, all of them go to train (or val), never to the
+    side that judges."""
+    content = content or {}
     by_class: dict[int, list[str]] = {}
     for path, label in items:
         by_class.setdefault(label, []).append(path)
@@ -124,8 +137,7 @@ def assign_splits(items: list[tuple[str, int]], val_fraction: float, test_fracti
     for label, paths in by_class.items():
         paths.sort(key=lambda p: _rank(seed, p))
         n = len(paths)
-        n_test = int(round(n * test_fraction))
-        n_val = int(round(n * val_fraction))
+        n_test, n_val = _n_held(n, test_fraction), _n_held(n, val_fraction)
         while n_test + n_val > n - 1 and (n_test or n_val):
             if n_val >= n_test and n_val:
                 n_val -= 1
@@ -133,7 +145,66 @@ def assign_splits(items: list[tuple[str, int]], val_fraction: float, test_fracti
                 n_test -= 1
         for i, p in enumerate(paths):
             out[p] = "test" if i < n_test else "val" if i < n_test + n_val else "train"
-    return out
+    return _keep_copies_together(out, content)
+
+
+def _keep_copies_together(split_of: dict[str, str], content: Mapping[str, str],
+                          fallback: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Copies of one file (same content hash) on different sides all move to the least held-out side
+    (train, else val); with ``fallback`` (given splits), a copy moves back to its given side instead."""
+    sides: dict[str, set[str]] = {}
+    for p, sp in split_of.items():
+        if p in content:
+            sides.setdefault(content[p], set()).add(sp)
+    for p, sp in split_of.items():
+        seen = sides.get(content.get(p, ""), set())
+        if len(seen) > 1:
+            target = "train" if "train" in seen else "val"
+            if sp != target:
+                split_of[p] = fallback[p] if fallback else target
+    return split_of
+
+
+def carve_test(items: list[tuple[str, int, str]], test_fraction: float, seed: int,
+               content: Mapping[str, str] | None = None) -> dict[str, str]:
+    """A test split for data that came with train and val splits but no test: per class,
+    ``round(n * test_fraction)`` of the class's images (``n`` counts all its images) move to test,
+    taken from val first (in seeded hash order of paths) and from train only when val runs short. At
+    least one image per class stays in train, and one in val where the class had val images. A file
+    with a copy left in train or val stays where it was given. ``items`` are ``(path, label, given
+    split)``; returns the final split of each path."""
+    content = content or {}
+    by_class: dict[int, list[tuple[str, str]]] = {}
+    for path, label, given in items:
+        by_class.setdefault(label, []).append((path, given))
+    out: dict[str, str] = {}
+    for label, rows in by_class.items():
+        n_test = _n_held(len(rows), test_fraction)
+        for path, given in rows:
+            out[path] = given
+        for source in ("val", "train"):
+            pool = sorted((p for p, g in rows if g == source), key=lambda p: _rank(seed, p))
+            take = max(0, min(n_test, len(pool) - 1))
+            for p in pool[:take]:
+                out[p] = "test"
+            n_test -= take
+    return _keep_copies_together(out, content, fallback={p: g for p, _, g in items})
+
+
+def load_pinned(path: str | os.PathLike) -> dict[str, str]:
+    """Pinned splits from a JSON file: ``{sha256: split}``, or a registry lineage's ``splits.json``
+    (whose ``samples`` hold that map)."""
+    import json
+
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise DatasetError(f"cannot read the pinned splits {path}: {exc}. Point --pinned at a JSON file of "
+                           "{sha256: split} or at a model lineage's splits.json in the registry.") from None
+    samples = data.get("samples", data) if isinstance(data, dict) else None
+    if not isinstance(samples, dict) or any(v not in SPLITS for v in samples.values()):
+        raise DatasetError(f"{path} is not a map of content hashes to splits ({', '.join(SPLITS)}).")
+    return dict(samples)
 
 
 def check_split_params(val_fraction: float, test_fraction: float) -> None:
@@ -145,9 +216,18 @@ def check_split_params(val_fraction: float, test_fraction: float) -> None:
                              f"to train on; got {val_fraction} + {test_fraction}.")
 
 
-def scan_dataset(source: str | os.PathLike, val_fraction: float = 0.2, test_fraction: float = 0.0,
-                 seed: int = 0, workers: int = 4, progress: Progress | None = None) -> Manifest:
+def scan_dataset(source: str | os.PathLike, val_fraction: float = 0.2, test_fraction: float = 0.15,
+                 seed: int = 0, workers: int = 4, progress: Progress | None = None,
+                 pinned: Mapping[str, str] | None = None) -> Manifest:
     """Scan ``source`` into a :class:`Manifest` with content hashes.
+
+    Splits: given ones (split folders, a CSV's split column) are kept. Data without splits gets a
+    drawn, stratified, seeded one (``val_fraction``, ``test_fraction`` of each class). Data with
+    train and val but no test gets a test split of ``test_fraction`` of each class, taken from val
+    first (see :func:`carve_test`), so that no selection step (early stopping, checkpoint choice,
+    C search, layer sweep) sees the images that decide. ``pinned`` maps content hashes to the split
+    an image must keep (a retraining lineage's holdout): only images not in it are drawn. Identical
+    files (same hash) always share a split.
 
     Files that cannot be used (unknown type, unreadable, not in a class folder,
     duplicates in a CSV) are listed in ``manifest.skipped`` with the reason;
@@ -226,14 +306,27 @@ def scan_dataset(source: str | os.PathLike, val_fraction: float = 0.2, test_frac
     given = [s for _, _, _, s in kept]
     split_fractions: dict[str, float] = {}
     split_seed: int | None = None
+    pinned = pinned or {}
+    content = {rel: h for rel, h, _, _ in kept}
     if all(s is None for s in given):
         split_seed = seed
         split_fractions = {"val": float(val_fraction), "test": float(test_fraction)}
-        drawn = assign_splits([(rel, label_of[cls]) for rel, _, cls, _ in kept], val_fraction, test_fraction, seed)
-        splits_final = [drawn[rel] for rel, _, _, _ in kept]
+        drawn = assign_splits([(rel, label_of[cls]) for rel, h, cls, _ in kept if h not in pinned],
+                              val_fraction, test_fraction, seed, content)
+        splits_final = [pinned.get(h) or drawn[rel] for rel, h, _, _ in kept]
+    elif "test" not in given and test_fraction > 0:
+        split_seed = seed
+        split_fractions = {"test": float(test_fraction)}
+        carved = carve_test([(rel, label_of[cls], s or "train") for rel, h, cls, s in kept
+                             if pinned.get(h) != "test"], test_fraction, seed, content)
+        splits_final = ["test" if pinned.get(h) == "test" else carved[rel] for rel, h, _, _ in kept]
     else:
         splits_final = [s or "train" for s in given]
     samples = [Sample(rel, h, label_of[cls], sp) for (rel, h, cls, _), sp in zip(kept, splits_final)]
+    if not any(sp == "test" for sp in splits_final):
+        log.warning("no test split in %s: the accuracy reported will be measured on val, which early stopping, "
+                    "checkpoints and layer choice saw, so it is optimistic. Set --test-fraction above 0 (default "
+                    "0.15) or add a test/ folder.", source)
     return Manifest(root=str(base), layout=layout, class_names=class_names, samples=samples,
                     split_seed=split_seed, split_fractions=split_fractions, skipped=skipped)
 

@@ -17,6 +17,7 @@ from storage.registry import RegistryError
 from storage.manifest import Manifest
 
 from ..probe.linear import LinearConfig
+from . import evidence
 
 
 def champion_record(registry: str | Path, name: str):
@@ -50,38 +51,58 @@ def probe_settings(registry: str | Path, name: str) -> dict[str, Any]:
     prov = open_store(meta["store"]).provenance
     cfg = LinearConfig.model_validate(meta["config"]).as_dict()
     return {"store": meta["store"], "layer": meta["layer"], "pooling": meta["pooling"], "config": cfg,
-            "spec": prov.get("spec"), "resize": prov.get("resize") or "stretch",
-            "split_seed": prov.get("split_seed") or 0,
-            "val_fraction": (prov.get("split_fractions") or {}).get("val", 0.2),
-            "test_fraction": (prov.get("split_fractions") or {}).get("test", 0.0)}
+            "spec": prov.get("spec"), "resize": prov.get("resize") or "stretch"}
 
 
 def split_settings(registry: str | Path, name: str) -> dict[str, Any]:
-    """``{"val", "test", "seed"}``: how the champion's dataset was split, to rescan it the same way."""
-    meta = champion_record(registry, name).metadata
-    out = {"val": 0.2, "test": 0.0, "seed": 0}
-    if meta.get("kind") == "linear-probe":
-        prov = open_store(meta["store"]).provenance
-        out.update({k: v for k, v in (prov.get("split_fractions") or {}).items() if k in ("val", "test")})
-        out["seed"] = prov.get("split_seed") or 0
-    elif meta.get("kind") == "fine-tuned":
-        out["seed"] = meta.get("config", {}).get("seed", 0)
-    return out
+    """``{"val", "test", "seed", "pinned"}``: how the lineage's data was split, read from the registry
+    (never assumed): the lineage's pinned splits (``pinned`` is their file: the images it names keep
+    their split), else the champion's metadata, else (older probes) its store's provenance."""
+    reg = ModelRegistry(registry)
+    rec = champion_record(registry, name)
+    lineage = reg.splits(name)
+    if lineage:
+        fractions, seed, pinned = lineage.get("fractions") or {}, lineage.get("seed"), str(reg.splits_path(name))
+    elif rec.metadata.get("split"):
+        fractions, seed, pinned = rec.metadata["split"].get("fractions") or {}, rec.metadata["split"].get("seed"), None
+    elif rec.metadata.get("kind") == "linear-probe":
+        prov = open_store(rec.metadata["store"]).provenance
+        fractions, seed, pinned = prov.get("split_fractions") or {}, prov.get("split_seed"), None
+    else:
+        raise RegistryError(f"model {name} v{rec.version} does not record how its data was split, so retraining "
+                            "cannot keep its test images out of training. Train it again with `cnncodes fine-tune` "
+                            "(which records it), then retrain.")
+    return {"val": float(fractions.get("val", 0.0)), "test": float(fractions.get("test", 0.0)),
+            "seed": int(seed or 0), "pinned": pinned}
 
 
-def decide_promotion(champion: dict[str, Any], challenger: dict[str, Any], margin: float) -> dict[str, Any]:
-    """Champion and challenger metrics ({split: {accuracy, ...}}) on the same data: promote only a
-    challenger whose accuracy exceeds the champion's by more than ``margin`` (test split if both
-    have it, else val). A tie keeps the champion."""
+def trained_on(registry: str | Path, name: str) -> set[str]:
+    """Content hashes the lineage has used for training or validation (pinned train or val): never
+    judged on, even if the data now lists them under test."""
+    return {h for h, sp in (ModelRegistry(registry).splits(name).get("samples") or {}).items() if sp != "test"}
+
+
+def decide_promotion(champion: dict[str, Any], challenger: dict[str, Any], margin: float,
+                     exclude: set[str] | frozenset[str] = frozenset()) -> dict[str, Any]:
+    """Champion and challenger metrics ({split: {accuracy, outcomes, ...}}) on the same data: promote
+    only a challenger whose accuracy exceeds the champion's by more than ``margin`` on the same
+    images, with a paired bootstrap interval of the difference above zero (test split if both have
+    it, else val with a warning). Images in ``exclude`` (the lineage trained on them) are left out.
+    A tie, or a difference within the noise, keeps the champion."""
     split = "test" if "test" in champion and "test" in challenger else "val"
     if split not in champion or split not in challenger:
         raise ParameterError("champion and challenger need a val or test split in common to be compared; "
-                             "extract with --val-fraction > 0.")
-    a, b = champion[split]["accuracy"], challenger[split]["accuracy"]
-    promote = b > a + margin
-    return {"split": split, "champion_accuracy": a, "challenger_accuracy": b, "margin": margin, "promote": promote,
-            "reason": (f"challenger {b:.4f} vs champion {a:.4f} on {split}: "
-                       + ("wins by more than" if promote else "does not win by more than") + f" {margin:g}")}
+                             "extract with --test-fraction > 0.")
+    cmp = evidence.compare(champion[split]["outcomes"], challenger[split]["outcomes"], exclude=exclude)
+    promote = evidence.clear_win(cmp, margin, strict=True)
+    why = ("wins by more than the margin and the interval excludes zero" if promote else
+           "does not win by more than the margin" if cmp["difference"] <= margin else
+           "wins by less than the noise (the interval reaches " + ("zero" if margin >= 0 else "the margin") + ")")
+    return {"split": split, "champion_accuracy": cmp["a_accuracy"], "challenger_accuracy": cmp["b_accuracy"],
+            "difference": cmp["difference"], "interval": cmp["interval"], "images": cmp["images"],
+            "excluded": cmp["excluded"], "mcnemar_p": cmp["mcnemar_p"], "margin": margin, "promote": promote,
+            "warning": None if split == "test" else "no test split: judged on val, which early stopping saw",
+            "reason": evidence.describe(cmp, "champion", "challenger", split) + f"; margin {margin:g}: {why}"}
 
 
 def apply_promotion(registry: str | Path, name: str, champion_version: int, challenger_version: int,

@@ -30,6 +30,7 @@ from storage.files import atomic_write
 from storage.manifest import Manifest
 
 from ..settings import Settings
+from . import evidence
 
 DEFAULT_LARGE_PER_CLASS = 500
 DEFAULT_SIMILARITY_MARGIN = 0.02
@@ -190,18 +191,31 @@ def top_freeze_for(layers: Sequence[dict[str, Any]], stride: int = 16) -> str | 
 
 
 def gate(finetuned: dict[str, Any] | None, probe: dict[str, Any], margin: float) -> dict[str, Any]:
-    """Promote the fine-tuned model only if it beats the probe by ``margin`` on the same held-out split."""
+    """Promote the fine-tuned model only if, on the same held-out images, it beats the probe by
+    ``margin`` *and* the paired bootstrap interval of the difference lies above zero. The test split
+    decides (no selection step saw it); val only when there is no test split, with a warning.
+    Otherwise the probe, the cheaper model, stays champion."""
     split = "test" if "test" in probe["metrics"] and (finetuned is None or "test" in finetuned["metrics"]) else "val"
-    p = probe["metrics"][split]["accuracy"]
+    out: dict[str, Any] = {"split": split, "margin": margin, "probe_accuracy": probe["metrics"][split]["accuracy"],
+                           "finetuned_accuracy": None, "difference": None, "interval": None,
+                           "accuracies": {k: {s: m.get("accuracy") for s, m in r["metrics"].items() if s != "train"}
+                                          for k, r in (("probe", probe), ("finetuned", finetuned)) if r},
+                           "warning": None if split == "test" else (
+                               "no test split: the gate decided on val, which the fine-tuned model's early "
+                               "stopping and checkpoint choice (and the layer sweep) saw, so its accuracy is "
+                               "optimistic; use --test-fraction above 0")}
     if finetuned is None:
-        return {"split": split, "probe_accuracy": p, "finetuned_accuracy": None, "margin": margin,
-                "promoted": "probe", "reason": "no fine-tuning for this case"}
-    f = finetuned["metrics"][split]["accuracy"]
-    promoted = "finetuned" if f >= p + margin else "probe"
-    reason = (f"fine-tuned {f:.3f} vs probe {p:.3f} on {split}: "
-              + ("beats it by at least" if promoted == "finetuned" else "does not beat it by") + f" {margin:g}")
-    return {"split": split, "probe_accuracy": p, "finetuned_accuracy": f, "margin": margin, "promoted": promoted,
-            "reason": reason}
+        return {**out, "promoted": "probe", "reason": "no fine-tuning for this case"}
+    cmp = evidence.compare(probe["metrics"][split]["outcomes"], finetuned["metrics"][split]["outcomes"])
+    won = evidence.clear_win(cmp, margin)
+    why = ("beats the probe by at least the margin and the interval excludes zero" if won else
+           "the difference is below the margin" if cmp["difference"] < margin else
+           "the difference is within the noise (the interval reaches " + ("zero" if margin >= 0 else "the margin") + ")")
+    return {**out, "probe_accuracy": cmp["a_accuracy"], "finetuned_accuracy": cmp["b_accuracy"],
+            "difference": cmp["difference"], "interval": cmp["interval"], "comparison": cmp,
+            "promoted": "finetuned" if won else "probe",
+            "reason": evidence.describe(cmp, "probe", "fine-tuned", split) + f"; margin {margin:g}: {why}"
+            + ("" if won else "; the probe, the cheaper model, stays champion")}
 
 
 def _pct(v: float | None) -> str:
@@ -235,9 +249,16 @@ def decision_markdown(d: dict[str, Any]) -> str:
         if m:
             lines.append(f"| {key}: `{m['name']}` | {m['version']} | "
                          + " | ".join(_pct(m["metrics"].get(s, {}).get("accuracy")) for s in ("val", "test")) + " |")
+    lines += ["", "val was seen by selection (the layer sweep; the fine-tuned model's early stopping and checkpoint "
+              "choice); test was seen by no selection step."]
     g = d["gate"]
-    lines += ["", "## Champion", "", f"**{g['promoted']}** is the champion: {g['reason']}.",
-              f"Margin: `--gate-margin {g['margin']:g}`. The other model stays in the registry for inspection.",
+    lines += ["", "## Champion", "", f"**{g['promoted']}** is the champion: {g['reason']}.", "",
+              f"Decided on the **{g['split']}** split. Margin: `--gate-margin {g['margin']:g}`; promotion also needs "
+              "the 95% paired bootstrap interval of the accuracy difference to lie above zero. The other model "
+              "stays in the registry for inspection."]
+    if g.get("warning"):
+        lines += ["", f"> **Warning**: {g['warning']}."]
+    lines += [
               "", f"Reports: probe `{(d.get('probe') or {}).get('report', '-')}`"
               + (f", fine-tuned `{d['finetuned']['report']}`" if d.get("finetuned") else ""), "",
               "## How to override", "",

@@ -67,18 +67,26 @@ def predict_paths(model, paths: Sequence[str], size: int, resize: str, batch_siz
 
 # --------------------------------------------------------------------------- evaluate + register
 def evaluate_finetuned(model_path: str | Path, manifest: Manifest, size: int, resize: str, batch_size: int,
-                       splits: Sequence[str] = ("train", "val", "test")) -> tuple[dict[str, Any], list[dict]]:
-    """Metrics per split of a saved fine-tuned model (images decoded as in training, no augmentation)."""
-    from ..reports.evaluate import evaluate_scores
+                       splits: Sequence[str] = ("train", "val", "test"), outcomes_prefix: str | Path | None = None
+                       ) -> tuple[dict[str, Any], list[dict]]:
+    """Metrics per split of a saved fine-tuned model (images decoded as in training, no augmentation).
+    With ``outcomes_prefix``, each val/test split's per-image outcomes go to
+    ``<prefix>.outcomes-<split>.csv`` and ``metrics[split]["outcomes"]`` names the file."""
+    from ..reports.evaluate import evaluate_scores, predicted, write_outcomes
 
     model = load_finetuned(model_path)
     metrics, skipped = {}, []
     for split in splits:
-        paths, labels, _ = split_arrays(manifest, split)
+        paths, labels, rel = split_arrays(manifest, split)
         if not paths:
             continue
         probs, ok, skips = predict_paths(model, paths, size, resize, batch_size)
         skipped += [{"path": s.path, "reason": s.reason} for s in skips]
         if ok:
             metrics[split] = evaluate_scores(probs, labels[ok], manifest.class_names)
+            if outcomes_prefix is not None and split != "train":
+                sha = {s.path: s.sha256 for s in manifest.samples if s.split == split}
+                out = write_outcomes(f"{outcomes_prefix}.outcomes-{split}.csv", [rel[i] for i in ok],
+                                     [sha[rel[i]] for i in ok], labels[ok], predicted(probs))
+                metrics[split]["outcomes"] = str(Path(out).resolve())
     return metrics, skipped

@@ -21,14 +21,19 @@ def evaluate_register_report(trained: dict[str, Any], manifest: Manifest, spec: 
                              resize: str, registry: str | Path, name: str, report_dir: str | Path) -> dict[str, Any]:
     # trained records the input size; older records only have the model file to ask
     size = int(trained.get("input_size") or load_finetuned(trained["model_path"]).input_shape[1])
-    metrics, skipped = evaluate_finetuned(trained["model_path"], manifest, size, resize, cfg.batch_size)
+    report_dir = Path(report_dir)
+    pending = report_dir / f".{name}-unregistered"
+    metrics, skipped = evaluate_finetuned(trained["model_path"], manifest, size, resize, cfg.batch_size,
+                                          outcomes_prefix=pending)
     result_obj = FineTuneResult(trained["model_path"], trained["history"], trained["phases"], trained["counts"],
                                 trained["skipped"], trained["seconds"], trained.get("resumed_from_epoch", {}),
                                 trained.get("stopped_early", False), size, trained.get("precision"),
                                 trained.get("devices", 1))
     reg = register_finetuned(result_obj, manifest, spec, cfg, resize, size, metrics, registry, name)
-    report_dir = Path(report_dir)
     stem = f"{reg['name']}-v{reg['version']}"
+    for split, m in metrics.items():  # the per-image outcomes take the registered version's name
+        if m.get("outcomes"):
+            m["outcomes"] = str(Path(m["outcomes"]).replace(report_dir / f"{stem}.outcomes-{split}.csv").resolve())
     plots = {split: str(ev.plot_confusion(m["confusion"], manifest.class_names,
                                           report_dir / f"{stem}.confusion-{split}.png",
                                           title=f"{reg['name']} v{reg['version']}: {split}").resolve())
@@ -79,8 +84,13 @@ def register_finetuned(result: FineTuneResult, manifest: Manifest, spec: Backbon
             "class_names": list(manifest.class_names), "dataset": manifest.root,
             "manifest_fingerprint": manifest.fingerprint(), "counts": result.counts, "phases": [
                 {k: v for k, v in p.items() if k != "history"} for p in result.phases],
-            "history": result.history, "train_seconds": round(result.seconds, 2), "metrics": metrics,
+            "history": result.history, "train_seconds": round(result.seconds, 2),
+            "metrics": {k: {m: v for m, v in d.items() if m != "outcomes"} for k, d in metrics.items()},
+            "split": {"seed": manifest.split_seed, "fractions": dict(manifest.split_fractions),
+                      "layout": manifest.layout},
             "stopped_early": result.stopped_early, "train_images": sum(1 for s in manifest.samples
                                                                         if s.split == "train")}
-    record = ModelRegistry(registry).save(name, metadata=meta, file=result.model_path)
+    reg = ModelRegistry(registry)
+    record = reg.save(name, metadata=meta, file=result.model_path)
+    reg.pin_splits(name, {s.sha256: s.split for s in manifest.samples}, manifest.split_fractions, manifest.split_seed)
     return {"name": record.name, "version": record.version, "model_path": str(record.model_path)}

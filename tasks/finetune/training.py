@@ -117,14 +117,15 @@ def fine_tune(manifest: Manifest, spec: BackboneSpec, cfg: FineTuneConfig, workd
     keras.utils.set_random_seed(cfg.seed)
     n_classes = len(manifest.class_names)
     tr_paths, tr_labels, tr_rel = split_arrays(manifest, "train")
-    val_split = "val" if any(s.split == "val" for s in manifest.samples) else "test"
-    va_paths, va_labels, va_rel = split_arrays(manifest, val_split)
+    # early stopping and the best checkpoint watch val; test is never shown to a selection step
+    va_paths, va_labels, va_rel = split_arrays(manifest, "val")
     if len(np.unique(tr_labels)) < 2:
         raise DatasetError(f"the train split has images of {len(np.unique(tr_labels))} class(es); fine-tuning "
                            "needs at least two.")
     if not va_paths:
-        raise DatasetError("fine-tuning needs a val (or test) split to monitor; use --val-fraction > 0 or a "
-                           "dataset with val/.")
+        raise DatasetError("fine-tuning needs a val split for early stopping and the best checkpoint (the test "
+                           "split is kept for the final, unbiased accuracy); use --val-fraction > 0 or a dataset "
+                           "with val/.")
     spec = spec.resolved()
     tf_runtime.check_precision(spec.precision)
     if strategy is None:

@@ -81,9 +81,14 @@ def fit_probe(store: str | Path, layer: str, pooling: str | None, cfg: LinearCon
         "feature_dim": dim, "feature_shape": attrs["feature_shape"], "features_sha256": digest,
         "class_names": class_names, "dataset": prov.get("dataset"),
         "manifest_fingerprint": attrs.get("manifest_fingerprint"),
+        "split": {"seed": prov.get("split_seed"), "fractions": dict(prov.get("split_fractions") or {}),
+                  "layout": prov.get("layout")},
         **{k: prov.get(k) for k in PROVENANCE_KEYS},
     }
-    record = ModelRegistry(registry).save(name, result.model, metadata)
+    reg = ModelRegistry(registry)
+    record = reg.save(name, result.model, metadata)
+    # the lineage's holdout: every image keeps the split it had at its first training
+    reg.pin_splits(record.name, fs.row_splits(layer, pooling), prov.get("split_fractions"), prov.get("split_seed"))
     return {"name": record.name, "version": record.version, "C": result.C, "cv_scores": result.cv_scores,
             "seconds": round(result.seconds, 3), "train_images": n_train, "model_path": str(record.model_path)}
 
@@ -113,11 +118,17 @@ def evaluate_probe(registry: str | Path, name: str, version: int | str | None, s
     stem = f"{record.name}-v{record.version}"
     metrics: dict[str, Any] = {}
     plots: dict[str, str] = {}
+    model_classes = np.asarray(getattr(model, "classes_", np.arange(len(class_names))))
     for split in splits:
         codes = fs.read(meta["layer"], meta["pooling"], split=split)
         if len(codes) == 0:
             continue
-        metrics[split] = ev.evaluate(model, codes.features, codes.labels, class_names)
+        scores = ev.scores_of(model, codes.features)
+        metrics[split] = ev.evaluate_scores(scores, codes.labels, class_names, model_classes)
+        if split != "train":
+            metrics[split]["outcomes"] = str(ev.write_outcomes(
+                report_dir / f"{stem}.outcomes-{split}.csv", codes.paths, codes.sha256, codes.labels,
+                ev.predicted(scores, model_classes)).resolve())
         plots[split] = str(ev.plot_confusion(metrics[split]["confusion"], class_names,
                                              report_dir / f"{stem}.confusion-{split}.png",
                                              title=f"{record.name} v{record.version}: {split}").resolve())
@@ -169,6 +180,13 @@ def metrics_markdown(header: list[str], result: dict[str, Any], meta: dict[str, 
         if "top5_accuracy" in v:
             row += f" {_pct(v['top5_accuracy'])} |"
         lines.append(row)
+    if "test" in m:
+        lines += ["", "**test** is the accuracy to quote: no selection step (C search, layer sweep, early stopping, "
+                      "checkpoint choice) saw it. val may have been seen by one."]
+    else:
+        lines += ["", "> **Warning**: no test split. The accuracy above is measured on val, which selection steps "
+                      "(early stopping, checkpoint choice, a layer sweep) may have seen, so it is optimistic. "
+                      "Extract or fine-tune with `--test-fraction` above 0 (the default is 0.15)."]
     for split in ("val", "test"):
         if split not in m:
             continue

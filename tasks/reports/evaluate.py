@@ -1,12 +1,16 @@
 """Evaluation of a classifier on a split: metrics, confusion matrix (table and PNG), report text."""
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from storage.files import atomic_path
+from storage.errors import ParameterError
+from storage.files import atomic_path, atomic_write
+
+OUTCOME_COLUMNS = ("path", "sha256", "label", "predicted", "correct")
 
 
 def scores_of(model, X: np.ndarray) -> np.ndarray:
@@ -16,6 +20,41 @@ def scores_of(model, X: np.ndarray) -> np.ndarray:
         return model.predict_proba(X)
     s = model.decision_function(X)
     return np.stack([-s, s], 1) if s.ndim == 1 else s
+
+
+def predicted(scores: np.ndarray, model_classes: np.ndarray | None = None) -> np.ndarray:
+    """The predicted class of each row of ``scores`` (columns: ``model_classes``, default 0..k-1)."""
+    idx = np.argmax(scores, axis=1)
+    return idx if model_classes is None else np.asarray(model_classes)[idx]
+
+
+def write_outcomes(path: str | Path, paths: Sequence[str], sha256: Sequence[str], labels: Sequence[int],
+                   predicted: Sequence[int]) -> Path:
+    """One CSV row per evaluated image: what the model said about it, and whether it was right."""
+    lines = [",".join(OUTCOME_COLUMNS)]
+    for p, h, y, q in zip(paths, sha256, labels, predicted):
+        p = str(p)
+        if any(c in p for c in ',"\n\r'):
+            p = '"' + p.replace('"', '""') + '"'
+        lines.append(f"{p},{h},{int(y)},{int(q)},{int(int(y) == int(q))}")
+    path = Path(path)
+    atomic_write(path, "\n".join(lines) + "\n")
+    return path
+
+
+def read_outcomes(path: str | Path) -> dict[tuple[str, str], tuple[int, bool]]:
+    """``{(path, sha256): (label, correct)}`` from an outcomes file."""
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            rows = list(csv.DictReader(fh))
+    except OSError as exc:
+        raise ParameterError(f"cannot read the per-image outcomes {path}: {exc}. Evaluate the model again "
+                             "(it writes them beside its report).") from None
+    try:
+        return {(r["path"], r["sha256"]): (int(r["label"]), r["correct"] == "1") for r in rows}
+    except (KeyError, ValueError) as exc:
+        raise ParameterError(f"{path} is not an outcomes file (columns {', '.join(OUTCOME_COLUMNS)}): {exc}. "
+                             "Evaluate the model again.") from None
 
 
 def evaluate(model, X: np.ndarray, y: np.ndarray, class_names: Sequence[str]) -> dict[str, Any]:
@@ -34,7 +73,7 @@ def evaluate_scores(scores: np.ndarray, y: np.ndarray, class_names: Sequence[str
 
     labels = np.arange(len(class_names))
     model_classes = labels if model_classes is None else np.asarray(model_classes)
-    pred = model_classes[np.argmax(scores, axis=1)]
+    pred = predicted(scores, model_classes)
     p, r, f, support = precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
     out: dict[str, Any] = {
         "images": int(len(y)),
