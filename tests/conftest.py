@@ -83,6 +83,17 @@ def texture_data(tmp_path):
     return make_dataset(tmp_path / "data", per_class=12, size=(48, 56), seed=1)
 
 
+@pytest.fixture
+def oriented_data(tmp_path):
+    """A 3-class train/val/test folder dataset that a small CNN can learn in seconds: 32 px PNG stripes
+    whose orientation (horizontal, vertical, diagonal) is the class, colours and period random; 30 train,
+    10 val and 15 test images per class."""
+    from tasks.data.synthetic import make_oriented_dataset
+
+    return make_oriented_dataset(tmp_path / "oriented", splits={"train": 30, "val": 10, "test": 15}, size=32,
+                                 seed=0)
+
+
 def shared_path(*parts: str) -> Path:
     return SHARED.joinpath(*parts)
 

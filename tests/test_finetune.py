@@ -120,6 +120,33 @@ def test_frozen_weights_and_bn_statistics_are_bit_identical_after_training(tmp_p
     assert res.counts["body_frozen_layers"] > 0 and len(res.history) == 2
 
 
+def test_fine_tuning_learns_oriented_stripes(tmp_path, oriented_data, small_cnn):
+    """Training must actually learn: on images whose class is the orientation of their stripes (colours,
+    period and phase random), the training loss falls at least threefold from the first epoch to the last,
+    and the saved model classifies held-out test images (never seen in training nor used for checkpoints)
+    far above chance. Setup: BatchNormalization frozen (the default), Adam at 3e-3 (head at 10x), batches of
+    8, 20 epochs (about 5 s on a CPU). Seen with training seeds 0-3: the loss falls 6-15x, test accuracy
+    0.91-1.0 (chance: 0.33)."""
+    import pandas as pd
+    from PIL import Image
+
+    from tasks.finetune import load_finetuned
+
+    m = scan_dataset(oriented_data)
+    assert {s.split for s in m.samples} == {"train", "val", "test"}
+    cfg = FineTuneConfig(**dict(SMALL, optimizer="adam", learning_rate=3e-3, epochs=20, patience=20))
+    res = fine_tune(m, _spec(small_cnn), cfg, tmp_path / "run")
+    losses = pd.read_csv(tmp_path / "run" / "history.csv")["loss"].tolist()
+    assert len(losses) == 20 and losses[-1] <= losses[0] / 3, losses
+    model = load_finetuned(res.model_path)
+    test = [s for s in m.samples if s.split == "test"]
+    images = np.stack([np.asarray(Image.open(m.abspath(s)).convert("RGB"), np.float32) for s in test])
+    predicted = np.argmax(model.predict(images, verbose=0), axis=1)
+    accuracy = float(np.mean(predicted == np.array([s.label for s in test])))
+    chance = 1 / len(m.class_names)
+    assert len(test) == 45 and accuracy >= chance + 0.4, (accuracy, losses)
+
+
 def test_early_stopping_stops(tmp_path, texture_data, small_cnn):
     m = scan_dataset(texture_data)
     cfg = FineTuneConfig(**dict(SMALL, epochs=12, patience=1, learning_rate=1e-12, monitor="val_loss",

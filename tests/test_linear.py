@@ -17,8 +17,11 @@ CLASSES = ["cat", "dog", "fox"]
 
 
 def make_store(path: Path, per_class=(40, 40, 40), dims=32, seed=0, groups=("signal", "noise"),
-               classes=CLASSES, backbone="toy") -> Path:
-    """A store with a 'signal' group (class-dependent means) and a 'noise' group (no class signal)."""
+               classes=CLASSES, backbone="toy", hard=False) -> Path:
+    """A store with a 'signal' group (class-dependent means) and a 'noise' group (no class signal).
+
+    ``hard``: the 'signal' group is made so that each part of a probe matters (see :func:`hard_signal`):
+    without its StandardScaler, or with a strongly regularising C, a probe falls to near chance."""
     rng = np.random.default_rng(seed)
     samples, labels = [], []
     for c, n in enumerate(per_class):
@@ -30,6 +33,8 @@ def make_store(path: Path, per_class=(40, 40, 40), dims=32, seed=0, groups=("sig
     centers = rng.normal(0, 1.0, (len(per_class), dims))
     feats = {"signal": (centers[labels] + rng.normal(0, 1.2, (len(labels), dims))).astype("f4"),
              "noise": rng.normal(0, 1, (len(labels), dims)).astype("f4")}
+    if hard:
+        feats["signal"] = hard_signal(labels, len(per_class), dims, rng)
     m = Manifest("/data", "folders", list(classes), samples)
     ident = {"backbone": backbone, "weights": "none", "weights_digest": "d" * 64, "input_size": 8,
              "preprocessing": "none"}
@@ -44,41 +49,128 @@ def make_store(path: Path, per_class=(40, 40, 40), dims=32, seed=0, groups=("sig
     return path
 
 
+def hard_signal(labels: np.ndarray, n_classes: int, dims: int, rng: np.random.Generator) -> np.ndarray:
+    """Codes on which a linear probe reaches about 0.85, not 1.0, and only when each part works:
+
+    * the class means differ in the first half of the dimensions only, and those are tiny (scales
+      1e-3 to 1e-2) while the uninformative half is loud (scales 10 to 100, with offsets): without
+      standardisation the L2 penalty leaves the informative dimensions unused (near chance);
+    * noise is correlated across every dimension through four strong latent factors: a strongly
+      regularised probe (small C) stays near the class-mean direction, which the factors swamp, and
+      only a weakly regularised one learns to cancel them with the uninformative dimensions."""
+    informative = dims // 2
+    centers = rng.normal(0, 1.0, (n_classes, dims))
+    centers[:, informative:] = 0
+    n = len(labels)
+    x = centers[labels] + rng.normal(0, 1.2, (n, dims)) + rng.normal(0, 3.0, (n, 4)) @ rng.normal(0, 1, (4, dims))
+    scale = np.where(np.arange(dims) < informative, 10 ** rng.uniform(-3, -2, dims), 10 ** rng.uniform(1, 2, dims))
+    return ((x + rng.uniform(-10, 10, dims)) * scale).astype("f4")
+
+
+def reference_pipeline(classifier: str, C: float, n_train: int, scale: bool = True):
+    """The plain scikit-learn model a probe of ``classifier`` at ``C`` stands for: StandardScaler (unless
+    ``scale`` is False) + LogisticRegression, LinearSVC calibrated as the project calibrates it (sigmoid,
+    3 folds), or, for SGD with alpha = 1 / (1000 C), the logistic regression it approximates
+    (C' = 1 / (alpha n_train))."""
+    from sklearn.calibration import CalibratedClassifierCV
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.svm import LinearSVC
+
+    if classifier == "svm":
+        clf = LinearSVC(C=C, max_iter=3000, dual="auto", random_state=0)
+    else:
+        clf = LogisticRegression(C=C if classifier == "softmax" else 1000.0 * C / n_train, max_iter=3000)
+    model = make_pipeline(StandardScaler(), clf) if scale else clf
+    return CalibratedClassifierCV(model, method="sigmoid", cv=3) if classifier == "svm" else model
+
+
+def reference_model(store, layer: str, classifier: str, C: float, scale: bool = True):
+    """:func:`reference_pipeline` fitted on the store's train rows of ``layer``/avg (read back from the
+    store, as the project trained on them)."""
+    from storage import open_store
+
+    train = open_store(store).read(layer, "avg", split="train")
+    return reference_pipeline(classifier, C, len(train), scale).fit(train.features, train.labels)
+
+
+def reference_accuracy(store, layer: str, split: str, classifier: str, C: float, scale: bool = True) -> float:
+    """Accuracy on ``split`` of :func:`reference_model`."""
+    from storage import open_store
+
+    ev = open_store(store).read(layer, "avg", split=split)
+    model = reference_model(store, layer, classifier, C, scale)
+    return float((model.predict(ev.features) == ev.labels).mean())
+
+
+def assert_matches_reference(accuracy: float, store, layer: str, split: str, classifier: str, C: float,
+                             images: int, tolerance: int = 1, bad_c: float | None = 0.001) -> float:
+    """The project's ``accuracy`` on ``split`` equals scikit-learn's reference at the same C within
+    ``tolerance`` images, and the data can tell a broken probe apart: the reference without its
+    StandardScaler (and, with ``bad_c``, the reference at that C) is worse by at least 0.2."""
+    ref = reference_accuracy(store, layer, split, classifier, C)
+    assert abs(accuracy - ref) <= tolerance / images + 1e-9, (classifier, split, C, accuracy, ref)
+    unscaled = reference_accuracy(store, layer, split, classifier, C, scale=False)
+    assert unscaled <= ref - 0.2, ("at this C the reference gains nothing from its scaler: the data is too easy or "
+                                   "C is a bad one", classifier, split, C, ref, unscaled)
+    if bad_c is not None and bad_c != C:
+        bad = reference_accuracy(store, layer, split, classifier, bad_c)
+        assert bad <= ref - 0.2, ("the data does not need a good C", classifier, split, ref, bad)
+    return ref
+
+
 def _sklearn_reference(store) -> dict[str, float]:
-    """Accuracy per split of a plain scikit-learn pipeline fit on the same train rows (C by its own CV)."""
-    from sklearn.linear_model import LogisticRegressionCV
+    """Accuracy per split of a plain scikit-learn pipeline fit on the same train rows, C chosen by its own
+    search (other folds than the project's): a probe whose C search went wrong falls behind it."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GridSearchCV, StratifiedKFold
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    fs = FeatureStore(store)
+    from storage import open_store
+
+    fs = open_store(store)
     train = fs.read("signal", "avg", split="train")
-    model = make_pipeline(StandardScaler(), LogisticRegressionCV(Cs=[0.001, 0.01, 0.1, 1.0, 10.0], cv=5,
-                                                                 max_iter=3000)).fit(train.features, train.labels)
+    model = GridSearchCV(make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000)),
+                         {"logisticregression__C": [0.001, 0.01, 0.1, 1.0, 10.0]},
+                         cv=StratifiedKFold(5, shuffle=True, random_state=1)).fit(train.features, train.labels)
     return {split: float((model.predict(c.features) == c.labels).mean())
             for split in ("val", "test") for c in [fs.read("signal", "avg", split=split)]}
 
 
 @pytest.mark.parametrize("classifier", ["softmax", "svm", "sgd"])
-def test_each_classifier_is_well_above_chance_and_reported(tmp_path, classifier):
-    store = make_store(tmp_path / "s.h5")
+def test_each_classifier_matches_scikit_learn_and_is_reported(tmp_path, classifier):
+    # SGD with its 5 passes needs more rows than 60 to come near the optimum it approximates; the store is
+    # read in one chunk here (see test_chunked_sgd_learns_from_a_class_sorted_store for many chunks).
+    per = 200 if classifier == "sgd" else 40
+    n_eval, n_train = 3 * per // 4, 3 * per // 2
+    store = make_store(tmp_path / "s.h5", per_class=(per,) * 3, hard=True)
     reg = tmp_path / "registry"
-    trained = fit_probe(store, "signal", "avg", LinearConfig(classifier=classifier, n_jobs=1, chunk_rows=16),
-                        reg, name=f"m-{classifier}")
-    assert trained["version"] == 1 and trained["train_images"] == 60
+    trained = fit_probe(store, "signal", "avg", LinearConfig(classifier=classifier, n_jobs=1), reg,
+                        name=f"m-{classifier}")
+    assert trained["version"] == 1 and trained["train_images"] == n_train
     res = evaluate_probe(reg, f"m-{classifier}", 1, store, report_dir=tmp_path / "reports")
-    reference = _sklearn_reference(store)
+    searched = _sklearn_reference(store) if classifier != "sgd" else None  # SGD: C is given, not searched
     for split in ("val", "test"):
-        assert res["metrics"][split]["accuracy"] >= 0.85, (classifier, res["metrics"][split])  # chance: 0.33
-        assert res["metrics"][split]["images"] == 30
-        # as good as scikit-learn's own scaler + logistic regression on the same rows, within 2 images of 30
-        assert res["metrics"][split]["accuracy"] >= reference[split] - 2 / 30, (classifier, reference)
+        m = res["metrics"][split]
+        assert m["images"] == n_eval
+        if searched:  # as good as scikit-learn choosing C by itself (within 2 images of 30): the C search works
+            assert m["accuracy"] >= searched[split] - 2 / 30, ("behind scikit-learn's own C search", classifier,
+                                                                split, trained["C"], m["accuracy"], searched)
+        # scikit-learn's own pipeline at the C the project chose: the same accuracy (SGD: close to the
+        # logistic regression it approximates), and the data punishes a missing scaler or a bad C
+        assert_matches_reference(m["accuracy"], store, "signal", split, classifier, trained["C"], n_eval,
+                                 tolerance=7 if classifier == "sgd" else 1)
+        assert m["accuracy"] <= 0.99  # not so easy that anything would do
     report = Path(res["report"]).read_text()
-    assert "| val | 30 |" in report and "## Per class (val)" in report and "**fox**" in report
+    assert f"| val | {n_eval} |" in report and "## Per class (val)" in report and "**fox**" in report
     for split in ("train", "val", "test"):
         png = Path(res["confusion_plots"][split])
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     conf = np.array(res["metrics"]["val"]["confusion"])
-    assert conf.shape == (3, 3) and conf.sum() == 30 and np.trace(conf) == round(30 * res["metrics"]["val"]["accuracy"])
+    assert conf.shape == (3, 3) and conf.sum() == n_eval
+    assert np.trace(conf) == round(n_eval * res["metrics"]["val"]["accuracy"])
     if classifier != "sgd":
         assert len(trained["cv_scores"]) == 5 and trained["C"] in [r["C"] for r in trained["cv_scores"]]
         assert Path(res["cv_plot"]).exists() and "## C search" in report
@@ -93,12 +185,18 @@ def test_noise_features_stay_near_chance(tmp_path):
 
 def test_svm_calibration_gives_probabilities_that_sum_to_one():
     rng = np.random.default_rng(1)
-    y = np.repeat([0, 1, 2], 30)
-    X = rng.normal(0, 1, (90, 8)) + y[:, None]
-    res = train_linear(X, y, CLASSES, LinearConfig(classifier="svm", C=0.1, n_jobs=1))
-    p = res.model.predict_proba(X)
-    assert p.shape == (90, 3) and np.all(p >= 0) and np.allclose(p.sum(1), 1.0)
-    assert (p.argmax(1) == y).mean() > 0.8
+    y = np.repeat([0, 1, 2], 40)
+    X = hard_signal(y, 3, 32, rng)
+    tr, ho = np.arange(120) % 2 == 0, np.arange(120) % 2 == 1
+    res = train_linear(X[tr], y[tr], CLASSES, LinearConfig(classifier="svm", C=1.0, n_jobs=1))
+    p = res.model.predict_proba(X[ho])
+    assert p.shape == (60, 3) and np.all(p >= 0) and np.allclose(p.sum(1), 1.0)
+    # the probabilities of scikit-learn's own calibrated scaler + LinearSVC, and its held-out accuracy
+    ref = reference_pipeline("svm", 1.0, 60).fit(X[tr], y[tr])
+    np.testing.assert_allclose(p, ref.predict_proba(X[ho]), atol=1e-6)
+    acc, ref_acc = (p.argmax(1) == y[ho]).mean(), (ref.predict(X[ho]) == y[ho]).mean()
+    unscaled = (reference_pipeline("svm", 1.0, 60, scale=False).fit(X[tr], y[tr]).predict(X[ho]) == y[ho]).mean()
+    assert abs(acc - ref_acc) <= 1 / 60 and acc <= 0.99 and unscaled <= ref_acc - 0.2, (acc, ref_acc, unscaled)
     uncal = train_linear(X, y, CLASSES, LinearConfig(classifier="svm", C=0.1, calibrate=False, n_jobs=1))
     assert not hasattr(uncal.model, "predict_proba")
 
@@ -123,21 +221,40 @@ def test_class_weight_balanced_helps_a_rare_class():
 
 
 def test_chunked_sgd_sees_every_chunk_and_learns(tmp_path):
-    store = make_store(tmp_path / "s.h5", per_class=(60, 60, 60))
+    store = make_store(tmp_path / "s.h5", per_class=(200, 200, 200), hard=True)
     fs = FeatureStore(store)
+    train = fs.read("signal", "avg", split="train")
+    # rows in a mixed order of classes, as in a store written in random order (on a class-sorted store, see
+    # test_chunked_sgd_learns_from_a_class_sorted_store)
+    order = np.random.default_rng(0).permutation(len(train))
     passes = []
 
     def chunks():
         n = 0
-        for c in fs.iter_chunks("signal", "avg", split="train", rows=32):
-            n += len(c)
-            yield c.features, c.labels
+        for start in range(0, len(order), 32):
+            rows = order[start:start + 32]
+            n += len(rows)
+            yield train.features[rows], train.labels[rows]
         passes.append(n)
 
     res = train_sgd_chunked(chunks, [0, 1, 2], LinearConfig(classifier="sgd", sgd_epochs=4))
-    assert passes == [90] * 5  # one pass for the scaler, then one per epoch, each over all 90 rows
+    assert passes == [300] * 5  # one pass for the scaler, then one per epoch, each over all 300 rows
     val = fs.read("signal", "avg", split="val")
-    assert (res.model.predict(val.features) == val.labels).mean() > 0.85
+    acc = float((res.model.predict(val.features) == val.labels).mean())
+    # close to the logistic regression SGD approximates (within 7 images of 150), which needs the scaler
+    assert_matches_reference(acc, store, "signal", "val", "sgd", 1.0, len(val), tolerance=7)
+
+
+@pytest.mark.xfail(strict=True, reason="train_sgd_chunked reads chunks in store order; a store extracted from "
+                                       "class folders is sorted by class, so SGD sees one class per chunk and "
+                                       "ends far below the reference (0.73 against 0.98 here)")
+def test_chunked_sgd_learns_from_a_class_sorted_store(tmp_path):
+    store = make_store(tmp_path / "s.h5", per_class=(200, 200, 200), hard=True)  # rows sorted by class
+    fit_probe(store, "signal", "avg", LinearConfig(classifier="sgd", chunk_rows=32, n_jobs=1), tmp_path / "r",
+              name="sgd")
+    res = evaluate_probe(tmp_path / "r", "sgd", None, store, splits=("val",), report_dir=tmp_path)
+    assert_matches_reference(res["metrics"]["val"]["accuracy"], store, "signal", "val", "sgd", 1.0, 150,
+                             tolerance=7)
 
 
 def test_bad_inputs_are_clear_errors(tmp_path):
@@ -214,11 +331,19 @@ def test_predict_reproduces_the_evaluation_on_validation_images(tmp_path, textur
 
 def test_top5_accuracy_appears_with_more_than_five_classes(tmp_path):
     classes = [f"c{i}" for i in range(7)]
-    store = make_store(tmp_path / "s.h5", per_class=(24,) * 7, classes=classes)
-    fit_probe(store, "signal", "avg", LinearConfig(C=0.1, n_jobs=1), tmp_path / "r", name="seven")
+    store = make_store(tmp_path / "s.h5", per_class=(24,) * 7, classes=classes, hard=True)
+    fit_probe(store, "signal", "avg", LinearConfig(C=1.0, n_jobs=1), tmp_path / "r", name="seven")
     res = evaluate_probe(tmp_path / "r", "seven", None, store, report_dir=tmp_path)
     val = res["metrics"]["val"]
-    assert 0 <= val["accuracy"] <= val["top5_accuracy"] <= 1 and val["top5_accuracy"] > 0.9
+    assert 0 <= val["accuracy"] <= val["top5_accuracy"] <= 1
+    # accuracy and top-5 accuracy of scikit-learn's own pipeline at the same C, within one image of 42
+    assert_matches_reference(val["accuracy"], store, "signal", "val", "softmax", 1.0, 42, bad_c=None)
+    from sklearn.metrics import top_k_accuracy_score
+
+    codes = FeatureStore(store).read("signal", "avg", split="val")
+    ref_top5 = top_k_accuracy_score(codes.labels, reference_model(store, "signal", "softmax", 1.0).predict_proba(
+        codes.features), k=5, labels=np.arange(7))
+    assert abs(val["top5_accuracy"] - ref_top5) <= 1 / 42 + 1e-9 and val["top5_accuracy"] < 1.0, (val, ref_top5)
     assert "top-5" in Path(res["report"]).read_text()
     three = make_store(tmp_path / "t.h5")
     fit_probe(three, "signal", "avg", LinearConfig(C=0.1, n_jobs=1), tmp_path / "r", name="three")
