@@ -150,7 +150,7 @@ def test_files_that_cannot_be_used_are_listed_with_a_reason(tmp_path):
     (tmp_path / "empty_class").mkdir()
     m = scan_dataset(tmp_path)
     reasons = skipped(m)
-    assert "not an image file type (.txt)" in reasons["cats/notes.txt"]
+    assert "not an image Pillow can identify (.txt)" in reasons["cats/notes.txt"]
     assert "no extension" in reasons["cats/README"]
     assert "class folder" in reasons["stray_000.png"] and "move it" in reasons["stray_000.png"]
     assert "empty class folder" in reasons["empty_class/"] and "left out" in reasons["empty_class/"]
@@ -349,6 +349,7 @@ def test_csv_duplicates_missing_files_and_non_images_are_skipped(tmp_path, pool)
             "./pool/img_001.png,b",  # the same file written differently
             "pool/gone.png,a",
             "pool/readme.txt,b"]
+    (pool / "readme.txt").write_text("notes, not a picture")  # judged by its content: not an image
     m = scan_dataset(write_csv(tmp_path / "s.csv", rows), val_fraction=0.0)
     assert sorted(split_of(m)) == ["pool/img_000.png", "pool/img_001.png", "pool/img_002.png"]
     labels = {s.path: m.class_names[s.label] for s in m.samples}
@@ -357,7 +358,7 @@ def test_csv_duplicates_missing_files_and_non_images_are_skipped(tmp_path, pool)
     assert sum("listed twice" in r for _, r in reasons) == 2
     assert any(p == "pool/img_000.png" and "line 5" in r for p, r in reasons)
     assert ("pool/gone.png", "file not found") in reasons
-    assert any(p == "pool/readme.txt" and "not an image file type" in r for p, r in reasons)
+    assert any(p == "pool/readme.txt" and "not an image Pillow can identify (.txt)" in r for p, r in reasons)
 
 
 def test_csv_where_no_file_exists(tmp_path):

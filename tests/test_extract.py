@@ -120,7 +120,7 @@ def test_bad_files_are_skipped_and_reported_not_fatal(tmp_path, texture_data, ti
     reasons = {d["path"].split("/")[-1]: d["reason"] for d in s["skipped"]}
     assert set(reasons) == {"zero.jpg", "text.png", "truncated.jpg", "notes.txt"}
     assert "empty" in reasons["zero.jpg"] and "not an image" in reasons["text.png"]
-    assert "truncated" in reasons["truncated.jpg"] and "not an image file type" in reasons["notes.txt"]
+    assert "truncated" in reasons["truncated.jpg"] and "not an image Pillow can identify (.txt)" in reasons["notes.txt"]
     assert s["computed"] == 36 and len(FeatureStore(store).read(TINY_LAST)) == 36
     # the up-to-date path still reports them
     again = extract_to_store(scan_dataset(texture_data), store, tiny_spec, [(TINY_LAST, "avg")])

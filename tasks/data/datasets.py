@@ -15,7 +15,9 @@ files never sit on both sides. Data with train and val but no test gets a test
 split carved from val. A retraining lineage pins its images' splits by content
 hash (``pinned``), so that its test images never move into training.
 
-Nothing here decodes pixels or imports TensorFlow; files are only hashed.
+Which files are images is decided in :mod:`tasks.data.media`: a known image extension, or else
+content Pillow identifies (header only). Nothing here decodes pixels or imports TensorFlow; files are
+only hashed, and those without a known image extension sniffed in the same pass.
 """
 from __future__ import annotations
 
@@ -31,7 +33,8 @@ from storage.errors import DatasetError, ParameterError
 from storage.hashing import file_sha256
 from storage.manifest import SPLITS, Manifest, Sample, Skip
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+from .media import IMAGE_EXTENSIONS, NotMedia, describe_supported, kind_from_extension, sniff  # noqa: F401
+
 SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val",
                  "validation": "val", "test": "test", "testing": "test"}
 
@@ -97,12 +100,17 @@ def detect_layout(source: str | os.PathLike) -> str:
 
 
 def _hash_all(paths: list[str], workers: int, progress: Progress | None) -> dict[str, str | Exception]:
+    """Content hash of each path, or the exception that says why it is not used: OSError (unreadable)
+    or NotMedia. A file without a known image extension is sniffed first (its header read by Pillow)
+    and hashed only when it is an image, so each file is opened once more at most."""
     out: dict[str, str | Exception] = {}
 
     def one(p: str):
         try:
+            if kind_from_extension(p) is None:
+                sniff(p)
             return p, file_sha256(p)
-        except OSError as exc:
+        except (OSError, NotMedia) as exc:
             return p, exc
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
@@ -111,6 +119,28 @@ def _hash_all(paths: list[str], workers: int, progress: Progress | None) -> dict
             if progress and (i % 64 == 0 or i == len(paths)):
                 progress(i, len(paths))
     return out
+
+
+def _unused_reason(path: str, exc: Exception) -> str:
+    """Why a listed file is not used, from the exception :func:`_hash_all` gave for it."""
+    if isinstance(exc, NotMedia):
+        return str(exc)
+    if isinstance(exc, FileNotFoundError):
+        if os.path.islink(path):
+            return f"broken symbolic link: its target {os.readlink(path)} does not exist"
+        return "file not found"
+    if isinstance(exc, IsADirectoryError):
+        return "a folder, not a file"
+    return f"unreadable: {getattr(exc, 'strerror', None) or exc}"
+
+
+def _no_images(source, skipped: list[Skip] | None = None, layouts: bool = True) -> DatasetError:
+    """No file in ``source`` is an image; ``skipped`` holds the reasons for the files that were there."""
+    examples = "; ".join(f"{s.path}: {s.reason}" for s in (skipped or [])[:3])
+    reasons = f"; none of its {len(skipped)} files is one (for example {examples})" if skipped else ""
+    advice = (" Check the path and the layout: <class>/<image>, train|val|test/<class>/<image>, or a CSV with "
+              "path,label[,split].") if layouts else ""
+    return DatasetError(f"no images found in {source} (supported types: {describe_supported()}){reasons}.{advice}")
 
 
 def _rank(seed: int, key: str) -> str:
@@ -229,9 +259,10 @@ def scan_dataset(source: str | os.PathLike, val_fraction: float = 0.2, test_frac
     an image must keep (a retraining lineage's holdout): only images not in it are drawn. Identical
     files (same hash) always share a split.
 
-    Files that cannot be used (unknown type, unreadable, not in a class folder,
-    duplicates in a CSV) are listed in ``manifest.skipped`` with the reason;
-    empty class folders are listed there too and the class is left out.
+    Files that cannot be used (not an image Pillow can identify, unreadable, not in a class folder,
+    duplicates in a CSV) are listed in ``manifest.skipped`` with the reason; a class folder with no
+    usable image is listed there too and the class is left out. Which files are images:
+    :mod:`tasks.data.media`.
     Raises DatasetError when nothing usable remains.
     """
     check_split_params(val_fraction, test_fraction)
@@ -240,10 +271,12 @@ def scan_dataset(source: str | os.PathLike, val_fraction: float = 0.2, test_frac
     skipped: list[Skip] = []
     # (absolute path, relative path, class name, split or None)
     entries: list[tuple[str, str, str, str | None]] = []
-    empty_dirs: list[tuple[str, str]] = []  # (relative folder, class name)
+    class_dirs: list[tuple[str, str]] = []  # (relative folder, class name)
+    dir_of: dict[str, int] = {}  # absolute path -> index into class_dirs
 
-    def add_folder(folder: Path, cls: str, split: str | None, base: Path) -> int:
-        count = 0
+    def add_folder(folder: Path, cls: str, split: str | None, base: Path) -> None:
+        index = len(class_dirs)
+        class_dirs.append((folder.relative_to(base).as_posix() + "/", cls))
         files, loops = _list_files(folder)
         for d in loops:
             skipped.append(Skip(d.relative_to(base).as_posix() + "/",
@@ -252,13 +285,8 @@ def scan_dataset(source: str | os.PathLike, val_fraction: float = 0.2, test_frac
             rel = f.relative_to(base).as_posix()
             if _is_hidden(f.name):
                 continue
-            if f.suffix.lower() not in IMAGE_EXTENSIONS:
-                skipped.append(Skip(rel, f"not an image file type ({f.suffix or 'no extension'}); "
-                                         f"supported: {', '.join(IMAGE_EXTENSIONS)}"))
-                continue
-            entries.append((str(f), rel, cls, split))
-            count += 1
-        return count
+            entries.append((str(f), rel, cls, split))  # its type is judged while hashing
+            dir_of[str(f)] = index
 
     if layout == "csv":
         base = root.parent
@@ -277,31 +305,39 @@ def scan_dataset(source: str | os.PathLike, val_fraction: float = 0.2, test_frac
                 skipped.append(Skip(f.relative_to(root).as_posix(),
                                     f"not inside a class folder; move it into {where} to use it"))
             for cls_dir in _subdirs(folder):
-                if add_folder(cls_dir, cls_dir.name, split, root) == 0:
-                    empty_dirs.append((cls_dir.relative_to(root).as_posix() + "/", cls_dir.name))
+                add_folder(cls_dir, cls_dir.name, split, root)
 
     if not entries:
-        raise DatasetError(f"no images found in {source} (supported types: {', '.join(IMAGE_EXTENSIONS)}). "
-                           "Check the path and the layout: <class>/<image>, train|val|test/<class>/<image>, "
-                           "or a CSV with path,label[,split].")
+        raise _no_images(source)
 
     hashes = _hash_all([e[0] for e in entries], workers, progress)
     kept = []
+    not_media = 0
+    used, failed = set(), set()  # class folders (indices) with a usable image, with an unreadable one
     for abs_path, rel, cls, split in entries:
         h = hashes[abs_path]
         if isinstance(h, Exception):
-            reason = "file not found" if isinstance(h, FileNotFoundError) else f"unreadable: {h.strerror or h}"
-            skipped.append(Skip(rel, reason))
+            skipped.append(Skip(rel, _unused_reason(abs_path, h)))
+            not_media += isinstance(h, NotMedia)
+            if abs_path in dir_of and not isinstance(h, NotMedia):
+                failed.add(dir_of[abs_path])
         else:
             kept.append((rel, h, cls, split))
+            if abs_path in dir_of:
+                used.add(dir_of[abs_path])
     if not kept:
-        raise DatasetError(f"none of the {len(entries)} image files in {source} could be read; see the reasons: "
-                           + "; ".join(f"{s.path}: {s.reason}" for s in skipped[:5]))
+        if not_media == len(entries):
+            listed = {e[1] for e in entries}
+            raise _no_images(source, [s for s in skipped if s.path in listed])
+        raise DatasetError(f"none of the {len(entries)} files in {source} could be read as images; see the "
+                           "reasons: " + "; ".join(f"{s.path}: {s.reason}" for s in skipped[:5]))
 
     class_names = sorted({cls for _, _, cls, _ in kept})
-    for rel_dir, cls in empty_dirs:
-        skipped.append(Skip(rel_dir, "empty class folder: no images" + (
-            "" if cls in class_names else ", class left out")))
+    for i, (rel_dir, cls) in enumerate(class_dirs):
+        if i not in used:
+            what = "class folder with no readable image (see its files' reasons)" if i in failed \
+                else "empty class folder: no images"
+            skipped.append(Skip(rel_dir, what + ("" if cls in class_names else ", class left out")))
     label_of = {c: i for i, c in enumerate(class_names)}
     given = [s for _, _, _, s in kept]
     split_fractions: dict[str, float] = {}
@@ -369,9 +405,6 @@ def _parse_csv(csv_path: Path, reader: csv.DictReader):
             skipped.append(Skip(rel, f"listed twice in {csv_path.name} (line {lineno}); first entry kept"))
             continue
         seen.add(rel)
-        if abs_path.suffix.lower() not in IMAGE_EXTENSIONS:
-            skipped.append(Skip(rel, f"not an image file type ({abs_path.suffix or 'no extension'})"))
-            continue
         entries.append((str(abs_path), rel, label, split))
     has_split = [e[3] is not None for e in entries]
     if any(has_split) and not all(has_split):
@@ -384,7 +417,8 @@ def scan_images(source: str | os.PathLike, workers: int = 4, progress: Progress 
     """Unlabelled images to predict on: a folder (searched recursively; class folders are not
     needed), one image file, a ``.txt`` list of paths (one per line), or a CSV with a ``path``
     column. Paths in a list are relative to the list's folder. Every sample has label -1 and split
-    ``predict``; unusable files are listed in ``skipped``."""
+    ``predict``; unusable files are listed in ``skipped``. Which files are images:
+    :mod:`tasks.data.media`."""
     p = Path(source)
     skipped: list[Skip] = []
     if p.is_dir():
@@ -393,7 +427,7 @@ def scan_images(source: str | os.PathLike, workers: int = 4, progress: Progress 
         skipped += [Skip(d.relative_to(base).as_posix() + "/", "symbolic link to a folder already scanned; "
                          "not followed") for d in loops]
         candidates = [(str(f), f.relative_to(base).as_posix()) for f in files if not _is_hidden(f.name)]
-    elif p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS:
+    elif p.is_file() and kind_from_extension(p):
         base = p.resolve().parent
         candidates = [(str(p.resolve()), p.name)]
     elif p.is_file() and p.suffix.lower() in (".txt", ".csv"):
@@ -410,27 +444,32 @@ def scan_images(source: str | os.PathLike, workers: int = 4, progress: Progress 
         else:
             listed = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
         candidates = [(str(Path(x) if os.path.isabs(x) else base / x), Path(x).as_posix()) for x in listed]
+    elif p.is_file():
+        try:
+            sniff(p)
+        except (NotMedia, OSError) as exc:
+            raise DatasetError(f"{source} is neither a folder, an image ({_unused_reason(str(p), exc)}), nor a "
+                               ".txt/.csv list of images. Give one of those.") from None
+        base = p.resolve().parent
+        candidates = [(str(p.resolve()), p.name)]
     else:
         raise DatasetError(f"{source} is neither a folder, an image, nor a .txt/.csv list of images.")
-    entries = []
-    for abs_path, rel in candidates:
-        if Path(abs_path).suffix.lower() not in IMAGE_EXTENSIONS:
-            skipped.append(Skip(rel, f"not an image file type ({Path(abs_path).suffix or 'no extension'})"))
-        else:
-            entries.append((abs_path, rel))
+    entries = candidates  # their types are judged while hashing
     if not entries:
-        raise DatasetError(f"no images found in {source} (supported types: {', '.join(IMAGE_EXTENSIONS)}).")
+        raise _no_images(source, layouts=False)
     hashes = _hash_all([a for a, _ in entries], workers, progress)
     samples, seen = [], set()
     for abs_path, rel in entries:
         h = hashes[abs_path]
         if isinstance(h, Exception):
-            skipped.append(Skip(rel, "file not found" if isinstance(h, FileNotFoundError) else f"unreadable: {h}"))
+            skipped.append(Skip(rel, _unused_reason(abs_path, h)))
         elif rel in seen:
             skipped.append(Skip(rel, "listed twice; first entry kept"))
         else:
             seen.add(rel)
             samples.append(Sample(rel, h, -1, "predict"))
+    if not samples and all(isinstance(h, NotMedia) for h in hashes.values()):
+        raise _no_images(source, skipped, layouts=False)
     if not samples:
         raise DatasetError(f"none of the images in {source} could be read: "
                            + "; ".join(f"{s.path}: {s.reason}" for s in skipped[:5]))

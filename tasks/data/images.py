@@ -1,11 +1,15 @@
 """Decode image files into upright RGB uint8 arrays of the model's input size.
 
-Any file Pillow reads (JPEG, PNG, BMP, GIF, WebP, TIFF) in any mode (1-bit,
-grayscale, palette, RGBA, CMYK, 16-bit, float) comes out as ``(size, size, 3)``
-uint8 RGB, rotated upright by its EXIF orientation. JPEGs are decoded at the
-smallest DCT scale that still covers the target size (Pillow's draft mode):
-on a CPU shared with the model, pixels that would be thrown away by the resize
-are never decoded.
+Any file Pillow identifies and decodes, judged by its content, not its name
+(JPEG, PNG, BMP, GIF, WebP, TIFF, ICO, PPM/PGM/PBM, TGA, JPEG 2000 where Pillow
+has OpenJPEG, ...), in any mode (1-bit, grayscale, palette, RGBA, CMYK, 16-bit,
+32-bit integer, float) comes out as ``(size, size, 3)`` uint8 RGB, rotated
+upright by its EXIF orientation; of an animation or a multi-page file, the first
+frame. A name only vouches for a format Pillow can merely guess at (a TGA
+without its footer; see :mod:`tasks.data.media`). JPEGs are decoded at the
+smallest DCT scale that still covers the target size (Pillow's draft mode): on a
+CPU shared with the model, pixels that would be thrown away by the resize are
+never decoded.
 
 Failures raise :class:`ImageError` with a reason fit for a report; the caller
 skips the file. No TensorFlow here.
@@ -20,6 +24,8 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from storage.errors import ParameterError
+
+from .media import SIGNATURE_BYTES, pillow_formats, unsigned_format_reason
 
 RESIZE_MODES = ("stretch", "crop", "pad")
 DEFAULT_MAX_PIXELS = 64_000_000  # about 8000 x 8000; larger files are decompression-bomb suspects
@@ -67,6 +73,15 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
+def _first_frame(img: Image.Image) -> None:
+    """Go to the first frame of an animation or multi-page file (where the file is opened already)."""
+    if img.tell() != 0:
+        try:
+            img.seek(0)
+        except EOFError:  # a format whose frames start at 1 (PSD layers): the composite is shown
+            pass
+
+
 def _mpx(n: int) -> str:
     """Pixel count for a message: ``9 Mpx``, ``1.5 Mpx``, ``0.25 Mpx`` (never a misleading ``0 Mpx``)."""
     return f"{n / 1e6:.3g} Mpx"
@@ -88,14 +103,18 @@ def _fit(img: Image.Image, size: int, resize: str) -> Image.Image:
 
 
 def decode_image(data: bytes, size: int, resize: str = "stretch",
-                 max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Bytes of an image file -> ``(size, size, 3)`` uint8 RGB. Raises ImageError."""
+                 max_pixels: int = DEFAULT_MAX_PIXELS, name: str | Path | None = None) -> np.ndarray:
+    """Bytes of an image file -> ``(size, size, 3)`` uint8 RGB. Raises ImageError.
+
+    The format is judged by the content, whatever ``name`` (the file's name, if known) says; the name
+    only vouches for a format Pillow can merely guess at (a TGA without its footer needs ``.tga``; see
+    :func:`tasks.data.media.unsigned_format_reason`)."""
     if resize not in RESIZE_MODES:
         raise ParameterError(f"resize must be one of {RESIZE_MODES}; got {resize!r}.")
     if not data:
         raise ImageError("empty file (0 bytes)")
     try:
-        img = Image.open(io.BytesIO(data))
+        img = Image.open(io.BytesIO(data), formats=pillow_formats())
     except UnidentifiedImageError:
         raise ImageError("not an image: Pillow cannot identify the file format") from None
     except Image.DecompressionBombError as exc:
@@ -104,16 +123,20 @@ def decode_image(data: bytes, size: int, resize: str = "stretch",
         if "truncated" in str(exc).lower():
             raise ImageError(f"truncated file: the header ends early ({exc})") from None
         raise ImageError(f"corrupt image header: {exc}") from None
+    guess = unsigned_format_reason(img.format, name, data[-SIGNATURE_BYTES:])
+    if guess:
+        raise ImageError(guess)
     w, h = img.size
     if w * h > max_pixels:
         raise ImageError(f"too large: {w}x{h} = {_mpx(w * h)} is over the limit of {_mpx(max_pixels)} "
                          f"(max_pixels={max_pixels}; decompression-bomb guard; raise max_pixels to use it)")
     if w == 0 or h == 0:
         raise ImageError(f"empty image ({w}x{h} pixels)")
+    fmt = img.format or "image"
     try:
-        if img.format == "JPEG":
+        if fmt in ("JPEG", "MPO"):
             img.draft("RGB", (size, size))
-        img.seek(0)  # first frame of an animation
+        _first_frame(img)
         img = ImageOps.exif_transpose(img)
         img.load()
         img = _to_rgb(img)
@@ -123,6 +146,9 @@ def decode_image(data: bytes, size: int, resize: str = "stretch",
         msg = str(exc)
         if "truncated" in msg:
             raise ImageError("truncated file: the image data ends early") from None
+        if "not available" in msg:  # e.g. "decoder jpeg2k not available": this Pillow lacks the codec
+            raise ImageError(f"cannot decode this {fmt} file: the installed Pillow has no "
+                             f"decoder for it ({msg}); install a Pillow built with it, or convert the file")
         raise ImageError(f"cannot decode: {msg or type(exc).__name__}") from None
     if arr.shape != (size, size, 3):
         raise ImageError(f"decoded to unexpected shape {arr.shape}")
@@ -138,4 +164,4 @@ def load_image(path: str | Path, size: int, resize: str = "stretch",
         raise ImageError("file not found (deleted after the scan?)") from None
     except OSError as exc:
         raise ImageError(f"unreadable: {exc.strerror or exc}") from None
-    return decode_image(data, size, resize, max_pixels)
+    return decode_image(data, size, resize, max_pixels, name=Path(path).name)
