@@ -92,8 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     from tasks.settings import ScaleOut, SplitConfig
     from tasks.decide.transfer import Thresholds
 
-    from flows.sweep import SWEEP_PROBE
-    from flows.transfer import TRANSFER_FINETUNE
+    from tasks.finetune.config import TRANSFER_FINETUNE
+    from tasks.probe.linear import SWEEP_PROBE
 
     layers_backbone = BackboneSpec(weights="none")  # listing layers needs no weights
     par = _parents()
@@ -174,6 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="train a challenger even if the data did not change")
 
     _add_store_parser(sub, common)
+
+    p = sub.add_parser("server", parents=[common],
+                       help="a long-lived local Prefect server that every command uses: its UI, and no start-up "
+                            "cost per command")
+    p.add_argument("action", choices=["start", "stop", "status"])
+    p.add_argument("--port", type=int, default=4200, help="port of `server start` (default: %(default)s)")
 
     p = sub.add_parser("demo", parents=[common, out],
                        help="generate a small dataset and run the pipeline on it end to end")
@@ -362,6 +368,25 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_server(args) -> int:
+    from cnncodes import server
+
+    if args.action == "start":
+        r = server.start(args.port)
+        text = (f"Prefect server {'started' if r['started'] else 'already running'}: UI {r['ui_url']}\n"
+                f"every cnncodes command now uses it; for prefect's own commands: export PREFECT_API_URL={r['api_url']}")
+    elif args.action == "stop":
+        r = server.stop()
+        text = "stopped" if r["stopped"] else f"no cnncodes server was running ({r['message'] or 'nothing to stop'})"
+    else:
+        r = server.status()
+        recorded = f" (recorded: {r['api_url']})" if r["api_url"] else ""
+        text = (f"running: {r['api_url']} ({r['source']})" if r["running"] else
+                f"not running{recorded}; each command starts a temporary server")
+    _emit(r, args.json, text)
+    return 0
+
+
 def cmd_store(args) -> int:
     from storage import tools
 
@@ -384,7 +409,32 @@ def cmd_store(args) -> int:
 
 COMMANDS = {"retrain": cmd_retrain, "backbones": cmd_backbones, "layers": cmd_layers, "extract": cmd_extract, "train-linear": cmd_train_linear,
             "sweep": cmd_sweep, "predict": cmd_predict, "fine-tune": cmd_fine_tune, "transfer": cmd_transfer,
-            "demo": cmd_demo, "store": cmd_store}
+            "demo": cmd_demo, "store": cmd_store, "server": cmd_server}
+# Commands that run a flow (they need the Prefect API) and, of those, the ones that import TensorFlow:
+# the API comes up in the background while TensorFlow and the flow's modules import.
+FLOW_MODULES = {"extract": "flows.extract_features", "train-linear": "flows.train_linear", "sweep": "flows.sweep",
+                "predict": "flows.predict", "fine-tune": "flows.fine_tune", "transfer": "flows.transfer",
+                "retrain": "flows.retrain", "demo": "flows.demo"}
+TF_COMMANDS = ("extract", "fine-tune", "transfer", "retrain", "demo")
+
+
+def _prepare(command: str) -> None:
+    """Start the Prefect API (or find a running one) while TensorFlow and the flow import."""
+    if command not in FLOW_MODULES:
+        return
+    import importlib
+
+    from cnncodes.server import Warmup
+
+    warm = Warmup()
+    try:
+        if command in TF_COMMANDS:
+            from tasks import tf_runtime
+
+            tf_runtime.tensorflow()
+        importlib.import_module(FLOW_MODULES[command])
+    finally:
+        warm.wait()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -392,6 +442,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from storage.errors import CnncodesError
 
     try:
+        _prepare(args.command)
         return COMMANDS[args.command](args)
     except CnncodesError as exc:
         sys.stderr.write(f"cnncodes {args.command}: error: {exc}\n")

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from prefect import flow
 
-from tasks.probe.linear import LinearConfig
+from tasks.probe.linear import SWEEP_PROBE, LinearConfig
 from tasks.results import SweepResult
 from tasks.settings import Output
 from tasks.prefect_tasks import sweep_layers
 
 
-SWEEP_PROBE = LinearConfig(C=0.1, calibrate=False)
+__all__ = ["SWEEP_PROBE", "sweep"]
 
 
 @flow(name="sweep", log_prints=True, flow_run_name="sweep {store}")

@@ -9,6 +9,7 @@ from prefect import flow
 from tasks.backbones import BackboneSpec, is_model_file
 from tasks.extract import ExtractOptions, spec_dict
 from tasks.finetune import FineTuneConfig
+from tasks.finetune.config import TRANSFER_FINETUNE
 from tasks.probe.linear import LinearConfig
 from tasks.prefect_tasks import champion_gate, decide_case, decision_report, inspect_backbone
 from tasks.results import TransferResult
@@ -21,8 +22,7 @@ from flows.sweep import SWEEP_PROBE, sweep
 from flows.train_linear import train_linear
 
 
-# Transfer's own defaults for fine-tuning (cases 3 and 4): the head trains alone first.
-TRANSFER_FINETUNE = FineTuneConfig(head_epochs=3)
+__all__ = ["TRANSFER_FINETUNE", "transfer"]
 
 
 @flow(name="transfer", log_prints=True, flow_run_name="transfer {backbone.name} on {data}")

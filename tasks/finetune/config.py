@@ -97,3 +97,7 @@ def precision_of(spec: dict[str, Any], config: dict[str, Any]) -> str:
     if old is not None:
         return {"off": "float32"}.get(old, old)
     return spec.get("precision") or "auto"
+
+
+# The transfer flow's defaults for fine-tuning (cases 3 and 4): the head trains alone first.
+TRANSFER_FINETUNE = FineTuneConfig(head_epochs=3)

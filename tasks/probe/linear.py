@@ -218,3 +218,8 @@ def train_sgd_chunked(chunks: Callable[[], Iterator[tuple[np.ndarray, np.ndarray
             progress(epoch + 1, cfg.sgd_epochs)
     steps = [("scale", scaler)] + ([("l2", norm)] if norm is not None else []) + [("clf", clf)]
     return TrainResult(model=Pipeline(steps), C=C, seconds=time.perf_counter() - t)
+
+
+# The layer sweep's probe: one fixed C for every layer (a search per layer would compare searches,
+# not layers), no calibration (the sweep only scores).
+SWEEP_PROBE = LinearConfig(C=0.1, calibrate=False)

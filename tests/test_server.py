@@ -1,0 +1,98 @@
+"""`cnncodes server`: a long-lived local Prefect server every command finds; otherwise the temporary
+server starts in the background while the command imports."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import pytest
+
+from conftest import ROOT
+from cnncodes import server
+
+
+class _Health(BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802
+        self.send_response(200 if self.path == "/api/health" else 404)
+        self.end_headers()
+        self.wfile.write(b"true")
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def fake_api():
+    httpd = HTTPServer(("127.0.0.1", 0), _Health)
+    t = threading.Thread(target=httpd.serve_forever, daemon=True)
+    t.start()
+    yield f"http://127.0.0.1:{httpd.server_port}/api"
+    httpd.shutdown()
+
+
+def test_warmup_uses_a_recorded_running_server_and_ignores_a_dead_one(tmp_path, monkeypatch, fake_api):
+    monkeypatch.setenv("CNNCODES_HOME", str(tmp_path))
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    started = []
+    monkeypatch.setattr(server.Warmup, "_start_temporary", lambda self: started.append(1))
+    (tmp_path / "server.json").write_text(json.dumps({"api_url": fake_api, "ui_url": "x"}))
+    w = server.Warmup()
+    assert w.mode == "server" and os.environ["PREFECT_API_URL"] == fake_api and not started
+    assert server.status() == {"api_url": fake_api, "source": "PREFECT_API_URL", "running": True, "ui_url": "x"}
+
+    monkeypatch.delenv("PREFECT_API_URL")
+    with socket.socket() as s:               # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}/api"
+    (tmp_path / "server.json").write_text(json.dumps({"api_url": dead}))
+    w = server.Warmup()
+    w.wait()
+    assert w.mode == "temporary" and started == [1] and "PREFECT_API_URL" not in os.environ
+    assert server.status()["running"] is False
+
+    monkeypatch.setenv("PREFECT_API_URL", dead)  # the user's own setting always wins
+    assert server.Warmup().mode == "env" and started == [1]
+
+
+def test_server_status_command_without_a_server(tmp_path):
+    env = dict(os.environ, CNNCODES_HOME=str(tmp_path))
+    env.pop("PREFECT_API_URL", None)
+    out = subprocess.run([sys.executable, "-m", "cnncodes.cli", "server", "status", "--json"], capture_output=True,
+                         text=True, env=env, cwd=ROOT, timeout=60)
+    assert out.returncode == 0 and json.loads(out.stdout) == {"api_url": None, "source": None, "running": False,
+                                                              "ui_url": None}
+
+
+@pytest.mark.slow
+def test_a_started_server_runs_every_later_command(tmp_path):
+    """`server start` once; a later command's flow run is recorded by that server; `server stop`."""
+    from test_linear import make_store
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, CNNCODES_HOME=str(tmp_path / "home"), PREFECT_HOME=str(tmp_path / "prefect"),
+               CNNCODES_PROGRESS="0")
+    env.pop("PREFECT_API_URL", None)
+    cli = [sys.executable, "-m", "cnncodes.cli"]
+    try:
+        started = subprocess.run(cli + ["server", "start", "--port", str(port), "--json"], capture_output=True,
+                                 text=True, env=env, cwd=ROOT, timeout=120)
+        assert started.returncode == 0, started.stderr
+        assert json.loads(started.stdout)["api_url"] == f"http://127.0.0.1:{port}/api"
+        store = make_store(tmp_path / "s.h5")
+        run = subprocess.run(cli + ["sweep", str(store), "--out", str(tmp_path / "out")], capture_output=True,
+                             text=True, env=env, cwd=ROOT, timeout=300)
+        assert run.returncode == 0, run.stderr[-2000:]
+        assert f"http://127.0.0.1:{port}/runs/flow-run/" in run.stderr   # the run is on that server
+        assert "Starting temporary server" not in run.stderr
+    finally:
+        stopped = subprocess.run(cli + ["server", "stop", "--json"], capture_output=True, text=True, env=env,
+                                 cwd=ROOT, timeout=120)
+    assert stopped.returncode == 0 and json.loads(stopped.stdout)["stopped"]
+    assert not server.healthy(f"http://127.0.0.1:{port}/api")
