@@ -7,12 +7,17 @@ each case in a fresh process so that peak RSS is its own:
   * sklearn   ``make_pipeline(StandardScaler(), <the same estimator>)`` on the same array.
 
 Then the chunked SGD variant on a store larger than the memory the process may use
-(``RLIMIT_AS`` set a few hundred MB above the interpreter's own size): SGD trains chunk by
-chunk; reading the whole group, as softmax/SVM would, fails with MemoryError.
+(``RLIMIT_AS`` set a few hundred MB above the interpreter's own size), its rows sorted by class
+as an extraction from class folders writes them: SGD trains chunk by chunk as ``fit_probe`` trains
+it (a pass in store order for the scaler, then each epoch block-shuffled, ``iter_chunks(...,
+shuffle_seed=...)``), and, for comparison, on the chunks in store order; one pass over the train
+rows is timed each way; reading the whole group, as softmax/SVM would, fails with MemoryError.
 
 Usage:
     .venv/bin/python benchmarks/linear.py             # about 10 minutes on 2 cores
     .venv/bin/python benchmarks/linear.py --quick     # 1k and 10k rows only, small store
+    .venv/bin/python benchmarks/linear.py --sgd-only  # the out-of-core part only (a few minutes); with
+                                                      # --json FILE, replaces only its sgd_out_of_core
 """
 from __future__ import annotations
 
@@ -78,14 +83,30 @@ try:
     out["read_whole_group"] = "fitted in memory (limit too loose)"
 except MemoryError:
     out["read_whole_group"] = "MemoryError"
-def chunks():
-    for c in fs.iter_chunks("codes", "avg", split="train", rows=4096):
+def chunks(epoch=None):  # as fit_probe: store order, or the epoch's block shuffle
+    seed = None if epoch is None else (0, epoch)
+    for c in fs.iter_chunks("codes", "avg", split="train", rows=4096, shuffle_seed=seed):
         yield c.features, c.labels
+def accuracy(model):
+    right = seen = 0
+    for c in fs.iter_chunks("codes", "avg", split="val", rows=4096):
+        right += int((model.predict(c.features) == c.labels).sum())
+        seen += len(c)
+    return right / seen
+for name, epoch in (("in_order", None), ("shuffled", 0)):
+    t = time.perf_counter()
+    rows = sum(len(y) for _, y in chunks(epoch))
+    out[f"pass_seconds_{{name}}"] = time.perf_counter() - t
+out["pass_rows"] = rows
+cfg = LinearConfig(classifier="sgd", sgd_epochs=3, chunk_rows=4096)
 t = time.perf_counter()
-res = train_sgd_chunked(chunks, list(range(10)), LinearConfig(classifier="sgd", sgd_epochs=3, chunk_rows=4096))
+res = train_sgd_chunked(chunks, list(range(10)), cfg, epoch_chunks=chunks)
 out["sgd_seconds"] = time.perf_counter() - t
-val = next(fs.iter_chunks("codes", "avg", split="val", rows=20000))
-out["sgd_val_accuracy"] = float((res.model.predict(val.features) == val.labels).mean())
+out["sgd_val_accuracy"] = accuracy(res.model)
+t = time.perf_counter()
+res = train_sgd_chunked(chunks, list(range(10)), cfg)  # every epoch in store order: one class a chunk
+out["sgd_in_order_seconds"] = time.perf_counter() - t
+out["sgd_in_order_val_accuracy"] = accuracy(res.model)
 out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 print(json.dumps(out))
 """
@@ -99,7 +120,8 @@ def run_child(code: str) -> dict:
 
 
 def make_big_store(path: Path, rows: int, dims: int = 1280) -> float:
-    """A store of ``rows`` x ``dims`` float32 codes, written chunk by chunk; returns its features' MB."""
+    """A store of ``rows`` x ``dims`` float32 codes, sorted by class (as an extraction from class folders
+    writes them), written chunk by chunk; returns its features' MB."""
     sys.path.insert(0, str(ROOT))
     import numpy as np
 
@@ -108,7 +130,7 @@ def make_big_store(path: Path, rows: int, dims: int = 1280) -> float:
 
     rng = np.random.default_rng(1)
     centers = rng.normal(0, 1, (10, dims)).astype(np.float32)
-    y_all = rng.integers(0, 10, rows)
+    y_all = np.sort(rng.integers(0, 10, rows))
     samples = [Sample(f"img/{i}.jpg", f"{i:064x}", int(y_all[i]), "val" if i % 10 == 0 else "train")
                for i in range(rows)]
     m = Manifest("/data", "folders", [str(i) for i in range(10)], samples)
@@ -128,11 +150,13 @@ def make_big_store(path: Path, rows: int, dims: int = 1280) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--sgd-only", action="store_true", help="only the out-of-core SGD part; with --json, "
+                                                             "replaces only sgd_out_of_core in that file")
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = ap.parse_args()
     sizes = (1000, 10000) if args.quick else (1000, 10000, 100000)
     rows = []
-    for n in sizes:
+    for n in (() if args.sgd_only else sizes):
         for clf in ("softmax", "svm", "sgd"):
             row = {"rows": n, "dims": 1280, "classifier": clf}
             for which in ("cnncodes", "sklearn"):
@@ -154,6 +178,9 @@ def main() -> None:
                                                features_mb=round(features_mb, 1)))
         sgd["rows"] = n_big
     results = {"classifiers": rows, "sgd_out_of_core": sgd}
+    if args.sgd_only:
+        results = {**(json.loads(Path(args.json).read_text()) if args.json and Path(args.json).exists() else {}),
+                   "sgd_out_of_core": sgd}
     emit(results, args.json)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -16,12 +17,16 @@ from typing import Any, Iterator, Sequence
 import h5py
 import numpy as np
 
-from .errors import StoreError
+from .errors import ParameterError, StoreError
 from .format import (INDEX_FORMAT, ROW_DATASETS, STORE_FORMAT, decode, decode_attrs, decode_paths, group_fingerprint,
                      group_name, layer_names, open_file, run_state)
 
 Splits = str | Sequence[str] | None
 Classes = str | int | Sequence[str | int] | None
+Seed = int | Sequence[int] | None
+
+# A shuffled chunk (iter_chunks with shuffle_seed) draws its rows from at least this many blocks.
+MIX_BLOCKS = 8
 
 
 @dataclass
@@ -50,6 +55,12 @@ class Codes:
                    splits=np.concatenate([p.splits for p in parts]),
                    sha256=np.concatenate([p.sha256 for p in parts]),
                    class_names=first.class_names, layer=first.layer, pooling=first.pooling)
+
+    def take(self, index: np.ndarray | slice) -> "Codes":
+        """The rows ``index`` (positions or a slice), in that order."""
+        return Codes(features=self.features[index], labels=self.labels[index], paths=self.paths[index],
+                     splits=self.splits[index], sha256=self.sha256[index], class_names=self.class_names,
+                     layer=self.layer, pooling=self.pooling)
 
 
 def _read_selected(ds: h5py.Dataset, n: int, sel: np.ndarray) -> np.ndarray:
@@ -82,6 +93,120 @@ def _wanted(split: Splits) -> list[str] | None:
     return None if split is None else ([split] if isinstance(split, str) else list(split))
 
 
+def _uncached(g: h5py.Group, name: str) -> h5py.Dataset:
+    """Dataset ``name`` of ``g`` opened without a chunk cache: a read then takes only the bytes of the rows
+    it asks for (an uncompressed chunk is not loaded whole), which suits reads at random places."""
+    dapl = h5py.h5p.create(h5py.h5p.DATASET_ACCESS)
+    dapl.set_chunk_cache(0, 0, 1.0)
+    return h5py.Dataset(h5py.h5d.open(g.id, name.encode(), dapl=dapl))
+
+
+class _Rows:
+    """The datasets of one open group that chunked reads take rows from."""
+
+    def __init__(self, f: h5py.File, g: h5py.Group, cache: bool = True):
+        g["committed"].refresh()
+        self.n = int(g["committed"][0])
+        cols = {name: (g[name] if cache else _uncached(g, name)) for name in ROW_DATASETS}
+        for ds in cols.values():
+            ds.refresh()
+        self.features, self.label, self.path = cols["features"], cols["label"], cols["path"]
+        self.split, self.sha256 = cols["split"], cols["sha256"]
+        self.storage_rows = int((self.features.chunks or (max(self.n, 1),))[0])
+        self.names = list(decode(f.attrs.get("class_names")) or [])
+        self.layer, self.pooling = str(decode(g.attrs["layer"])), str(decode(g.attrs["pooling"]))
+
+    def read(self, start: int, stop: int, wanted: list[str] | None) -> Codes | None:
+        """Rows ``start:stop`` of the splits ``wanted`` (None: all); None when none is wanted."""
+        splits = self.split[start:stop].astype(str)
+        sel = np.ones(stop - start, bool) if wanted is None else np.isin(splits, wanted)
+        if not sel.any():
+            return None
+        feats = self.features[start:stop]
+        return Codes(features=feats if sel.all() else feats[sel],
+                     labels=self.label[start:stop][sel].astype(np.int64),
+                     paths=decode_paths(self.path[start:stop][sel]), splits=splits[sel],
+                     sha256=self.sha256[start:stop][sel].astype(str), class_names=self.names,
+                     layer=self.layer, pooling=self.pooling)
+
+    def cut(self, rows: int, block_rows: int | None) -> int:
+        """Cut the group into blocks of contiguous rows, none across two storage chunks of the features:
+        whole storage chunks, or ``block_rows`` (default ``rows // MIX_BLOCKS``) when smaller. Returns how
+        many; :meth:`block` gives each (those past the last row are empty)."""
+        self.block_size = max(1, min(self.storage_rows, block_rows or rows // MIX_BLOCKS))
+        self.per_chunk = -(-self.storage_rows // self.block_size)
+        return -(-self.n // self.storage_rows) * self.per_chunk
+
+    def block(self, j: int) -> tuple[int, int]:
+        """Start and stop of block ``j`` (after :meth:`cut`)."""
+        chunk, b = divmod(j, self.per_chunk)
+        start = chunk * self.storage_rows + b * self.block_size
+        return start, min(start + self.block_size, (chunk + 1) * self.storage_rows, self.n)
+
+
+def block_shuffled_chunks(stores: Sequence["FeatureStore"], layer: str, pooling: str | None, split: Splits,
+                          rows: int, seed: Seed, block_rows: int | None = None) -> Iterator[Codes]:
+    """The committed rows of one group of ``stores`` (one store, or the shards of one) in a block-shuffled
+    order: see :meth:`StoreReader.iter_chunks` with ``shuffle_seed``."""
+    if rows < 1:
+        raise ParameterError(f"rows must be a positive integer; got {rows!r}.")
+    wanted = _wanted(split)
+    rng = np.random.default_rng(seed)
+    with ExitStack() as stack:
+        groups, first = [], [0]  # first: the number of the first block of each store
+        for store in stores:
+            f = stack.enter_context(store.open())
+            groups.append(_Rows(f, store.resolve_group(f, layer, pooling), cache=False))
+            first.append(first[-1] + groups[-1].cut(rows, block_rows))
+        order = np.arange(first[-1], dtype=np.uint32 if first[-1] < 2 ** 32 else np.int64)
+        rng.shuffle(order)  # 4 bytes a block
+        pending: list[Codes] = []
+        have = 0
+        for j in order:
+            g = int(np.searchsorted(first, j, side="right")) - 1
+            start, stop = groups[g].block(int(j) - first[g])
+            part = groups[g].read(start, stop, wanted) if start < stop else None
+            if part is None:
+                continue
+            pending.append(part)
+            have += len(part)
+            del part
+            while have >= rows:
+                chunk, pending = _deal(pending, rows, rng)
+                have -= rows
+                yield chunk
+                del chunk
+        if have:
+            yield _deal(pending, have, rng)[0]
+
+
+_COLUMNS = ("features", "labels", "paths", "splits", "sha256")
+
+
+def _deal(parts: list[Codes], rows: int, rng: np.random.Generator) -> tuple[Codes, list[Codes]]:
+    """``rows`` rows drawn at random from ``parts``, in random order, and the rows left (for the next chunk).
+    Empties ``parts`` as it goes, so that the rows are in memory about once (no concatenation first)."""
+    have = sum(len(p) for p in parts)
+    slot = rng.permutation(have)  # where each row of the parts goes: the chunk (slot < rows), or back
+    out = {name: np.empty((rows, *getattr(parts[0], name).shape[1:]),
+                          np.result_type(*[getattr(p, name).dtype for p in parts])) for name in _COLUMNS}
+    meta = {"class_names": parts[0].class_names, "layer": parts[0].layer, "pooling": parts[0].pooling}
+    rest, at = [], 0
+    while parts:
+        part = parts.pop(0)
+        to = slot[at:at + len(part)]
+        at += len(part)
+        here = to < rows
+        every = bool(here.all())
+        for name in _COLUMNS:
+            values = getattr(part, name)
+            out[name][to if every else to[here]] = values if every else values[here]
+        if not every:
+            rest.append(part.take(np.flatnonzero(~here)))
+        del part
+    return Codes(**out, **meta), rest
+
+
 class StoreReader(ABC):
     """Read access to a feature store, of one file or sharded; see :class:`FeatureStore`."""
 
@@ -111,8 +236,20 @@ class StoreReader(ABC):
 
     @abstractmethod
     def iter_chunks(self, layer: str, pooling: str | None = None, split: Splits = None,
-                    rows: int = 8192) -> Iterator[Codes]:
-        """Committed rows of one group, ``rows`` at a time (for stores larger than memory)."""
+                    rows: int = 8192, shuffle_seed: Seed = None, block_rows: int | None = None) -> Iterator[Codes]:
+        """Committed rows of one group, ``rows`` at a time (for stores larger than memory).
+
+        ``shuffle_seed`` None (the default): in store order, each chunk the wanted rows of ``rows``
+        consecutive store rows. Otherwise a *block shuffle*, for training by SGD on a store whose rows are
+        sorted (an extraction from class folders writes them class by class): the group is cut into blocks
+        of contiguous rows, none across two storage chunks of the features (whole storage chunks, or
+        ``block_rows``, default ``rows // 8``, when smaller), the blocks are read in an order drawn from
+        ``shuffle_seed`` (across every shard of a sharded store), and each chunk gathers ``rows`` rows (the
+        last one fewer) from several blocks, in shuffled order. Every wanted row comes once per pass;
+        the same seed gives the same chunks. Each block is read once (without the chunk cache, so an
+        uncompressed block costs only its own bytes): when blocks are whole storage chunks (``rows`` of at
+        least 8 storage chunks, e.g. the default 8192), a pass reads the group once; smaller blocks read a
+        compressed storage chunk once per block. Memory: about ``rows`` rows plus one block."""
 
     @abstractmethod
     def lookup(self, layer: str, pooling: str | None, sha256: Sequence[str]) -> dict[str, np.ndarray]:
@@ -265,27 +402,20 @@ class FeatureStore(StoreReader):
         return out
 
     def iter_chunks(self, layer: str, pooling: str | None = None, split: Splits = None,
-                    rows: int = 8192) -> Iterator[Codes]:
-        """Committed rows of one group, ``rows`` at a time (for stores larger than memory).
+                    rows: int = 8192, shuffle_seed: Seed = None, block_rows: int | None = None) -> Iterator[Codes]:
+        """Committed rows of one group, ``rows`` at a time (for stores larger than memory); with
+        ``shuffle_seed``, block-shuffled (see :meth:`StoreReader.iter_chunks`).
         The file is opened once per pass; each chunk is read and filtered on its own."""
+        if shuffle_seed is not None:
+            yield from block_shuffled_chunks([self], layer, pooling, split, rows, shuffle_seed, block_rows)
+            return
         wanted = _wanted(split)
         with self.open() as f:
-            g = self.resolve_group(f, layer, pooling)
-            n = int(g["committed"][0])
-            names = list(decode(f.attrs.get("class_names")) or [])
-            for start in range(0, n, rows):
-                stop = min(n, start + rows)
-                splits = g["split"][start:stop].astype(str)
-                sel = np.ones(stop - start, bool) if wanted is None else np.isin(splits, wanted)
-                if not sel.any():
-                    continue
-                block = g["features"][start:stop]
-                yield Codes(features=block if wanted is None else block[sel],
-                            labels=g["label"][start:stop][sel].astype(np.int64),
-                            paths=decode_paths(g["path"][start:stop][sel]),
-                            splits=splits[sel], sha256=g["sha256"][start:stop][sel].astype(str),
-                            class_names=names, layer=str(decode(g.attrs["layer"])),
-                            pooling=str(decode(g.attrs["pooling"])))
+            group = _Rows(f, self.resolve_group(f, layer, pooling))
+            for start in range(0, group.n, rows):
+                part = group.read(start, min(group.n, start + rows), wanted)
+                if part is not None:
+                    yield part
 
     def row_splits(self, layer: str, pooling: str | None = None) -> dict[str, str]:
         with self.open() as f:

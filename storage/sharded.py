@@ -16,7 +16,7 @@ import numpy as np
 
 from .errors import StoreError
 from .format import read_index
-from .reader import Classes, Codes, FeatureStore, Splits, StoreReader
+from .reader import Classes, Codes, FeatureStore, Seed, Splits, StoreReader, block_shuffled_chunks
 
 
 class ShardedStore(StoreReader):
@@ -59,7 +59,12 @@ class ShardedStore(StoreReader):
         return np.concatenate([s.read_features(layer, pooling, split, classes) for s in self.shards])
 
     def iter_chunks(self, layer: str, pooling: str | None = None, split: Splits = None,
-                    rows: int = 8192) -> Iterator[Codes]:
+                    rows: int = 8192, shuffle_seed: Seed = None, block_rows: int | None = None) -> Iterator[Codes]:
+        """Shard after shard; with ``shuffle_seed``, the blocks of every shard in one shuffled order
+        (see :meth:`StoreReader.iter_chunks`)."""
+        if shuffle_seed is not None:
+            yield from block_shuffled_chunks(self.shards, layer, pooling, split, rows, shuffle_seed, block_rows)
+            return
         for s in self.shards:
             yield from s.iter_chunks(layer, pooling, split, rows)
 

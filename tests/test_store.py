@@ -264,3 +264,78 @@ def test_one_file_lock_for_the_store_writer_and_the_registry(tmp_path):
     rec = reg.save("m", {"w": 1}, {})
     reg.set_alias("m", "champion", rec.version)  # takes the registry's lock, a FileLock
     assert reg.aliases("m") == {"champion": 1}
+
+
+def _class_sorted(path, n=200, dims=8192, compression=None) -> Manifest:
+    """A store of ``n`` rows sorted by class (all of a, then all of b, as an extraction from class folders
+    writes them), with rows wide enough (32 KiB) that a storage chunk of the features holds 32 rows;
+    ``features[:, 0]`` is the row's number, which is also its content hash."""
+    m = Manifest("/data", "folders", ["a", "b"],
+                 [Sample(f"{'ab'[i >= n // 2]}/{i:04d}.jpg", f"{i:064x}", int(i >= n // 2),
+                         "val" if i % 5 == 0 else "train") for i in range(n)])
+    feats = np.zeros((n, dims), "f4")
+    feats[:, 0] = np.arange(n)
+    _write(path, m, feats, spec=GroupSpec("l1", "avg", (dims,), compression=compression), batch=50)
+    return m
+
+
+@pytest.mark.parametrize("compression", [None, "gzip"])
+def test_block_shuffled_chunks_mix_a_class_sorted_store_and_read_each_row_once(tmp_path, monkeypatch, compression):
+    from storage import reader
+
+    _class_sorted(tmp_path / "s.h5", compression=compression)
+    fs = FeatureStore(tmp_path / "s.h5")
+    with h5py.File(tmp_path / "s.h5", "r") as f:
+        assert f["l1/avg/features"].chunks[0] == 32
+    train = fs.read("l1", split="train")
+    assert len(train) == 160
+    in_order = list(fs.iter_chunks("l1", split="train", rows=64))
+    assert [sorted(set(c.labels)) for c in in_order] == [[0], [0, 1], [1], [1]]  # one class a chunk, but at the seam
+
+    reads = []
+    real_read = reader._Rows.read
+
+    def spy(self, start, stop, wanted):
+        reads.append((start, stop))
+        return real_read(self, start, stop, wanted)
+
+    monkeypatch.setattr(reader._Rows, "read", spy)
+    for rows, block in ((64, 8), (256, 32), (40, 5)):  # blocks of rows // 8 store rows, at most a storage chunk
+        reads.clear()
+        chunks = list(fs.iter_chunks("l1", split="train", rows=rows, shuffle_seed=1))
+        # each block read once, within one storage chunk, and together the whole group
+        assert sorted(reads) == [(b, min(b + block, c + 32, 200)) for c in range(0, 200, 32)
+                                 for b in range(c, min(c + 32, 200), block)], rows
+        assert reads != sorted(reads)
+        # every train row once; chunks of `rows` rows but the last; rows where their hashes say
+        got = reader.Codes.concat(chunks)
+        assert sorted(got.sha256) == sorted(train.sha256) and len(got) == 160
+        assert [len(c) for c in chunks[:-1]] == [rows] * (len(chunks) - 1) and 0 < len(chunks[-1]) <= rows
+        assert (got.features[:, 0] == [int(h, 16) for h in got.sha256]).all()
+        assert (got.labels == (got.features[:, 0] >= 100)).all() and set(got.splits) == {"train"}
+        # both classes in every chunk, in no particular order within it
+        assert all(set(c.labels) == {0, 1} for c in chunks), [np.bincount(c.labels) for c in chunks]
+        assert all((np.diff(c.features[:, 0]) < 0).any() for c in chunks if len(c) > 1)
+    again = [c.sha256 for c in fs.iter_chunks("l1", split="train", rows=64, shuffle_seed=1)]
+    other = [c.sha256 for c in fs.iter_chunks("l1", split="train", rows=64, shuffle_seed=2)]
+    first = [c.sha256 for c in fs.iter_chunks("l1", split="train", rows=64, shuffle_seed=1)]
+    assert all((a == b).all() for a, b in zip(again, first)) and len(again) == len(first)
+    assert not (other[0] == first[0]).all()
+    everything = list(fs.iter_chunks("l1", rows=64, shuffle_seed=(3, 0)))  # no split: every row
+    assert sum(len(c) for c in everything) == 200
+    assert set(np.concatenate([c.splits for c in everything])) == {"val", "train"}
+
+
+def test_block_shuffled_chunks_of_a_sharded_store_mix_the_shards(tmp_path):
+    from storage import open_store
+
+    index, _, feats = _sharded(tmp_path)  # rows 0-5 in one shard, 6-9 in the other
+    store = open_store(index)
+    chunks = list(store.iter_chunks("l1", rows=4, shuffle_seed=0, block_rows=1))
+    got = np.concatenate([c.features for c in chunks])
+    assert sorted(got[:, 0].tolist()) == feats[:, 0].tolist() and [len(c) for c in chunks] == [4, 4, 2]
+    assert any(len({int(x) >= 18 for x in c.features[:, 0]}) == 2 for c in chunks)  # rows of both shards in one
+    assert [c.sha256.tolist() for c in store.iter_chunks("l1", rows=4, shuffle_seed=0, block_rows=1)] == \
+        [c.sha256.tolist() for c in chunks]
+    train = list(store.iter_chunks("l1", split="train", rows=3, shuffle_seed=5))
+    assert sorted(np.concatenate([c.sha256 for c in train])) == sorted(store.read("l1", split="train").sha256)

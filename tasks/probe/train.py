@@ -52,17 +52,27 @@ def fit_probe(store: str | Path, layer: str, pooling: str | None, cfg: LinearCon
     prov = fs.provenance
     class_names = list(prov.get("class_names") or [])
     if cfg.classifier == "sgd":
-        def chunks():
-            for c in fs.iter_chunks(layer, pooling, split="train", rows=cfg.chunk_rows):
+        def chunks(epoch: int | None = None):
+            # epoch None: store order (labels, digest, scaler). An epoch: the store's block shuffle, seeded by
+            # (seed, epoch), so that each chunk mixes rows (and classes) from across the store: a store
+            # extracted from class folders is sorted by class, and SGD fed one class a chunk forgets the rest.
+            seed = None if epoch is None else (cfg.seed, epoch)
+            for c in fs.iter_chunks(layer, pooling, split="train", rows=cfg.chunk_rows, shuffle_seed=seed):
                 yield c.features.reshape(len(c), -1), c.labels
 
-        labels = np.concatenate([y for _, y in chunks()]) if attrs["rows"] else np.zeros(0, int)
+        # one pass in store order for the labels and the digest (of the rows in store order, by chunk_rows
+        # chunks, as before: it does not depend on the shuffle)
+        parts, digests = [], []
+        for X, y in (chunks() if attrs["rows"] else ()):
+            parts.append(y)
+            digests.append(features_digest(X, y).encode())
+        labels = np.concatenate(parts) if parts else np.zeros(0, int)
         if len(labels) == 0:
             raise DatasetError(f"store {store} has no training images in {layer}/{pooling}; extract a dataset "
                                "with a train split first.")
         check_labels(labels, class_names)
-        result = train_sgd_chunked(chunks, np.unique(labels).tolist(), cfg, progress)
-        digest = hashlib.sha256(b"".join(features_digest(X, y).encode() for X, y in chunks())).hexdigest()
+        result = train_sgd_chunked(chunks, np.unique(labels).tolist(), cfg, progress, epoch_chunks=chunks)
+        digest = hashlib.sha256(b"".join(digests)).hexdigest()
         n_train, dim = len(labels), int(np.prod(attrs["feature_shape"]))
     else:
         codes = fs.read(layer, pooling, split="train")
