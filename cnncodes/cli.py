@@ -418,10 +418,11 @@ FLOW_MODULES = {"extract": "flows.extract_features", "train-linear": "flows.trai
 TF_COMMANDS = ("extract", "fine-tune", "transfer", "retrain", "demo")
 
 
-def _prepare(command: str) -> None:
-    """Start the Prefect API (or find a running one) while TensorFlow and the flow import."""
+def _prepare(command: str):
+    """Start the Prefect API (or find a running one) while TensorFlow and the flow import; returns the
+    :class:`~cnncodes.server.Warmup` (None for commands that run no flow)."""
     if command not in FLOW_MODULES:
-        return
+        return None
     import importlib
 
     from cnncodes.server import Warmup
@@ -435,15 +436,70 @@ def _prepare(command: str) -> None:
         importlib.import_module(FLOW_MODULES[command])
     finally:
         warm.wait()
+    return warm
+
+
+def _stop_temporary_server() -> None:
+    """Hand the runs' last logs and events to the temporary Prefect server, then tell it to stop
+    without waiting for it (Prefect's own exit hook waits up to 5 s): the user does not wait for
+    work at exit. Every other exit hook (joblib's worker and temporary-file cleanup) runs as usual."""
+    from prefect._internal.concurrency.services import QueueService
+    from prefect.server.api.server import SubprocessASGIServer
+
+    try:
+        QueueService.drain_all(timeout=5)
+    except Exception:  # noqa: BLE001  best effort: the server goes away either way
+        pass
+    server = SubprocessASGIServer()
+    if server.server_process is not None:
+        server.server_process.terminate()
+        server.server_process = None
+        server.running = False
+
+
+def _exit_fast(code: int) -> None:
+    """End a ``cnncodes`` process: Prefect's queued logs and events are handed over, every exit hook
+    runs (joblib's worker and temporary-file cleanup, ...), then the process ends without the
+    interpreter's module teardown, which only frees memory the process gives back anyway (seconds
+    with TensorFlow, scikit-learn and Prefect loaded)."""
+    import atexit
+
+    if "prefect" in sys.modules:
+        from prefect._internal.concurrency.services import QueueService
+
+        try:
+            QueueService.drain_all(timeout=5)
+        except Exception:  # noqa: BLE001  best effort, as at a normal exit
+            pass
+    import threading
+
+    threading._shutdown()  # what the interpreter does first at exit: join threads, run their exit hooks
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command. Called without ``argv`` (the ``cnncodes`` program), it ends the process when
+    done (see :func:`_exit_fast`); with ``argv`` (from Python) it returns the exit status."""
+    code = _main(argv)
+    if argv is None:
+        _exit_fast(code)
+    return code
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     from storage.errors import CnncodesError
 
+    warm = None
     try:
-        _prepare(args.command)
-        return COMMANDS[args.command](args)
+        warm = _prepare(args.command)
+        code = COMMANDS[args.command](args)
+        if warm is not None and warm.owned:
+            _stop_temporary_server()
+        return code
     except CnncodesError as exc:
         sys.stderr.write(f"cnncodes {args.command}: error: {exc}\n")
         if getattr(args, "json", False):

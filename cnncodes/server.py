@@ -111,6 +111,7 @@ class Warmup:
 
     def __init__(self) -> None:
         self.mode = "env"
+        self.owned = False  # whether this command started the temporary server (and so stops it)
         self.error: BaseException | None = None
         self._thread: threading.Thread | None = None
         if os.environ.get("PREFECT_API_URL"):
@@ -128,7 +129,10 @@ class Warmup:
         try:
             from prefect.server.api.server import SubprocessASGIServer
 
-            SubprocessASGIServer().start()
+            server = SubprocessASGIServer()
+            if not server.running:  # one that runs already (a test harness's) is not ours to stop
+                server.start()
+                self.owned = True
         except BaseException as exc:  # reported by wait(); Prefect then tries again itself
             self.error = exc
 

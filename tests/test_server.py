@@ -37,7 +37,8 @@ def fake_api():
 
 def test_warmup_uses_a_recorded_running_server_and_ignores_a_dead_one(tmp_path, monkeypatch, fake_api):
     monkeypatch.setenv("CNNCODES_HOME", str(tmp_path))
-    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.setenv("PREFECT_API_URL", "unset")   # so that teardown restores the variable's absence,
+    monkeypatch.delenv("PREFECT_API_URL")            # whatever Warmup sets in between
     started = []
     monkeypatch.setattr(server.Warmup, "_start_temporary", lambda self: started.append(1))
     (tmp_path / "server.json").write_text(json.dumps({"api_url": fake_api, "ui_url": "x"}))

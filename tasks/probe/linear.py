@@ -41,7 +41,8 @@ class LinearConfig(Settings):
                                                       "variance (< 1)")
     calibrate: bool = Field(True, description="SVM: calibrate probabilities (without, predictions carry none)")
     max_iter: int = Field(3000, description="solver iterations")
-    n_jobs: int = Field(-1, description="processes of the C search (-1: every core)")
+    n_jobs: int = Field(-1, description="processes of the C search (-1: every core); small data (under 2 million "
+                                        "feature values) is searched in this process, faster than starting workers")
     seed: int = Field(0, description="seed of CV folds and solvers")
     sgd_epochs: int = Field(5, description="passes over the store for classifier sgd")
     chunk_rows: int = Field(8192, description="rows per chunk for classifier sgd")
@@ -156,6 +157,11 @@ def train_linear(X: np.ndarray, y: np.ndarray, class_names: Sequence[str], cfg: 
     return TrainResult(model=model, C=best_c, cv_scores=scores, seconds=time.perf_counter() - t)
 
 
+# Below this many feature values a fold fits in milliseconds and starting worker processes (each
+# importing scikit-learn) costs seconds more than it saves: the folds then run in this process.
+PARALLEL_MIN_VALUES = 2_000_000
+
+
 def cv_score(X: np.ndarray, y: np.ndarray, cfg: LinearConfig, C: float) -> tuple[float, float]:
     """Mean and standard deviation of the balanced accuracy of ``cfg``'s pipeline at ``C`` over
     stratified folds (seeded: the same folds for every C and every layer), in parallel with joblib."""
@@ -163,7 +169,7 @@ def cv_score(X: np.ndarray, y: np.ndarray, cfg: LinearConfig, C: float) -> tuple
 
     cv = StratifiedKFold(n_splits=_cv_folds(y, cfg.cv_folds), shuffle=True, random_state=cfg.seed)
     s = cross_val_score(_final(cfg, C, X.shape[1], calibrate=False), X, y, cv=cv, scoring="balanced_accuracy",
-                        n_jobs=cfg.n_jobs)
+                        n_jobs=cfg.n_jobs if X.size >= PARALLEL_MIN_VALUES else 1)
     return float(s.mean()), float(s.std())
 
 
