@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -16,9 +17,9 @@ from typing import Any, Iterator, Sequence
 import h5py
 import numpy as np
 
-from .errors import StoreError
+from .errors import StoreDamagedError, StoreError
 from .format import (INDEX_FORMAT, ROW_DATASETS, STORE_FORMAT, decode, decode_attrs, decode_paths, group_fingerprint,
-                     group_name, layer_names, open_file, run_state)
+                     group_name, layer_names, open_file, read_rows, run_state)
 
 Splits = str | Sequence[str] | None
 Classes = str | int | Sequence[str | int] | None
@@ -58,7 +59,10 @@ def _read_selected(ds: h5py.Dataset, n: int, sel: np.ndarray) -> np.ndarray:
     if sel.all() or sel.mean() > 0.5:
         out = np.empty((n, *ds.shape[1:]), ds.dtype)
         if n:
-            ds.read_direct(out, np.s_[0:n])
+            try:
+                ds.read_direct(out, np.s_[0:n])
+            except (OSError, RuntimeError):  # a chunk failed its checksum: read again, or name the rows
+                out = read_rows(ds, 0, n)
         return out if sel.all() else out[sel]
     return _read_rows(ds, np.flatnonzero(sel))
 
@@ -73,9 +77,24 @@ def _read_rows(ds: h5py.Dataset, rows: np.ndarray, block: int = 4096) -> np.ndar
     for run in np.split(rows, breaks):
         for start in range(0, len(run), block):
             part = run[start:start + block]
-            out[pos:pos + len(part)] = ds[int(part[0]):int(part[-1]) + 1]
+            out[pos:pos + len(part)] = read_rows(ds, int(part[0]), int(part[-1]) + 1)
             pos += len(part)
     return out
+
+
+@contextmanager
+def _damage_named(path: Path) -> Iterator[None]:
+    """HDF5's errors inside a read (a damaged object header, chunk index...) as a StoreDamagedError naming
+    the file; StoreErrors (which already name group, dataset and rows) pass through."""
+    try:
+        yield
+    except StoreError:
+        raise
+    except (OSError, RuntimeError, KeyError, ValueError) as exc:
+        raise StoreDamagedError(f"cannot read feature store {path}: {type(exc).__name__}: {exc}. The file is "
+                                f"damaged: `cnncodes store verify {path}` says where; `cnncodes store repair "
+                                f"{path}` drops damaged rows, or re-create the store with `cnncodes extract`.",
+                                path=str(path)) from exc
 
 
 def _wanted(split: Splits) -> list[str] | None:
@@ -155,7 +174,7 @@ class FeatureStore(StoreReader):
         self.path = Path(path)
         if not self.path.exists():
             raise StoreError(f"no feature store at {self.path}. Run `cnncodes extract` to create one.")
-        with open_file(self.path) as f:
+        with self._reading() as f:
             fmt = decode(f.attrs.get("format"))
         if fmt == INDEX_FORMAT:
             raise StoreError(f"{self.path} is the index of a sharded store; open it with "
@@ -172,19 +191,25 @@ class FeatureStore(StoreReader):
         For checks below this API (``storage.tools``); rows past ``committed`` are not to be trusted."""
         return open_file(self.path)
 
+    @contextmanager
+    def _reading(self) -> Iterator[h5py.File]:
+        """:meth:`open` for this class's readers: damage inside the block is a StoreDamagedError."""
+        with _damage_named(self.path), open_file(self.path) as f:
+            yield f
+
     @property
     def provenance(self) -> dict[str, Any]:
-        with self.open() as f:
+        with self._reading() as f:
             return {**decode_attrs(f), **run_state(f)}
 
     def groups(self) -> list[dict[str, Any]]:
         out = []
-        with self.open() as f:
+        with self._reading() as f:
             for layer in layer_names(f):
                 for pooling in sorted(f[layer].keys()):
                     g = f[layer][pooling]
                     info = decode_attrs(g)
-                    info["rows"] = int(g["committed"][0])
+                    info["rows"] = int(read_rows(g["committed"], 0, 1)[0])
                     info["manifest_fingerprint"] = group_fingerprint(g)
                     info["group"] = group_name(layer, pooling)
                     out.append(info)
@@ -210,15 +235,15 @@ class FeatureStore(StoreReader):
         """Committed rows of one group, optionally only some splits and/or classes (names or indices).
 
         Rows a writer has appended but not committed yet are never returned."""
-        with self.open() as f:
+        with self._reading() as f:
             g = self.resolve_group(f, layer, pooling)
             g["committed"].refresh()
-            n = int(g["committed"][0])
+            n = int(read_rows(g["committed"], 0, 1)[0])
             for name in ROW_DATASETS:
                 g[name].refresh()
             names = list(decode(f.attrs.get("class_names")) or [])
-            splits = g["split"][:n].astype(str)
-            labels = g["label"][:n].astype(np.int64)
+            splits = read_rows(g["split"], 0, n).astype(str)
+            labels = read_rows(g["label"], 0, n).astype(np.int64)
             sel = np.ones(n, bool)
             if split is not None:
                 sel &= np.isin(splits, _wanted(split))
@@ -227,27 +252,27 @@ class FeatureStore(StoreReader):
             feats = _read_selected(g["features"], n, sel)
             return Codes(
                 features=feats, labels=labels[sel],
-                paths=decode_paths(g["path"][:n][sel]),
-                splits=splits[sel], sha256=g["sha256"][:n][sel].astype(str), class_names=names,
+                paths=decode_paths(read_rows(g["path"], 0, n)[sel]),
+                splits=splits[sel], sha256=read_rows(g["sha256"], 0, n)[sel].astype(str), class_names=names,
                 layer=str(decode(g.attrs["layer"])), pooling=str(decode(g.attrs["pooling"])),
             )
 
     def read_features(self, layer: str, pooling: str | None = None, split: Splits = None,
                       classes: Classes = None) -> np.ndarray:
         """Only the committed feature rows (filtered like :meth:`read`): the fastest way to an array."""
-        with self.open() as f:
+        with self._reading() as f:
             g = self.resolve_group(f, layer, pooling)
             g["committed"].refresh()
-            n = int(g["committed"][0])
+            n = int(read_rows(g["committed"], 0, 1)[0])
             g["features"].refresh()
             sel = np.ones(n, bool)
             if split is not None:
                 g["split"].refresh()
-                sel &= np.isin(g["split"][:n].astype(str), _wanted(split))
+                sel &= np.isin(read_rows(g["split"], 0, n).astype(str), _wanted(split))
             if classes is not None:
                 g["label"].refresh()
                 names = list(decode(f.attrs.get("class_names")) or [])
-                sel &= np.isin(g["label"][:n], self.class_indices(classes, names))
+                sel &= np.isin(read_rows(g["label"], 0, n), self.class_indices(classes, names))
             return _read_selected(g["features"], n, sel)
 
     def class_indices(self, classes: Classes, names: list[str] | None = None) -> list[int]:
@@ -269,46 +294,47 @@ class FeatureStore(StoreReader):
         """Committed rows of one group, ``rows`` at a time (for stores larger than memory).
         The file is opened once per pass; each chunk is read and filtered on its own."""
         wanted = _wanted(split)
-        with self.open() as f:
+        with self._reading() as f:
             g = self.resolve_group(f, layer, pooling)
-            n = int(g["committed"][0])
+            n = int(read_rows(g["committed"], 0, 1)[0])
             names = list(decode(f.attrs.get("class_names")) or [])
             for start in range(0, n, rows):
                 stop = min(n, start + rows)
-                splits = g["split"][start:stop].astype(str)
+                splits = read_rows(g["split"], start, stop).astype(str)
                 sel = np.ones(stop - start, bool) if wanted is None else np.isin(splits, wanted)
                 if not sel.any():
                     continue
-                block = g["features"][start:stop]
+                block = read_rows(g["features"], start, stop)
                 yield Codes(features=block if wanted is None else block[sel],
-                            labels=g["label"][start:stop][sel].astype(np.int64),
-                            paths=decode_paths(g["path"][start:stop][sel]),
-                            splits=splits[sel], sha256=g["sha256"][start:stop][sel].astype(str),
+                            labels=read_rows(g["label"], start, stop)[sel].astype(np.int64),
+                            paths=decode_paths(read_rows(g["path"], start, stop)[sel]),
+                            splits=splits[sel], sha256=read_rows(g["sha256"], start, stop)[sel].astype(str),
                             class_names=names, layer=str(decode(g.attrs["layer"])),
                             pooling=str(decode(g.attrs["pooling"])))
 
     def row_splits(self, layer: str, pooling: str | None = None) -> dict[str, str]:
-        with self.open() as f:
+        with self._reading() as f:
             g = self.resolve_group(f, layer, pooling)
-            n = int(g["committed"][0])
-            return dict(zip(g["sha256"][:n].astype(str).tolist(), g["split"][:n].astype(str).tolist()))
+            n = int(read_rows(g["committed"], 0, 1)[0])
+            return dict(zip(read_rows(g["sha256"], 0, n).astype(str).tolist(),
+                            read_rows(g["split"], 0, n).astype(str).tolist()))
 
     def lookup(self, layer: str, pooling: str | None, sha256: Sequence[str]) -> dict[str, np.ndarray]:
         wanted = set(sha256)
-        with self.open() as f:
+        with self._reading() as f:
             g = self.resolve_group(f, layer, pooling)
-            n = int(g["committed"][0])
-            hashes = g["sha256"][:n].astype(str)
+            n = int(read_rows(g["committed"], 0, 1)[0])
+            hashes = read_rows(g["sha256"], 0, n).astype(str)
             rows = np.flatnonzero(np.isin(hashes, list(wanted)))
             if not len(rows):
                 return {}
-            feats = g["features"][np.sort(rows)] if len(rows) else np.zeros((0,))
+            feats = _read_rows(g["features"], np.sort(rows))
             return {hashes[r]: feats[i] for i, r in enumerate(np.sort(rows))}
 
     def group_attrs(self, layer: str, pooling: str | None = None) -> dict[str, Any]:
-        with self.open() as f:
+        with self._reading() as f:
             g = self.resolve_group(f, layer, pooling)
             out = decode_attrs(g)
-            out["rows"] = int(g["committed"][0])
+            out["rows"] = int(read_rows(g["committed"], 0, 1)[0])
             out["manifest_fingerprint"] = group_fingerprint(g)
             return out
