@@ -20,8 +20,17 @@ Layout of one store (one file per dataset, backbone and weights)::
         state     (1,)  S64      fingerprint of the manifest the group was completed for ("" while not)
     /_updated  (1,)  S32   time of the last finished run;  /_skipped (n,) S1024  files skipped, JSON [path, reason]
 
-Attributes hold str, int and float as they are; lists, dicts, tuples and None as JSON text
-(:func:`encode` / :func:`decode`).
+Attributes hold int and float as they are; lists, dicts, tuples and None as JSON text; text as
+fixed-length UTF-8 (:func:`set_attrs` / :func:`decode`; stores written before checksums hold
+variable-length text, which reads the same).
+
+Checksums: every dataset is chunked and carries HDF5's Fletcher-32 filter (``committed``, ``state`` and
+``_updated`` too, as one-row chunked datasets), and HDF5's own structures (superblock v3, object headers,
+chunk indexes) carry theirs; text attributes sit in the object headers, not in the global heap, which
+has none. A chunk that fails its checksum is a :class:`~storage.errors.StoreDamagedError` naming the
+rows (:func:`read_rows`, :func:`damaged_rows`). Opening checks the superblock and the file's length
+first and bounds HDF5's metadata read retries (:func:`open_file`), so a damaged file is an error in
+bounded time, never an endless retry.
 
 Writing follows the single-writer / multiple-reader (SWMR) protocol of HDF5:
 every group and dataset a run needs is created first, then the file switches
@@ -81,7 +90,8 @@ __all__ = [
     "COMPRESSIONS", "DTYPES", "IDENTITY_KEYS", "INDEX_FORMAT", "LIBVER", "POOLINGS", "ROW_DATASETS", "STORE_FORMAT",
     "decode", "decode_attrs", "decode_paths", "encode", "encode_paths", "group_fingerprint", "group_name",
     "is_index", "layer_names", "normalise", "now_iso", "open_file", "read_index", "run_state", "write_index",
-    "checked", "damage_error", "set_attrs", "damaged_rows", "open_swmr", "read_rows", "rows_text", "superblock", "writer_holds",
+    "checked", "damage_error", "damaged_rows", "lookup3", "open_swmr", "read_rows", "rows_text", "set_attrs",
+    "superblock", "writer_holds",
 ]
 
 

@@ -83,7 +83,7 @@ def _read_rows(ds: h5py.Dataset, rows: np.ndarray, block: int = 4096) -> np.ndar
 
 
 @contextmanager
-def _damage_named(path: Path) -> Iterator[None]:
+def damage_named(path: Path) -> Iterator[None]:
     """HDF5's errors inside a read (a damaged object header, chunk index...) as a StoreDamagedError naming
     the file; StoreErrors (which already name group, dataset and rows) pass through."""
     try:
@@ -194,7 +194,7 @@ class FeatureStore(StoreReader):
     @contextmanager
     def _reading(self) -> Iterator[h5py.File]:
         """:meth:`open` for this class's readers: damage inside the block is a StoreDamagedError."""
-        with _damage_named(self.path), open_file(self.path) as f:
+        with damage_named(self.path), open_file(self.path) as f:
             yield f
 
     @property

@@ -34,7 +34,7 @@ from .format import (INDEX_FORMAT, ROW_DATASETS, SKIPPED, STORE_FORMAT, UPDATED,
                      read_rows, rows_text, run_state)
 from .format import checked as has_checksum
 from .hashing import file_sha256
-from .reader import FeatureStore
+from .reader import FeatureStore, damage_named
 from .writer import repair_store as _repair_file
 
 EXPORT_FORMATS = ("parquet", "csv", "npy")
@@ -133,7 +133,7 @@ def list_store(path: str | os.PathLike) -> dict[str, Any]:
         return {**first, "store": str(Path(path)), "format": INDEX_FORMAT,
                 "size_bytes": sum(p.stat().st_size for p in shards), "shards": [str(p) for p in shards]}
     store = FeatureStore(path)
-    with store.open() as f:
+    with damage_named(store.path), store.open() as f:
         attrs = {**decode_attrs(f), **run_state(f)}
         groups = [_group_summary(g, layer, pooling) for layer, pooling, g in _iter_groups(f)
                   if isinstance(g, h5py.Group)]
@@ -147,7 +147,7 @@ def store_info(path: str | os.PathLike, head: int = 5, rows: int = 65536) -> dic
     the manifest fingerprint, and its first ``head`` rows (with the first feature values)."""
     store = _one_file(path, "info")
     out = list_store(path)
-    with store.open() as f:
+    with damage_named(store.path), store.open() as f:
         attrs = {**decode_attrs(f), **run_state(f)}
         names = list(attrs.get("class_names") or [])
         skipped = attrs.pop("skipped", None)
@@ -276,7 +276,7 @@ def export_group(path: str | os.PathLike, layer: str, pooling: str | None = None
                          "these suffixes, or pass the format).")
     if out.exists() and out.resolve() == store.path.resolve():
         raise StoreError(f"the export output {out} is the store itself; choose another --output.")
-    with store.open() as f:
+    with damage_named(store.path), store.open() as f:
         g = store.resolve_group(f, layer, pooling)
         names = list(decode(f.attrs.get("class_names")) or [])
         absent = [ds for ds in (*ROW_DATASETS, "committed") if not isinstance(g.get(ds), h5py.Dataset)]
