@@ -723,7 +723,7 @@ def _torn_is_damage(tail: bytes) -> bool:
     """True when a last line without its newline, which is not an intact event, still starts with a whole
     JSON value: not an append cut short (that leaves a prefix of an event) but a damaged end of the file."""
     try:
-        json.JSONDecoder().raw_decode(tail.decode("utf-8"))
+        json.JSONDecoder().raw_decode(tail.decode("utf-8", "replace"))  # a cut may split a character
     except ValueError:
         return False
     return True
