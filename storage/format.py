@@ -90,7 +90,7 @@ __all__ = [
     "COMPRESSIONS", "DTYPES", "IDENTITY_KEYS", "INDEX_FORMAT", "LIBVER", "POOLINGS", "ROW_DATASETS", "STORE_FORMAT",
     "decode", "decode_attrs", "decode_paths", "encode", "encode_paths", "group_fingerprint", "group_name",
     "is_index", "layer_names", "normalise", "now_iso", "open_file", "read_index", "run_state", "write_index",
-    "checked", "damage_error", "damaged_rows", "lookup3", "open_swmr", "read_rows", "rows_text", "set_attrs",
+    "SWMR_WRITE_FLAG", "checked", "clear_open_flags", "damage_error", "damaged_rows", "lookup3", "open_swmr", "read_rows", "rows_text", "set_attrs",
     "superblock", "writer_holds",
 ]
 
@@ -273,6 +273,28 @@ def superblock(path: str | os.PathLike) -> dict[str, Any]:
         raise StoreError(f"{path} is cut short: {size} bytes, but its HDF5 superblock says it ends at byte "
                          f"{base + eof}. The copy or write that made it was interrupted (a full disk?); {again}.")
     return {"version": version, "offset": offset, "flags": flags, "eof": base + eof, "size": size}
+
+
+SWMR_WRITE_FLAG = 0x04  # superblock v2/v3 file consistency flags: 0x01 open for writing, 0x04 in SWMR mode
+
+
+def clear_open_flags(path: str | os.PathLike) -> None:
+    """Clear the "open for writing" flags of a v2/v3 superblock (and mend its checksum), as ``h5clear -s``
+    does: for a file whose writer was killed. Only while holding the store's writer lock."""
+    sb = superblock(path)
+    if sb["version"] not in (2, 3) or not sb["flags"]:
+        return
+    with open(path, "r+b") as fh:
+        fh.seek(sb["offset"])
+        head = bytearray(fh.read(12 + 4 * 8 + 4))
+        so = head[9]
+        end = 12 + 4 * so
+        head[11] = 0
+        head[end:end + 4] = lookup3(bytes(head[:end])).to_bytes(4, "little")
+        fh.seek(sb["offset"])
+        fh.write(bytes(head[:end + 4]))
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def writer_holds(path: str | os.PathLike) -> bool:

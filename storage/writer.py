@@ -22,7 +22,8 @@ from .files import FileLock, FileLockBusy, atomic_path
 from .format import (IDENTITY_KEYS, LABEL_DTYPE, LIBVER, PATH_DTYPE, ROW_DATASETS, SHA_DTYPE, SKIP_BYTES, SKIP_DTYPE,
                      SKIPPED, SPLIT_DTYPE, STORE_FORMAT, UPDATED, UPDATED_DTYPE, decode, decode_paths, encode,
                      encode_paths, group_fingerprint, group_name, layer_names, normalise, now_iso, open_file,
-                     open_swmr, read_rows, checked, damaged_rows, set_attrs, decode_attrs)
+                     open_swmr, read_rows, checked, damaged_rows, set_attrs, decode_attrs,
+                     superblock, clear_open_flags, SWMR_WRITE_FLAG)
 from .manifest import Manifest
 
 
@@ -287,9 +288,19 @@ class StoreWriter:
         except OSError as exc:
             if "already open for write" not in str(exc):
                 raise StoreError(f"cannot open feature store {self.path} for writing: {exc}") from exc
-        # A writer was killed while in SWMR mode: the file is readable but flagged as open.
-        # Copy its committed rows into a fresh file (the old one stays until the rename).
-        _rewrite(self.path)
+        # A writer was killed while it had the file open: the file is flagged as open. Killed in SWMR mode,
+        # it is readable as it is; killed before (while preparing), only once the flags are cleared (what
+        # `h5clear -s` does; we hold the writer lock, so no writer has it open). Either way its committed
+        # rows are copied into a fresh file (the old one stays until the rename), every chunk's checksum
+        # checked on the way.
+        if not superblock(self.path)["flags"] & SWMR_WRITE_FLAG:
+            clear_open_flags(self.path)
+        try:
+            _rewrite(self.path)
+        except (OSError, RuntimeError, KeyError, ValueError) as exc:
+            raise StoreError(f"feature store {self.path} was left open by a writer that was killed, and it cannot "
+                             f"be recovered ({type(exc).__name__}: {exc}). Delete it and run `cnncodes extract` "
+                             "again.") from exc
         self.recovered = True
         return h5py.File(self.path, "a", libver=LIBVER)
 

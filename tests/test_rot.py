@@ -167,6 +167,12 @@ def test_a_reader_waits_for_a_writer_preparing_the_file_and_not_for_a_dead_one(t
     with pytest.raises(StoreError, match="left open by a writer that stopped"):
         FeatureStore(path)
     assert time.monotonic() - t < 5
+    # ... and the next writer recovers it, as the message says
+    m = Manifest("/data", "folders", ["a", "b"], [Sample(f"{'ab'[i % 2]}/{i}.jpg", f"{i:064x}", i % 2, "train")
+                                                  for i in range(40)])
+    with StoreWriter(path, IDENT, [GroupSpec("l1", "avg", (3,))]) as w:
+        assert w.recovered and w.plan(m).todo["l1/avg"] == []
+    np.testing.assert_array_equal(FeatureStore(path).read("l1").features, feats)
 
 
 @pytest.mark.slow
