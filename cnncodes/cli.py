@@ -48,8 +48,8 @@ DATA_HELP = "folder of class folders, folder with train/ val/ [test/], or CSV pa
 
 
 def _add_store_parser(sub, common: argparse.ArgumentParser) -> None:
-    """`cnncodes store ls|info|export|verify`: look after feature stores (no TensorFlow needed)."""
-    store = sub.add_parser("store", help="list, inspect, export and verify feature stores")
+    """`cnncodes store ls|info|export|verify|repair`: look after feature stores (no TensorFlow needed)."""
+    store = sub.add_parser("store", help="list, inspect, export, verify and repair feature stores")
     ssub = store.add_subparsers(dest="store_command", required=True, metavar="STORE_COMMAND")
 
     p = ssub.add_parser("ls", parents=[common], help="size, provenance and layer groups of a store")
@@ -78,6 +78,11 @@ def _add_store_parser(sub, common: argparse.ArgumentParser) -> None:
                    help="also re-hash each image and compare with the stored sha256")
     p.add_argument("--dataset", default=None,
                    help="dataset root the image paths are relative to (default: the one the store records)")
+
+    p = ssub.add_parser("repair", parents=[common],
+                        help="drop the rows whose checksums fail (`store verify` lists them); the next "
+                             "`cnncodes extract` of the same data recomputes them")
+    p.add_argument("store", help="feature store (HDF5) written by `cnncodes extract`")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -400,6 +405,9 @@ def cmd_store(args) -> int:
         r = tools.export_group(args.store, args.layer, pooling=args.pooling, out=args.output, fmt=args.format,
                                split=args.split, classes=args.classes, rows=args.chunk_rows)
         _emit(r, args.json, tools.export_text(r))
+    elif args.store_command == "repair":
+        r = tools.repair_store(args.store)
+        _emit(r, args.json, tools.repair_text(r))
     else:
         r = tools.verify_store(args.store, check_files=args.check_files, dataset=args.dataset)
         _emit(r, args.json, tools.verify_text(r))

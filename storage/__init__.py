@@ -4,7 +4,7 @@ Needs only NumPy, h5py and the standard library (pandas and joblib for the
 registry): an analyst can read a store without TensorFlow or Prefect.
 ``open_store(path)`` opens any store (one file or sharded) for reading.
 """
-from .errors import (BackboneError, CnncodesError, DatasetError, ParameterError, StoreError,
+from .errors import (BackboneError, CnncodesError, DatasetError, ParameterError, StoreDamagedError, StoreError,
                      StoreLockedError, StoreMismatchError)
 from .files import FileLock, atomic_path, atomic_write, atomic_write_json
 from .manifest import Manifest, Sample, Skip
@@ -14,8 +14,8 @@ from .store import (POOLINGS, Codes, FeatureStore, GroupSpec, ShardedStore, Stor
 
 __all__ = [
     "BackboneError", "CnncodesError", "Codes", "DatasetError", "FeatureStore", "FileLock", "GroupSpec", "Manifest",
-    "ParameterError", "POOLINGS", "Sample", "ShardedStore", "Skip", "StoreError", "StoreLockedError",
-    "StoreMismatchError", "StoreReader", "StoreWriter", "atomic_path", "atomic_write", "atomic_write_json",
-    "group_name", "open_store", "ModelRegistry", "ModelRecord", "RegistryError", "ModelMismatchError",
-    "TamperedModelError",
+    "ParameterError", "POOLINGS", "Sample", "ShardedStore", "Skip", "StoreDamagedError", "StoreError",
+    "StoreLockedError", "StoreMismatchError", "StoreReader", "StoreWriter", "atomic_path", "atomic_write",
+    "atomic_write_json", "group_name", "open_store", "ModelRegistry", "ModelRecord", "RegistryError",
+    "ModelMismatchError", "TamperedModelError",
 ]

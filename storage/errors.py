@@ -34,3 +34,17 @@ class StoreMismatchError(StoreError):
 
 class StoreLockedError(StoreError):
     """Another process is writing to the same store."""
+
+
+class StoreDamagedError(StoreError):
+    """Rows or structures of a store file cannot be read back as written (a checksum failed, the file
+    was cut or overwritten). ``path``, ``group``, ``dataset`` and ``rows`` ([start, stop) ranges) say
+    where, as far as known."""
+
+    def __init__(self, message: str, path: str = "", group: str = "", dataset: str = "",
+                 rows: list[tuple[int, int]] | None = None):
+        super().__init__(message)
+        self.path = path
+        self.group = group
+        self.dataset = dataset
+        self.rows = list(rows or [])

@@ -20,8 +20,17 @@ Layout of one store (one file per dataset, backbone and weights)::
         state     (1,)  S64      fingerprint of the manifest the group was completed for ("" while not)
     /_updated  (1,)  S32   time of the last finished run;  /_skipped (n,) S1024  files skipped, JSON [path, reason]
 
-Attributes hold str, int and float as they are; lists, dicts, tuples and None as JSON text
-(:func:`encode` / :func:`decode`).
+Attributes hold int and float as they are; lists, dicts, tuples and None as JSON text; text as
+fixed-length UTF-8 (:func:`set_attrs` / :func:`decode`; stores written before checksums hold
+variable-length text, which reads the same).
+
+Checksums: every dataset is chunked and carries HDF5's Fletcher-32 filter (``committed``, ``state`` and
+``_updated`` too, as one-row chunked datasets), and HDF5's own structures (superblock v3, object headers,
+chunk indexes) carry theirs; text attributes sit in the object headers, not in the global heap, which
+has none. A chunk that fails its checksum is a :class:`~storage.errors.StoreDamagedError` naming the
+rows (:func:`read_rows`, :func:`damaged_rows`). Opening checks the superblock and the file's length
+first and bounds HDF5's metadata read retries (:func:`open_file`), so a damaged file is an error in
+bounded time, never an endless retry.
 
 Writing follows the single-writer / multiple-reader (SWMR) protocol of HDF5:
 every group and dataset a run needs is created first, then the file switches
@@ -42,6 +51,7 @@ TensorFlow nor Prefect.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import time
@@ -51,7 +61,7 @@ from typing import Any, Sequence
 import h5py
 import numpy as np
 
-from .errors import StoreError
+from .errors import StoreDamagedError, StoreError
 from .files import atomic_path, now_iso
 
 STORE_FORMAT = "cnncodes-store/1"
@@ -80,6 +90,8 @@ __all__ = [
     "COMPRESSIONS", "DTYPES", "IDENTITY_KEYS", "INDEX_FORMAT", "LIBVER", "POOLINGS", "ROW_DATASETS", "STORE_FORMAT",
     "decode", "decode_attrs", "decode_paths", "encode", "encode_paths", "group_fingerprint", "group_name",
     "is_index", "layer_names", "normalise", "now_iso", "open_file", "read_index", "run_state", "write_index",
+    "SWMR_WRITE_FLAG", "checked", "clear_open_flags", "damage_error", "damaged_rows", "lookup3", "open_swmr", "read_rows", "rows_text", "set_attrs",
+    "superblock", "writer_holds",
 ]
 
 
@@ -109,6 +121,18 @@ def decode(value: Any) -> Any:
         except ValueError:
             return value
     return value
+
+
+def set_attrs(obj: h5py.HLObject, values: dict[str, Any]) -> None:
+    """Write attributes as :func:`encode` makes them, text as fixed-length UTF-8: it then lives in the
+    object header, under its checksum (h5py's default, variable-length text, goes to HDF5's global heap,
+    which has none: a damaged byte there would read as another value)."""
+    for k, v in values.items():
+        v = encode(v)
+        if isinstance(v, str):
+            raw = v.encode("utf-8")
+            v = np.array(raw, dtype=f"S{max(1, len(raw))}")
+        obj.attrs[k] = v
 
 
 def normalise(d: dict[str, Any]) -> dict[str, Any]:
@@ -145,22 +169,305 @@ def decode_paths(raw: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- reading the layout
 
 
-def open_file(path: str | os.PathLike) -> h5py.File:
-    """Open a store file for reading alongside a writer (SWMR), retrying while a writer prepares it."""
+# --------------------------------------------------------------------------- opening a file safely
+
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+# HDF5 retries a metadata read whose checksum fails (a reader racing a writer) and doubles a sleep
+# between tries: its SWMR default of 100 tries sleeps 2**100 ns on a damaged file - a hang. 24 tries
+# sleep at most 2**24 ns (~17 ms) per damaged block, plenty for a racing writer.
+READ_ATTEMPTS = 24
+WRITER_WAIT_S = 10.0  # how long a reader waits for a writer that holds the file while preparing it
+_READ_ATTEMPTS_SET: Any = None  # H5Pset_metadata_read_attempts once found (False: not available)
+
+
+def lookup3(data: bytes, initval: int = 0) -> int:
+    """Bob Jenkins' lookup3 ``hashlittle``: the checksum HDF5 puts on its metadata (superblock v2/v3...)."""
+    m = 0xFFFFFFFF
+
+    def rot(x: int, k: int) -> int:
+        return ((x << k) | (x >> (32 - k))) & m
+
+    length = len(data)
+    a = b = c = (0xDEADBEEF + length + initval) & m
+    i = 0
+    while length > 12:
+        a = (a + int.from_bytes(data[i:i + 4], "little")) & m
+        b = (b + int.from_bytes(data[i + 4:i + 8], "little")) & m
+        c = (c + int.from_bytes(data[i + 8:i + 12], "little")) & m
+        a = (a - c) & m; a ^= rot(c, 4); c = (c + b) & m  # noqa: E702
+        b = (b - a) & m; b ^= rot(a, 6); a = (a + c) & m  # noqa: E702
+        c = (c - b) & m; c ^= rot(b, 8); b = (b + a) & m  # noqa: E702
+        a = (a - c) & m; a ^= rot(c, 16); c = (c + b) & m  # noqa: E702
+        b = (b - a) & m; b ^= rot(a, 19); a = (a + c) & m  # noqa: E702
+        c = (c - b) & m; c ^= rot(b, 4); b = (b + a) & m  # noqa: E702
+        length -= 12
+        i += 12
+    if length == 0:
+        return c
+    tail = data[i:] + bytes(12 - length)
+    a = (a + int.from_bytes(tail[0:4], "little")) & m
+    b = (b + int.from_bytes(tail[4:8], "little")) & m
+    c = (c + int.from_bytes(tail[8:12], "little")) & m
+    c ^= b; c = (c - rot(b, 14)) & m  # noqa: E702
+    a ^= c; a = (a - rot(c, 11)) & m  # noqa: E702
+    b ^= a; b = (b - rot(a, 25)) & m  # noqa: E702
+    c ^= b; c = (c - rot(b, 16)) & m  # noqa: E702
+    a ^= c; a = (a - rot(c, 4)) & m  # noqa: E702
+    b ^= a; b = (b - rot(a, 14)) & m  # noqa: E702
+    c ^= b; c = (c - rot(b, 24)) & m  # noqa: E702
+    return c
+
+
+def superblock(path: str | os.PathLike) -> dict[str, Any]:
+    """What the HDF5 superblock of ``path`` says: ``version``, ``offset`` (where it is), ``eof`` (the
+    address the file must reach), ``flags`` (file consistency flags: a writer has it open) and
+    ``size`` (the file's real size). StoreError naming the file when it has no intact superblock or is
+    shorter than the superblock says: a cut file (an interrupted copy, a full disk)."""
     path = Path(path)
-    deadline = time.monotonic() + 10.0
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            offset = 0
+            while True:  # HDF5 looks at 0, 512, 1024, 2048, ... (a user block may come first)
+                fh.seek(offset)
+                head = fh.read(96)
+                if head[:8] == HDF5_SIGNATURE or offset * 2 > max(size, 512):
+                    break
+                offset = 512 if offset == 0 else offset * 2
+    except FileNotFoundError:
+        raise StoreError(f"no feature store at {path}. Run `cnncodes extract` to create one.") from None
+    except OSError as exc:
+        raise StoreError(f"cannot read {path}: {exc}. Check the path and its permissions.") from exc
+    again = "re-create it with `cnncodes extract` (or restore a good copy)"
+    if head[:8] != HDF5_SIGNATURE:
+        what = "empty" if size == 0 else f"{size} bytes with no HDF5 signature"
+        raise StoreError(f"{path} is not an HDF5 file ({what}): it is not a store, or its first bytes were "
+                         f"cut or overwritten. Check the path, or {again}.")
+    version = head[8]
+    if version in (2, 3):
+        so = head[9]
+        if so not in (2, 4, 8) or head[10] not in (2, 4, 8):
+            raise StoreError(f"the superblock of {path} is damaged (offsets of {so} bytes). {again[0].upper()}"
+                             f"{again[1:]}.")
+        end = 12 + 4 * so
+        if len(head) < end + 4:
+            raise StoreError(f"{path} is cut short: {size} bytes, not even a whole superblock. The copy or write "
+                             f"that made it was interrupted; {again}.")
+        stored = int.from_bytes(head[end:end + 4], "little")
+        if lookup3(head[:end]) != stored:
+            raise StoreError(f"the superblock of {path} is damaged (its checksum does not match): the file's "
+                             f"first bytes were overwritten. {again[0].upper()}{again[1:]}.")
+        flags = head[11]
+        base, eof = (int.from_bytes(head[12 + k * so:12 + (k + 1) * so], "little") for k in (0, 2))
+    elif version in (0, 1):
+        so = head[13]
+        pos = 24 if version == 0 else 28
+        if so not in (2, 4, 8) or len(head) < pos + 4 * so:
+            raise StoreError(f"the superblock of {path} is damaged or cut short. {again[0].upper()}{again[1:]}.")
+        flags = int.from_bytes(head[20:24], "little")
+        base, eof = (int.from_bytes(head[pos + k * so:pos + (k + 1) * so], "little") for k in (0, 2))
+    else:
+        raise StoreError(f"the superblock of {path} has version {version}, which this HDF5 does not write: the "
+                         f"file is damaged or of a newer format. {again[0].upper()}{again[1:]}.")
+    if base + eof > size:
+        raise StoreError(f"{path} is cut short: {size} bytes, but its HDF5 superblock says it ends at byte "
+                         f"{base + eof}. The copy or write that made it was interrupted (a full disk?); {again}.")
+    return {"version": version, "offset": offset, "flags": flags, "eof": base + eof, "size": size}
+
+
+SWMR_WRITE_FLAG = 0x04  # superblock v2/v3 file consistency flags: 0x01 open for writing, 0x04 in SWMR mode
+
+
+def clear_open_flags(path: str | os.PathLike) -> None:
+    """Clear the "open for writing" flags of a v2/v3 superblock (and mend its checksum), as ``h5clear -s``
+    does: for a file whose writer was killed. Only while holding the store's writer lock."""
+    sb = superblock(path)
+    if sb["version"] not in (2, 3) or not sb["flags"]:
+        return
+    with open(path, "r+b") as fh:
+        fh.seek(sb["offset"])
+        head = bytearray(fh.read(12 + 4 * 8 + 4))
+        so = head[9]
+        end = 12 + 4 * so
+        head[11] = 0
+        head[end:end + 4] = lookup3(bytes(head[:end])).to_bytes(4, "little")
+        fh.seek(sb["offset"])
+        fh.write(bytes(head[:end + 4]))
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def writer_holds(path: str | os.PathLike) -> bool:
+    """True when a cnncodes writer holds the lock of the store at ``path`` (``<store>.lock``).
+
+    The lock file is only probed: opened read-only, never created, share-locked for an instant."""
+    lock = Path(path).with_name(Path(path).name + ".lock")
+    try:
+        fh = open(lock, "rb")
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    else:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+        return False
+    finally:
+        fh.close()
+
+
+def _set_read_attempts(fapl: Any, attempts: int) -> bool:
+    """H5Pset_metadata_read_attempts on ``fapl`` (h5py does not wrap it): reached through the HDF5 library
+    h5py's extensions are linked to. False where it cannot be found (the pre-checks still apply)."""
+    global _READ_ATTEMPTS_SET
+    if _READ_ATTEMPTS_SET is None:
+        try:
+            import ctypes
+
+            fn = ctypes.CDLL(h5py.h5p.__file__).H5Pset_metadata_read_attempts
+            fn.argtypes = [ctypes.c_int64, ctypes.c_uint]
+            fn.restype = ctypes.c_int
+            _READ_ATTEMPTS_SET = fn
+        except (OSError, AttributeError):
+            _READ_ATTEMPTS_SET = False
+    if not _READ_ATTEMPTS_SET:
+        return False
+    return _READ_ATTEMPTS_SET(fapl.id, attempts) >= 0
+
+
+def _swmr_fapl() -> Any:
+    fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
+    fapl.set_libver_bounds(h5py.h5f.LIBVER_V110, h5py.h5f.LIBVER_LATEST)
+    _set_read_attempts(fapl, READ_ATTEMPTS)
+    return fapl
+
+
+def open_swmr(path: str | os.PathLike) -> h5py.File:
+    """``h5py.File(path, "r", swmr=True)`` with metadata read retries bounded (:data:`READ_ATTEMPTS`)."""
+    fid = h5py.h5f.open(os.fsencode(path), h5py.h5f.ACC_RDONLY | h5py.h5f.ACC_SWMR_READ, fapl=_swmr_fapl())
+    return h5py.File(fid)
+
+
+def open_file(path: str | os.PathLike, wait: float = WRITER_WAIT_S) -> h5py.File:
+    """Open a store file for reading alongside a writer (SWMR), in bounded time whatever its state.
+
+    The superblock and the file's length are checked first (a cut or overwritten file is a StoreError
+    at once, never an endless retry inside HDF5); metadata read retries are bounded. Only a file that a
+    cnncodes writer holds (its lock file is locked) is waited for, up to ``wait`` seconds."""
+    path = Path(path)
+    deadline = time.monotonic() + wait
     while True:
         try:
-            return h5py.File(path, "r", libver=LIBVER, swmr=True)
-        except FileNotFoundError:
-            raise StoreError(f"no feature store at {path}. Run `cnncodes extract` to create one.") from None
-        except OSError as exc:
-            # Only a lock held by a writer that is preparing the file is worth waiting for.
-            busy = "lock" in str(exc).lower() or "already open" in str(exc).lower()
-            if not busy or time.monotonic() > deadline:
-                raise StoreError(f"cannot open feature store {path}: {exc}. Is it an HDF5 file written by "
-                                 "cnncodes? `cnncodes extract` creates one.") from exc
-            time.sleep(0.2)
+            superblock(path)
+            return open_swmr(path)
+        except (StoreError, OSError) as exc:
+            if isinstance(exc, FileNotFoundError):
+                raise StoreError(f"no feature store at {path}. Run `cnncodes extract` to create one.") from None
+            held = writer_holds(path)
+            text = str(exc).lower()
+            busy = held or "unable to lock" in text  # another (non-cnncodes) program holds it
+            if busy and time.monotonic() < deadline:
+                time.sleep(0.1)
+                continue
+            if isinstance(exc, StoreError) and not held:
+                if "no feature store" in str(exc):
+                    raise
+                raise StoreDamagedError(f"cannot open feature store: {exc}", path=str(path)) from None
+            if busy:
+                raise StoreError(f"feature store {path} is held by a writer ({exc}) and did not become readable "
+                                 f"within {wait:.0f} s. Try again when the writer has started appending or has "
+                                 "finished.") from exc
+            if "already open" in text:
+                raise StoreError(f"feature store {path} was left open by a writer that stopped while preparing it "
+                                 f"({exc}). Run the same `cnncodes extract` again: it recovers the file.") from exc
+            raise StoreError(f"cannot open feature store {path}: {exc}. The file is damaged or not an HDF5 file "
+                             "written by cnncodes: run `cnncodes store verify` on it, or re-create it with "
+                             "`cnncodes extract`.") from exc
+
+
+# --------------------------------------------------------------------------- reading rows, finding damage
+
+# A chunk that fails its checksum is read again (a writer may be rewriting it right now), from the
+# file, never after ``Dataset.refresh()``: with HDF5 1.14.6, a refresh after a failed read, while another
+# handle of the dataset is open, makes the next read return the damaged chunk's bytes without an error.
+READ_TRIES = 3
+
+def where(ds: h5py.Dataset) -> tuple[str, str, str]:
+    """(file, group, dataset name) of ``ds``."""
+    group, _, name = ds.name.strip("/").rpartition("/")
+    return str(ds.file.filename), group, name
+
+
+def rows_text(ranges: Sequence[tuple[int, int]], first: int = 5) -> str:
+    """[start, stop) ranges as ``rows 0-1023, 4096-4099`` (inclusive), the first few."""
+    parts = [f"{a}-{b - 1}" if b - a > 1 else f"{a}" for a, b in ranges[:first]]
+    more = f" and {len(ranges) - first} more range(s)" if len(ranges) > first else ""
+    return ("row " if len(ranges) == 1 and ranges[0][1] - ranges[0][0] == 1 else "rows ") + ", ".join(parts) + more
+
+
+def _readable(ds: h5py.Dataset, start: int, stop: int) -> bool:
+    for attempt in range(READ_TRIES):
+        try:
+            ds[start:stop]
+            return True
+        except (OSError, RuntimeError, ValueError):
+            if attempt + 1 < READ_TRIES:
+                time.sleep(0.02)
+    return False
+
+
+def damaged_rows(ds: h5py.Dataset, start: int = 0, stop: int | None = None) -> list[tuple[int, int]]:
+    """The [start, stop) row ranges of ``ds`` that cannot be read back as written (their chunk fails its
+    checksum, or the chunk index is damaged), chunk by chunk; [] when every row reads."""
+    stop = int(ds.shape[0]) if stop is None else int(stop)
+    if stop <= start:
+        return []
+    step = int(ds.chunks[0]) if ds.chunks else stop - start
+    out: list[tuple[int, int]] = []
+    a = (start // step) * step
+    while a < stop:
+        lo, hi = max(a, start), min(stop, a + step)
+        if not _readable(ds, lo, hi):
+            if out and out[-1][1] == lo:
+                out[-1] = (out[-1][0], hi)
+            else:
+                out.append((lo, hi))
+        a += step
+    return out
+
+
+def damage_error(ds: h5py.Dataset, start: int, stop: int, exc: BaseException) -> StoreDamagedError:
+    """A StoreDamagedError naming the file, group, dataset and the damaged rows of [start, stop)."""
+    path, group, name = where(ds)
+    try:
+        ranges = damaged_rows(ds, start, stop) or [(start, stop)]
+    except Exception:  # the dataset itself cannot be inspected
+        ranges = [(start, stop)]
+    return StoreDamagedError(
+        f"{path}: group {group or '/'}, dataset {name}: {rows_text(ranges)} cannot be read back as written "
+        f"({exc}). The file is damaged there; nothing of it was returned. `cnncodes store verify {path}` lists "
+        f"every damaged range, `cnncodes store repair {path}` drops the damaged rows, and the next "
+        "`cnncodes extract` of the same data recomputes them.", path=path, group=group, dataset=name, rows=ranges)
+
+
+def read_rows(ds: h5py.Dataset, start: int = 0, stop: int | None = None) -> np.ndarray:
+    """``ds[start:stop]``, read again briefly if a chunk fails its checksum (a writer may be rewriting it),
+    else a StoreDamagedError naming the file, group, dataset and rows."""
+    stop = int(ds.shape[0]) if stop is None else int(stop)
+    for attempt in range(READ_TRIES):
+        try:
+            return ds[start:stop]
+        except (OSError, RuntimeError) as exc:
+            last = exc
+            if attempt + 1 < READ_TRIES:
+                time.sleep(0.02)
+    raise damage_error(ds, start, stop, last)
+
+
+def checked(ds: h5py.Dataset) -> bool:
+    """True when ``ds`` carries HDF5's Fletcher-32 checksum (every dataset of a store since it was added)."""
+    return bool(ds.fletcher32)
 
 
 def layer_names(f: h5py.File) -> list[str]:
@@ -171,9 +478,9 @@ def layer_names(f: h5py.File) -> list[str]:
 def group_fingerprint(g: h5py.Group) -> str:
     """The manifest fingerprint a group was completed for ("" while not): the ``state`` dataset,
     or the ``manifest_fingerprint`` attribute of stores written before it existed."""
-    st = g.get("state")
+    st = g["state"] if "state" in g else None  # (get() would hide a damaged object as absent)
     if isinstance(st, h5py.Dataset) and st.shape and st.shape[0]:
-        return _text(st[0])
+        return _text(read_rows(st, 0, 1)[0])
     return str(decode(g.attrs.get("manifest_fingerprint")) or "")
 
 
@@ -181,12 +488,12 @@ def run_state(f: h5py.File) -> dict[str, Any]:
     """What the last finished run recorded: ``updated`` (time) and ``skipped`` ([path, reason] pairs),
     where the store has them."""
     out: dict[str, Any] = {}
-    upd = f.get(UPDATED)
+    upd = f[UPDATED] if UPDATED in f else None  # (get() would hide a damaged object as absent)
     if isinstance(upd, h5py.Dataset) and upd.shape and upd.shape[0]:
-        out["updated"] = _text(upd[0])
-    sk = f.get(SKIPPED)
+        out["updated"] = _text(read_rows(upd, 0, 1)[0])
+    sk = f[SKIPPED] if SKIPPED in f else None
     if isinstance(sk, h5py.Dataset):
-        out["skipped"] = [_skip_entry(x) for x in sk[:]]
+        out["skipped"] = [_skip_entry(x) for x in read_rows(sk)]
     return out
 
 
@@ -219,7 +526,7 @@ def is_index(path: str | os.PathLike) -> bool:
     try:
         with h5py.File(path, "r") as f:
             return f.attrs.get("format") == INDEX_FORMAT
-    except OSError:
+    except (OSError, RuntimeError, KeyError, ValueError):  # not HDF5, or damaged: not an index
         return False
 
 

@@ -16,6 +16,7 @@ from .files import atomic_write_json
 from .hashing import fingerprint
 
 SPLITS = ("train", "val", "test")
+CHECKSUM = "sha256"  # key of a saved manifest: the fingerprint of its other keys
 
 
 @dataclass(frozen=True)
@@ -81,14 +82,24 @@ class Manifest:
         )
 
     def save(self, path: str | Path) -> Path:
+        """Write the manifest as JSON with a checksum of its contents (``sha256``), atomically."""
         path = Path(path)
-        atomic_write_json(path, self.to_dict(), indent=1)
+        d = json.loads(json.dumps(self.to_dict()))
+        d[CHECKSUM] = fingerprint(d)
+        atomic_write_json(path, d, indent=1)
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> "Manifest":
+        """Read a manifest; DatasetError naming the file when it is unreadable or damaged (its checksum, where
+        it has one, does not match)."""
         try:
-            return cls.from_dict(json.loads(Path(path).read_text()))
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+            d = json.loads(Path(path).read_bytes().decode("utf-8"))
+            if isinstance(d, dict) and CHECKSUM in d:
+                body = {k: v for k, v in d.items() if k != CHECKSUM}
+                if fingerprint(body) != d[CHECKSUM]:
+                    raise ValueError("its checksum does not match its contents: the file was damaged or edited")
+            return cls.from_dict(d)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise DatasetError(f"cannot read manifest {path}: {exc}. Re-run the scan to write it again.") from exc
 

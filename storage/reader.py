@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -17,9 +17,9 @@ from typing import Any, Iterator, Sequence
 import h5py
 import numpy as np
 
-from .errors import ParameterError, StoreError
+from .errors import ParameterError, StoreDamagedError, StoreError
 from .format import (INDEX_FORMAT, ROW_DATASETS, STORE_FORMAT, decode, decode_attrs, decode_paths, group_fingerprint,
-                     group_name, layer_names, open_file, run_state)
+                     group_name, layer_names, open_file, read_rows, run_state)
 
 Splits = str | Sequence[str] | None
 Classes = str | int | Sequence[str | int] | None
@@ -69,7 +69,10 @@ def _read_selected(ds: h5py.Dataset, n: int, sel: np.ndarray) -> np.ndarray:
     if sel.all() or sel.mean() > 0.5:
         out = np.empty((n, *ds.shape[1:]), ds.dtype)
         if n:
-            ds.read_direct(out, np.s_[0:n])
+            try:
+                ds.read_direct(out, np.s_[0:n])
+            except (OSError, RuntimeError):  # a chunk failed its checksum: read again, or name the rows
+                out = read_rows(ds, 0, n)
         return out if sel.all() else out[sel]
     return _read_rows(ds, np.flatnonzero(sel))
 
@@ -84,9 +87,24 @@ def _read_rows(ds: h5py.Dataset, rows: np.ndarray, block: int = 4096) -> np.ndar
     for run in np.split(rows, breaks):
         for start in range(0, len(run), block):
             part = run[start:start + block]
-            out[pos:pos + len(part)] = ds[int(part[0]):int(part[-1]) + 1]
+            out[pos:pos + len(part)] = read_rows(ds, int(part[0]), int(part[-1]) + 1)
             pos += len(part)
     return out
+
+
+@contextmanager
+def damage_named(path: Path) -> Iterator[None]:
+    """HDF5's errors inside a read (a damaged object header, chunk index...) as a StoreDamagedError naming
+    the file; StoreErrors (which already name group, dataset and rows) pass through."""
+    try:
+        yield
+    except StoreError:
+        raise
+    except (OSError, RuntimeError, KeyError, ValueError) as exc:
+        raise StoreDamagedError(f"cannot read feature store {path}: {type(exc).__name__}: {exc}. The file is "
+                                f"damaged: `cnncodes store verify {path}` says where; `cnncodes store repair "
+                                f"{path}` drops damaged rows, or re-create the store with `cnncodes extract`.",
+                                path=str(path)) from exc
 
 
 def _wanted(split: Splits) -> list[str] | None:
@@ -106,7 +124,7 @@ class _Rows:
 
     def __init__(self, f: h5py.File, g: h5py.Group, cache: bool = True):
         g["committed"].refresh()
-        self.n = int(g["committed"][0])
+        self.n = int(read_rows(g["committed"], 0, 1)[0])
         cols = {name: (g[name] if cache else _uncached(g, name)) for name in ROW_DATASETS}
         for ds in cols.values():
             ds.refresh()
@@ -118,15 +136,15 @@ class _Rows:
 
     def read(self, start: int, stop: int, wanted: list[str] | None) -> Codes | None:
         """Rows ``start:stop`` of the splits ``wanted`` (None: all); None when none is wanted."""
-        splits = self.split[start:stop].astype(str)
+        splits = read_rows(self.split, start, stop).astype(str)
         sel = np.ones(stop - start, bool) if wanted is None else np.isin(splits, wanted)
         if not sel.any():
             return None
-        feats = self.features[start:stop]
+        feats = read_rows(self.features, start, stop)
         return Codes(features=feats if sel.all() else feats[sel],
-                     labels=self.label[start:stop][sel].astype(np.int64),
-                     paths=decode_paths(self.path[start:stop][sel]), splits=splits[sel],
-                     sha256=self.sha256[start:stop][sel].astype(str), class_names=self.names,
+                     labels=read_rows(self.label, start, stop)[sel].astype(np.int64),
+                     paths=decode_paths(read_rows(self.path, start, stop)[sel]), splits=splits[sel],
+                     sha256=read_rows(self.sha256, start, stop)[sel].astype(str), class_names=self.names,
                      layer=self.layer, pooling=self.pooling)
 
     def cut(self, rows: int, block_rows: int | None) -> int:
@@ -155,7 +173,7 @@ def block_shuffled_chunks(stores: Sequence["FeatureStore"], layer: str, pooling:
     with ExitStack() as stack:
         groups, first = [], [0]  # first: the number of the first block of each store
         for store in stores:
-            f = stack.enter_context(store.open())
+            f = stack.enter_context(store._reading())
             groups.append(_Rows(f, store.resolve_group(f, layer, pooling), cache=False))
             first.append(first[-1] + groups[-1].cut(rows, block_rows))
         order = np.arange(first[-1], dtype=np.uint32 if first[-1] < 2 ** 32 else np.int64)
@@ -292,7 +310,7 @@ class FeatureStore(StoreReader):
         self.path = Path(path)
         if not self.path.exists():
             raise StoreError(f"no feature store at {self.path}. Run `cnncodes extract` to create one.")
-        with open_file(self.path) as f:
+        with self._reading() as f:
             fmt = decode(f.attrs.get("format"))
         if fmt == INDEX_FORMAT:
             raise StoreError(f"{self.path} is the index of a sharded store; open it with "
@@ -309,19 +327,25 @@ class FeatureStore(StoreReader):
         For checks below this API (``storage.tools``); rows past ``committed`` are not to be trusted."""
         return open_file(self.path)
 
+    @contextmanager
+    def _reading(self) -> Iterator[h5py.File]:
+        """:meth:`open` for this class's readers: damage inside the block is a StoreDamagedError."""
+        with damage_named(self.path), open_file(self.path) as f:
+            yield f
+
     @property
     def provenance(self) -> dict[str, Any]:
-        with self.open() as f:
+        with self._reading() as f:
             return {**decode_attrs(f), **run_state(f)}
 
     def groups(self) -> list[dict[str, Any]]:
         out = []
-        with self.open() as f:
+        with self._reading() as f:
             for layer in layer_names(f):
                 for pooling in sorted(f[layer].keys()):
                     g = f[layer][pooling]
                     info = decode_attrs(g)
-                    info["rows"] = int(g["committed"][0])
+                    info["rows"] = int(read_rows(g["committed"], 0, 1)[0])
                     info["manifest_fingerprint"] = group_fingerprint(g)
                     info["group"] = group_name(layer, pooling)
                     out.append(info)
@@ -347,15 +371,15 @@ class FeatureStore(StoreReader):
         """Committed rows of one group, optionally only some splits and/or classes (names or indices).
 
         Rows a writer has appended but not committed yet are never returned."""
-        with self.open() as f:
+        with self._reading() as f:
             g = self.resolve_group(f, layer, pooling)
             g["committed"].refresh()
-            n = int(g["committed"][0])
+            n = int(read_rows(g["committed"], 0, 1)[0])
             for name in ROW_DATASETS:
                 g[name].refresh()
             names = list(decode(f.attrs.get("class_names")) or [])
-            splits = g["split"][:n].astype(str)
-            labels = g["label"][:n].astype(np.int64)
+            splits = read_rows(g["split"], 0, n).astype(str)
+            labels = read_rows(g["label"], 0, n).astype(np.int64)
             sel = np.ones(n, bool)
             if split is not None:
                 sel &= np.isin(splits, _wanted(split))
@@ -364,27 +388,27 @@ class FeatureStore(StoreReader):
             feats = _read_selected(g["features"], n, sel)
             return Codes(
                 features=feats, labels=labels[sel],
-                paths=decode_paths(g["path"][:n][sel]),
-                splits=splits[sel], sha256=g["sha256"][:n][sel].astype(str), class_names=names,
+                paths=decode_paths(read_rows(g["path"], 0, n)[sel]),
+                splits=splits[sel], sha256=read_rows(g["sha256"], 0, n)[sel].astype(str), class_names=names,
                 layer=str(decode(g.attrs["layer"])), pooling=str(decode(g.attrs["pooling"])),
             )
 
     def read_features(self, layer: str, pooling: str | None = None, split: Splits = None,
                       classes: Classes = None) -> np.ndarray:
         """Only the committed feature rows (filtered like :meth:`read`): the fastest way to an array."""
-        with self.open() as f:
+        with self._reading() as f:
             g = self.resolve_group(f, layer, pooling)
             g["committed"].refresh()
-            n = int(g["committed"][0])
+            n = int(read_rows(g["committed"], 0, 1)[0])
             g["features"].refresh()
             sel = np.ones(n, bool)
             if split is not None:
                 g["split"].refresh()
-                sel &= np.isin(g["split"][:n].astype(str), _wanted(split))
+                sel &= np.isin(read_rows(g["split"], 0, n).astype(str), _wanted(split))
             if classes is not None:
                 g["label"].refresh()
                 names = list(decode(f.attrs.get("class_names")) or [])
-                sel &= np.isin(g["label"][:n], self.class_indices(classes, names))
+                sel &= np.isin(read_rows(g["label"], 0, n), self.class_indices(classes, names))
             return _read_selected(g["features"], n, sel)
 
     def class_indices(self, classes: Classes, names: list[str] | None = None) -> list[int]:
@@ -410,7 +434,7 @@ class FeatureStore(StoreReader):
             yield from block_shuffled_chunks([self], layer, pooling, split, rows, shuffle_seed, block_rows)
             return
         wanted = _wanted(split)
-        with self.open() as f:
+        with self._reading() as f:
             group = _Rows(f, self.resolve_group(f, layer, pooling))
             for start in range(0, group.n, rows):
                 part = group.read(start, min(group.n, start + rows), wanted)
@@ -418,27 +442,28 @@ class FeatureStore(StoreReader):
                     yield part
 
     def row_splits(self, layer: str, pooling: str | None = None) -> dict[str, str]:
-        with self.open() as f:
+        with self._reading() as f:
             g = self.resolve_group(f, layer, pooling)
-            n = int(g["committed"][0])
-            return dict(zip(g["sha256"][:n].astype(str).tolist(), g["split"][:n].astype(str).tolist()))
+            n = int(read_rows(g["committed"], 0, 1)[0])
+            return dict(zip(read_rows(g["sha256"], 0, n).astype(str).tolist(),
+                            read_rows(g["split"], 0, n).astype(str).tolist()))
 
     def lookup(self, layer: str, pooling: str | None, sha256: Sequence[str]) -> dict[str, np.ndarray]:
         wanted = set(sha256)
-        with self.open() as f:
+        with self._reading() as f:
             g = self.resolve_group(f, layer, pooling)
-            n = int(g["committed"][0])
-            hashes = g["sha256"][:n].astype(str)
+            n = int(read_rows(g["committed"], 0, 1)[0])
+            hashes = read_rows(g["sha256"], 0, n).astype(str)
             rows = np.flatnonzero(np.isin(hashes, list(wanted)))
             if not len(rows):
                 return {}
-            feats = g["features"][np.sort(rows)] if len(rows) else np.zeros((0,))
+            feats = _read_rows(g["features"], np.sort(rows))
             return {hashes[r]: feats[i] for i, r in enumerate(np.sort(rows))}
 
     def group_attrs(self, layer: str, pooling: str | None = None) -> dict[str, Any]:
-        with self.open() as f:
+        with self._reading() as f:
             g = self.resolve_group(f, layer, pooling)
             out = decode_attrs(g)
-            out["rows"] = int(g["committed"][0])
+            out["rows"] = int(read_rows(g["committed"], 0, 1)[0])
             out["manifest_fingerprint"] = group_fingerprint(g)
             return out

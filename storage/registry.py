@@ -48,9 +48,14 @@ import numpy as np
 
 from .errors import CnncodesError
 from .files import FileLock, atomic_write_json, fsync_dir, now_iso
-from .hashing import file_sha256
+from .hashing import file_sha256, fingerprint
 
-REGISTRY_FORMAT = "cnncodes-registry/1"
+REGISTRY_FORMAT = "cnncodes-registry/2"  # /2: metadata.json carries its own checksum (/1 did not)
+UNCHECKED_FORMAT = "cnncodes-registry/1"
+METADATA_SUM = "metadata_sha256"  # metadata.json: sha256 of its other keys (storage.hashing.fingerprint)
+ALIASES_SUM = "_sha256"  # aliases.json: the same over the aliases (no alias can start with "_")
+SPLITS_SUM = "sha256"  # splits.json (format 2 on) and each line of history.jsonl
+SPLITS_FORMAT = 2
 METADATA_FILE = "metadata.json"
 ALIASES_FILE = "aliases.json"
 SPLITS_FILE = "splits.json"
@@ -63,7 +68,7 @@ _VERSION_STR_RE = re.compile(r"^[vV]?([0-9]+)$")
 _RESERVED_DIR_RE = re.compile(r"^(?:v|\.v)([1-9][0-9]*)(?:\.incomplete|\.deleted)?$")
 # Keys the registry writes into metadata.json itself; a caller's metadata may not set them.
 RESERVED_KEYS = ("registry_format", "name", "version", "created", "model_file", "model_sha256", "model_kind",
-                 "libraries")
+                 "libraries", METADATA_SUM)
 # Keys check_compatible compares, in the order its messages list them.
 COMPAT_KEYS = ("class_names", "feature_dim", "backbone", "layer", "pooling", "weights_digest", "preprocessing",
                "input_size")
@@ -81,6 +86,39 @@ class ModelMismatchError(RegistryError):
 
 class TamperedModelError(RegistryError):
     """A saved model's file or metadata is missing, unreadable or not what was saved: it is not loaded."""
+
+
+def _summed(obj: dict[str, Any], key: str) -> dict[str, Any]:
+    """``obj`` with ``key`` set to the checksum of its other keys (what is written)."""
+    body = {k: v for k, v in obj.items() if k != key}
+    return {**body, key: fingerprint(body)}
+
+
+def _sum_ok(obj: dict[str, Any], key: str) -> bool | None:
+    """True when ``obj[key]`` is the checksum of the rest, False when it is not, None when there is none."""
+    if key not in obj:
+        return None
+    return obj[key] == fingerprint({k: v for k, v in obj.items() if k != key})
+
+
+def _near(name: str, key: str) -> bool:
+    """True when ``name`` is ``key`` with one character changed (a checksum key whose name was damaged)."""
+    return len(name) == len(key) and name != key and sum(a != b for a, b in zip(name, key)) == 1
+
+
+def _read_json(path: Path, what: str, advice: str) -> Any:
+    """The JSON in ``path`` (FileNotFoundError passes), or RegistryError naming the file and saying what to do."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise RegistryError(f"cannot read {what} {path}: {exc}.") from exc
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except ValueError as exc:  # not UTF-8, or not JSON: cut short or overwritten
+        raise RegistryError(f"{what} {path} is not valid JSON ({exc}): it is damaged (cut short or "
+                            f"overwritten). {advice}") from None
 
 
 def _check_name(name: Any, what: str = "model name") -> str:
@@ -293,7 +331,7 @@ class ModelRegistry:
         path = self._dir(name) / f"v{n}"
         meta_path = path / METADATA_FILE
         try:
-            text = meta_path.read_text(encoding="utf-8")
+            raw = meta_path.read_bytes()
         except FileNotFoundError:
             raise TamperedModelError(f"model {name!r} v{n} has no {METADATA_FILE} ({meta_path}): the version "
                                      "directory was not written by the registry or was damaged. Delete it "
@@ -301,7 +339,7 @@ class ModelRegistry:
         except OSError as exc:
             raise TamperedModelError(f"cannot read {meta_path}: {exc}.") from exc
         try:
-            meta = json.loads(text)
+            meta = json.loads(raw.decode("utf-8"))
         except ValueError as exc:
             raise TamperedModelError(f"{meta_path} is not valid JSON ({exc}): the metadata of model {name!r} "
                                      f"v{n} was damaged or edited. Delete the version and save the model again."
@@ -310,6 +348,14 @@ class ModelRegistry:
         if not isinstance(meta, dict):
             problems.append("it is not a JSON object")
         else:
+            summed = _sum_ok(meta, METADATA_SUM)
+            if summed is False:
+                problems.append(f"its {METADATA_SUM} is not the checksum of its contents (the file was damaged or "
+                                "edited after the save)")
+            elif summed is None and (meta.get("registry_format") != UNCHECKED_FORMAT
+                                     or any(_near(k, METADATA_SUM) for k in meta)):
+                problems.append(f"its checksum ({METADATA_SUM}) is missing although its format "
+                                f"{meta.get('registry_format')!r} writes one")
             if meta.get("name") != name or meta.get("version") != n:
                 problems.append(f"it describes {meta.get('name')!r} v{meta.get('version')}, not {name!r} v{n}")
             model_file = meta.get("model_file")
@@ -444,6 +490,7 @@ class ModelRegistry:
             meta.update(registry_format=REGISTRY_FORMAT, name=name, version=n, created=now_iso(),
                         model_file=model_file, model_sha256=file_sha256(tmp / model_file), model_kind=kind,
                         libraries=_library_versions())
+            meta = _summed(_normalise(meta), METADATA_SUM)
             atomic_write_json(tmp / METADATA_FILE, meta, indent=1, sort_keys=True)
             fsync_dir(tmp)
             os.rename(tmp, d / f"v{n}")
@@ -497,16 +544,14 @@ class ModelRegistry:
         """Aliases of ``name`` and the versions they point to (empty if none were set)."""
         path = self._dir(name) / ALIASES_FILE
         try:
-            text = path.read_text(encoding="utf-8")
+            data = _read_json(path, "the aliases file", "Fix or delete it and set the aliases again with set_alias.")
         except FileNotFoundError:
             return {}
-        except OSError as exc:
-            raise RegistryError(f"cannot read {path}: {exc}.") from exc
-        try:
-            data = json.loads(text)
-        except ValueError as exc:
-            raise RegistryError(f"{path} is not valid JSON ({exc}). Fix or delete it and set the aliases "
-                                "again with set_alias.") from None
+        if isinstance(data, dict) and _sum_ok(data, ALIASES_SUM) is False:
+            raise RegistryError(f"the aliases file {path} is damaged: its checksum does not match its contents. "
+                                "Fix or delete it and set the aliases again with set_alias.")
+        if isinstance(data, dict):
+            data.pop(ALIASES_SUM, None)
         if not isinstance(data, dict) or not all(
                 isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in data.items()):
             raise RegistryError(f"{path} is not a map of alias names to version numbers. Fix or delete it "
@@ -527,12 +572,17 @@ class ModelRegistry:
             n = self._resolve(name, version)
             aliases = self.aliases(name)
             aliases[alias] = n
-            atomic_write_json(d / ALIASES_FILE, dict(sorted(aliases.items())), indent=1)
+            _write_aliases(d, aliases)
 
     def record_event(self, name: str, event: dict[str, Any]) -> None:
         """Append one JSON line to ``<name>/history.jsonl`` (champion decisions of retraining, ...)."""
-        line = json.dumps({"time": now_iso(), **event}, default=_json_default, sort_keys=True)
+        try:
+            entry = _summed(_normalise({"time": now_iso(), **event}), SPLITS_SUM)
+        except (TypeError, ValueError) as exc:
+            raise RegistryError(f"event of {name!r} is not JSON serialisable ({exc}).") from None
+        line = json.dumps(entry, sort_keys=True)
         with self._locked(name) as d:
+            _drop_torn_tail(d / HISTORY_FILE)
             with open(d / HISTORY_FILE, "a", encoding="utf-8") as fh:
                 fh.write(line + "\n")
                 fh.flush()
@@ -547,16 +597,21 @@ class ModelRegistry:
         any version of ``name`` was trained, validated or tested on, with the split it had the first
         time. Empty (``{}``) for a lineage that has none recorded."""
         path = self.splits_path(name)
+        advice = (f"Restore it from a backup: without it, retraining {name!r} cannot keep its test images out of "
+                  "training.")
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = _read_json(path, "the pinned splits", advice)
         except FileNotFoundError:
             return {}
-        except (OSError, ValueError) as exc:
-            raise RegistryError(f"cannot read the pinned splits {path}: {exc}. Restore it from a backup: without "
-                                f"it, retraining {name!r} cannot keep its test images out of training.") from None
         if not isinstance(data, dict) or not isinstance(data.get("samples"), dict):
             raise RegistryError(f"{path} is not a pinned-splits file (a JSON object with 'samples'). Restore it "
                                 "from a backup.")
+        summed = _sum_ok(data, SPLITS_SUM)
+        if summed is False or (summed is None and (data.get("format") != 1
+                                                   or any(_near(k, SPLITS_SUM) for k in data))):
+            raise RegistryError(f"the pinned splits {path} are damaged: their checksum "
+                                f"{'does not match' if summed is False else 'is missing'}. {advice}")
+        data.pop(SPLITS_SUM, None)
         return data
 
     def pin_splits(self, name: str, samples: dict[str, str], fractions: dict[str, float] | None = None,
@@ -568,28 +623,45 @@ class ModelRegistry:
         if bad:
             raise RegistryError(f"unknown splits {bad} to pin for {name!r}; use train, val or test.")
         with self._locked(name) as d:
-            data = self.splits(name) or {"format": 1, "fractions": dict(fractions or {}), "seed": seed,
+            data = self.splits(name) or {"format": SPLITS_FORMAT, "fractions": dict(fractions or {}), "seed": seed,
                                          "created": now_iso(), "samples": {}}
             pinned = data["samples"]
             for h, sp in samples.items():
                 pinned.setdefault(h, sp)
-            atomic_write_json(d / SPLITS_FILE, data, indent=0)
+            data["format"] = SPLITS_FORMAT
+            atomic_write_json(d / SPLITS_FILE, _summed(data, SPLITS_SUM), indent=0)
         counts: dict[str, int] = {}
         for sp in pinned.values():
             counts[sp] = counts.get(sp, 0) + 1
         return counts
 
     def history(self, name: str) -> list[dict[str, Any]]:
-        """Every event recorded for ``name``, oldest first (a torn last line is ignored)."""
+        """Every event recorded for ``name``, oldest first. A last line cut short (an append interrupted by
+        a crash) is ignored; any other line that is not an intact event is a RegistryError naming the file
+        and the line."""
         path = self._dir(name) / HISTORY_FILE
-        if not path.exists():
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
             return []
+        except OSError as exc:
+            raise RegistryError(f"cannot read the history {path}: {exc}.") from exc
+        lines = raw.split(b"\n")
+        torn = lines.pop()  # b"" when the file ends with a newline, as every complete append does
         out = []
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                continue
+        for i, line in enumerate(lines, 1):
+            event = _history_event(line)
+            if event is None:
+                raise RegistryError(f"line {i} of the history {path} is damaged (not an intact event). Restore "
+                                    "the file from a backup, or delete that line to keep the other events.")
+            out.append(event)
+        if torn:
+            event = _history_event(torn)
+            if event is not None:  # a whole event whose newline was not written yet
+                out.append(event)
+            elif _torn_is_damage(torn):
+                raise RegistryError(f"the last line of the history {path} is damaged (an event followed by "
+                                    "other bytes). Restore the file from a backup, or fix that line.")
         return out
 
     def remove_alias(self, name: str, alias: str) -> None:
@@ -600,7 +672,7 @@ class ModelRegistry:
                 raise RegistryError(f"model {name!r} has no alias {alias!r} (aliases: "
                                     f"{', '.join(aliases) or 'none'}).")
             del aliases[alias]
-            atomic_write_json(d / ALIASES_FILE, aliases, indent=1)
+            _write_aliases(d, aliases)
 
     def delete(self, name: str, version: int | str) -> None:
         """Delete one version. Refused while an alias points to it; its number is never reused."""
@@ -624,3 +696,57 @@ class ModelRegistry:
                     shutil.rmtree(child, ignore_errors=True)
                 else:
                     child.unlink(missing_ok=True)
+
+
+def _write_aliases(d: Path, aliases: dict[str, int]) -> None:
+    atomic_write_json(d / ALIASES_FILE, _summed(dict(sorted(aliases.items())), ALIASES_SUM), indent=1,
+                      sort_keys=True)
+
+
+def _history_event(line: bytes) -> dict[str, Any] | None:
+    """One complete line of history.jsonl as an event, or None when it is damaged. Lines written before
+    events carried a checksum are accepted as they are."""
+    try:
+        event = json.loads(line.decode("utf-8"))
+    except ValueError:
+        return None
+    if not isinstance(event, dict):
+        return None
+    summed = _sum_ok(event, SPLITS_SUM)
+    if summed is False or (summed is None and any(_near(k, SPLITS_SUM) for k in event)):
+        return None
+    event.pop(SPLITS_SUM, None)
+    return event
+
+
+def _torn_is_damage(tail: bytes) -> bool:
+    """True when a last line without its newline, which is not an intact event, still starts with a whole
+    JSON value: not an append cut short (that leaves a prefix of an event) but a damaged end of the file."""
+    try:
+        json.JSONDecoder().raw_decode(tail.decode("utf-8", "replace"))  # a cut may split a character
+    except ValueError:
+        return False
+    return True
+
+
+def _drop_torn_tail(path: Path) -> None:
+    """Cut an append interrupted by a crash (bytes after the last newline) before appending again."""
+    try:
+        with open(path, "rb+") as fh:
+            size = fh.seek(0, os.SEEK_END)
+            if not size:
+                return
+            fh.seek(max(0, size - 1))
+            if fh.read(1) == b"\n":
+                return
+            fh.seek(0)
+            data = fh.read()
+            cut = data.rfind(b"\n") + 1
+            if _history_event(data[cut:]) is not None:  # a whole event that lacks only its newline
+                fh.write(b"\n")
+            else:
+                fh.truncate(cut)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except FileNotFoundError:
+        return

@@ -24,7 +24,11 @@ class ShardedStore(StoreReader):
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        self.shard_paths = read_index(self.path)
+        try:
+            self.shard_paths = read_index(self.path)
+        except (OSError, RuntimeError, KeyError, ValueError) as exc:
+            raise StoreError(f"cannot read the shard index {self.path}: {type(exc).__name__}: {exc}. It is damaged "
+                             "or not an index: re-run the sharded extraction to write it again.") from exc
         missing = [str(p) for p in self.shard_paths if not p.exists()]
         if missing:
             raise StoreError(f"sharded store {self.path} lists shards that are missing: {missing[:3]}. Re-run the "

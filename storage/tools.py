@@ -1,6 +1,6 @@
-"""Looking after feature stores: list, inspect, export and verify them.
+"""Looking after feature stores: list, inspect, export, verify and repair them.
 
-These are the tools behind ``cnncodes store ls|info|export|verify``. Like the
+These are the tools behind ``cnncodes store ls|info|export|verify|repair``. Like the
 rest of ``storage`` they need only NumPy, h5py and pandas (pyarrow for
 Parquet): an analyst can use them without TensorFlow, Prefect or scikit-learn.
 
@@ -9,8 +9,10 @@ Parquet): an analyst can use them without TensorFlow, Prefect or scikit-learn.
 * :func:`export_group` - one group to Parquet, CSV or NumPy ``.npy`` (+ a rows CSV),
   streamed in chunks so memory stays bounded, written under a temporary name and
   renamed into place.
-* :func:`verify_store` - structural and content checks; each problem says what is
-  wrong and what to do. With ``check_files=True`` it also re-hashes the images.
+* :func:`verify_store` - structural and content checks, and every chunk's checksum; each
+  problem says what is wrong and what to do. With ``check_files=True`` it also re-hashes the images.
+* :func:`repair_store` - drops the rows whose chunks fail their checksum; the next
+  ``cnncodes extract`` of the same data recomputes them.
 """
 from __future__ import annotations
 
@@ -26,10 +28,14 @@ import numpy as np
 
 from .errors import StoreError
 from .files import atomic_path
-from .format import (INDEX_FORMAT, ROW_DATASETS, STORE_FORMAT, decode, decode_attrs, group_fingerprint, group_name,
-                     is_index, layer_names, open_file, read_index, run_state)
+from .errors import StoreDamagedError
+from .format import (INDEX_FORMAT, ROW_DATASETS, SKIPPED, STORE_FORMAT, UPDATED, damaged_rows, decode,
+                     decode_attrs, group_fingerprint, group_name, is_index, layer_names, open_file, read_index,
+                     read_rows, rows_text, run_state)
+from .format import checked as has_checksum
 from .hashing import file_sha256
-from .reader import FeatureStore
+from .reader import FeatureStore, damage_named
+from .writer import repair_store as _repair_file
 
 EXPORT_FORMATS = ("parquet", "csv", "npy")
 SPLIT_VALUES = ("train", "val", "test", "predict")
@@ -127,7 +133,7 @@ def list_store(path: str | os.PathLike) -> dict[str, Any]:
         return {**first, "store": str(Path(path)), "format": INDEX_FORMAT,
                 "size_bytes": sum(p.stat().st_size for p in shards), "shards": [str(p) for p in shards]}
     store = FeatureStore(path)
-    with store.open() as f:
+    with damage_named(store.path), store.open() as f:
         attrs = {**decode_attrs(f), **run_state(f)}
         groups = [_group_summary(g, layer, pooling) for layer, pooling, g in _iter_groups(f)
                   if isinstance(g, h5py.Group)]
@@ -141,7 +147,7 @@ def store_info(path: str | os.PathLike, head: int = 5, rows: int = 65536) -> dic
     the manifest fingerprint, and its first ``head`` rows (with the first feature values)."""
     store = _one_file(path, "info")
     out = list_store(path)
-    with store.open() as f:
+    with damage_named(store.path), store.open() as f:
         attrs = {**decode_attrs(f), **run_state(f)}
         names = list(attrs.get("class_names") or [])
         skipped = attrs.pop("skipped", None)
@@ -270,7 +276,7 @@ def export_group(path: str | os.PathLike, layer: str, pooling: str | None = None
                          "these suffixes, or pass the format).")
     if out.exists() and out.resolve() == store.path.resolve():
         raise StoreError(f"the export output {out} is the store itself; choose another --output.")
-    with store.open() as f:
+    with damage_named(store.path), store.open() as f:
         g = store.resolve_group(f, layer, pooling)
         names = list(decode(f.attrs.get("class_names")) or [])
         absent = [ds for ds in (*ROW_DATASETS, "committed") if not isinstance(g.get(ds), h5py.Dataset)]
@@ -398,10 +404,19 @@ def _first(items: Sequence[Any]) -> str:
     return shown + (", ..." if len(items) > _FIRST else "")
 
 
+def _damage_problem(path: Path, name: str, ds: str, ranges: list[tuple[int, int]]) -> str:
+    return (f"group {name}: dataset {ds}: {rows_text(ranges)} damaged (the checksum of their chunk does not match: "
+            f"the bytes on disk are not those written). Readers refuse these rows. Run `cnncodes store repair "
+            f"{path}` to drop them; the next `cnncodes extract` of the same data recomputes them.")
+
+
 def _check_group(name: str, g: h5py.Group, names: list[str], step_rows: int, problems: list[str],
-                 notes: list[str]) -> dict[str, Any] | None:
-    """Checks of one group, adding to ``problems`` and ``notes``; returns its row counts, or None when
-    the group is too damaged for its rows to be read."""
+                 notes: list[str], path: Path | None = None,
+                 damaged: list[dict[str, Any]] | None = None) -> dict[str, Any] | None:
+    """Checks of one group, adding to ``problems`` and ``notes`` (and each damaged row range to
+    ``damaged``); returns its row counts, or None when the group is too damaged for its rows to be read.
+    Every chunk of every row dataset is read, so each checksum is checked."""
+    damaged = [] if damaged is None else damaged
     rebuild = (f"Rebuild the group: delete the store (or extract into a new --store) and run "
                f"`cnncodes extract` again")
     missing = [ds for ds in (*ROW_DATASETS, "committed") if not isinstance(g.get(ds), h5py.Dataset)]
@@ -418,7 +433,14 @@ def _check_group(name: str, g: h5py.Group, names: list[str], step_rows: int, pro
         problems.append(f"group {name}: 'committed' should be one integer, it is {committed_ds.dtype} of shape "
                         f"{committed_ds.shape}. {rebuild}.")
         return None
-    n = int(committed_ds[0])
+    try:
+        n = int(read_rows(committed_ds, 0, 1)[0])
+    except StoreDamagedError:
+        damaged.append({"group": name, "dataset": "committed", "rows": None})
+        problems.append(f"group {name}: dataset committed is damaged (checksum mismatch), so how many rows are "
+                        f"complete is unknown. Run `cnncodes store repair {path}` (it drops the group) and "
+                        "`cnncodes extract` again.")
+        return None
     if n < 0:
         problems.append(f"group {name}: committed row count is negative ({n}). {rebuild}.")
         return None
@@ -432,7 +454,19 @@ def _check_group(name: str, g: h5py.Group, names: list[str], step_rows: int, pro
     if longer:
         notes.append(f"group {name}: {max(longer.values())} row(s) past committed={n} (an unfinished batch); "
                      "readers ignore them and the next `cnncodes extract` on this store drops them.")
-    if not group_fingerprint(g):
+    try:
+        fingerprint = group_fingerprint(g)
+    except StoreDamagedError:
+        damaged.append({"group": name, "dataset": "state", "rows": [[0, 1]]})
+        problems.append(f"group {name}: dataset state is damaged (checksum mismatch). Run `cnncodes store repair "
+                        f"{path}` and then the same `cnncodes extract` again.")
+        fingerprint = "?"
+    unchecked = [ds for ds in (*ROW_DATASETS, "committed") if not has_checksum(g[ds])]
+    if unchecked:
+        notes.append(f"group {name}: unchecked: dataset(s) {', '.join(unchecked)} carry no checksums (written "
+                     "before cnncodes added them), so damage to their bytes cannot be detected. Extract into a new "
+                     "--store to get a checksummed copy.")
+    if not fingerprint:
         notes.append(f"group {name}: the extraction that wrote it did not complete; run the same "
                      "`cnncodes extract` again to finish it.")
     feats = g["features"]
@@ -454,11 +488,20 @@ def _check_group(name: str, g: h5py.Group, names: list[str], step_rows: int, pro
     n_labels = n_splits = n_sha = n_empty = n_nonfinite = 0
     path_hashes = []
     valid_splits = np.array(SPLIT_VALUES)
+    bad_rows: dict[str, list[tuple[int, int]]] = {}
     for start in range(0, m, step):
         stop = min(m, start + step)
         idx = np.arange(start, stop)
-        labels = g["label"][start:stop].astype(np.int64)
-        splits = _str(g["split"][start:stop]).astype(str)
+        block: dict[str, np.ndarray] = {}
+        for ds in ROW_DATASETS:
+            try:
+                block[ds] = read_rows(g[ds], start, stop)
+            except StoreDamagedError as exc:
+                bad_rows.setdefault(ds, []).extend(exc.rows)
+        if len(block) < len(ROW_DATASETS):
+            continue  # the contents of damaged rows are not checked: they are reported as damaged
+        labels = block["label"].astype(np.int64)
+        splits = _str(block["split"]).astype(str)
         ok_split = np.isin(splits, valid_splits)
         if not ok_split.all():
             n_splits += int((~ok_split).sum())
@@ -468,7 +511,7 @@ def _check_group(name: str, g: h5py.Group, names: list[str], step_rows: int, pro
             n_labels += int((~ok_label).sum())
             bad_labels += [f"row {i}: {lab} ({s})" for i, lab, s in
                            zip(idx[~ok_label], labels[~ok_label], splits[~ok_label])][:_FIRST]
-        sha = g["sha256"][start:stop]
+        sha = block["sha256"]
         if sha.dtype == np.dtype("S64"):
             b = sha.view(np.uint8).reshape(-1, 64)
             ok_sha = (((b >= 48) & (b <= 57)) | ((b >= 97) & (b <= 102))).all(axis=1)
@@ -477,17 +520,26 @@ def _check_group(name: str, g: h5py.Group, names: list[str], step_rows: int, pro
         if not ok_sha.all():
             n_sha += int((~ok_sha).sum())
             bad_sha += [f"row {i}: {s!r}" for i, s in zip(idx[~ok_sha], _str(sha[~ok_sha]))][:_FIRST]
-        paths = _str(g["path"][start:stop])
+        paths = _str(block["path"])
         empty = np.array([not p for p in paths], bool)
         if empty.any():
             n_empty += int(empty.sum())
             empty_paths += [f"row {i}" for i in idx[empty]][:_FIRST]
         path_hashes.append(np.fromiter((hash(p) for p in paths), dtype=np.int64, count=len(paths)))
-        x = np.asarray(feats[start:stop])
+        x = np.asarray(block["features"])
         finite = np.isfinite(x).reshape(len(x), -1).all(axis=1)
         if not finite.all():
             n_nonfinite += int((~finite).sum())
             nonfinite += [f"row {i}" for i in idx[~finite]][:_FIRST]
+    for ds, ranges in bad_rows.items():
+        merged: list[tuple[int, int]] = []
+        for a, b in sorted(ranges):
+            if merged and merged[-1][1] >= a:
+                merged[-1] = (merged[-1][0], max(b, merged[-1][1]))
+            else:
+                merged.append((a, b))
+        damaged.append({"group": name, "dataset": ds, "rows": [list(r) for r in merged]})
+        problems.append(_damage_problem(path, name, ds, merged))
     if n_labels:
         problems.append(f"group {name}: {n_labels} label(s) outside [0, {len(names)}) (the store has "
                         f"{len(names)} class names; -1 is allowed only in the 'predict' split): "
@@ -512,14 +564,18 @@ def _check_group(name: str, g: h5py.Group, names: list[str], step_rows: int, pro
         if candidates:
             seen: Counter = Counter()
             for start in range(0, m, step):
-                for p in _str(g["path"][start:min(m, start + step)]):
+                try:
+                    part = read_rows(g["path"], start, min(m, start + step))
+                except StoreDamagedError:
+                    continue
+                for p in _str(part):
                     if hash(p) in candidates:
                         seen[p] += 1
             dups = sorted(p for p, c in seen.items() if c > 1)
             if dups:
                 problems.append(f"group {name}: {len(dups)} path(s) appear more than once: {_first(dups)}. "
                                 f"Each image must have one row; {rebuild[0].lower()}{rebuild[1:]}.")
-    return {"group": name, "rows": n, "checked_rows": m}
+    return {"group": name, "rows": n, "checked_rows": m, "checksums": not unchecked}
 
 
 def _check_files(groups: list[tuple[str, h5py.Group, int]], root: Path, problems: list[str],
@@ -528,7 +584,11 @@ def _check_files(groups: list[tuple[str, h5py.Group, int]], root: Path, problems
     for _, g, m in groups:
         for start in range(0, m, 65536):
             stop = min(m, start + 65536)
-            for p, h in zip(_str(g["path"][start:stop]), _str(g["sha256"][start:stop])):
+            try:
+                part = zip(_str(read_rows(g["path"], start, stop)), _str(read_rows(g["sha256"], start, stop)))
+            except StoreDamagedError:
+                continue  # reported as damaged already
+            for p, h in part:
                 wanted.setdefault(p, set()).add(h)
     items = sorted(wanted)
 
@@ -582,11 +642,13 @@ def verify_store(path: str | os.PathLike, check_files: bool = False, dataset: st
                 "problems": [f"shard {p['store']}: {x}" for p in parts for x in p["problems"]],
                 "notes": [f"shard {p['store']}: {x}" for p in parts for x in p["notes"]],
                 "groups": parts[0]["groups"], "shards": [p["store"] for p in parts],
+                "damaged": [{**d, "shard": p["store"]} for p in parts for d in p.get("damaged", [])],
+                "unchecked": [f"{p['store']}:{g}" for p in parts for g in p.get("unchecked", [])],
                 "files_checked": sum(p["files_checked"] or 0 for p in parts) if check_files else None}
     problems: list[str] = []
     notes: list[str] = []
     result: dict[str, Any] = {"store": str(path), "ok": False, "problems": problems, "notes": notes,
-                              "groups": [], "files_checked": None}
+                              "groups": [], "files_checked": None, "damaged": [], "unchecked": []}
     if not path.is_file():
         problems.append(f"no feature store file at {path}. Check the path; `cnncodes extract` creates stores.")
         return result
@@ -596,62 +658,128 @@ def verify_store(path: str | os.PathLike, check_files: bool = False, dataset: st
         problems.append(f"cannot open {path} as HDF5 ({exc}). The file is damaged or not a store: "
                         "re-create it with `cnncodes extract`.")
         return result
-    with f:
-        fmt = decode(f.attrs.get("format"))
-        if fmt != STORE_FORMAT:
-            problems.append(f"{path} has format attribute {fmt!r}, expected {STORE_FORMAT!r}: it is not a "
-                            "cnncodes feature store (or of an unsupported version). Re-create it with "
-                            "`cnncodes extract`.")
-            return result
-        missing = [a for a in REQUIRED_ATTRS if a not in f.attrs]
-        if missing:
-            problems.append(f"provenance attribute(s) {', '.join(missing)} missing from the store's root, so "
-                            "what produced the codes is unknown. Re-create the store with `cnncodes extract`.")
-        names = decode(f.attrs.get("class_names"))
-        if "class_names" in f.attrs and not isinstance(names, list):
-            problems.append(f"class_names should be a JSON list, it is {names!r}. Re-create the store with "
-                            "`cnncodes extract`.")
-        names = list(names) if isinstance(names, list) else []
-        checked: list[tuple[str, h5py.Group, int]] = []
-        n_groups = 0
-        for layer, pooling, g in _iter_groups(f):
-            name = group_name(layer, pooling) if pooling else layer
-            if not isinstance(g, h5py.Group):
-                problems.append(f"{name}: expected a <layer>/<pooling> group, found a {type(g).__name__}. "
-                                "Re-create the store with `cnncodes extract`.")
-                continue
-            n_groups += 1
-            try:
-                info = _check_group(name, g, names, rows, problems, notes)
-            except Exception as exc:  # a damaged file can fail in many ways: report, do not crash
-                problems.append(f"group {name}: could not be read ({type(exc).__name__}: {exc}). The file is "
-                                "damaged; re-create the store with `cnncodes extract`.")
-                info = None
-            if info is not None:
-                result["groups"].append(info)
-                checked.append((name, g, info["checked_rows"]))
-        if not n_groups:
-            notes.append("the store has no layer groups yet.")
-        if check_files:
-            root = dataset if dataset is not None else decode(f.attrs.get("dataset"))
-            if not root:
-                raise StoreError(f"cannot check image files: {path} records no dataset root. Pass --dataset ROOT.")
-            root = Path(root)
-            if not root.is_dir():
-                raise StoreError(f"cannot check image files: dataset root {root} is not a folder. Pass "
-                                 "--dataset with the folder the images are in.")
-            result["dataset"] = str(root)
-            result["files_checked"] = _check_files(checked, root, problems, workers)
+    try:
+        with f:
+            _verify_open(f, path, result, check_files, dataset, rows, workers)
+    except StoreError:
+        raise
+    except Exception as exc:  # damage outside the groups (root attributes, links...): report, do not crash
+        problems.append(f"{path} could not be read ({type(exc).__name__}: {exc}). The file is damaged; "
+                        "re-create the store with `cnncodes extract` (or restore a good copy).")
     result["ok"] = not problems
     return result
 
 
+def _verify_open(f: h5py.File, path: Path, result: dict[str, Any], check_files: bool,
+                 dataset: str | os.PathLike | None, rows: int, workers: int) -> None:
+    problems, notes = result["problems"], result["notes"]
+    fmt = decode(f.attrs.get("format"))
+    if fmt != STORE_FORMAT:
+        problems.append(f"{path} has format attribute {fmt!r}, expected {STORE_FORMAT!r}: it is not a "
+                        "cnncodes feature store (or of an unsupported version). Re-create it with "
+                        "`cnncodes extract`.")
+        return
+    missing = [a for a in REQUIRED_ATTRS if a not in f.attrs]
+    if missing:
+        problems.append(f"provenance attribute(s) {', '.join(missing)} missing from the store's root, so "
+                        "what produced the codes is unknown. Re-create the store with `cnncodes extract`.")
+    names = decode(f.attrs.get("class_names"))
+    if "class_names" in f.attrs and not isinstance(names, list):
+        problems.append(f"class_names should be a JSON list, it is {names!r}. Re-create the store with "
+                        "`cnncodes extract`.")
+    names = list(names) if isinstance(names, list) else []
+    readable: list[tuple[str, h5py.Group, int]] = []
+    n_groups = 0
+    for name in (UPDATED, SKIPPED):
+        ds = f.get(name)
+        if isinstance(ds, h5py.Dataset):
+            bad = damaged_rows(ds)
+            if bad:
+                result["damaged"].append({"group": "/", "dataset": name, "rows": [list(r) for r in bad]})
+                problems.append(f"dataset {name} (the last run's record) is damaged (checksum mismatch). Run "
+                                f"`cnncodes store repair {path}`: it writes it anew.")
+    for layer, pooling, g in _iter_groups(f):
+        name = group_name(layer, pooling) if pooling else layer
+        if not isinstance(g, h5py.Group):
+            problems.append(f"{name}: expected a <layer>/<pooling> group, found a {type(g).__name__}. "
+                            "Re-create the store with `cnncodes extract`.")
+            continue
+        n_groups += 1
+        try:
+            info = _check_group(name, g, names, rows, problems, notes, path, result["damaged"])
+        except Exception as exc:  # a damaged file can fail in many ways: report, do not crash
+            problems.append(f"group {name}: could not be read ({type(exc).__name__}: {exc}). The file is "
+                            "damaged; re-create the store with `cnncodes extract`.")
+            info = None
+        if info is not None:
+            result["groups"].append(info)
+            readable.append((name, g, info["checked_rows"]))
+            if not info["checksums"]:
+                result["unchecked"].append(name)
+    if not n_groups:
+        notes.append("the store has no layer groups yet.")
+    if check_files:
+        root = dataset if dataset is not None else decode(f.attrs.get("dataset"))
+        if not root:
+            raise StoreError(f"cannot check image files: {path} records no dataset root. Pass --dataset ROOT.")
+        root = Path(root)
+        if not root.is_dir():
+            raise StoreError(f"cannot check image files: dataset root {root} is not a folder. Pass "
+                             "--dataset with the folder the images are in.")
+        result["dataset"] = str(root)
+        result["files_checked"] = _check_files(readable, root, problems, workers)
+
+
 def verify_text(r: dict[str, Any]) -> str:
     head = (f"{r['store']}: ok" if r["ok"] else f"{r['store']}: {len(r['problems'])} problem(s)")
+    if r.get("unchecked"):
+        head += f" (unchecked: {', '.join(r['unchecked'])} carry no checksums, so damage there cannot be detected)"
     lines = [head]
     lines += [f"  group {g['group']}: {g['rows']} rows" for g in r["groups"]]
     if r.get("files_checked") is not None:
         lines.append(f"  {r['files_checked']} image files re-hashed under {r.get('dataset')}")
     lines += [f"problem: {p}" for p in r["problems"]]
     lines += [f"note: {n}" for n in r["notes"]]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- repair
+
+
+def repair_store(path: str | os.PathLike) -> dict[str, Any]:
+    """Drop the damaged rows of a store (each shard of a sharded one): see :func:`storage.writer.repair_store`.
+    Every row whose chunks pass their checksums is kept; the groups that lost rows are marked incomplete,
+    so the next ``cnncodes extract`` of the same data recomputes exactly those rows."""
+    path = Path(path)
+    if path.is_file() and is_index(path):
+        parts = [_repair_file(p) for p in read_index(path)]
+        return {"store": str(path), "repaired": any(p["repaired"] for p in parts), "shards": parts,
+                "dropped": {f"{p['store']}:{g}": r for p in parts for g, r in p["dropped"].items()},
+                "rows_dropped": {f"{p['store']}:{g}": n for p in parts for g, n in p["rows_dropped"].items()},
+                "groups_marked_incomplete": [f"{p['store']}:{g}" for p in parts
+                                             for g in p["groups_marked_incomplete"]],
+                "records_rewritten": [f"{p['store']}:{g}" for p in parts for g in p["records_rewritten"]],
+                "unchecked": [f"{p['store']}:{g}" for p in parts for g in p["unchecked"]]}
+    if not path.is_file():
+        raise StoreError(f"no feature store file at {path}. Check the path.")
+    return _repair_file(path)
+
+
+def repair_text(r: dict[str, Any]) -> str:
+    total = sum(r["rows_dropped"].values())
+    if not r["repaired"]:
+        lines = [f"{r['store']}: no damaged rows found; nothing changed."]
+    else:
+        lines = [f"{r['store']}: dropped {total} damaged row(s)"]
+        for g, ranges in r["dropped"].items():
+            shown = ", ".join(f"{a}-{b - 1}" for a, b in ranges[:_FIRST]) + (", ..." if len(ranges) > _FIRST else "")
+            lines.append(f"  group {g}: {r['rows_dropped'][g]} row(s) dropped (rows {shown})")
+        for name in r["records_rewritten"]:
+            lines.append(f"  {name}: damaged run record written anew")
+        if total:
+            lines.append("Run the same `cnncodes extract` again (same data, backbone and --store): it recomputes "
+                         "the dropped rows and completes the group(s).")
+    if r["unchecked"]:
+        lines.append(f"note: {', '.join(r['unchecked'])} carry no checksums (written before cnncodes added them): "
+                     "damage there cannot be found. Extract into a new --store to get a checksummed copy.")
     return "\n".join(lines)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -20,8 +21,13 @@ from .errors import StoreError, StoreLockedError, StoreMismatchError
 from .files import FileLock, FileLockBusy, atomic_path
 from .format import (IDENTITY_KEYS, LABEL_DTYPE, LIBVER, PATH_DTYPE, ROW_DATASETS, SHA_DTYPE, SKIP_BYTES, SKIP_DTYPE,
                      SKIPPED, SPLIT_DTYPE, STORE_FORMAT, UPDATED, UPDATED_DTYPE, decode, decode_paths, encode,
-                     encode_paths, group_fingerprint, group_name, layer_names, normalise, now_iso, open_file)
+                     encode_paths, group_fingerprint, group_name, layer_names, normalise, now_iso, open_file,
+                     open_swmr, read_rows, checked, damaged_rows, set_attrs, decode_attrs,
+                     superblock, clear_open_flags, SWMR_WRITE_FLAG)
 from .manifest import Manifest
+
+
+CHECKED = {"fletcher32": True}  # the checksum filter on every dataset of a new store
 
 
 def _chunk_rows(row_bytes: int) -> int:
@@ -49,67 +55,171 @@ def _create_group(f: h5py.File, spec: GroupSpec) -> h5py.Group:
     row_bytes = int(np.prod(spec.feature_shape)) * np.dtype(spec.dtype).itemsize
     rows = _chunk_rows(row_bytes)
     comp = {"compression": spec.compression} if spec.compression else {}
+    # Every dataset carries HDF5's Fletcher-32 checksum per chunk (CHECKED): a damaged chunk is an
+    # error when read, never wrong values (its cost on throughput: benchmarks/store.py).
     g.create_dataset("features", shape=(0, *spec.feature_shape), maxshape=(None, *spec.feature_shape),
-                     chunks=(rows, *spec.feature_shape), dtype=spec.dtype, **comp)
+                     chunks=(rows, *spec.feature_shape), dtype=spec.dtype, **comp, **CHECKED)
     # Not compressed: inflating 512 bytes a row cost more than reading them (benchmarks/store.py).
-    g.create_dataset("path", shape=(0,), maxshape=(None,), chunks=(4096,), dtype=PATH_DTYPE)
-    g.create_dataset("sha256", shape=(0,), maxshape=(None,), chunks=(4096,), dtype=SHA_DTYPE)
-    g.create_dataset("label", shape=(0,), maxshape=(None,), chunks=(4096,), dtype=LABEL_DTYPE)
-    g.create_dataset("split", shape=(0,), maxshape=(None,), chunks=(4096,), dtype=SPLIT_DTYPE)
-    g.create_dataset("committed", data=np.zeros(1, dtype="i8"))
-    g.create_dataset("state", data=np.array([b""], dtype=SHA_DTYPE))
-    g.attrs.update({"layer": spec.layer, "pooling": spec.pooling,
-                    "feature_shape": encode(list(spec.feature_shape)), "dtype": spec.dtype,
-                    "compression": encode(spec.compression), "created": now_iso()})
+    g.create_dataset("path", shape=(0,), maxshape=(None,), chunks=(4096,), dtype=PATH_DTYPE, **CHECKED)
+    g.create_dataset("sha256", shape=(0,), maxshape=(None,), chunks=(4096,), dtype=SHA_DTYPE, **CHECKED)
+    g.create_dataset("label", shape=(0,), maxshape=(None,), chunks=(4096,), dtype=LABEL_DTYPE, **CHECKED)
+    g.create_dataset("split", shape=(0,), maxshape=(None,), chunks=(4096,), dtype=SPLIT_DTYPE, **CHECKED)
+    _one_value(g, "committed", np.zeros(1, dtype="i8"))
+    _one_value(g, "state", np.array([b""], dtype=SHA_DTYPE))
+    set_attrs(g, {"layer": spec.layer, "pooling": spec.pooling, "feature_shape": list(spec.feature_shape),
+                  "dtype": spec.dtype, "compression": spec.compression, "created": now_iso()})
     return g
 
 
-def _ensure_run_datasets(f: h5py.File) -> None:
+def _one_value(parent: h5py.Group, name: str, data: np.ndarray) -> h5py.Dataset:
+    """A one-row dataset, chunked so that it can carry a checksum like the rest."""
+    return parent.create_dataset(name, data=data, maxshape=(None, *data.shape[1:]), chunks=data.shape,
+                                 **CHECKED)
+
+
+def _ensure_run_datasets(f: h5py.File, only: str | None = None) -> None:
     """Root datasets a run writes at its end (created before SWMR mode, like everything else)."""
-    if UPDATED not in f:
-        f.create_dataset(UPDATED, data=np.array([now_iso().encode()], dtype=UPDATED_DTYPE))
-    if SKIPPED not in f:
+    if UPDATED not in f and only in (None, UPDATED):
+        _one_value(f, UPDATED, np.array([now_iso().encode()], dtype=UPDATED_DTYPE))
+    if SKIPPED not in f and only in (None, SKIPPED):
         f.create_dataset(SKIPPED, shape=(0,), maxshape=(None,), chunks=(256,), dtype=SKIP_DTYPE,
-                         compression="gzip", compression_opts=1)
+                         compression="gzip", compression_opts=1, **CHECKED)
 
 
 def _copy_store(src: h5py.File, dst: h5py.File, keep: dict[str, np.ndarray] | None = None,
-                chunk: int = 4096) -> None:
-    """Copy attributes and the committed rows of every group (or the rows in ``keep[group]``)."""
-    dst.attrs.update(dict(src.attrs))
+                chunk: int = 4096, fresh: Sequence[str] = ()) -> None:
+    """Copy attributes and the committed rows of every group (or the rows in ``keep[group]``); the root
+    datasets named in ``fresh`` (damaged ones) are made anew instead of copied."""
+    set_attrs(dst, decode_attrs(src))
     for name in (UPDATED, SKIPPED):
-        if name in src:
+        if name in fresh:
+            _ensure_run_datasets(dst, only=name)
+        elif name in src:
             s = src[name]
-            dst.create_dataset(name, data=s[:], maxshape=s.maxshape, chunks=s.chunks, compression=s.compression)
+            if name == UPDATED:
+                _one_value(dst, name, s[:])
+            else:
+                dst.create_dataset(name, data=s[:], maxshape=s.maxshape, chunks=s.chunks or True,
+                                   compression=s.compression, **CHECKED)
     for layer in layer_names(src):
         for pooling in src[layer]:
             g = src[layer][pooling]
             name = group_name(layer, pooling)
-            n = int(g["committed"][0])
-            rows = np.arange(n) if keep is None or name not in keep else np.asarray(keep[name], dtype=np.int64)
+            if keep is not None and name in keep:
+                rows = np.asarray(keep[name], dtype=np.int64)
+            else:
+                rows = np.arange(int(g["committed"][0]))
             d = dst.require_group(name)
-            d.attrs.update(dict(g.attrs))
+            set_attrs(d, decode_attrs(g))
             for ds in ROW_DATASETS:
                 s = g[ds]
                 out = d.create_dataset(ds, shape=(len(rows), *s.shape[1:]), maxshape=(None, *s.shape[1:]),
-                                       chunks=s.chunks, dtype=s.dtype, compression=s.compression)
+                                       chunks=s.chunks, dtype=s.dtype, compression=s.compression, **CHECKED)
                 for start in range(0, len(rows), chunk):
                     part = rows[start:start + chunk]
                     if len(part) and np.all(np.diff(part) == 1):
                         out[start:start + len(part)] = s[int(part[0]):int(part[-1]) + 1]
                     elif len(part):
                         out[start:start + len(part)] = s[np.sort(part)]
-            d.create_dataset("committed", data=np.array([len(rows)], dtype="i8"))
+            _one_value(d, "committed", np.array([len(rows)], dtype="i8"))
             # rows were dropped or changed: the group no longer matches any manifest until a run completes it
-            d.create_dataset("state", data=np.array([b""] if keep is not None and name in keep
-                                                     else [group_fingerprint(g).encode()], dtype=SHA_DTYPE))
+            _one_value(d, "state", np.array([b""] if keep is not None and name in keep
+                                            else [group_fingerprint(g).encode()], dtype=SHA_DTYPE))
 
 
-def _rewrite(path: Path, keep: dict[str, np.ndarray] | None = None) -> None:
+def _rewrite(path: Path, keep: dict[str, np.ndarray] | None = None, fresh: Sequence[str] = ()) -> None:
     """Rewrite ``path`` through a temporary file renamed into place: a crash leaves the old file."""
     with atomic_path(path) as tmp:
-        with h5py.File(path, "r", libver=LIBVER, swmr=True) as src, h5py.File(tmp, "w", libver=LIBVER) as dst:
-            _copy_store(src, dst, keep)
+        with open_swmr(path) as src, h5py.File(tmp, "w", libver=LIBVER) as dst:
+            _copy_store(src, dst, keep, fresh=fresh)
+
+
+def _acquire(lock: FileLock, path: Path) -> None:
+    """Take a store's writer lock, or StoreLockedError naming its holder. Tried for half a second: a
+    reader checking whether a writer is there holds the lock shared for an instant."""
+    deadline = time.monotonic() + 0.5
+    while True:
+        try:
+            lock.acquire(blocking=False)
+            return
+        except FileLockBusy as busy:
+            if time.monotonic() < deadline:
+                time.sleep(0.05)
+                continue
+            raise StoreLockedError(
+                f"feature store {path} is being written by {busy.holder}. "
+                "Wait for that run to finish (readers are fine, writers are one at a time), "
+                "or use another --store.") from None
+
+
+def repair_store(path: str | os.PathLike) -> dict[str, Any]:
+    """Drop the rows of a store whose chunks fail their checksum, keeping every other row.
+
+    Under the store's writer lock, each row dataset of each group is read chunk by chunk; the rows of
+    damaged chunks (of any of the group's datasets) are dropped by rewriting the file (the old one stays
+    until the new one is renamed into place) and the group is marked incomplete, so the next
+    ``cnncodes extract`` of the same data recomputes exactly those rows. A group whose row counter is
+    damaged loses all its rows. A file whose structure is damaged (it cannot be opened, or a group cannot)
+    cannot be repaired this way: StoreError saying so. Returns what was dropped per group."""
+    path = Path(path)
+    lock = FileLock(path.with_name(path.name + ".lock"))
+    _acquire(lock, path)
+    try:
+        try:
+            f = open_file(path, wait=0)
+        except StoreError as exc:
+            raise StoreError(f"cannot repair {path}: {exc} Its structure is damaged, which dropping rows cannot "
+                             "mend: delete it and run `cnncodes extract` again (or restore a good copy).") from None
+        keep: dict[str, np.ndarray] = {}
+        dropped: dict[str, list[list[int]]] = {}
+        lost: dict[str, int] = {}
+        unchecked: list[str] = []
+        fresh = []
+        try:
+            with f:
+                if decode(f.attrs.get("format")) != STORE_FORMAT:
+                    raise StoreError(f"cannot repair {path}: it is not a cnncodes feature store.")
+                for name in (UPDATED, SKIPPED):
+                    if isinstance(f.get(name), h5py.Dataset) and damaged_rows(f[name]):
+                        fresh.append(name)
+                for layer in layer_names(f):
+                    for pooling in sorted(f[layer].keys()):
+                        name = group_name(layer, pooling)
+                        g = f[name]
+                        if not all(checked(g[ds]) for ds in (*ROW_DATASETS, "committed")):
+                            unchecked.append(name)
+                        if damaged_rows(g["committed"]):
+                            n = None
+                        else:
+                            n = int(g["committed"][0])
+                        if n is None:
+                            keep[name] = np.zeros(0, np.int64)
+                            lost[name] = min(int(g[ds].shape[0]) for ds in ROW_DATASETS)
+                            dropped[name] = [[0, lost[name]]]
+                            continue
+                        bad = np.zeros(n, bool)
+                        for ds in ROW_DATASETS:
+                            for a, b in damaged_rows(g[ds], 0, n):
+                                bad[a:b] = True
+                        if damaged_rows(g["state"]):
+                            keep[name] = np.arange(n)
+                        if bad.any():
+                            keep[name] = np.flatnonzero(~bad)
+                            edges = np.flatnonzero(np.diff(np.concatenate([[0], bad.astype(np.int8), [0]])))
+                            dropped[name] = [[int(a), int(b)] for a, b in zip(edges[::2], edges[1::2])]
+                            lost[name] = int(bad.sum())
+        except StoreError:
+            raise
+        except Exception as exc:
+            raise StoreError(f"cannot repair {path}: reading it failed ({type(exc).__name__}: {exc}). Its "
+                             "structure is damaged, which dropping rows cannot mend: delete it and run "
+                             "`cnncodes extract` again (or restore a good copy).") from exc
+        if keep or fresh:
+            _rewrite(path, keep, fresh=fresh)
+    finally:
+        lock.release()
+    return {"store": str(path), "repaired": bool(keep or fresh), "dropped": dropped, "rows_dropped": lost,
+            "groups_marked_incomplete": sorted(keep), "records_rewritten": fresh, "unchecked": unchecked}
 
 
 @dataclass
@@ -153,13 +263,7 @@ class StoreWriter:
 
     # -- entering ----------------------------------------------------------
     def __enter__(self) -> "StoreWriter":
-        try:
-            self._lock.acquire(blocking=False)
-        except FileLockBusy as busy:
-            raise StoreLockedError(
-                f"feature store {self.path} is being written by {busy.holder}. "
-                "Wait for that run to finish (readers are fine, writers are one at a time), "
-                "or use another --store.") from None
+        _acquire(self._lock, self.path)
         try:
             self._prepare()
         except BaseException:
@@ -184,9 +288,19 @@ class StoreWriter:
         except OSError as exc:
             if "already open for write" not in str(exc):
                 raise StoreError(f"cannot open feature store {self.path} for writing: {exc}") from exc
-        # A writer was killed while in SWMR mode: the file is readable but flagged as open.
-        # Copy its committed rows into a fresh file (the old one stays until the rename).
-        _rewrite(self.path)
+        # A writer was killed while it had the file open: the file is flagged as open. Killed in SWMR mode,
+        # it is readable as it is; killed before (while preparing), only once the flags are cleared (what
+        # `h5clear -s` does; we hold the writer lock, so no writer has it open). Either way its committed
+        # rows are copied into a fresh file (the old one stays until the rename), every chunk's checksum
+        # checked on the way.
+        if not superblock(self.path)["flags"] & SWMR_WRITE_FLAG:
+            clear_open_flags(self.path)
+        try:
+            _rewrite(self.path)
+        except (OSError, RuntimeError, KeyError, ValueError) as exc:
+            raise StoreError(f"feature store {self.path} was left open by a writer that was killed, and it cannot "
+                             f"be recovered ({type(exc).__name__}: {exc}). Delete it and run `cnncodes extract` "
+                             "again.") from exc
         self.recovered = True
         return h5py.File(self.path, "a", libver=LIBVER)
 
@@ -195,8 +309,8 @@ class StoreWriter:
         if not self.path.exists():
             # Build the skeleton under a temporary name so a crash never leaves a half-made store.
             with atomic_path(self.path) as tmp, h5py.File(tmp, "w", libver=LIBVER) as f:
-                f.attrs.update({"format": STORE_FORMAT, "created": now_iso()})
-                f.attrs.update({k: encode(v) for k, v in self.identity.items()})
+                set_attrs(f, {"format": STORE_FORMAT, "created": now_iso()})
+                set_attrs(f, self.identity)
                 for spec in self.specs:
                     _create_group(f, spec)
                 _ensure_run_datasets(f)
@@ -246,8 +360,8 @@ class StoreWriter:
     # -- planning ----------------------------------------------------------
     def existing(self, name: str) -> tuple[list[str], list[str]]:
         g = self.f[name]
-        n = int(g["committed"][0])
-        return list(decode_paths(g["path"][:n])), g["sha256"][:n].astype(str).tolist()
+        n = int(read_rows(g["committed"], 0, 1)[0])
+        return list(decode_paths(read_rows(g["path"], 0, n))), read_rows(g["sha256"], 0, n).astype(str).tolist()
 
     def plan(self, manifest: Manifest) -> Plan:
         """Decide per group what to compute; drop rows of removed or changed images; refresh labels."""
@@ -267,7 +381,7 @@ class StoreWriter:
             removed[spec.name] = len(paths) - len(kept_rows)
             keep[spec.name] = np.asarray(kept_rows, dtype=np.int64)
             todo[spec.name] = [i for i, s in enumerate(manifest.samples) if s.path not in have]
-        self.f.attrs["class_names"] = encode(list(manifest.class_names))
+        set_attrs(self.f, {"class_names": list(manifest.class_names)})
         if any(removed.values()):
             self.f.close()
             self.f = None
@@ -296,8 +410,8 @@ class StoreWriter:
     def start_appending(self) -> None:
         """Switch to SWMR: from here on, readers see each committed batch while we write."""
         for k, v in self.meta.items():
-            self.f.attrs[k] = encode(v)
-        self.f.attrs["updated"] = now_iso()
+            set_attrs(self.f, {k: v})
+        set_attrs(self.f, {"updated": now_iso()})
         self.f.flush()
         self.f.swmr_mode = True
         self._swmr = True

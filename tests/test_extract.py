@@ -17,6 +17,7 @@ from PIL import Image
 
 from conftest import ROOT, TINY, TINY_EARLY, TINY_LAST
 from storage import FeatureStore, StoreLockedError, StoreMismatchError
+from storage.format import decode
 from storage.store import GroupSpec, StoreWriter
 from tasks.backbones import BackboneSpec
 from tasks.data.datasets import scan_dataset
@@ -237,7 +238,7 @@ def test_sigkill_midway_then_rerun_gives_same_features_as_uninterrupted(tmp_path
         assert len(pa) == 300 and (pa == pb).all() and (la == lb).all() and (sa == sb).all()
         assert_same_codes(fa, fb)
     with h5py.File(store, "r") as f:  # a plain (non-SWMR) open works again: the file was closed cleanly
-        assert f.attrs["format"] == "cnncodes-store/1"
+        assert decode(f.attrs["format"]) == "cnncodes-store/1"
 
 
 def test_storage_imports_neither_tensorflow_nor_prefect(tmp_path, texture_data, tiny_spec):
