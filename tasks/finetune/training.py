@@ -66,17 +66,29 @@ class EpochClock:
     the plain ``model.fit`` side too, so both sides are timed the same way.
 
     ``closing()``, placed as the last callback, moves the end of the last epoch after every other
-    callback's work at the end of training (a backup still being written is finished there)."""
+    callback's work at the end of training (a backup still being written is finished there).
+    ``cpu_seconds()``: the process's CPU time (all its threads) over the same spans, a measure of the
+    work done that other processes competing for the cores disturb far less than the elapsed time."""
 
     def __init__(self, progress: Callable[[int, int], None] | None = None, total: int = 0, offset: int = 0):
         self.progress, self.total, self.offset = progress, total, offset
-        self.starts: list[float] = []
-        self.end: float | None = None
+        self.starts: list[tuple[float, float]] = []   # (elapsed, CPU) at each epoch's start
+        self.end: tuple[float, float] | None = None
         self._closing = False
 
-    def seconds(self) -> list[float]:
-        marks = self.starts + ([self.end] if self.end is not None else [])
+    def _spans(self, which: int) -> list[float]:
+        marks = [m[which] for m in self.starts + ([self.end] if self.end is not None else [])]
         return [b - a for a, b in zip(marks, marks[1:])]
+
+    def seconds(self) -> list[float]:
+        return self._spans(0)
+
+    def cpu_seconds(self) -> list[float]:
+        return self._spans(1)
+
+    @staticmethod
+    def _now() -> tuple[float, float]:
+        return time.perf_counter(), time.process_time()
 
     def callback(self):
         keras = tf_runtime.keras()
@@ -84,7 +96,7 @@ class EpochClock:
 
         class CB(keras.callbacks.Callback):
             def on_epoch_begin(self, epoch, logs=None):
-                outer.starts.append(time.perf_counter())
+                outer.starts.append(outer._now())
 
             def on_epoch_end(self, epoch, logs=None):
                 if outer.progress:
@@ -92,7 +104,7 @@ class EpochClock:
 
             def on_train_end(self, logs=None):
                 if not outer._closing:
-                    outer.end = time.perf_counter()
+                    outer.end = outer._now()
 
         return CB()
 
@@ -103,7 +115,7 @@ class EpochClock:
 
         class Closing(keras.callbacks.Callback):
             def on_train_end(self, logs=None):
-                outer.end = time.perf_counter()
+                outer.end = outer._now()
 
         return Closing()
 
@@ -219,9 +231,10 @@ def fine_tune(manifest: Manifest, spec: BackboneSpec, cfg: FineTuneConfig, workd
                               steps_per_epoch=steps if known else None, callbacks=callbacks, verbose=0,
                               shuffle=False)  # the dataset shuffles itself
         ran = len(h.history.get("loss", []))
-        seconds = clock.seconds()
+        seconds, cpu = clock.seconds(), clock.cpu_seconds()
         rows = [{"phase": phase, "epoch": start_epoch + i + 1, **{k: float(v[i]) for k, v in h.history.items()},
-                 "epoch_seconds": seconds[i] if i < len(seconds) else None} for i in range(ran)]
+                 "epoch_seconds": seconds[i] if i < len(seconds) else None,
+                 "epoch_cpu_seconds": cpu[i] if i < len(cpu) else None} for i in range(ran)]
         history += rows
         if budget is not None:
             budget -= ran
