@@ -2,22 +2,26 @@
 
 Same network (``tasks.finetune.build_network``: MobileNetV2 at 224 px, new head), same images
 (generated JPEGs, photo-sized), same optimizer, batch size and epochs. Images/s are counted over
-the training images of epochs 2..N (epoch 1 holds graph compilation and the first decode), median
-epoch time over the repeats (each side run twice, alternating); the overhead of each repeat is kept
-too, so its spread shows. Both
-sides are timed by the same clock (``tasks.finetune.training.EpochClock``): from one epoch's start to
-the next one's, so every callback's work at an epoch's end counts (the flow's checkpoints, backups,
-CSV and TensorBoard logs, early stopping; the plain side has none).
+the training images of epochs 2..N (epoch 1 holds graph compilation), median epoch time over the
+repeats (each side run ``--repeats`` times, alternating); the overhead of each repeat is kept too, so
+its spread shows, and so is the number of slow epochs of each side (epochs 2..N over 1.5 times their
+run's median). Both sides are timed by the same clock (``tasks.finetune.training.EpochClock``): from
+one epoch's start to the next one's, so every callback's work at an epoch's end counts (the flow's
+backup, best-weights checkpoint, CSV and TensorBoard logs, early stopping; the plain side has none),
+and the flow's last epoch ends after its last backup is written. The same clock also takes the
+process's CPU time over each epoch (median kept): the work done, which other jobs on the machine
+disturb much less than the elapsed time.
 
   * plain     images decoded into a NumPy array first, ``model.fit(x, y, validation_data=...)``;
-  * cnncodes  ``tasks.finetune.fine_tune``: tf.data decoding and caching, checkpoints every epoch
-              (BackupAndRestore, best weights), CSV history, TensorBoard, early stopping, progress.
+  * cnncodes  ``tasks.finetune.fine_tune``: tf.data decoding (before the first epoch) and caching,
+              a backup every epoch for resuming (weights and optimizer state), best-weights
+              checkpoint, CSV history, TensorBoard, early stopping, progress.
 
-Twice: without augmentation, and with flip+rotation+zoom (the plain run then applies the same
-Keras layers in its own ``tf.data`` pipeline).
+Twice: without augmentation, and with flip+rotation+zoom (the same Keras layers, in ``tf.data``, on
+both sides: the plain run maps them over batches of its own ``tf.data`` pipeline of the arrays).
 
 Usage:
-    .venv/bin/python benchmarks/finetune.py            # about 7 minutes on 2 cores
+    .venv/bin/python benchmarks/finetune.py            # about 10 minutes on 2 cores
     .venv/bin/python benchmarks/finetune.py --quick
 """
 from __future__ import annotations
@@ -41,8 +45,9 @@ from tasks.data.synthetic import CLASSES, make_dataset  # noqa: E402
 from report import emit  # noqa: E402  benchmarks/ is the script's folder
 
 
-def plain_fit(spec, cfg, manifest, epochs: int) -> list[float]:
-    """Seconds per epoch of a plain model.fit on pre-decoded arrays (augmentation in tf.data if asked)."""
+def plain_fit(spec, cfg, manifest, epochs: int) -> tuple[list[float], list[float]]:
+    """Seconds and CPU seconds per epoch of a plain model.fit on pre-decoded arrays (augmentation in
+    tf.data if asked)."""
     tf = tf_runtime.tensorflow()
     keras = tf_runtime.keras()
     from tasks.finetune import apply_freezing, augmentation, build_network, make_optimizer, split_arrays
@@ -73,20 +78,58 @@ def plain_fit(spec, cfg, manifest, epochs: int) -> list[float]:
         ds = tf.data.Dataset.from_tensor_slices((xtr, tr_y)).shuffle(len(xtr), seed=cfg.seed).batch(cfg.batch_size)
         ds = ds.map(augmented, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
         net.model.fit(ds, epochs=epochs, validation_data=(xva, va_y), callbacks=[clock.callback()], verbose=0)
-    return clock.seconds()
+    return clock.seconds(), clock.cpu_seconds()
 
 
-def flow_fit(spec, cfg, manifest, work: Path) -> list[float]:
+def flow_fit(spec, cfg, manifest, work: Path) -> tuple[list[float], list[float]]:
     from tasks.finetune import fine_tune
 
     res = fine_tune(manifest, spec, cfg, work)
-    return [h["epoch_seconds"] for h in res.history]
+    return [h["epoch_seconds"] for h in res.history], [h["epoch_cpu_seconds"] for h in res.history]
+
+
+def backup_cost(spec, cfg, n_classes: int, work: Path, times: int = 5) -> dict[str, float]:
+    """Seconds of one epoch's backup of this network with its optimizer state (median of ``times``):
+    Keras' ``BackupAndRestore(double_checkpoint=True)`` as the flow had it (copy of the previous file,
+    ``model.save_weights``), and the flow's own backup: the snapshot on the training thread, the write
+    in the background (fsynced, renamed, metadata)."""
+    import shutil
+    import time
+
+    from tasks.finetune import apply_freezing, build_network, make_optimizer
+    from tasks.finetune.backup import EpochBackup
+
+    net = build_network(spec, n_classes, cfg)
+    apply_freezing(net, cfg.freeze, cfg.freeze_batchnorm)
+    opt = make_optimizer(cfg, 1, "finetune")
+    opt.set_head_variables(net.head_variables())
+    net.model.compile(optimizer=opt, loss="sparse_categorical_crossentropy")
+    net.model.fit(np.zeros((2, net.size, net.size, 3), np.uint8), np.zeros(2, np.int32), epochs=1, verbose=0)
+    keras_s, snap_s, write_s = [], [], []
+    path = work / "keras" / "latest.weights.h5"
+    path.parent.mkdir(parents=True)
+    for k in range(times):
+        t0 = time.perf_counter()
+        if path.exists():
+            shutil.copy(path, f"{path}.bkp")
+        net.model.save_weights(path)
+        keras_s.append(time.perf_counter() - t0)
+    backup = EpochBackup(work / "own")
+    for k in range(times):
+        t0 = time.perf_counter()
+        backup.save(net.model, k + 1)
+        t1 = time.perf_counter()
+        backup.wait()
+        snap_s.append(t1 - t0)
+        write_s.append(time.perf_counter() - t1)
+    return {"keras_backup_s": float(np.median(keras_s)), "snapshot_s": float(np.median(snap_s)),
+            "background_write_s": float(np.median(write_s)), "mib": path.stat().st_size / 2 ** 20}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--repeats", type=int, default=2, help="runs of each side, alternating (default: 2)")
+    ap.add_argument("--repeats", type=int, default=3, help="runs of each side, alternating (default: 3)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     from tasks.backbones import BackboneSpec
@@ -101,24 +144,38 @@ def main() -> None:
         manifest = scan_dataset(data, val_fraction=0.25)
         n_train = sum(1 for s in manifest.samples if s.split == "train")
         spec = BackboneSpec("mobilenet_v2", weights="none", input_size=224, precision="float32")
+        results["backup"] = backup_cost(spec, FineTuneConfig(freeze="none", dense=[256], dropout=0.5, augment=[]),
+                                        len(manifest.class_names), Path(tmp) / "backup-cost")
+        print(json.dumps(results["backup"]), flush=True)
         for augment in ([], ["flip", "rotation", "zoom"]):
             cfg = FineTuneConfig(freeze="none", epochs=epochs, patience=epochs, batch_size=32, augment=augment,
                                  dense=[256], dropout=0.5, learning_rate=1e-3)
-            plain, flow = [], []
+            plain, flow, plain_cpu, flow_cpu = [], [], [], []
             for k in range(args.repeats):  # alternate the order, so that a slow spell hits both sides
-                sides = [("plain", plain), ("flow", flow)][:: 1 if k % 2 == 0 else -1]
-                for side, out in sides:
-                    out.append(plain_fit(spec, cfg, manifest, epochs) if side == "plain" else
-                               flow_fit(spec, cfg, manifest, Path(tmp) / f"run-{len(augment)}-{k}"))
+                sides = [("plain", plain, plain_cpu), ("flow", flow, flow_cpu)][:: 1 if k % 2 == 0 else -1]
+                for side, out, out_cpu in sides:
+                    wall, cpu = (plain_fit(spec, cfg, manifest, epochs) if side == "plain" else
+                                 flow_fit(spec, cfg, manifest, Path(tmp) / f"run-{len(augment)}-{k}"))
+                    out.append(wall)
+                    out_cpu.append(cpu)
             # epochs 2..N (1 holds compilation and the first decode); the median resists a stray slow epoch
             p_s = float(np.median([t for run in plain for t in run[1:]]))
             f_s = float(np.median([t for run in flow for t in run[1:]]))
             per_repeat = [1.0 - float(np.median(p[1:])) / float(np.median(f[1:])) for p, f in zip(plain, flow)]
+
+            def slow(runs):  # epochs 2..N over 1.5 times their run's median
+                return sum(int(t > 1.5 * np.median(run[1:])) for run in runs for t in run[1:])
             row = {"augment": augment or "none", "train_images": n_train,
                    "plain_images_per_s": n_train / p_s, "cnncodes_images_per_s": n_train / f_s,
                    "plain_epoch_s": plain, "cnncodes_epoch_s": flow,
                    "overhead": 1.0 - p_s / f_s, "overhead_per_repeat": per_repeat,
-                   "overhead_min": min(per_repeat), "overhead_max": max(per_repeat)}
+                   "overhead_min": min(per_repeat), "overhead_max": max(per_repeat),
+                   "plain_slow_epochs": slow(plain), "cnncodes_slow_epochs": slow(flow),
+                   "measured_epochs": sum(len(run) - 1 for run in flow),
+                   # CPU seconds of the process per epoch (median of epochs 2..N): the work done
+                   "plain_epoch_cpu_s": plain_cpu, "cnncodes_epoch_cpu_s": flow_cpu,
+                   "plain_cpu_s": float(np.median([t for run in plain_cpu for t in run[1:]])),
+                   "cnncodes_cpu_s": float(np.median([t for run in flow_cpu for t in run[1:]]))}
             results["runs"].append(row)
             print(json.dumps(row), flush=True)
     emit(results, args.json)

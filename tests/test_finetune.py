@@ -168,6 +168,44 @@ def test_resume_continues_from_the_checkpointed_epoch(tmp_path, texture_data, sm
     assert [h["epoch"] for h in second.history] == [3, 4] and Path(second.model_path).exists()
 
 
+def test_a_backup_restores_weights_and_optimizer_state_and_an_older_keras_backup_still_loads(tmp_path, texture_data,
+                                                                                            small_cnn):
+    from tasks.finetune.backup import EpochBackup, restore
+
+    cfg = FineTuneConfig(**dict(SMALL, momentum=0.9, learning_rate=0.05))
+
+    def compiled():
+        net = _net(small_cnn, cfg)
+        apply_freezing(net, "none", True)
+        opt = make_optimizer(cfg, steps_per_epoch=1, phase="finetune")
+        opt.set_head_variables(net.head_variables())
+        net.model.compile(optimizer=opt, loss="sparse_categorical_crossentropy")
+        return net.model
+
+    x = np.random.default_rng(0).integers(0, 255, (8, 32, 32, 3)).astype("uint8")
+    y = np.array([0, 1, 2, 0, 1, 2, 0, 1])
+    trained = compiled()
+    trained.fit(x, y, batch_size=4, epochs=1, verbose=0)  # 2 steps: momentum and iteration count not zero
+    backup = EpochBackup(tmp_path / "backup")
+    backup.save(trained, 3)
+    backup.wait()
+    assert sorted(p.name for p in (tmp_path / "backup").iterdir()) == ["state-0003.npz", "training_metadata.json"]
+    fresh = compiled()
+    fresh(x[:1])
+    assert restore(fresh, tmp_path / "backup") == 3
+    assert int(fresh.optimizer.iterations.numpy()) == 2
+    for a, b in zip(trained.weights + trained.optimizer.variables, fresh.weights + fresh.optimizer.variables):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # the layout of keras.callbacks.BackupAndRestore, left by an earlier version of the flow
+    (tmp_path / "old").mkdir()
+    trained.save_weights(tmp_path / "old" / "latest.weights.h5")
+    (tmp_path / "old" / "training_metadata.json").write_text(json.dumps({"epoch": 1, "batch": 0}))
+    older = compiled()
+    older(x[:1])
+    assert restore(older, tmp_path / "old") == 1 and int(older.optimizer.iterations.numpy()) == 2
+    assert restore(compiled(), tmp_path / "none") == 0
+
+
 KILL = textwrap.dedent("""
     import sys
     sys.path.insert(0, {root!r})

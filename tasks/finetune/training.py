@@ -17,7 +17,7 @@ Data comes from the same manifest as extraction, through ``tf.data``: decoded
 once with the same decoder (bad files skipped and reported), cached, shuffled,
 augmented with Keras preprocessing layers (training only), prefetched.
 A killed run resumes from its last epoch (weights, optimizer state, epoch)
-through ``BackupAndRestore``.
+through the backup of :mod:`.backup`, written after every epoch.
 """
 from __future__ import annotations
 
@@ -37,6 +37,7 @@ from storage.manifest import Manifest
 
 from .. import tf_runtime
 from ..backbones import BackboneSpec
+from .backup import EpochBackup, restore
 from .config import FineTuneConfig
 from .data import SkipLog, augmentation, make_dataset, split_arrays
 from .network import apply_freezing, build_network, make_optimizer
@@ -62,16 +63,32 @@ class EpochClock:
     """Seconds per epoch from one epoch's start to the next one's (the last: to the end of training), so
     that every callback's work at an epoch's end (checkpoints, backups, logs, early stopping) is inside
     the epoch it belongs to. As the first callback it also reports progress. Used by the benchmarks for
-    the plain ``model.fit`` side too, so both sides are timed the same way."""
+    the plain ``model.fit`` side too, so both sides are timed the same way.
+
+    ``closing()``, placed as the last callback, moves the end of the last epoch after every other
+    callback's work at the end of training (a backup still being written is finished there).
+    ``cpu_seconds()``: the process's CPU time (all its threads) over the same spans, a measure of the
+    work done that other processes competing for the cores disturb far less than the elapsed time."""
 
     def __init__(self, progress: Callable[[int, int], None] | None = None, total: int = 0, offset: int = 0):
         self.progress, self.total, self.offset = progress, total, offset
-        self.starts: list[float] = []
-        self.end: float | None = None
+        self.starts: list[tuple[float, float]] = []   # (elapsed, CPU) at each epoch's start
+        self.end: tuple[float, float] | None = None
+        self._closing = False
+
+    def _spans(self, which: int) -> list[float]:
+        marks = [m[which] for m in self.starts + ([self.end] if self.end is not None else [])]
+        return [b - a for a, b in zip(marks, marks[1:])]
 
     def seconds(self) -> list[float]:
-        marks = self.starts + ([self.end] if self.end is not None else [])
-        return [b - a for a, b in zip(marks, marks[1:])]
+        return self._spans(0)
+
+    def cpu_seconds(self) -> list[float]:
+        return self._spans(1)
+
+    @staticmethod
+    def _now() -> tuple[float, float]:
+        return time.perf_counter(), time.process_time()
 
     def callback(self):
         keras = tf_runtime.keras()
@@ -79,16 +96,28 @@ class EpochClock:
 
         class CB(keras.callbacks.Callback):
             def on_epoch_begin(self, epoch, logs=None):
-                outer.starts.append(time.perf_counter())
+                outer.starts.append(outer._now())
 
             def on_epoch_end(self, epoch, logs=None):
                 if outer.progress:
                     outer.progress(outer.offset + epoch + 1, outer.total)
 
             def on_train_end(self, logs=None):
-                outer.end = time.perf_counter()
+                if not outer._closing:
+                    outer.end = outer._now()
 
         return CB()
+
+    def closing(self):
+        keras = tf_runtime.keras()
+        outer = self
+        outer._closing = True
+
+        class Closing(keras.callbacks.Callback):
+            def on_train_end(self, logs=None):
+                outer.end = outer._now()
+
+        return Closing()
 
 
 def default_strategy():
@@ -137,8 +166,14 @@ def fine_tune(manifest: Manifest, spec: BackboneSpec, cfg: FineTuneConfig, workd
     train_ds = make_dataset(tr_paths, tr_labels, tr_rel, net.size, resize, cfg.batch_size, skips, training=True,
                             augment=augmentation(cfg), seed=cfg.seed)
     val_ds = make_dataset(va_paths, va_labels, va_rel, net.size, resize, cfg.batch_size, skips, training=False)
-    steps = max(1, int(np.ceil(len(tr_paths) / cfg.batch_size)))
-    net.model(np.zeros((1, net.size, net.size, 3), np.float32))  # built, for BackupAndRestore
+    # batches of the images that decoded (make_dataset decodes them now, into its cache)
+    known = int(train_ds.cardinality()) >= 0
+    steps = int(train_ds.cardinality()) if known else max(1, int(np.ceil(len(tr_paths) / cfg.batch_size)))
+    for split, ds in (("train", train_ds), (val_split, val_ds)):
+        if int(ds.cardinality()) == 0:
+            raise DatasetError(f"no image of the {split} split could be decoded (see the skipped files: "
+                               f"{skips.as_list()[:3]}...).")
+    net.model(np.zeros((1, net.size, net.size, 3), np.float32))  # built, for a backup to be restored
     phases = ([("head", "all", cfg.head_epochs)] if cfg.head_epochs else []) + [("finetune", cfg.freeze, cfg.epochs)]
     total_epochs = sum(p[2] for p in phases)
     history: list[dict[str, Any]] = []
@@ -164,16 +199,16 @@ def fine_tune(manifest: Manifest, spec: BackboneSpec, cfg: FineTuneConfig, workd
             net.model.compile(optimizer=opt, loss="sparse_categorical_crossentropy", metrics=["accuracy"],
                               jit_compile=bool(cfg.xla))
         backup = workdir / f"backup-{phase}"
-        start_epoch = 0
-        meta = backup / "training_metadata.json"
-        if meta.exists():
-            start_epoch = int(json.loads(meta.read_text()).get("epoch", 0))
+        with scope():
+            start_epoch = restore(net.model, backup)  # weights, optimizer state: 0 when there is no backup
+        if start_epoch:
             resumed[phase] = start_epoch
         clock = EpochClock(progress, total_epochs, offset)
+        # kept until the phase is recorded as done below, so no moment exists without a checkpoint
+        backups = EpochBackup(backup)
         callbacks = [
             clock.callback(),
-            # kept until the phase is recorded as done below, so no moment exists without a checkpoint
-            keras.callbacks.BackupAndRestore(str(backup), double_checkpoint=True, delete_checkpoint=False),
+            backups.callback(),
             keras.callbacks.CSVLogger(str(workdir / f"history-{phase}.csv"), append=True),
             keras.callbacks.TensorBoard(str(workdir / "tensorboard" / phase), histogram_freq=0, write_graph=False),
             keras.callbacks.ModelCheckpoint(str(workdir / "best.weights.h5"), monitor=cfg.monitor,
@@ -185,16 +220,22 @@ def fine_tune(manifest: Manifest, spec: BackboneSpec, cfg: FineTuneConfig, workd
             if cfg.schedule == "plateau":
                 callbacks.append(keras.callbacks.ReduceLROnPlateau(monitor=cfg.monitor, factor=cfg.step_gamma,
                                                                    patience=max(1, cfg.patience // 2)))
+        callbacks.append(clock.closing())  # last: the last epoch ends after the last backup is written
         run_epochs = epochs
         if budget is not None:
             run_epochs = min(epochs, start_epoch + budget)
         before = net.counts()
-        h = net.model.fit(train_ds, validation_data=val_ds, epochs=run_epochs, callbacks=callbacks, verbose=0,
-                          shuffle=False)  # the dataset shuffles itself
+        with backups:  # the last backup's write is finished, also when fit raises
+            # steps_per_epoch given: Keras keeps the iterator it makes at an epoch's end (prefetching
+            # while validation runs) for the next epoch instead of making another one
+            h = net.model.fit(train_ds, validation_data=val_ds, epochs=run_epochs, initial_epoch=start_epoch,
+                              steps_per_epoch=steps if known else None, callbacks=callbacks, verbose=0,
+                              shuffle=False)  # the dataset shuffles itself
         ran = len(h.history.get("loss", []))
-        seconds = clock.seconds()
+        seconds, cpu = clock.seconds(), clock.cpu_seconds()
         rows = [{"phase": phase, "epoch": start_epoch + i + 1, **{k: float(v[i]) for k, v in h.history.items()},
-                 "epoch_seconds": seconds[i] if i < len(seconds) else None} for i in range(ran)]
+                 "epoch_seconds": seconds[i] if i < len(seconds) else None,
+                 "epoch_cpu_seconds": cpu[i] if i < len(cpu) else None} for i in range(ran)]
         history += rows
         if budget is not None:
             budget -= ran
