@@ -19,7 +19,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import socket
@@ -135,7 +134,7 @@ def main() -> int:
                 repeats)
             results[key]["images"] = 4 * per_class
         # train-linear: a small store, a running server on the cnncodes side
-        store = next((work / f"out-extract_32_mobilenet_v2-0" / "stores").glob("*.h5"))
+        store = next((work / "out-extract_32_mobilenet_v2-0" / "stores").glob("*.h5"))
         port = free_port()
         subprocess.run([CNNCODES, "server", "start", "--port", str(port)], env=env, check=True, capture_output=True)
         try:

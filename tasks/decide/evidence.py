@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Collection, Sequence
+from typing import Any, Collection
 
 import numpy as np
 

@@ -169,7 +169,7 @@ def fine_tune(manifest: Manifest, spec: BackboneSpec, cfg: FineTuneConfig, workd
     # batches of the images that decoded (make_dataset decodes them now, into its cache)
     known = int(train_ds.cardinality()) >= 0
     steps = int(train_ds.cardinality()) if known else max(1, int(np.ceil(len(tr_paths) / cfg.batch_size)))
-    for split, ds in (("train", train_ds), (val_split, val_ds)):
+    for split, ds in (("train", train_ds), ("val", val_ds)):
         if int(ds.cardinality()) == 0:
             raise DatasetError(f"no image of the {split} split could be decoded (see the skipped files: "
                                f"{skips.as_list()[:3]}...).")
