@@ -83,9 +83,10 @@ def extract_features(
     manifest_path = output.runs / f"{store_path.stem}.manifest.json"
 
     scanned = scan_dataset(data, str(manifest_path), split.val_fraction, split.test_fraction, split.seed,
-                           split.pinned)
+                           split.pinned, split.rehash)
     print(f"scanned {scanned['images']} images in {len(scanned['classes'])} classes "
-          f"({scanned['layout']} layout), {scanned['skipped']} files skipped")
+          f"({scanned['layout']} layout), {scanned['skipped']} files skipped; {scanned['files_read']} files read, "
+          f"{scanned['files_reused']} unchanged since the last scan")
     shards = scale.gpus if scale.gpus and scale.shards == 1 else scale.shards
     if shards == 1:
         summary = extract_codes(str(manifest_path), str(store_path), spec_dict(backbone), [list(c) for c in cuts],

@@ -123,7 +123,7 @@ def _check_fractions(val: float, test: float) -> None:
 
 
 class SplitConfig(Settings):
-    """How a dataset without split folders is split: stratified per class, seeded, recorded."""
+    """How a dataset is scanned, and split when it has no split folders: stratified per class, seeded, recorded."""
 
     val_fraction: float = Field(0.2, description="share of each class held out for validation when the data "
                                                  "has no split")
@@ -134,6 +134,10 @@ class SplitConfig(Settings):
     pinned: str | None = Field(None, description="JSON file of pinned splits ({sha256: split}, or a registry "
                                                  "lineage's splits.json): those images keep their split, only "
                                                  "the others are drawn")
+    rehash: bool = Field(False, description="read and hash every file again instead of trusting the stat cache "
+                                            "of the last scan (files whose size, mtime, ctime and inode are "
+                                            "unchanged are not read): for data changed behind the filesystem's "
+                                            "back")
 
     @model_validator(mode="before")
     @classmethod

@@ -25,15 +25,18 @@ import csv
 import hashlib
 import logging
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from storage.errors import DatasetError, ParameterError
 from storage.hashing import file_sha256
 from storage.manifest import SPLITS, Manifest, Sample, Skip
 
+from . import statcache
 from .media import IMAGE_EXTENSIONS, NotMedia, describe_supported, kind_from_extension, sniff  # noqa: F401
+from .statcache import Key, NotRegularFile, cache_path_for, stat_key  # noqa: F401
 
 SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val",
                  "validation": "val", "test": "test", "testing": "test"}
@@ -46,28 +49,55 @@ def _is_hidden(name: str) -> bool:
     return name.startswith(".") or name.startswith("__")
 
 
-def _list_files(folder: Path) -> tuple[list[Path], list[Path]]:
-    """Files under ``folder`` (symbolic links followed), and the folders left out because they
-    lead back to a folder already listed or to one above ``folder``: a link loop would otherwise
-    list the same images again and again, under ever longer paths."""
-    out: list[Path] = []
-    loops: list[Path] = []
+def _walk(folder: str, loops: list[str]) -> Iterator[tuple[str, str, Key | OSError]]:
+    """``(folder, name, stat)`` of each file under ``folder``, folder by folder (files sorted by name, then
+    each sub-folder in name order, depth first), hidden files and folders left out, symbolic links
+    followed. ``stat`` is :func:`~tasks.data.statcache.stat_key` of the file's stat, or the error that
+    says why there is none (a broken link, a FIFO). One ``os.scandir`` per folder and one ``stat`` per
+    file: nothing is opened. ``loops`` receives the folders left out because they lead back to a folder
+    already listed or to one above ``folder``: a link loop would otherwise list the same images again and
+    again, under ever longer paths."""
     top = os.path.realpath(folder)
     seen = {top}
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        subs = sorted(d for d in dirnames if not _is_hidden(d))
+    stack = [(folder, top)]
+    while stack:
+        path, real = stack.pop()
+        try:
+            with os.scandir(path) as it:
+                listed = [e for e in it if not _is_hidden(e.name)]
+        except OSError:
+            continue  # an unreadable folder is passed over, as os.walk does
+        files, subs = [], []
+        for e in listed:
+            try:
+                (subs if e.is_dir() else files).append(e)
+            except OSError:
+                files.append(e)
+        subs.sort(key=lambda e: e.name)
         keep = []
         # real folders first, so that a link to a sibling is the copy left out
-        for d in sorted(subs, key=lambda d: os.path.islink(os.path.join(dirpath, d))):
-            real = os.path.realpath(os.path.join(dirpath, d))
-            if real in seen or top.startswith(real.rstrip(os.sep) + os.sep):
-                loops.append(Path(dirpath) / d)
+        for e in sorted(subs, key=lambda e: e.is_symlink()):
+            sub_real = os.path.realpath(e.path) if e.is_symlink() else os.path.join(real, e.name)
+            if sub_real in seen or top.startswith(sub_real.rstrip(os.sep) + os.sep):
+                loops.append(e.path)
                 continue
-            seen.add(real)
-            keep.append(d)
-        dirnames[:] = [d for d in subs if d in keep]
-        out.extend(Path(dirpath) / f for f in sorted(filenames))
-    return out, loops
+            seen.add(sub_real)
+            keep.append((e.name, e.path, sub_real))
+        stack.extend((p, r) for _, p, r in sorted(keep, reverse=True))
+        files.sort(key=lambda e: e.name)
+        for e in files:
+            try:
+                key = stat_key(e.stat())
+            except OSError as exc:
+                key = exc
+            yield path, e.name, key
+
+
+def _stat(path: str) -> Key | OSError:
+    try:
+        return stat_key(os.stat(path))
+    except OSError as exc:
+        return exc
 
 
 def _subdirs(folder: Path) -> list[Path]:
@@ -99,31 +129,122 @@ def detect_layout(source: str | os.PathLike) -> str:
     return "folders"
 
 
-def _hash_all(paths: list[str], workers: int, progress: Progress | None) -> dict[str, str | Exception]:
-    """Content hash of each path, or the exception that says why it is not used: OSError (unreadable)
-    or NotMedia. A file without a known image extension is sniffed first (its header read by Pillow)
-    and hashed only when it is an image, so each file is opened once more at most."""
-    out: dict[str, str | Exception] = {}
+_CHUNK = 64  # files per task of the reading pool (and per progress report)
 
-    def one(p: str):
+
+def _read_chunk(paths: list[str]) -> tuple[list[str | Exception], float, float, int]:
+    """Content hash of each path, or the exception that says why it is not used: OSError (unreadable) or
+    NotMedia. A file without a known image extension is sniffed first (its header read by Pillow) and
+    hashed only when it is an image, so each file is opened once more at most. Also returns the seconds
+    spent sniffing and hashing, and how many files were sniffed."""
+    out: list[str | Exception] = []
+    sniff_s = hash_s = 0.0
+    sniffed = 0
+    for p in paths:
+        t = time.perf_counter()
         try:
             if kind_from_extension(p) is None:
+                sniffed += 1
                 sniff(p)
-            return p, file_sha256(p)
+                t2 = time.perf_counter()
+                sniff_s += t2 - t
+                t = t2
+            out.append(file_sha256(p))
         except (OSError, NotMedia) as exc:
-            return p, exc
+            out.append(exc)
+        hash_s += time.perf_counter() - t
+    return out, sniff_s, hash_s, sniffed
 
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for i, (p, h) in enumerate(pool.map(one, paths), 1):
-            out[p] = h
-            if progress and (i % 64 == 0 or i == len(paths)):
-                progress(i, len(paths))
+
+def _judge(entries: list[tuple], workers: int, progress: Progress | None, cache: str | os.PathLike | None = None,
+           rehash: bool = False, started_ns: int = 0, stats: dict[str, Any] | None = None) -> list[str | Exception]:
+    """What each file is: its content hash, or the exception that says why it is not used. ``entries``
+    start with ``(folder, name, stat)`` (stat as :func:`_walk` gives it). With ``cache`` (a stat cache's
+    path, :mod:`tasks.data.statcache`) a file whose stat equals its record keeps the recorded hash or
+    verdict without being opened, unless ``rehash``; only the others are read, and the cache is then
+    rewritten with every file's record."""
+    t0 = time.perf_counter()
+    total = len(entries)
+    out: list[Any] = [None] * total
+    status = "none"
+    old = None
+    if cache is not None:
+        if rehash:
+            status = "rehash"
+        else:
+            old, status = statcache.StatCache.read(cache)
+    t_read = time.perf_counter()
+    groups: dict[str, list[int]] = {}  # folder -> indices of its files, in order
+    for i, e in enumerate(entries):
+        groups.setdefault(e[0], []).append(i)
+    todo: list[int] = []
+    failed = 0  # files without a stat (broken links, FIFOs): never read, never recorded
+    for folder, indices in groups.items():
+        records = old.folder(folder) if old is not None else {}
+        for i in indices:
+            e = entries[i]
+            rec = records.get(e[1])
+            if rec is not None and rec[0] == e[2]:
+                v = rec[1]
+                out[i] = NotMedia(v[1:]) if v[0] == "!" else v
+            elif isinstance(e[2], OSError):
+                out[i] = e[2]
+                failed += 1
+            else:
+                todo.append(i)
+    reused = total - len(todo) - failed
+    # Nothing read, and every record of the old cache matched a file: the cache on disk is already the new one.
+    unchanged = old is not None and not todo and reused == old.files
+    del old
+    t_lookup = time.perf_counter()
+    done = total - len(todo)
+    if progress and done:
+        progress(done, total)
+    sniff_s = hash_s = 0.0
+    sniffed = 0
+    if todo:
+        chunks = [todo[k:k + _CHUNK] for k in range(0, len(todo), _CHUNK)]
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            results = pool.map(lambda c: _read_chunk([os.path.join(entries[i][0], entries[i][1]) for i in c]), chunks)
+            for chunk, (verdicts, s_s, h_s, n_s) in zip(chunks, results):
+                for i, v in zip(chunk, verdicts):
+                    out[i] = v
+                sniff_s, hash_s, sniffed = sniff_s + s_s, hash_s + h_s, sniffed + n_s
+                done += len(chunk)
+                if progress:
+                    progress(done, total)
+    t_hash = time.perf_counter()
+    recorded = reused if unchanged else 0
+    if cache is not None and not unchanged:
+        def folders():
+            for folder, indices in groups.items():
+                names, keys, texts = [], [], []
+                for i in indices:
+                    key, text = entries[i][2], statcache.verdict_text(out[i])
+                    if text is not None and not isinstance(key, OSError) and not statcache.is_racy(key, started_ns):
+                        names.append(entries[i][1])
+                        keys.append(key)
+                        texts.append(text)
+                yield folder, names, keys, texts
+
+        try:
+            recorded = statcache.write(cache, folders(), started_ns)
+        except OSError as exc:  # the scan is right without it; the next one is only slower
+            log.warning("could not write the stat cache %s (%s): the next scan will read every file again. "
+                        "Check that its folder is writable and has space.", cache, exc)
+    if stats is not None:
+        stats.update(files=total, reused=reused, read=len(todo), sniffed=sniffed, cache=status,
+                     recorded=recorded, cache_rewritten=cache is not None and not unchanged)
+        stats.setdefault("seconds", {}).update(
+            cache_read=round(t_read - t0, 4), lookup=round(t_lookup - t_read, 4), read=round(t_hash - t_lookup, 4),
+            read_thread_hash=round(hash_s, 4), read_thread_sniff=round(sniff_s, 4),
+            cache_write=round(time.perf_counter() - t_hash, 4))
     return out
 
 
 def _unused_reason(path: str, exc: Exception) -> str:
-    """Why a listed file is not used, from the exception :func:`_hash_all` gave for it."""
-    if isinstance(exc, NotMedia):
+    """Why a listed file is not used, from the exception :func:`_judge` gave for it."""
+    if isinstance(exc, (NotMedia, NotRegularFile)):
         return str(exc)
     if isinstance(exc, FileNotFoundError):
         if os.path.islink(path):
@@ -248,7 +369,8 @@ def check_split_params(val_fraction: float, test_fraction: float) -> None:
 
 def scan_dataset(source: str | os.PathLike, val_fraction: float = 0.2, test_fraction: float = 0.15,
                  seed: int = 0, workers: int = 4, progress: Progress | None = None,
-                 pinned: Mapping[str, str] | None = None) -> Manifest:
+                 pinned: Mapping[str, str] | None = None, *, cache: str | os.PathLike | None = None,
+                 rehash: bool = False, stats: dict[str, Any] | None = None) -> Manifest:
     """Scan ``source`` into a :class:`Manifest` with content hashes.
 
     Splits: given ones (split folders, a CSV's split column) are kept. Data without splits gets a
@@ -263,34 +385,44 @@ def scan_dataset(source: str | os.PathLike, val_fraction: float = 0.2, test_frac
     duplicates in a CSV) are listed in ``manifest.skipped`` with the reason; a class folder with no
     usable image is listed there too and the class is left out. Which files are images:
     :mod:`tasks.data.media`.
+
+    Re-scans: with ``cache`` (a file path; the flows use :func:`cache_path_for` of their manifest) the
+    scan keeps each file's stat with its hash there, and a later scan opens only the files whose stat
+    (size, mtime, ctime, inode) changed, reusing the recorded hash (or "not an image" verdict) of all
+    the others; see :mod:`tasks.data.statcache`. ``rehash`` reads and hashes every file regardless (and
+    rewrites the cache). ``stats``, a dict, receives counts (files, reused, read, sniffed) and the
+    seconds of each phase.
     Raises DatasetError when nothing usable remains.
     """
     check_split_params(val_fraction, test_fraction)
+    started_ns = time.time_ns()
+    t0 = time.perf_counter()
     layout = detect_layout(source)
     root = Path(source).resolve()
     skipped: list[Skip] = []
-    # (absolute path, relative path, class name, split or None)
-    entries: list[tuple[str, str, str, str | None]] = []
+    # (folder, file name, stat key or error, relative path, class name, split or None, class folder index or -1)
+    entries: list[tuple[str, str, Key | OSError, str, str, str | None, int]] = []
     class_dirs: list[tuple[str, str]] = []  # (relative folder, class name)
-    dir_of: dict[str, int] = {}  # absolute path -> index into class_dirs
 
     def add_folder(folder: Path, cls: str, split: str | None, base: Path) -> None:
         index = len(class_dirs)
         class_dirs.append((folder.relative_to(base).as_posix() + "/", cls))
-        files, loops = _list_files(folder)
+        prefix = os.path.join(str(base), "")
+        loops: list[str] = []
+        last, rel_dir = None, ""
+        for dirpath, name, key in _walk(str(folder), loops):
+            if dirpath is not last:
+                last, rel_dir = dirpath, dirpath[len(prefix):] + "/"
+            entries.append((dirpath, name, key, rel_dir + name, cls, split, index))  # its type is judged later
         for d in loops:
-            skipped.append(Skip(d.relative_to(base).as_posix() + "/",
+            skipped.append(Skip(d[len(prefix):] + "/",
                                 "symbolic link to a folder already scanned (or above it); not followed"))
-        for f in files:
-            rel = f.relative_to(base).as_posix()
-            if _is_hidden(f.name):
-                continue
-            entries.append((str(f), rel, cls, split))  # its type is judged while hashing
-            dir_of[str(f)] = index
 
     if layout == "csv":
         base = root.parent
-        entries, skipped = _read_csv(root)
+        listed, skipped = _read_csv(root)
+        entries = [(*os.path.split(a), _stat(a), rel, cls, split, -1) for a, rel, cls, split in listed]
+        del listed
     else:
         base = root
         splits = [(s, SPLIT_ALIASES[s.name.lower()]) for s in _subdirs(root)] if layout == "split-folders" \
@@ -310,27 +442,30 @@ def scan_dataset(source: str | os.PathLike, val_fraction: float = 0.2, test_frac
     if not entries:
         raise _no_images(source)
 
-    hashes = _hash_all([e[0] for e in entries], workers, progress)
+    t_list = time.perf_counter()
+    hashes = _judge(entries, workers, progress, cache, rehash, started_ns, stats)
+    t_judge = time.perf_counter()
     kept = []
     not_media = 0
     used, failed = set(), set()  # class folders (indices) with a usable image, with an unreadable one
-    for abs_path, rel, cls, split in entries:
-        h = hashes[abs_path]
+    for (folder, name, _, rel, cls, split, index), h in zip(entries, hashes):
         if isinstance(h, Exception):
-            skipped.append(Skip(rel, _unused_reason(abs_path, h)))
+            skipped.append(Skip(rel, _unused_reason(os.path.join(folder, name), h)))
             not_media += isinstance(h, NotMedia)
-            if abs_path in dir_of and not isinstance(h, NotMedia):
-                failed.add(dir_of[abs_path])
+            if index >= 0 and not isinstance(h, NotMedia):
+                failed.add(index)
         else:
             kept.append((rel, h, cls, split))
-            if abs_path in dir_of:
-                used.add(dir_of[abs_path])
+            if index >= 0:
+                used.add(index)
+    del hashes
     if not kept:
         if not_media == len(entries):
-            listed = {e[1] for e in entries}
+            listed = {e[3] for e in entries}
             raise _no_images(source, [s for s in skipped if s.path in listed])
         raise DatasetError(f"none of the {len(entries)} files in {source} could be read as images; see the "
                            "reasons: " + "; ".join(f"{s.path}: {s.reason}" for s in skipped[:5]))
+    del entries  # what the splits need is in kept: the listing's stat keys and names can go
 
     class_names = sorted({cls for _, _, cls, _ in kept})
     for i, (rel_dir, cls) in enumerate(class_dirs):
@@ -363,6 +498,9 @@ def scan_dataset(source: str | os.PathLike, val_fraction: float = 0.2, test_frac
         log.warning("no test split in %s: the accuracy reported will be measured on val, which early stopping, "
                     "checkpoints and layer choice saw, so it is optimistic. Set --test-fraction above 0 (default "
                     "0.15) or add a test/ folder.", source)
+    if stats is not None:
+        stats.setdefault("seconds", {}).update(list=round(t_list - t0, 4), judge=round(t_judge - t_list, 4),
+                                               splits=round(time.perf_counter() - t_judge, 4))
     return Manifest(root=str(base), layout=layout, class_names=class_names, samples=samples,
                     split_seed=split_seed, split_fractions=split_fractions, skipped=skipped)
 
@@ -423,13 +561,15 @@ def scan_images(source: str | os.PathLike, workers: int = 4, progress: Progress 
     skipped: list[Skip] = []
     if p.is_dir():
         base = p.resolve()
-        files, loops = _list_files(base)
-        skipped += [Skip(d.relative_to(base).as_posix() + "/", "symbolic link to a folder already scanned; "
-                         "not followed") for d in loops]
-        candidates = [(str(f), f.relative_to(base).as_posix()) for f in files if not _is_hidden(f.name)]
+        prefix = os.path.join(str(base), "")
+        loops: list[str] = []
+        entries = [(d, name, key, d[len(prefix):] + "/" + name if d != str(base) else name)
+                   for d, name, key in _walk(str(base), loops)]
+        skipped += [Skip(d[len(prefix):] + "/", "symbolic link to a folder already scanned; not followed")
+                    for d in loops]
     elif p.is_file() and kind_from_extension(p):
         base = p.resolve().parent
-        candidates = [(str(p.resolve()), p.name)]
+        entries = [(str(base), p.resolve().name, _stat(str(p.resolve())), p.name)]
     elif p.is_file() and p.suffix.lower() in (".txt", ".csv"):
         base = p.resolve().parent
         try:
@@ -443,7 +583,10 @@ def scan_images(source: str | os.PathLike, workers: int = 4, progress: Progress 
             listed = [next(v for k, v in r.items() if k and k.strip().lower() == "path").strip() for r in rows]
         else:
             listed = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
-        candidates = [(str(Path(x) if os.path.isabs(x) else base / x), Path(x).as_posix()) for x in listed]
+        entries = []
+        for x in listed:
+            a = str(Path(x) if os.path.isabs(x) else base / x)
+            entries.append((*os.path.split(a), _stat(a), Path(x).as_posix()))
     elif p.is_file():
         try:
             sniff(p)
@@ -451,24 +594,22 @@ def scan_images(source: str | os.PathLike, workers: int = 4, progress: Progress 
             raise DatasetError(f"{source} is neither a folder, an image ({_unused_reason(str(p), exc)}), nor a "
                                ".txt/.csv list of images. Give one of those.") from None
         base = p.resolve().parent
-        candidates = [(str(p.resolve()), p.name)]
+        entries = [(str(base), p.resolve().name, _stat(str(p.resolve())), p.name)]
     else:
         raise DatasetError(f"{source} is neither a folder, an image, nor a .txt/.csv list of images.")
-    entries = candidates  # their types are judged while hashing
-    if not entries:
+    if not entries:  # their types are judged while hashing
         raise _no_images(source, layouts=False)
-    hashes = _hash_all([a for a, _ in entries], workers, progress)
+    hashes = _judge(entries, workers, progress)
     samples, seen = [], set()
-    for abs_path, rel in entries:
-        h = hashes[abs_path]
+    for (folder, name, _, rel), h in zip(entries, hashes):
         if isinstance(h, Exception):
-            skipped.append(Skip(rel, _unused_reason(abs_path, h)))
+            skipped.append(Skip(rel, _unused_reason(os.path.join(folder, name), h)))
         elif rel in seen:
             skipped.append(Skip(rel, "listed twice; first entry kept"))
         else:
             seen.add(rel)
             samples.append(Sample(rel, h, -1, "predict"))
-    if not samples and all(isinstance(h, NotMedia) for h in hashes.values()):
+    if not samples and all(isinstance(h, NotMedia) for h in hashes):
         raise _no_images(source, skipped, layouts=False)
     if not samples:
         raise DatasetError(f"none of the images in {source} could be read: "
