@@ -14,13 +14,11 @@ import json
 import os
 import random
 import select
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import joblib
 import numpy as np
 import pytest
 
@@ -142,6 +140,16 @@ def _data_ranges(path: Path) -> list[tuple[int, int]]:
     return sorted(out)
 
 
+
+def _damaged(raw: bytes, op: tuple, rnd) -> bytes:
+    """``raw`` cut at ``op[1]`` (op ``("cut", at)``) or with the byte at ``op[1]`` flipped to another value."""
+    kind, at = op
+    if kind == "cut":
+        return raw[:at]
+    b = bytearray(raw)
+    b[at] ^= rnd.randrange(1, 256)
+    return bytes(b)
+
 def test_a_damaged_store_is_an_error_naming_it_or_a_correct_read_never_a_hang(tmp_path, worker):
     good = tmp_path / "good.h5"
     _store(good)
@@ -164,14 +172,7 @@ def test_a_damaged_store_is_an_error_naming_it_or_a_correct_read_never_a_hang(tm
     target = tmp_path / "case.h5"
     answers = []
     for case in cases:
-        kind, at = case["op"]
-        if kind == "cut":
-            damaged = raw[:at]
-        else:
-            b = bytearray(raw)
-            b[at] ^= rnd.randrange(1, 256)
-            damaged = bytes(b)
-        target.write_bytes(damaged)
+        target.write_bytes(_damaged(raw, case["op"], rnd))
         answers.append(worker.ask({"id": case["id"], "kind": "store", "path": str(target)}))
     summary = _check(cases, answers, expected, lambda c: target)
     cut_answers = [a for c, a in zip(cases, answers) if c["op"][0] == "cut"]
@@ -230,15 +231,9 @@ def test_a_damaged_registry_or_manifest_is_an_error_naming_the_file_or_a_correct
     for case in cases:
         p, (kind, at) = case["file"], case["op"]
         raw = originals[p]
-        if kind == "cut":
-            damaged = raw[:at]
-            if p.name == "history.jsonl":
-                case["expect"] = dict(expected, history=_history_prefix(raw, at, reg))
-        else:
-            b = bytearray(raw)
-            b[at] ^= rnd.randrange(1, 256)
-            damaged = bytes(b)
-        p.write_bytes(damaged)
+        if kind == "cut" and p.name == "history.jsonl":
+            case["expect"] = dict(expected, history=_history_prefix(raw, at, reg))
+        p.write_bytes(_damaged(raw, (kind, at), rnd))
         answers.append(worker.ask({"id": case["id"], "kind": "registry", "path": str(root)}))
         p.write_bytes(raw)
     summary = _check(cases, answers, expected, lambda c: c["file"])
