@@ -501,7 +501,6 @@ def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     from storage.errors import CnncodesError
 
-    warm = None
     try:
         warm = _prepare(args.command)
         code = COMMANDS[args.command](args)

@@ -113,7 +113,7 @@ class Settings(BaseModel):
         return self.model_dump(mode="json")
 
 
-def _check_fractions(val: float, test: float) -> None:
+def check_fractions(val: float, test: float) -> None:
     for name, v in (("val_fraction", val), ("test_fraction", test)):
         if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0.0 <= v < 1.0:
             raise ParameterError(f"{name} must be a number in [0, 1); got {v!r}.")
@@ -143,7 +143,7 @@ class SplitConfig(Settings):
     @classmethod
     def _fractions(cls, data: Any) -> Any:
         if isinstance(data, dict):
-            _check_fractions(data.get("val_fraction", 0.2), data.get("test_fraction", 0.15))
+            check_fractions(data.get("val_fraction", 0.2), data.get("test_fraction", 0.15))
         return data
 
 

@@ -359,12 +359,11 @@ def load_pinned(path: str | os.PathLike) -> dict[str, str]:
 
 
 def check_split_params(val_fraction: float, test_fraction: float) -> None:
-    for name, v in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-        if not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
-            raise ParameterError(f"{name} must be a number in [0, 1); got {v!r}.")
-    if val_fraction + test_fraction >= 1.0:
-        raise ParameterError(f"val_fraction + test_fraction must be below 1 so that some images are left "
-                             f"to train on; got {val_fraction} + {test_fraction}.")
+    """ParameterError unless both fractions are in [0, 1) and leave images to train on (the same rule as
+    :class:`tasks.settings.SplitConfig`)."""
+    from ..settings import check_fractions
+
+    check_fractions(val_fraction, test_fraction)
 
 
 def scan_dataset(source: str | os.PathLike, val_fraction: float = 0.2, test_fraction: float = 0.15,
