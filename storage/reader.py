@@ -20,6 +20,7 @@ import numpy as np
 from .errors import ParameterError, StoreDamagedError, StoreError
 from .format import (INDEX_FORMAT, ROW_DATASETS, STORE_FORMAT, decode, decode_attrs, decode_paths, group_fingerprint,
                      group_name, layer_names, open_file, read_rows, run_state)
+from .sums import read_summed
 
 Splits = str | Sequence[str] | None
 Classes = str | int | Sequence[str | int] | None
@@ -63,10 +64,14 @@ class Codes:
                      layer=self.layer, pooling=self.pooling)
 
 
-def _read_selected(ds: h5py.Dataset, n: int, sel: np.ndarray) -> np.ndarray:
-    """Rows ``sel`` (a boolean mask over the first ``n``): one direct read when most rows are wanted,
+def _read_selected(ds: h5py.Dataset, n: int, sel: np.ndarray, group: h5py.Group | None = None) -> np.ndarray:
+    """Rows ``sel`` (a boolean mask over the first ``n``): one direct read when most rows are wanted
+    (the features of ``group`` checked by their xxh3 sums where it has them, :mod:`storage.sums`),
     contiguous runs otherwise."""
     if sel.all() or sel.mean() > 0.5:
+        out = read_summed(group, n) if group is not None else None
+        if out is not None:
+            return out if sel.all() else out[sel]
         out = np.empty((n, *ds.shape[1:]), ds.dtype)
         if n:
             try:
@@ -385,7 +390,7 @@ class FeatureStore(StoreReader):
                 sel &= np.isin(splits, _wanted(split))
             if classes is not None:
                 sel &= np.isin(labels, self.class_indices(classes, names))
-            feats = _read_selected(g["features"], n, sel)
+            feats = _read_selected(g["features"], n, sel, g)
             return Codes(
                 features=feats, labels=labels[sel],
                 paths=decode_paths(read_rows(g["path"], 0, n)[sel]),
@@ -409,7 +414,7 @@ class FeatureStore(StoreReader):
                 g["label"].refresh()
                 names = list(decode(f.attrs.get("class_names")) or [])
                 sel &= np.isin(read_rows(g["label"], 0, n), self.class_indices(classes, names))
-            return _read_selected(g["features"], n, sel)
+            return _read_selected(g["features"], n, sel, g)
 
     def class_indices(self, classes: Classes, names: list[str] | None = None) -> list[int]:
         """Label indices of ``classes`` (names of ``names``, default the store's, or indices)."""

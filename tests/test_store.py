@@ -45,7 +45,7 @@ def test_round_trip_and_layout(tmp_path):
     assert list(c.labels[order]) == [i % 2 for i in range(10)]
     assert fs.groups()[0]["rows"] == 10 and fs.groups()[0]["feature_shape"] == [3]
     with h5py.File(tmp_path / "s.h5", "r") as f:
-        assert set(f["l1/avg"].keys()) == {"features", "path", "sha256", "label", "split", "committed", "state"}
+        assert set(f["l1/avg"].keys()) == {"features", "path", "sha256", "label", "split", "committed", "state", "sums"}
         assert f["l1/avg/features"].chunks[0] >= 1 and f["l1/avg/features"].maxshape == (None, 3)
     assert store_is_current(tmp_path / "s.h5", IDENT, [("l1", "avg")], m.fingerprint())
     assert not store_is_current(tmp_path / "s.h5", IDENT, [("l1", "avg")], _manifest(11).fingerprint())
