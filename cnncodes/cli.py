@@ -442,27 +442,44 @@ def _prepare(command: str):
 
             tf_runtime.tensorflow()
         importlib.import_module(FLOW_MODULES[command])
-    finally:
+    except BaseException:
+        warm.close()
+        raise
+    try:
         warm.wait()
+    except RuntimeError as exc:  # the temporary server did not come up (wait stopped it)
+        from storage.errors import CnncodesError
+
+        raise CnncodesError(str(exc)) from exc
     return warm
 
 
-def _stop_temporary_server() -> None:
-    """Hand the runs' last logs and events to the temporary Prefect server, then tell it to stop
-    without waiting for it (Prefect's own exit hook waits up to 5 s): the user does not wait for
-    work at exit. Every other exit hook (joblib's worker and temporary-file cleanup) runs as usual."""
-    from prefect._internal.concurrency.services import QueueService
-    from prefect.server.api.server import SubprocessASGIServer
+def _run_settings(warm):
+    """Prefect settings for the command's flow runs: with a temporary server (gone when the command
+    ends), no flow-run heartbeats. They exist so that a lasting server can mark a killed run as
+    crashed; here nobody would see them, and stopping their thread costs up to a second at the end
+    of every flow run."""
+    import contextlib
 
-    try:
-        QueueService.drain_all(timeout=5)
-    except Exception:  # noqa: BLE001  best effort: the server goes away either way
-        pass
-    server = SubprocessASGIServer()
-    if server.server_process is not None:
-        server.server_process.terminate()
-        server.server_process = None
-        server.running = False
+    if warm is None or warm.mode != "temporary":
+        return contextlib.nullcontext()
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    return temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})
+
+
+def _stop_temporary_server(warm) -> None:
+    """Hand the runs' last logs and events to the temporary Prefect server, then tell it to stop
+    without waiting for it: the user does not wait for work at exit. Every other exit hook (joblib's
+    worker and temporary-file cleanup) runs as usual."""
+    if "prefect" in sys.modules:
+        from prefect._internal.concurrency.services import QueueService
+
+        try:
+            QueueService.drain_all(timeout=5)
+        except Exception:  # noqa: BLE001  best effort: the server goes away either way
+            pass
+    warm.close()
 
 
 def _exit_fast(code: int) -> None:
@@ -501,12 +518,11 @@ def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     from storage.errors import CnncodesError
 
+    warm = None
     try:
         warm = _prepare(args.command)
-        code = COMMANDS[args.command](args)
-        if warm is not None and warm.owned:
-            _stop_temporary_server()
-        return code
+        with _run_settings(warm):
+            return COMMANDS[args.command](args)
     except CnncodesError as exc:
         sys.stderr.write(f"cnncodes {args.command}: error: {exc}\n")
         if getattr(args, "json", False):
@@ -515,6 +531,9 @@ def _main(argv: Sequence[str] | None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("interrupted: every committed batch is kept; run the same command again to resume.\n")
         return 130
+    finally:
+        if warm is not None and warm.owned:
+            _stop_temporary_server(warm)
 
 
 if __name__ == "__main__":

@@ -5,8 +5,8 @@
   ``~/.cnncodes``). Every later ``cnncodes`` command finds it there and uses it: no server to start,
   and every run shows in its UI. ``stop`` and ``status`` do what they say.
 * Without one (and without ``PREFECT_API_URL``), a flow command starts Prefect's temporary server
-  itself, in a background thread as the command begins, so that it comes up while TensorFlow
-  imports instead of after.
+  itself, as a separate process, the moment the command begins, so that it comes up on the other
+  core while TensorFlow imports instead of after (:class:`Warmup`).
 
 Only the standard library is imported here at module level: ``cnncodes --help`` stays fast.
 """
@@ -16,7 +16,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -106,14 +105,19 @@ class Warmup:
     """The Prefect API for this command, made ready while the caller does other work (imports).
 
     ``PREFECT_API_URL`` set: nothing to do. A running ``cnncodes server``: its URL is exported for
-    this process. Otherwise Prefect's temporary server starts in a background thread; :meth:`wait`
-    joins it before the first flow run (Prefect's own start would otherwise find it half-started)."""
+    this process. Otherwise the same temporary server Prefect would start (uvicorn serving Prefect's
+    API app, without its UI, on the local database) is started at once as a separate process, and its
+    URL exported: it imports and migrates on the other core while this process imports TensorFlow and
+    the flow, and this process never imports Prefect's server code (seconds of work it would otherwise
+    do itself, under the GIL). :meth:`wait` waits for its health check before the first flow run;
+    :meth:`close` tells it to stop without waiting for it."""
 
     def __init__(self) -> None:
         self.mode = "env"
         self.owned = False  # whether this command started the temporary server (and so stops it)
-        self.error: BaseException | None = None
-        self._thread: threading.Thread | None = None
+        self.api_url: str | None = None
+        self._proc: subprocess.Popen | None = None
+        self._log: Any = None
         if os.environ.get("PREFECT_API_URL"):
             return
         rec = recorded()
@@ -122,25 +126,62 @@ class Warmup:
             self.mode = "server"
             return
         self.mode = "temporary"
-        self._thread = threading.Thread(target=self._start_temporary, name="prefect-api", daemon=True)
-        self._thread.start()
+        self._start_temporary()
 
     def _start_temporary(self) -> None:
-        try:
-            from prefect.server.api.server import SubprocessASGIServer
+        import atexit
+        import importlib.util
+        import socket
+        import tempfile
 
-            server = SubprocessASGIServer()
-            if not server.running:  # one that runs already (a test harness's) is not ours to stop
-                server.start()
-                self.owned = True
-        except BaseException as exc:  # reported by wait(); Prefect then tries again itself
-            self.error = exc
+        spec = importlib.util.find_spec("prefect")  # where Prefect is, without importing it
+        if spec is None or not spec.submodule_search_locations:
+            return  # no Prefect: the flow's import says so
+        with socket.socket() as sock:  # a free port, as the OS hands them out
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        env = dict(os.environ, PREFECT_UI_ENABLED="0", PREFECT__SERVER_EPHEMERAL="1", PREFECT__SERVER_FINAL="1")
+        self._log = tempfile.TemporaryFile()
+        app_dir = Path(list(spec.submodule_search_locations)[0]).parent
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "--app-dir", str(app_dir), "--factory",
+             "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port),
+             "--log-level", "error", "--lifespan", "on"],
+            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self._log)
+        self.api_url = f"http://127.0.0.1:{port}/api"
+        os.environ["PREFECT_API_URL"] = self.api_url
+        self.owned = True
+        atexit.register(self.close)
 
-    def wait(self) -> None:
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-            if self.error is not None:  # leave no half-started server behind: Prefect starts its own
-                from prefect.server.api.server import SubprocessASGIServer
+    def wait(self, timeout: float | None = None) -> None:
+        """Return once the temporary server answers; RuntimeError saying why when it cannot."""
+        if self._proc is None or self.api_url is None:
+            return
+        limit = float(timeout or os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS") or 90)
+        deadline = time.monotonic() + limit
+        while not healthy(self.api_url, timeout=1.0):
+            code = self._proc.poll()
+            if code is not None or time.monotonic() > deadline:
+                said = ""
+                if self._log is not None:
+                    self._log.seek(0)
+                    said = self._log.read().decode("utf-8", "replace").strip()[-600:]
+                self.close()
+                why = f"exited with status {code}" if code is not None else f"did not answer within {limit:g} s"
+                raise RuntimeError(f"the temporary Prefect server this command started {why}"
+                                   f"{': ' + said if said else ''}. Start a lasting one with `cnncodes server "
+                                   "start` (its log says what is wrong), or set PREFECT_API_URL to a running one.")
+            time.sleep(0.05)
 
-                SubprocessASGIServer().stop()
+    def close(self) -> None:
+        """Tell the temporary server to stop (without waiting for it); nothing for other modes."""
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        if self.owned and os.environ.get("PREFECT_API_URL") == self.api_url:
+            os.environ.pop("PREFECT_API_URL", None)
+        self.owned = False
+

@@ -3,11 +3,13 @@ server starts in the background while the command imports."""
 from __future__ import annotations
 
 import json
+import re
 import os
 import socket
 import subprocess
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
@@ -97,3 +99,35 @@ def test_a_started_server_runs_every_later_command(tmp_path):
                                  cwd=ROOT, timeout=120)
     assert stopped.returncode == 0 and json.loads(stopped.stdout)["stopped"]
     assert not server.healthy(f"http://127.0.0.1:{port}/api")
+
+
+def test_a_temporary_server_that_does_not_come_up_is_a_clear_error_and_is_stopped(tmp_path, monkeypatch):
+    monkeypatch.setenv("CNNCODES_HOME", str(tmp_path))
+    monkeypatch.setenv("PREFECT_API_URL", "unset")
+    monkeypatch.delenv("PREFECT_API_URL")
+    w = server.Warmup()
+    assert w.mode == "temporary" and w.owned and os.environ["PREFECT_API_URL"] == w.api_url
+    proc = w._proc
+    with pytest.raises(RuntimeError, match="did not answer within 0.001 s.*cnncodes server start"):
+        w.wait(timeout=0.001)
+    assert proc.wait(timeout=30) is not None          # told to stop
+    assert "PREFECT_API_URL" not in os.environ and not w.owned
+
+
+@pytest.mark.slow
+def test_without_a_server_a_command_starts_a_temporary_one_beside_it_and_stops_it(tmp_path):
+    from test_linear import make_store
+
+    env = dict(os.environ, CNNCODES_HOME=str(tmp_path / "home"), PREFECT_HOME=str(tmp_path / "prefect"),
+               CNNCODES_PROGRESS="0")
+    env.pop("PREFECT_API_URL", None)
+    store = make_store(tmp_path / "s.h5")
+    run = subprocess.run([sys.executable, "-m", "cnncodes.cli", "sweep", str(store), "--out", str(tmp_path / "out")],
+                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "Starting temporary server" not in run.stderr  # not Prefect's own: ours, started as the command began
+    port = re.search(r"View at http://127\.0\.0\.1:(\d+)/runs/flow-run/", run.stderr).group(1)
+    deadline = time.monotonic() + 20
+    while server.healthy(f"http://127.0.0.1:{port}/api") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not server.healthy(f"http://127.0.0.1:{port}/api")  # gone with the command
