@@ -335,3 +335,18 @@ def test_cli_export_json(registry, tmp_path):
     assert res["format"] == "savedmodel" and res["version"] == 1 and res["model"] == "softmax"
     assert (out / "saved_model" / "saved_model.pb").exists() and res["reload_check"]["max_abs_difference"] < 1e-5
     assert res["test"]["images"] == 9 and json.loads((out / "model.json").read_text())["format"] == "savedmodel"
+
+
+def test_the_custom_object_check_finds_cnncodes_layers(registry, tmp_path):
+    """The registered fine-tuned network holds cnncodes' Preprocess layer; its export holds none."""
+    import keras
+
+    from storage import ModelRegistry
+    from tasks.export import export_model
+    from tasks.export.layers import standard_only
+    from tasks.finetune import load_finetuned
+
+    path, _ = ModelRegistry(registry["registry"]).load("tuned")
+    assert standard_only(load_finetuned(path)) == ["cnncodes>Preprocess"]
+    export_model(registry["registry"], "tuned", None, tmp_path / "tuned")
+    assert standard_only(keras.saving.load_model(tmp_path / "tuned" / "model.keras", compile=False)) == []
