@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     from tasks.extract import ExtractOptions
     from tasks.finetune import FineTuneConfig
     from tasks.probe.linear import LinearConfig
-    from tasks.settings import ScaleOut, SplitConfig
+    from tasks.settings import ExportOptions, ScaleOut, SplitConfig
     from tasks.decide.transfer import Thresholds
 
     from tasks.finetune.config import TRANSFER_FINETUNE
@@ -147,6 +147,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None,
                    help="predictions file, .csv or .parquet (default: OUT/predictions/<model>.csv)")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: %(default)s)")
+
+    p = sub.add_parser("export", parents=[common, registry],
+                       help="flow export: a registered model as one folder that serves without cnncodes (Keras, "
+                            "SavedModel for TensorFlow Serving, TFLite), with its classes and a model card")
+    p.add_argument("--model", required=True, help="registered model name (`train-linear` or `transfer` prints it)")
+    p.add_argument("--version", default=None,
+                   help="version number or alias (default: the champion, else the latest version)")
+    p.add_argument("--output", required=True,
+                   help="folder to write (refused if it exists, unless --force): the model file, model.json "
+                        "(classes, input, provenance) and MODEL_CARD.md")
+    add_settings(p, "export", ExportOptions)
 
     p = sub.add_parser("fine-tune", parents=[common, seed, registry, named],
                        help="flow fine-tune: train the backbone itself with a new head (large data)")
@@ -314,6 +325,27 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from flows.export import export
+    from tasks.settings import ExportOptions
+
+    r = export(args.model, args.output, version=args.version, options=settings_from(args, "export", ExportOptions),
+               output=_output(args))
+    text = [f"exported {r.model} v{r.version} ({r.outputs} of {len(r.classes)} classes, input {r.input_size} px) "
+            f"as {r.format}: {r.output}"] + [f"  {f}" for f in r.files]
+    if r.test:
+        lo, hi = r.test["interval"]
+        text.append(f"{r.test['split']} accuracy {r.test['accuracy']:.3f} (95% interval {lo:.3f}-{hi:.3f}, "
+                    f"{r.test['images']} images)")
+    if r.int8 and r.int8.get("images"):
+        text.append(f"int8: accuracy {r.int8['int8_accuracy']:.3f} against {r.int8['float32_accuracy']:.3f} in float32 "
+                    f"({r.int8['accuracy_change']:+.3f}) on {r.int8['images']} {r.int8['split']} images")
+    if r.reload_check.get("warning"):
+        text.append(f"warning: {r.reload_check['warning']}")
+    _emit(r, args.json, "\n".join(text))
+    return 0
+
+
 def cmd_fine_tune(args) -> int:
     from flows.fine_tune import fine_tune
     from tasks.finetune import FineTuneConfig
@@ -416,14 +448,14 @@ def cmd_store(args) -> int:
 
 
 COMMANDS = {"retrain": cmd_retrain, "backbones": cmd_backbones, "layers": cmd_layers, "extract": cmd_extract, "train-linear": cmd_train_linear,
-            "sweep": cmd_sweep, "predict": cmd_predict, "fine-tune": cmd_fine_tune, "transfer": cmd_transfer,
+            "sweep": cmd_sweep, "predict": cmd_predict, "export": cmd_export, "fine-tune": cmd_fine_tune, "transfer": cmd_transfer,
             "demo": cmd_demo, "store": cmd_store, "server": cmd_server}
 # Commands that run a flow (they need the Prefect API) and, of those, the ones that import TensorFlow:
 # the API comes up in the background while TensorFlow and the flow's modules import.
 FLOW_MODULES = {"extract": "flows.extract_features", "train-linear": "flows.train_linear", "sweep": "flows.sweep",
-                "predict": "flows.predict", "fine-tune": "flows.fine_tune", "transfer": "flows.transfer",
+                "predict": "flows.predict", "export": "flows.export", "fine-tune": "flows.fine_tune", "transfer": "flows.transfer",
                 "retrain": "flows.retrain", "demo": "flows.demo"}
-TF_COMMANDS = ("extract", "fine-tune", "transfer", "retrain", "demo")
+TF_COMMANDS = ("extract", "fine-tune", "transfer", "retrain", "demo", "export")
 
 
 def _prepare(command: str):

@@ -297,3 +297,15 @@ def index_shards(store: str, shards: int, manifest_path: str, parts: list[dict])
     summary = extract.finish_sharded(store, shards, Manifest.load(manifest_path), sorted(parts, key=lambda p: p["shard"]))
     create_table_artifact(summary["per_shard"], key="extract-shards", description=f"Shards of {store}")
     return summary
+
+
+@task(name="export-model", cache_policy=NO_CACHE)
+def export_model(registry: str, name: str, version: int | str | None, path: str, options: dict[str, Any]) -> dict:
+    """Export a registered model into a folder that serves without cnncodes; publish its model card."""
+    from .export import export_model as export
+    from .settings import ExportOptions
+
+    result = export(registry, name, version, path, ExportOptions.model_validate(options))
+    create_markdown_artifact((Path(result["output"]) / "MODEL_CARD.md").read_text(), key="model-card",
+                             description=f"Export of {name} v{result['version']} ({result['format']})")
+    return result

@@ -148,3 +148,20 @@ class DemoResult(Result):
     dataset: str
     transfer: TransferResult
     predict: PredictResult
+
+
+class ExportResult(Result):
+    """``export``: the folder written, what it holds, and the checks run on it."""
+
+    output: str
+    format: str
+    model: str
+    version: int
+    files: list[str]
+    classes: list[str]
+    input_size: int
+    outputs: str
+    self_check: dict[str, Any]
+    reload_check: dict[str, Any]
+    test: dict[str, Any]
+    int8: dict[str, Any] | None = None

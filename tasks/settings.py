@@ -177,3 +177,14 @@ class ScaleOut(Settings):
     dask_address: str | None = Field(None, description="use this Dask scheduler (tcp://host:8786) instead of a "
                                                        "local cluster")
     gpus: int = Field(0, ge=0, description="one shard per GPU of this machine, each worker pinned to its GPU")
+
+
+class ExportOptions(Settings):
+    """How a registered model is exported for serving (`cnncodes export`): the file format and its checks."""
+
+    format: Literal["keras", "savedmodel", "tflite"] = Field(
+        "keras", description="keras: one .keras file (keras.saving.load_model); savedmodel: a TensorFlow "
+                             "SavedModel folder (TensorFlow Serving); tflite: a TensorFlow Lite file (phones)")
+    int8: bool = Field(False, description="tflite: also write a dynamic-range int8 model (weights in int8, about "
+                                          "4x smaller) and measure its accuracy change on the model's test split")
+    force: bool = Field(False, description="replace an earlier export at the output folder")

@@ -19,7 +19,7 @@ from conftest import ROOT
 pytestmark = pytest.mark.slow
 PREFECT = str(Path(sys.executable).parent / "prefect")
 DEPLOYMENTS = {"transfer/transfer", "extract-features/extract", "train-linear/train-linear", "sweep/sweep",
-               "fine-tune/fine-tune", "predict/predict", "retrain/retrain"}
+               "fine-tune/fine-tune", "predict/predict", "retrain/retrain", "export/export"}
 
 
 def _free_port() -> int:

@@ -16,6 +16,7 @@ def _flows():
     from prefect import Flow
 
     import flows.demo
+    import flows.export
     import flows.extract_features
     import flows.fine_tune
     import flows.predict
@@ -24,7 +25,7 @@ def _flows():
     import flows.train_linear
     import flows.transfer
 
-    mods = [flows.demo, flows.extract_features, flows.fine_tune, flows.predict, flows.retrain, flows.sweep,
+    mods = [flows.demo, flows.export, flows.extract_features, flows.fine_tune, flows.predict, flows.retrain, flows.sweep,
             flows.train_linear, flows.transfer]
     found = {obj.name: obj for m in mods for obj in vars(m).values() if isinstance(obj, Flow)}
     assert len(found) >= 9, sorted(found)
@@ -49,6 +50,7 @@ def test_shared_options_are_declared_once_and_settings_options_are_generated():
     ("extract", ["BackboneSpec", "ExtractOptions", "SplitConfig", "ScaleOut"]),
     ("fine-tune", ["BackboneSpec", "FineTuneConfig", "SplitConfig"]),
     ("train-linear", ["LinearConfig"]),
+    ("export", ["ExportOptions"]),
 ])
 def test_every_setting_of_a_command_is_an_option_with_its_description(command, models):
     from cnncodes.cli import build_parser
@@ -57,7 +59,8 @@ def test_every_setting_of_a_command_is_an_option_with_its_description(command, m
     from tasks.probe import linear
 
     classes = {c.__name__: c for c in (backbones.BackboneSpec, extract.ExtractOptions, settings.SplitConfig,
-                                        settings.ScaleOut, finetune.FineTuneConfig, linear.LinearConfig)}
+                                        settings.ScaleOut, finetune.FineTuneConfig, linear.LinearConfig,
+                                        settings.ExportOptions)}
     sub = next(a for a in build_parser()._actions if a.dest == "command").choices[command]
     by_dest = {a.dest: a for a in sub._actions}
     for model in models:

@@ -18,7 +18,8 @@ README = ROOT / "README.md"
 DOCS = sorted((ROOT / "docs").glob("*.md"))
 PAGES = [README, *DOCS]
 FENCE = re.compile(r"^```([\w-]*)\n(.*?)^```", flags=re.S | re.M)
-FLOW_NAMES = {"transfer", "extract-features", "train-linear", "sweep", "fine-tune", "predict", "retrain", "demo"}
+FLOW_NAMES = {"transfer", "extract-features", "train-linear", "sweep", "fine-tune", "predict", "retrain", "demo",
+              "export"}
 # Options of other programs that the docs mention in backticks.
 FOREIGN_OPTIONS = {"--help", "--param", "--params", "--watch", "--config-settings"}
 
