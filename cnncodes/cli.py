@@ -487,13 +487,14 @@ def _prepare(command: str):
 
 
 def _run_settings(warm):
-    """Prefect settings for the command's flow runs: with a temporary server (gone when the command
-    ends), no flow-run heartbeats. They exist so that a lasting server can mark a killed run as
-    crashed; here nobody would see them, and stopping their thread costs up to a second at the end
-    of every flow run."""
+    """Prefect settings for the flow runs of a command: no flow-run heartbeats. Heartbeats let a
+    lasting server mark a run whose process was killed as crashed (after three missed beats, nine
+    minutes by default); for a command run by hand the terminal already says so, and stopping their
+    thread costs up to a second at the end of every flow run (Prefect's thread sleeps in one-second
+    steps). Runs of deployments, started by a worker, keep them."""
     import contextlib
 
-    if warm is None or warm.mode != "temporary":
+    if warm is None:
         return contextlib.nullcontext()
     from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 

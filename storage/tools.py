@@ -418,8 +418,8 @@ def _check_group(name: str, g: h5py.Group, names: list[str], step_rows: int, pro
     ``damaged``); returns its row counts, or None when the group is too damaged for its rows to be read.
     Every chunk of every row dataset is read, so each checksum is checked."""
     damaged = [] if damaged is None else damaged
-    rebuild = (f"Rebuild the group: delete the store (or extract into a new --store) and run "
-               f"`cnncodes extract` again")
+    rebuild = ("Rebuild the group: delete the store (or extract into a new --store) and run "
+               "`cnncodes extract` again")
     missing = [ds for ds in (*ROW_DATASETS, "committed") if not isinstance(g.get(ds), h5py.Dataset)]
     if missing:
         problems.append(f"group {name}: dataset(s) {', '.join(missing)} missing (a group needs "

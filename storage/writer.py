@@ -20,7 +20,7 @@ import numpy as np
 from .errors import StoreError, StoreLockedError, StoreMismatchError
 from .files import FileLock, FileLockBusy, atomic_path
 from .format import (IDENTITY_KEYS, LABEL_DTYPE, LIBVER, PATH_DTYPE, ROW_DATASETS, SHA_DTYPE, SKIP_BYTES, SKIP_DTYPE,
-                     SKIPPED, SPLIT_DTYPE, STORE_FORMAT, UPDATED, UPDATED_DTYPE, decode, decode_paths, encode,
+                     SKIPPED, SPLIT_DTYPE, STORE_FORMAT, UPDATED, UPDATED_DTYPE, decode, decode_paths,
                      encode_paths, group_fingerprint, group_name, layer_names, normalise, now_iso, open_file,
                      open_swmr, read_rows, checked, damaged_rows, set_attrs, decode_attrs,
                      superblock, clear_open_flags, SWMR_WRITE_FLAG)

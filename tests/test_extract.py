@@ -2,18 +2,15 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
-from PIL import Image
 
 from conftest import ROOT, TINY, TINY_EARLY, TINY_LAST
 from storage import FeatureStore, StoreLockedError, StoreMismatchError

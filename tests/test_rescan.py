@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from storage.manifest import Manifest
-from tasks.data import datasets, statcache
+from tasks.data import statcache
 from tasks.data.datasets import cache_path_for, scan_dataset
 from tasks.data.synthetic import make_image
 

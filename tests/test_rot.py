@@ -16,7 +16,6 @@ from conftest import ROOT, TINY_EARLY, TINY_LAST
 from storage import FeatureStore, Manifest, Sample, StoreError, open_store
 from storage import writer as writer_module
 from storage.errors import StoreDamagedError
-from storage.files import FileLock
 from storage.store import GroupSpec, StoreWriter
 from storage.tools import repair_store, repair_text, verify_store, verify_text
 

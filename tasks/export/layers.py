@@ -165,7 +165,7 @@ def standard_only(model) -> list[str]:
 def float32_copy(model):
     """``model`` rebuilt with every layer computing in float32 (mixed-precision policies dropped), with
     the same weights: a serving model that runs anywhere, and converts to TFLite."""
-    keras = tf_runtime.keras()
+    tf_runtime.keras()  # TensorFlow initialised before the config is rebuilt
     config = model.get_config()
     changed = [False]
 

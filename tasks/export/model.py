@@ -23,7 +23,7 @@ from storage import ModelRegistry, open_store
 from storage.registry import ModelRecord
 
 from .. import tf_runtime
-from .fold import ExportError, Head, fold_pipeline
+from .fold import ExportError, fold_pipeline
 from .layers import (PREPROCESSING_TEXT, float32_copy, head_layers, pooling_layer, preprocess_layer,
                      standard_only)
 

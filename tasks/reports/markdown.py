@@ -17,7 +17,7 @@ def extract_table(summary: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def extract_markdown(summary: dict[str, Any]) -> str:
-    lines = [f"# Extraction report", "", f"- store: `{summary['store']}`",
+    lines = ["# Extraction report", "", f"- store: `{summary['store']}`",
              f"- backbone: `{summary['backbone']}`, weights: `{summary['weights']}`",
              f"- classes ({len(summary['classes'])}): {', '.join(summary['classes'])}", ""]
     if summary["up_to_date"]:
