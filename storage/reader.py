@@ -20,7 +20,7 @@ import numpy as np
 from .errors import ParameterError, StoreDamagedError, StoreError
 from .format import (INDEX_FORMAT, ROW_DATASETS, STORE_FORMAT, decode, decode_attrs, decode_paths, group_fingerprint,
                      group_name, layer_names, open_file, read_rows, run_state)
-from .sums import read_summed
+from .sums import read_summed, worth_summing
 
 Splits = str | Sequence[str] | None
 Classes = str | int | Sequence[str | int] | None
@@ -130,6 +130,7 @@ class _Rows:
     def __init__(self, f: h5py.File, g: h5py.Group, cache: bool = True):
         g["committed"].refresh()
         self.n = int(read_rows(g["committed"], 0, 1)[0])
+        self.group = g
         cols = {name: (g[name] if cache else _uncached(g, name)) for name in ROW_DATASETS}
         for ds in cols.values():
             ds.refresh()
@@ -145,7 +146,9 @@ class _Rows:
         sel = np.ones(stop - start, bool) if wanted is None else np.isin(splits, wanted)
         if not sel.any():
             return None
-        feats = read_rows(self.features, start, stop)
+        feats = read_summed(self.group, self.n, start, stop) if worth_summing(self.features, start, stop, self.n) else None
+        if feats is None:
+            feats = read_rows(self.features, start, stop)
         return Codes(features=feats if sel.all() else feats[sel],
                      labels=read_rows(self.label, start, stop)[sel].astype(np.int64),
                      paths=decode_paths(read_rows(self.path, start, stop)[sel]), splits=splits[sel],

@@ -114,56 +114,61 @@ def _raw_readable(ds: h5py.Dataset) -> bool:
             and not ds.scaleoffset and ds.dtype.isnative)
 
 
-def read_summed(g: h5py.Group, n: int) -> np.ndarray | None:
-    """Rows ``[0, n)`` of ``g["features"]``, checked by the sums, or None where the group cannot be read
-    this way (the caller reads the checked way).
+def read_summed(g: h5py.Group, n: int, start: int = 0, stop: int | None = None) -> np.ndarray | None:
+    """Rows ``[start, stop)`` (default all ``n`` committed rows) of ``g["features"]``, checked by the
+    sums, or None where the group cannot be read this way (the caller reads the checked way).
 
     Each chunk is read as it lies in the file (``H5Dread_chunk``: no filter pipeline, no chunk cache, so a
     later checked read of the same chunk really reads and checks the file), straight into the result;
     another thread checks each block of chunks while the next is read. A chunk whose sum does not match is
-    read again the checked way, which raises StoreDamagedError when the chunk is damaged."""
+    read again the checked way, which raises StoreDamagedError when the chunk is damaged. Whole chunks
+    are read: a range that starts or ends inside one reads all of it (``worth_summing`` says when that
+    pays)."""
+    stop = n if stop is None else stop
     h = hasher()
     ds = g["features"]
-    if h is None or SUMS not in g or not n or not _raw_readable(ds):
+    if h is None or SUMS not in g or not n or stop <= start or stop > n or not _raw_readable(ds):
         return None
     per = int(ds.chunks[0])
     row = _row_bytes(ds)
     size = per * row  # bytes of one chunk's rows; the file holds them plus 4 bytes of Fletcher-32
-    count = -(-n // per)
+    first, count = start // per, -(-stop // per)
     sums_ds = g[SUMS]
     sums_ds.refresh()
     if sums_ds.shape[0] < count:
         return None
     try:
-        sums = read_rows(sums_ds, 0, count)
+        sums = read_rows(sums_ds, first, count)
     except StoreDamagedError:  # the sums themselves are damaged (`store verify` names them): the checked way
         return None
-    raw = np.empty(n * row + 4, dtype=np.uint8)  # 4 spare bytes: a chunk's checksum lands past its rows
-    out = raw[:n * row].view(ds.dtype).reshape((n, *ds.shape[1:]))
+    base = first * per  # the first row in the buffer
+    top = min(count * per, n)  # rows past it are not committed
+    raw = np.empty((top - base) * row + 4, dtype=np.uint8)  # 4 spare bytes: a chunk's checksum lands past its rows
+    out = raw[:(top - base) * row].view(ds.dtype).reshape((top - base, *ds.shape[1:]))
     tail = np.empty(size + 4, dtype=np.uint8)
     block = max(1, BLOCK_BYTES // max(1, size))
     bad: list[int] = []
 
     def check(c0: int, c1: int) -> None:
         for c in range(c0, c1):
-            lo, hi = c * per, min((c + 1) * per, n)
-            if int(sums[c, 1]) != hi - lo or _sum(h, out[lo:hi]) != int(sums[c, 0]):
+            lo, hi = c * per - base, min((c + 1) * per, n) - base
+            if int(sums[c - first, 1]) != hi - lo or _sum(h, out[lo:hi]) != int(sums[c - first, 0]):
                 bad.append(c)
 
-    pool = ThreadPoolExecutor(1, thread_name_prefix="cnncodes-sums") if n * row > THREAD_BYTES else None
+    pool = ThreadPoolExecutor(1, thread_name_prefix="cnncodes-sums") if out.nbytes > THREAD_BYTES else None
     pending = []
     offset = (0,) * (ds.ndim - 1)
     try:
-        for c0 in range(0, count, block):
+        for c0 in range(first, count, block):
             c1 = min(count, c0 + block)
             for c in range(c0, c1):
-                at = c * size
+                at = (c - first) * size
                 whole = at + size + 4 <= raw.size
                 mask, data = ds.id.read_direct_chunk((c * per, *offset), out=raw[at:] if whole else tail)
                 if mask or len(data) != size + 4:  # not stored as expected: check it the checked way
                     bad.append(c)
                 elif not whole:
-                    raw[at:n * row] = tail[:n * row - at]
+                    raw[at:out.nbytes] = tail[:out.nbytes - at]
             if pool is None:
                 check(c0, c1)
             else:
@@ -177,8 +182,17 @@ def read_summed(g: h5py.Group, n: int) -> np.ndarray | None:
             pool.shutdown(wait=True)
     for c in sorted(set(bad)):
         lo, hi = c * per, min((c + 1) * per, n)
-        out[lo:hi] = read_rows(ds, lo, hi)
-    return out
+        out[lo - base:hi - base] = read_rows(ds, lo, hi)
+    return out if start == base and stop == top else out[start - base:stop - base]
+
+
+def worth_summing(ds: h5py.Dataset, start: int, stop: int, n: int) -> bool:
+    """Whether reading rows ``[start, stop)`` as whole chunks (:func:`read_summed`) reads little more than
+    the rows: the range is chunk-aligned, or spans at least four chunks."""
+    if not ds.chunks:
+        return False
+    per = int(ds.chunks[0])
+    return stop - start >= 4 * per or (start % per == 0 and (stop % per == 0 or stop == n))
 
 
 class SumChecker:

@@ -168,3 +168,42 @@ def test_a_group_without_sums_reads_the_checked_way_until_repair_adds_them(tmp_p
     spy.update(fast=0, rereads=0)
     np.testing.assert_array_equal(FeatureStore(path).read_features("l1"), feats)
     assert spy == {"fast": 1, "rereads": 0} and not verify_store(path)["notes"]
+
+
+def test_chunked_reads_take_the_fast_path_where_it_reads_little_more(tmp_path, spy, monkeypatch):
+    path = tmp_path / "s.h5"
+    feats = _store(path, n=3000, dim=4096, batch=450)  # 64 rows per storage chunk
+    fast = sums_module.read_summed
+    ranges = []
+
+    def summed(g, n, start=0, stop=None):
+        out = fast(g, n, start, stop)
+        ranges.append((start, stop, out is not None))
+        return out
+
+    monkeypatch.setattr(reader_module, "read_summed", summed)
+    spy.update(fast=0, rereads=0)
+    store = FeatureStore(path)
+    parts = list(store.iter_chunks("l1", rows=500))  # ranges that start and end inside storage chunks
+    np.testing.assert_array_equal(np.concatenate([p.features for p in parts]), feats)
+    assert [r[:2] for r in ranges] == [(a, min(a + 500, 3000)) for a in range(0, 3000, 500)]
+    assert all(r[2] for r in ranges) and spy["rereads"] == 0
+    ranges.clear()
+    parts = list(store.iter_chunks("l1", rows=512, shuffle_seed=3, block_rows=64))  # whole storage chunks
+    got = np.concatenate([p.features for p in parts])
+    order = np.argsort([int(h, 16) for p in parts for h in p.sha256])
+    np.testing.assert_array_equal(got[order], feats)
+    assert ranges and all(r[2] for r in ranges) and spy["rereads"] == 0
+    ranges.clear()
+    list(store.iter_chunks("l1", rows=64, block_rows=16, shuffle_seed=3))  # blocks inside chunks: checked way
+    assert not ranges
+
+    with h5py.File(path, "r") as f:
+        info = f["l1/avg/features"].id.get_chunk_info(20)  # rows 1280-1343
+    with open(path, "r+b") as fh:
+        fh.seek(info.byte_offset + 5)
+        b = fh.read(1)
+        fh.seek(info.byte_offset + 5)
+        fh.write(bytes([b[0] ^ 0x10]))
+    with pytest.raises(StoreDamagedError, match="rows 1280-1343"):
+        list(store.iter_chunks("l1", rows=500))
