@@ -188,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--margin", type=float, default=0.0,
                    help="the challenger must beat the champion's accuracy by more than this (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="train a challenger even if the data did not change")
+    add_settings(p, "split", SplitConfig, only=("rehash",), title="scanning")
 
     _add_store_parser(sub, common)
 
@@ -382,8 +383,10 @@ def cmd_transfer(args) -> int:
 
 def cmd_retrain(args) -> int:
     from flows.retrain import retrain
+    from tasks.settings import SplitConfig
 
-    r = retrain(args.data, args.model, _output(args), margin=args.margin, force=args.force)
+    r = retrain(args.data, args.model, _output(args), margin=args.margin, force=args.force,
+                rehash=settings_from(args, "split", SplitConfig).rehash)
     if not r.retrained:
         text = [r.reason, f"champion: {args.model} v{r.champion}"]
     else:

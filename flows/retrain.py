@@ -21,7 +21,7 @@ from flows.train_linear import train_linear
 
 @flow(name="retrain", log_prints=True, flow_run_name="retrain {model}")
 def retrain(data: str, model: str, output: Output = Output(), margin: float = 0.0,
-            force: bool = False) -> RetrainResult:
+            force: bool = False, rehash: bool = False) -> RetrainResult:
     """Retrain lineage ``model`` (a registry name in ``output.registry``) on ``data`` if the data changed
     (or ``force``), with the champion's own settings, rebuilt from its metadata.
 
@@ -29,14 +29,15 @@ def retrain(data: str, model: str, output: Output = Output(), margin: float = 0.
     training, new test images come only from new data. Returns ``{"retrained", "reason", "champion",
     ...}``; the registry's ``champion`` alias moves only when the challenger's test accuracy beats the
     champion's by more than ``margin`` on the same images, with a paired bootstrap interval of the
-    difference above zero; images the lineage trained on are never judged on."""
+    difference above zero; images the lineage trained on are never judged on. ``rehash``: read and hash
+    every file again instead of trusting the stat cache of the last scan."""
     registry = output.registry_path
     output = output.model_copy(update={"registry": registry})
     manifest_path = str(output.runs / f"retrain-{model}.manifest.json")
     split = retrain_split_settings(registry, model)
-    scanned = scan_dataset(data, manifest_path, split["val"], split["test"], split["seed"], split["pinned"])
+    scanned = scan_dataset(data, manifest_path, split["val"], split["test"], split["seed"], split["pinned"], rehash)
     split_cfg = SplitConfig(val_fraction=split["val"], test_fraction=split["test"], seed=split["seed"],
-                            pinned=split["pinned"])
+                            pinned=split["pinned"], rehash=rehash)
     plan = retrain_plan(registry, model, manifest_path)
     if not plan["changed"] and not force:
         print(plan["reason"])

@@ -163,3 +163,34 @@ def test_retrain_a_fine_tuned_lineage(tmp_path, texture_data):
     r = ModelRegistry(reg)
     assert r.versions("ft") == [1, 2] and r.record("ft", 2).metadata["config"]["dense"] == [8]
     assert r.aliases("ft")["champion"] == forced["champion"] and r.history("ft")[-1]["challenger"] == 2
+
+
+def test_retrain_rehash_reaches_the_scan(tmp_path, monkeypatch):
+    """`cnncodes retrain --rehash` passes ``rehash`` to the flow, and the flow to the scan."""
+    import flows.retrain as flow_module
+    from cnncodes import cli
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def scan(data, manifest_path, val, test, seed, pinned, rehash=False):
+        seen["scan"] = rehash
+        raise Stop
+
+    def flow(data, model, output, margin=0.0, force=False, rehash=False):
+        seen["flow"] = rehash
+        flow_module.retrain.fn(data, model, output, margin, force, rehash)
+
+    monkeypatch.setattr(flow_module, "retrain_split_settings",
+                        lambda registry, model: {"val": 0.2, "test": 0.15, "seed": 0, "pinned": None})
+    monkeypatch.setattr(flow_module, "scan_dataset", scan)
+    monkeypatch.setattr(flow_module, "retrain", type("F", (), {"fn": staticmethod(flow_module.retrain.fn),
+                                                               "__call__": staticmethod(flow)})())
+    for flag, expected in ((["--rehash"], True), ([], False)):
+        args = cli.build_parser().parse_args(["retrain", str(tmp_path), "--model", "m", "--out", str(tmp_path), *flag])
+        with pytest.raises(Stop):
+            cli.cmd_retrain(args)
+        assert seen == {"flow": expected, "scan": expected}
+        seen.clear()
