@@ -16,10 +16,9 @@ from .network import keras_pieces
 
 
 def plot_learning_curves(history: list[dict[str, Any]], path: str | Path) -> Path:
-    from ..reports.evaluate import _pyplot, _save
+    from ..reports.evaluate import _figure, _save
 
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = _figure(1, 2, figsize=(10, 4))
     x = np.arange(1, len(history) + 1)
     for ax, metric in zip(axes, ("loss", "accuracy")):
         for key, style in ((metric, "-"), (f"val_{metric}", "--")):

@@ -92,35 +92,31 @@ def evaluate_scores(scores: np.ndarray, y: np.ndarray, class_names: Sequence[str
     return out
 
 
-def _pyplot():
-    import matplotlib
+def _figure(*grid: int, figsize: tuple[float, float]):
+    """A figure and its axes (``grid``: rows, columns), without pyplot: no global figure registry to
+    leak into or to lock across threads, and pyplot's import (a fair share of a short command) is
+    skipped. PNGs are drawn by Agg when saved."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(*grid)
 
 
 def _save(fig, path: str | Path) -> Path:
     """Save a figure as PNG under a temporary name, then rename it into place."""
-    plt = _pyplot()
     path = Path(path)
-    try:
-        with atomic_path(path, suffix=".png") as tmp:
-            fig.savefig(tmp, dpi=110)
-    finally:
-        plt.close(fig)
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=110)
     return path
 
 
 def plot_confusion(confusion: Sequence[Sequence[int]], class_names: Sequence[str], path: str | Path,
                    title: str = "Confusion matrix") -> Path:
     """Write the confusion matrix as a PNG (counts, rows normalised for the colours)."""
-    plt = _pyplot()
     cm = np.asarray(confusion, dtype=float)
     n = len(class_names)
     size = max(4.0, min(0.45 * n + 3, 20.0))
-    fig, ax = plt.subplots(figsize=(size, size * 0.85))
+    fig, ax = _figure(figsize=(size, size * 0.85))
     norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
     im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
     ax.set_xticks(range(n), class_names, rotation=60 if n > 4 else 0, ha="right" if n > 4 else "center")
@@ -141,8 +137,7 @@ def plot_confusion(confusion: Sequence[Sequence[int]], class_names: Sequence[str
 def plot_scores_by(x_labels: Sequence[str], means: Sequence[float], stds: Sequence[float], path: str | Path,
                    title: str, xlabel: str, ylabel: str = "CV balanced accuracy", best: int | None = None) -> Path:
     """A bar plot with error bars (layer sweep, C search)."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.7 * len(x_labels) + 2), 4))
+    fig, ax = _figure(figsize=(max(5.0, 0.7 * len(x_labels) + 2), 4))
     colors = ["tab:orange" if i == best else "tab:blue" for i in range(len(x_labels))]
     ax.bar(range(len(x_labels)), means, yerr=stds, color=colors, capsize=4)
     ax.set_xticks(range(len(x_labels)), x_labels, rotation=30, ha="right")
