@@ -277,3 +277,46 @@ def test_flow_reports_registers_and_predict_serves_the_model(tmp_path, texture_d
     acc = float(np.mean([truth[p] == c for p, c in zip(df["path"], df["predicted"])]))
     assert abs(acc - val_acc) < 1e-9  # predict reproduces the evaluation
     assert np.allclose(df[[f"p_{c}" for c in m.class_names]].sum(1), 1.0, atol=1e-5)
+
+
+def test_a_resumed_phase_remembers_its_best_epoch_before_the_kill(tmp_path):
+    """The best-weights checkpoint and early stopping carry the epochs logged before a resume: a worse
+    first resumed epoch neither overwrites best.weights.h5 nor becomes the weights restored at the end,
+    and patience counts the epochs without improvement from before the kill."""
+    from tasks import tf_runtime
+    from tasks.finetune.resume import best_prior, prior_values, resumable_early_stopping
+
+    keras = tf_runtime.keras()
+    log = tmp_path / "history-finetune.csv"
+    # epochs 0-2 finished before the kill; epoch 3 was logged but its backup never committed: it runs again
+    log.write_text("epoch,accuracy,loss,val_accuracy,val_loss\n0,0.5,1.0,0.50,0.9\n1,0.8,0.5,0.90,0.3\n"
+                   "2,0.9,0.4,0.60,0.6\n3,0.95,0.3,0.99,0.1\n")
+    prior = prior_values(log, 3, "val_accuracy")
+    assert prior == [(0, 0.5), (1, 0.9), (2, 0.6)] and best_prior(prior, "val_accuracy") == 0.9
+    assert best_prior(prior_values(log, 3, "val_loss"), "val_loss") == 0.3
+    assert prior_values(log, 0, "val_accuracy") == []
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile(loss="mse")
+    best = tmp_path / "best.weights.h5"
+    model.set_weights([np.full((2, 1), 7.0, "f4"), np.zeros(1, "f4")])
+    model.save_weights(best)  # what the checkpoint wrote at epoch 1
+    model.set_weights([np.zeros((2, 1), "f4"), np.zeros(1, "f4")])  # the backup's (later) weights
+
+    checkpoint = keras.callbacks.ModelCheckpoint(str(best), monitor="val_accuracy", mode="max", save_best_only=True,
+                                                 save_weights_only=True,
+                                                 initial_value_threshold=best_prior(prior, "val_accuracy"))
+    stop = resumable_early_stopping(keras, prior, best, monitor="val_accuracy", mode="max", patience=3,
+                                    restore_best_weights=True)
+    for cb in (checkpoint, stop):
+        cb.set_model(model)
+        cb.on_train_begin()
+    assert stop.best == 0.9 and stop.best_epoch == 1 and stop.wait == 1
+    before = best.read_bytes()
+    for epoch, acc in ((3, 0.7), (4, 0.8)):  # worse than 0.9: no save; patience 3 runs out at epoch 4
+        for cb in (checkpoint, stop):
+            cb.on_epoch_end(epoch, {"val_accuracy": acc, "loss": 1.0})
+    assert best.read_bytes() == before
+    assert model.stop_training and stop.stopped_epoch == 4
+    stop.on_train_end()
+    np.testing.assert_array_equal(model.get_weights()[0], np.full((2, 1), 7.0, "f4"))  # epoch 1's weights

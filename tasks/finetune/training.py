@@ -38,6 +38,7 @@ from storage.manifest import Manifest
 from .. import tf_runtime
 from ..backbones import BackboneSpec
 from .backup import EpochBackup, restore
+from .resume import best_prior, maximised, prior_values, resumable_early_stopping
 from .config import FineTuneConfig
 from .data import SkipLog, augmentation, make_dataset, split_arrays
 from .network import apply_freezing, build_network, make_optimizer
@@ -203,6 +204,9 @@ def fine_tune(manifest: Manifest, spec: BackboneSpec, cfg: FineTuneConfig, workd
             start_epoch = restore(net.model, backup)  # weights, optimizer state: 0 when there is no backup
         if start_epoch:
             resumed[phase] = start_epoch
+        # the epochs before a resume still count for the best checkpoint and for early stopping
+        prior = prior_values(workdir / f"history-{phase}.csv", start_epoch, cfg.monitor)
+        mode = "max" if maximised(cfg.monitor) else "min"
         clock = EpochClock(progress, total_epochs, offset)
         # kept until the phase is recorded as done below, so no moment exists without a checkpoint
         backups = EpochBackup(backup)
@@ -211,12 +215,14 @@ def fine_tune(manifest: Manifest, spec: BackboneSpec, cfg: FineTuneConfig, workd
             backups.callback(),
             keras.callbacks.CSVLogger(str(workdir / f"history-{phase}.csv"), append=True),
             keras.callbacks.TensorBoard(str(workdir / "tensorboard" / phase), histogram_freq=0, write_graph=False),
-            keras.callbacks.ModelCheckpoint(str(workdir / "best.weights.h5"), monitor=cfg.monitor,
-                                            save_best_only=True, save_weights_only=True),
+            keras.callbacks.ModelCheckpoint(str(workdir / "best.weights.h5"), monitor=cfg.monitor, mode=mode,
+                                            save_best_only=True, save_weights_only=True,
+                                            initial_value_threshold=best_prior(prior, cfg.monitor)),
         ]
         if phase == "finetune":
-            callbacks.append(keras.callbacks.EarlyStopping(monitor=cfg.monitor, min_delta=cfg.min_delta,
-                                                           patience=cfg.patience, restore_best_weights=True))
+            callbacks.append(resumable_early_stopping(keras, prior, workdir / "best.weights.h5", monitor=cfg.monitor,
+                                                      mode=mode, min_delta=cfg.min_delta, patience=cfg.patience,
+                                                      restore_best_weights=True))
             if cfg.schedule == "plateau":
                 callbacks.append(keras.callbacks.ReduceLROnPlateau(monitor=cfg.monitor, factor=cfg.step_gamma,
                                                                    patience=max(1, cfg.patience // 2)))
