@@ -10,7 +10,7 @@ alternating, ``--repeats`` times; the median is compared. No Prefect server runs
   * train-linear on a 32-row store with a running ``cnncodes server`` against a script that imports
     scikit-learn, reads the codes with h5py, fits StandardScaler + LogisticRegression and dumps it
     with joblib (cnncodes also searches C by cross-validation, evaluates every split and writes a report
-    with plots).
+    with plots); ``train-linear --C 1`` runs beside them (``given_C``: the same without the C search).
 
 Usage:
     .venv/bin/python benchmarks/startup.py --json benchmarks/results/startup-cpu.json
@@ -83,15 +83,23 @@ def timed(cmd: list[str], env: dict[str, str]) -> float:
     return dt
 
 
-def side_by_side(name: str, plain, ours, repeats: int) -> dict:
+def side_by_side(name: str, plain, ours, repeats: int, variants: dict | None = None) -> dict:
+    """``plain`` and ``ours`` (and each of ``variants``, other cnncodes commands) alternating."""
     p, o = [], []
+    v: dict[str, list[float]] = {k: [] for k in variants or {}}
     for i in range(repeats):
         p.append(plain(i))
         o.append(ours(i))
-        print(f"{name} #{i + 1}: plain {p[-1]:.2f} s, cnncodes {o[-1]:.2f} s", file=sys.stderr)
+        for k, fn in (variants or {}).items():
+            v[k].append(fn(i))
+        print(f"{name} #{i + 1}: plain {p[-1]:.2f} s, cnncodes {o[-1]:.2f} s"
+              + "".join(f", {k} {t[-1]:.2f} s" for k, t in v.items()), file=sys.stderr)
     mp, mo = statistics.median(p), statistics.median(o)
-    return {"plain_s": p, "cnncodes_s": o, "plain_median_s": mp, "cnncodes_median_s": mo, "ratio": mo / mp,
-            "ratio_per_repeat": [b / a for a, b in zip(p, o)]}
+    out = {"plain_s": p, "cnncodes_s": o, "plain_median_s": mp, "cnncodes_median_s": mo, "ratio": mo / mp,
+           "ratio_per_repeat": [b / a for a, b in zip(p, o)]}
+    for k, t in v.items():
+        out[k] = {"s": t, "median_s": statistics.median(t), "ratio": statistics.median(t) / mp}
+    return out
 
 
 def free_port() -> int:
@@ -144,7 +152,10 @@ def main() -> int:
                                 env),
                 lambda i: timed([CNNCODES, "train-linear", str(store), "--layer", "out_relu", "--out",
                                  str(work / f"lin-{i}")], env),
-                repeats)
+                repeats,
+                # the same with C given: no C search (what the search costs)
+                {"given_C": lambda i: timed([CNNCODES, "train-linear", str(store), "--layer", "out_relu", "--C", "1",
+                                             "--out", str(work / f"lin-c-{i}")], env)})
         finally:
             subprocess.run([CNNCODES, "server", "stop"], env=env, capture_output=True)
     finally:
