@@ -66,20 +66,35 @@ class Codes:
 
 def _read_selected(ds: h5py.Dataset, n: int, sel: np.ndarray, group: h5py.Group | None = None) -> np.ndarray:
     """Rows ``sel`` (a boolean mask over the first ``n``): one direct read when most rows are wanted
-    (the features of ``group`` checked by their xxh3 sums where it has them, :mod:`storage.sums`),
-    contiguous runs otherwise."""
+    (the features of ``group`` checked by their xxh3 sums where it has them, :mod:`storage.sums`), then
+    the unwanted rows squeezed out in place; contiguous runs otherwise."""
     if sel.all() or sel.mean() > 0.5:
         out = read_summed(group, n) if group is not None else None
-        if out is not None:
-            return out if sel.all() else out[sel]
-        out = np.empty((n, *ds.shape[1:]), ds.dtype)
-        if n:
-            try:
-                ds.read_direct(out, np.s_[0:n])
-            except (OSError, RuntimeError):  # a chunk failed its checksum: read again, or name the rows
-                out = read_rows(ds, 0, n)
-        return out if sel.all() else out[sel]
+        if out is None:
+            out = np.empty((n, *ds.shape[1:]), ds.dtype)
+            if n:
+                try:
+                    ds.read_direct(out, np.s_[0:n])
+                except (OSError, RuntimeError):  # a chunk failed its checksum: read again, or name the rows
+                    out = read_rows(ds, 0, n)
+        return out if sel.all() else _squeeze(out, sel)
     return _read_rows(ds, np.flatnonzero(sel))
+
+
+def _squeeze(out: np.ndarray, sel: np.ndarray) -> np.ndarray:
+    """``out[sel]`` computed in ``out``'s own memory (each run of wanted rows moved forward): no second
+    array of nearly the same size to allocate and fault in. Returns a view of ``out``'s first rows."""
+    idx = np.flatnonzero(sel)
+    if not len(idx):
+        return out[:0]
+    breaks = np.flatnonzero(np.diff(idx) != 1) + 1
+    pos = 0
+    for a, b in zip(np.concatenate([[0], breaks]).tolist(), np.concatenate([breaks, [len(idx)]]).tolist()):
+        src, k = int(idx[a]), b - a
+        if src != pos:
+            out[pos:pos + k] = out[src:src + k]  # forward: numpy buffers an overlap
+        pos += k
+    return out[:pos]
 
 
 def _read_rows(ds: h5py.Dataset, rows: np.ndarray, block: int = 4096) -> np.ndarray:
