@@ -4,8 +4,9 @@ HDF5 checks a chunk's Fletcher-32 one byte pair at a time, inside its single-thr
 on codes already in the page cache that more than doubled the time of ``read_features``
 (``benchmarks/store.py``). So every features dataset of a new store also has a ``sums`` dataset,
 ``(chunks, 2) uint64``: for each storage chunk, the xxh3-64 of the bytes of its rows and how many
-rows that covers. The readers read each chunk's bytes as they lie in the file (no filter pipeline),
-and check each chunk's xxh3 in a second thread while the next ones are read (xxh3 runs at tens of GB/s and lets go
+rows that covers. The readers read each chunk's bytes as they lie in the file (no filter pipeline,
+``preadv`` at the places HDF5's chunk index gives), and check each chunk's xxh3 in a second thread while
+the next ones are read (xxh3 runs at tens of GB/s and lets go
 of the GIL). A chunk whose sum does not match (damage, or a writer extending the last chunk right now)
 is read again the checked way (:func:`storage.format.read_rows`: Fletcher-32, retries, and a
 :class:`~storage.errors.StoreDamagedError` naming the rows when it is damaged), so this path returns
@@ -114,16 +115,42 @@ def _raw_readable(ds: h5py.Dataset) -> bool:
             and not ds.scaleoffset and ds.dtype.isnative)
 
 
+def _chunk_table(ds: h5py.Dataset, first: int, count: int) -> dict[int, tuple[int, int, int]]:
+    """``{chunk number: (byte offset, stored size, filter mask)}`` of chunks ``[first, count)``: one walk
+    over the chunk index when the range is a fair share of it, else one lookup per chunk."""
+    per = int(ds.chunks[0])
+    table: dict[int, tuple[int, int, int]] = {}
+    total = -(-int(ds.shape[0]) // per)
+    if (count - first) * 8 >= total:
+        def visit(info) -> None:
+            c = int(info.chunk_offset[0]) // per
+            if first <= c < count:
+                table[c] = (int(info.byte_offset), int(info.size), int(info.filter_mask))
+
+        ds.id.chunk_iter(visit)
+    else:
+        rest = (0,) * (ds.ndim - 1)
+        for c in range(first, count):
+            info = ds.id.get_chunk_info_by_coord((c * per, *rest))
+            if info.byte_offset is not None:
+                table[c] = (int(info.byte_offset), int(info.size), int(info.filter_mask))
+    return table
+
+
 def read_summed(g: h5py.Group, n: int, start: int = 0, stop: int | None = None) -> np.ndarray | None:
     """Rows ``[start, stop)`` (default all ``n`` committed rows) of ``g["features"]``, checked by the
     sums, or None where the group cannot be read this way (the caller reads the checked way).
 
-    Each chunk is read as it lies in the file (``H5Dread_chunk``: no filter pipeline, no chunk cache, so a
-    later checked read of the same chunk really reads and checks the file), straight into the result;
-    another thread checks each block of chunks while the next is read. A chunk whose sum does not match is
-    read again the checked way, which raises StoreDamagedError when the chunk is damaged. Whole chunks
-    are read: a range that starts or ends inside one reads all of it (``worth_summing`` says when that
-    pays)."""
+    The chunks' places in the file come from HDF5's chunk index; their bytes are read with ``preadv`` on
+    HDF5's own file descriptor, runs of adjacent chunks in one call, each chunk's rows straight into the
+    result and its 4 bytes of Fletcher-32 aside (no filter pipeline and no chunk cache: a later checked
+    read of a chunk really reads and checks the file). Another thread checks each block's xxh3 sums while
+    the next block is read. A chunk whose sum does not match (damage, a writer extending the last chunk
+    right now, a short read) is read again the checked way, which raises StoreDamagedError when the chunk
+    is damaged. Whole chunks are read: a range that starts or ends inside one reads all of it
+    (:func:`worth_summing` says when that pays)."""
+    import os
+
     stop = n if stop is None else stop
     h = hasher()
     ds = g["features"]
@@ -139,43 +166,66 @@ def read_summed(g: h5py.Group, n: int, start: int = 0, stop: int | None = None) 
         return None
     try:
         sums = read_rows(sums_ds, first, count)
-    except StoreDamagedError:  # the sums themselves are damaged (`store verify` names them): the checked way
+        table = _chunk_table(ds, first, count)
+        fd = ds.file.id.get_vfd_handle()
+    except (StoreDamagedError, OSError, RuntimeError, ValueError, TypeError):  # the checked way
         return None
-    base = first * per  # the first row in the buffer
+    base = first * per  # the first row in the result
     top = min(count * per, n)  # rows past it are not committed
-    raw = np.empty((top - base) * row + 4, dtype=np.uint8)  # 4 spare bytes: a chunk's checksum lands past its rows
-    out = raw[:(top - base) * row].view(ds.dtype).reshape((top - base, *ds.shape[1:]))
-    tail = np.empty(size + 4, dtype=np.uint8)
-    block = max(1, BLOCK_BYTES // max(1, size))
+    out = np.empty((top - base, *ds.shape[1:]), dtype=ds.dtype)
+    flat = memoryview(out.reshape(-1).view(np.uint8))
+    trailer, spill = bytearray(4), bytearray(size)
     bad: list[int] = []
 
-    def check(c0: int, c1: int) -> None:
-        for c in range(c0, c1):
+    def check(chunks: list[int]) -> None:
+        for c in chunks:
             lo, hi = c * per - base, min((c + 1) * per, n) - base
             if int(sums[c - first, 1]) != hi - lo or _sum(h, out[lo:hi]) != int(sums[c - first, 0]):
                 bad.append(c)
 
     pool = ThreadPoolExecutor(1, thread_name_prefix="cnncodes-sums") if out.nbytes > THREAD_BYTES else None
     pending = []
-    offset = (0,) * (ds.ndim - 1)
-    try:
-        for c0 in range(first, count, block):
-            c1 = min(count, c0 + block)
-            for c in range(c0, c1):
-                at = (c - first) * size
-                whole = at + size + 4 <= raw.size
-                mask, data = ds.id.read_direct_chunk((c * per, *offset), out=raw[at:] if whole else tail)
-                if mask or len(data) != size + 4:  # not stored as expected: check it the checked way
-                    bad.append(c)
-                elif not whole:
-                    raw[at:out.nbytes] = tail[:out.nbytes - at]
-            if pool is None:
-                check(c0, c1)
+    batch: list[int] = []
+    buffers: list[Any] = []
+    at_file = expected = 0
+
+    def flush() -> None:
+        nonlocal batch, buffers, expected
+        if batch:
+            got = os.preadv(fd, buffers, at_file)
+            if got != expected:  # the file ends early (cut or being rewritten): those chunks the checked way
+                bad.extend(batch)
+            elif pool is None:
+                check(batch)
             else:
-                pending.append(pool.submit(check, c0, c1))
+                pending.append(pool.submit(check, batch))
+        batch, buffers, expected = [], [], 0
+
+    try:
+        for c in range(first, count):
+            place = table.get(c)
+            if place is None or place[2] or place[1] != size + 4:  # missing or not stored as expected
+                flush()
+                bad.append(c)
+                continue
+            offset = place[0]
+            if batch and (offset != at_file + expected or expected + size + 4 > BLOCK_BYTES
+                          or len(buffers) > 1000):
+                flush()
+            if not batch:
+                at_file = offset
+            lo = (c * per - base) * row
+            hi = (min((c + 1) * per, n) - base) * row
+            buffers.append(flat[lo:hi])
+            if hi - lo < size:  # the last chunk holds rows past the committed ones
+                buffers.append(memoryview(spill)[:size - (hi - lo)])
+            buffers.append(trailer)
+            batch.append(c)
+            expected += size + 4
+        flush()
         for p in pending:
             p.result()
-    except (OSError, RuntimeError, ValueError):  # a chunk or the chunk index cannot be read: the checked way
+    except (OSError, RuntimeError, ValueError):  # the file cannot be read this way: the checked way
         return None
     finally:
         if pool is not None:
