@@ -154,7 +154,8 @@ def read_summed(g: h5py.Group, n: int, start: int = 0, stop: int | None = None) 
     stop = n if stop is None else stop
     h = hasher()
     ds = g["features"]
-    if h is None or SUMS not in g or not n or stop <= start or stop > n or not _raw_readable(ds):
+    if (h is None or SUMS not in g or not n or stop <= start or stop > n or not _raw_readable(ds)
+            or not hasattr(os, "preadv")):  # (Windows has no preadv: the checked way)
         return None
     per = int(ds.chunks[0])
     row = _row_bytes(ds)
