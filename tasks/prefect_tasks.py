@@ -67,6 +67,12 @@ def scan_dataset(data: str, manifest_path: str, val_fraction: float, test_fracti
             "files_read": stats["read"], "files_reused": stats["reused"]}
 
 
+@task(name="dataset-media", cache_policy=NO_CACHE)
+def dataset_media(data: str) -> str:
+    """``"audio"`` or ``"image"``: what ``data`` holds, by its files' extensions (nothing is read)."""
+    return datasets.peek_media(data)
+
+
 # The store is the cache: extraction checks it (content hashes) and computes only what is missing,
 # so Prefect's result cache would add nothing but a way to go stale when a store is deleted.
 @task(name="extract-codes", retries=1, retry_delay_seconds=5, retry_condition_fn=transient_only,

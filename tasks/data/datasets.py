@@ -664,6 +664,31 @@ def _one_media(kept: list[tuple], base: Path, skipped: list[Skip], source) -> tu
     return kept, media
 
 
+def peek_media(source: str | os.PathLike, limit: int = 1000) -> str:
+    """``"audio"`` or ``"image"``: what most of the first ``limit`` files of ``source`` (a dataset folder or CSV,
+    as :func:`scan_dataset` takes) are, judged by their extensions alone; nothing is opened but the listing (a
+    flow decides with it what to extract before the scan). Files without a known extension do not count;
+    with none known, ``"image"``."""
+    p = Path(source)
+    names: list[str] = []
+    if p.is_file() and p.suffix.lower() == ".csv":
+        try:
+            with open(p, newline="", encoding="utf-8-sig") as fh:
+                for i, row in enumerate(csv.DictReader(fh)):
+                    if i >= limit:
+                        break
+                    names.append(next((v or "" for k, v in row.items() if k and k.strip().lower() == "path"), ""))
+        except (OSError, UnicodeDecodeError, csv.Error):
+            return IMAGE  # the scan reports what is wrong with it
+    elif p.is_dir():
+        for _, name, _ in _walk(str(p), []):
+            names.append(name)
+            if len(names) >= limit:
+                break
+    kinds = [k for k in (kind_from_extension(n) for n in names) if k]
+    return AUDIO if kinds and sum(k == AUDIO for k in kinds) * 2 > len(kinds) else IMAGE
+
+
 def _read_csv(csv_path: Path):
     try:
         fh = open(csv_path, newline="", encoding="utf-8-sig")
