@@ -41,7 +41,9 @@ OVERRIDES: dict[tuple[str, str], Override] = {
     ("FineTuneConfig", "dense"): Override(None, "widths", help="hidden Dense+ReLU width of the head, repeatable "
                                                                "(0 for none)"),
     ("FineTuneConfig", "augment"): Override(None, "comma", help="comma list of flip, rotation, zoom, translation, "
-                                                               "contrast; '' for none"),
+                                                               "contrast, and for spectrograms time-mask, freq-mask, "
+                                                               "time-shift (sound never gets flip, rotation or zoom); "
+                                                               "'' for none"),
     ("Thresholds", "layers"): Override("--layers", "append"),
     ("LinearConfig", "calibrate"): Override("--no-calibrate", "store_false",
                                             help="SVM without probability calibration (no probabilities in "

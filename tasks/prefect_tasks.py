@@ -264,7 +264,8 @@ def evaluate_champion(registry: str, name: str, version: int, kind: str, store: 
     metrics, _ = finetune.evaluate_finetuned(path, Manifest.load(manifest_path), int(rec.metadata["input_size"]),
                                              rec.metadata.get("resize") or "stretch",
                                              int(rec.metadata["config"]["batch_size"]),
-                                             outcomes_prefix=Path(report_dir) / f"{name}-v{version}")
+                                             outcomes_prefix=Path(report_dir) / f"{name}-v{version}",
+                                             spectrogram=BackboneSpec.model_validate(rec.metadata["spec"]).spectrogram)
     return metrics
 
 

@@ -13,7 +13,7 @@ from ..settings import Settings
 
 
 OPTIMIZERS = ("sgd", "adam")
-AUGMENTATIONS = ("flip", "rotation", "zoom", "translation", "contrast")
+AUGMENTATIONS = ("flip", "rotation", "zoom", "translation", "contrast", "time-mask", "freq-mask", "time-shift")
 SCHEDULES = ("constant", "step", "cosine", "plateau")
 
 
