@@ -279,3 +279,40 @@ def test_spectrogram_command_writes_the_image_the_network_sees(spoken, tmp_path)
     expected = load_spectrogram(src, 96, Spectrogram(sample_rate=RATE, n_mels=40))
     assert png.shape == (96, 96, 3) and np.array_equal(png, expected)
     assert main(["spectrogram", str(tmp_path / "nothing.wav"), "--output", str(out)]) == 2
+
+
+# --------------------------------------------------------------------------- transfer, fine-tuning
+def test_similarity_and_probe_take_each_layers_best_pooling():
+    from tasks.decide.transfer import SizeMeasure, decide, measure_similarity
+
+    rows = [{"layer": "early", "pooling": "avg", "mean": 0.50}, {"layer": "early", "pooling": "time-avg", "mean": 0.80},
+            {"layer": "late", "pooling": "avg", "mean": 0.40}, {"layer": "late", "pooling": "time-avg", "mean": 0.60}]
+    sim = measure_similarity(rows, "late", 0.02, pretrained=True)
+    assert sim.late_score == 0.60 and sim.late_pooling == "time-avg"
+    assert sim.best_early_layer == "early" and sim.best_early_pooling == "time-avg" and not sim.similar
+    size = SizeMeasure(train_images=100, per_class={"a": 50, "b": 50}, median_per_class=50, smallest_class=50,
+                       threshold=500, large=False)
+    d = decide(size, sim)
+    assert d.case == 2 and (d.probe_layer, d.probe_pooling) == ("early", "time-avg")
+    assert decide(size, sim, force_case=1).probe_pooling == "time-avg"  # the late layer's best
+
+
+def test_sound_gets_spectrogram_augmentations_never_flips():
+    import tensorflow as tf
+
+    from tasks.finetune import FineTuneConfig
+    from tasks.finetune.data import augmentation, augmentations_for
+
+    cfg = FineTuneConfig(augment=("flip", "rotation", "zoom"), augment_strength=0.2)
+    assert augmentations_for(cfg, "image") == ("flip", "rotation", "zoom")
+    assert augmentations_for(cfg, "audio") == ("time-mask", "freq-mask", "time-shift")
+    assert augmentations_for(cfg.model_copy(update={"augment": ("contrast", "time-mask")}), "audio") == \
+        ("contrast", "time-mask")
+    layers = augmentation(cfg.model_copy(update={"augment": ("freq-mask",)}), "audio")
+    x = tf.ones((4, 20, 30, 3)) * 200.0
+    y = layers(x, training=True).numpy()
+    assert np.array_equal(layers(x, training=False).numpy(), x.numpy())
+    for img in y:  # whole rows blacked out, at most 2 x 0.2 x 20 of them, every column alike
+        rows_off = np.flatnonzero(img[:, :, 0].max(axis=1) == 0)
+        assert len(rows_off) <= 8 and np.all((img[rows_off] == 0))
+        assert np.all(img[np.setdiff1d(np.arange(20), rows_off)] == 200.0)
