@@ -107,7 +107,7 @@ def test_mel_filters_and_power_spectrum_equal_tensorflow_signal():
 def test_a_tone_lands_on_its_mel_row_low_frequencies_at_the_bottom(freq):
     from tasks.data.audio import Spectrogram, mel_center_hz, spectrogram_image
 
-    r = Spectrogram(sample_rate=RATE, n_mels=32, duration=None)
+    r = Spectrogram(sample_rate=RATE, n_mels=32, duration=None, colormap="gray")
     img = spectrogram_image(tone(freq), r, size=32)  # one row per band: no vertical resampling
     assert img.shape == (32, 32, 3) and img.dtype == np.uint8
     row = int(np.argmax(img[:, :, 0].astype(float).mean(axis=1)))
@@ -220,6 +220,26 @@ def test_csv_group_column_groups_and_straddling_splits_are_refused(spoken, tmp_p
         scan_dataset(path, seed=1)
 
 
+def test_a_test_split_carved_from_grouped_val_takes_whole_groups(spoken):
+    from tasks.data.datasets import scan_dataset
+
+    rows = [(p.relative_to(spoken).as_posix(), p.parent.name, _speaker(p.name)) for p in sorted(spoken.rglob("*.wav"))]
+    path = spoken / "list.csv"
+    given = {"ann": "train", "bob": "train", "cid": "val", "dee": "val", "eve": "val"}
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "label", "group", "split"])
+        w.writerows([(*r, given[r[2]]) for r in rows])
+    m = scan_dataset(path, test_fraction=0.2, seed=3)
+    sides = collections.defaultdict(set)
+    for s in m.samples:
+        sides[_speaker(s.path)].add(s.split)
+    assert all(len(v) == 1 for v in sides.values()), sides
+    got = {g: next(iter(v)) for g, v in sides.items()}
+    assert list(got.values()).count("test") == 1  # 20% of 5 equal groups: one, taken from val
+    assert {g for g, sp in got.items() if sp == "train"} == {"ann", "bob"}  # train is left as given
+
+
 def test_scan_skips_defects_at_extraction_and_images_in_a_sound_dataset(spoken, tmp_path, tiny_spec):
     from PIL import Image
 
@@ -316,3 +336,16 @@ def test_sound_gets_spectrogram_augmentations_never_flips():
         rows_off = np.flatnonzero(img[:, :, 0].max(axis=1) == 0)
         assert len(rows_off) <= 8 and np.all((img[rows_off] == 0))
         assert np.all(img[np.setdiff1d(np.arange(20), rows_off)] == 200.0)
+
+
+def test_a_colour_map_colours_the_grey_image_and_changes_the_identity():
+    import matplotlib
+
+    from tasks.data.audio import Spectrogram, spectrogram_image
+
+    gray = Spectrogram(sample_rate=RATE, n_mels=32, colormap="gray")
+    coloured = gray.model_copy(update={"colormap": "viridis"})
+    g, c = spectrogram_image(tone(700.0), gray, 48), spectrogram_image(tone(700.0), coloured, 48)
+    expected = np.rint(matplotlib.colormaps["viridis"](g[:, :, 0] / 255.0)[:, :, :3] * 255).astype(np.uint8)
+    assert np.array_equal(c, expected)
+    assert gray.describe() != coloured.describe()

@@ -17,7 +17,8 @@ energy as brightness) "resembles a 2D image". This module owns both halves of th
   by ``numpy.fft.rfft``, the mel filterbank of :func:`mel_matrix` (the HTK mel scale and triangles
   of ``tf.signal.linear_to_mel_weight_matrix``, which a test checks it equals), decibels relative to
   the loudest bin clipped at ``top_db`` below it, mapped onto 0-255 like an 8-bit image, low
-  frequencies at the bottom, resized to the backbone's square input and repeated into three channels.
+  frequencies at the bottom, resized to the backbone's square input, and repeated into three channels
+  (``gray``) or coloured by a matplotlib colour map (``colormap``).
   The family's own ``preprocess_input`` then applies as to a photo.
 
 NumPy rather than TensorFlow computes the spectrogram: it runs in the decoding threads of extraction
@@ -42,6 +43,7 @@ AUDIO = "audio"
 # Taken as sound by name alone (the decoder judges the content later); other files are sniffed.
 AUDIO_EXTENSIONS = (".wav", ".wave", ".flac", ".ogg", ".oga", ".aif", ".aiff", ".mp3")
 SILENCE_DBFS = -80.0  # a recording whose peak stays below this is silent
+COLORMAPS = ("gray", "viridis", "magma", "turbo")
 
 
 class AudioError(Exception):
@@ -70,7 +72,10 @@ class Spectrogram(Settings):
                                                          "decibels below the loudest window before fitting the "
                                                          "duration ('none': keep them)")
     top_db: float = Field(80.0, gt=0, description="dynamic range shown: from the loudest bin of each recording down "
-                                                  "to this many decibels below it (black)")
+                                                  "to this many decibels below it (the bottom of the scale)")
+    colormap: Literal[COLORMAPS] = Field("viridis", description="how decibels become colours: 'gray' (the same "
+                                                              "grey in all three channels) or a matplotlib "
+                                                              "colour map, whose hues an ImageNet network tells apart")
     max_seconds: float = Field(600.0, gt=0, description="longer recordings are skipped (absurdly long files)")
 
     @model_validator(mode="before")
@@ -278,8 +283,9 @@ def spectrogram(wave: np.ndarray, recipe: Spectrogram) -> np.ndarray:
 
 
 def to_image(bands: np.ndarray, recipe: Spectrogram, size: int) -> np.ndarray:
-    """``(size, size, 3)`` uint8: decibels relative to the loudest bin, ``top_db`` below it black, the loudest
-    white; low frequencies at the bottom (row ``size - 1``), time from left to right."""
+    """``(size, size, 3)`` uint8: decibels relative to the loudest bin, ``top_db`` below it the bottom of the
+    scale, the loudest its top; low frequencies at the bottom (row ``size - 1``), time from left to right; grey,
+    or coloured by ``recipe.colormap``."""
     from PIL import Image
 
     db = 10.0 * np.log10(np.maximum(bands, 1e-10))
@@ -287,7 +293,17 @@ def to_image(bands: np.ndarray, recipe: Spectrogram, size: int) -> np.ndarray:
     gray = ((db + recipe.top_db) * (255.0 / recipe.top_db)).astype(np.float32)[::-1]  # high bands first: on top
     img = Image.fromarray(np.ascontiguousarray(gray), "F").resize((size, size), Image.Resampling.BILINEAR)
     out = np.clip(np.rint(np.asarray(img)), 0, 255).astype(np.uint8)
+    if recipe.colormap != "gray":
+        return _palette(recipe.colormap)[out]
     return np.repeat(out[:, :, None], 3, axis=2)
+
+
+@lru_cache(maxsize=8)
+def _palette(name: str) -> np.ndarray:
+    """``(256, 3)`` uint8: the colour of each grey level under the matplotlib colour map ``name``."""
+    import matplotlib
+
+    return np.rint(matplotlib.colormaps[name](np.arange(256) / 255.0)[:, :3] * 255).astype(np.uint8)
 
 
 def spectrogram_image(wave: np.ndarray, recipe: Spectrogram, size: int) -> np.ndarray:

@@ -433,8 +433,8 @@ def carve_test(items: list[tuple[str, int, str]], test_fraction: float, seed: in
 def carve_grouped_test(items: list[tuple[str, int, str]], groups: Mapping[str, str], test_fraction: float,
                        seed: int) -> dict[str, str]:
     """:func:`carve_test` for grouped data: whole groups move to test, from val first (largest group first,
-    ties in seeded order), until about ``test_fraction`` of the files are in test; one group stays in val
-    where val had two or more, and train keeps at least one group."""
+    ties in seeded order), then from train, until about ``test_fraction`` of the files are in test; each
+    side keeps at least one of its groups (val one group where it had any, train one)."""
     out = {p: g for p, _, g in items}
     want = _n_held(len(items), test_fraction)
     by_group: dict[str, list[str]] = {}
