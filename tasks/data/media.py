@@ -64,8 +64,8 @@ def kind_from_extension(path: str | os.PathLike) -> str | None:
 
 def describe_supported() -> str:
     """For messages: which files a scan takes."""
-    return (f"images named {', '.join(IMAGE_EXTENSIONS)}, sound named {', '.join(AUDIO_EXTENSIONS)}, and any "
-            "other file Pillow identifies as an image or that carries a WAV, FLAC, Ogg or AIFF signature")
+    return (f"files named {', '.join(IMAGE_EXTENSIONS)} (images) or {', '.join(AUDIO_EXTENSIONS)} (sound), and "
+            "any other file Pillow identifies as an image or that carries a WAV, FLAC, Ogg or AIFF signature")
 
 
 def audio_signature(head: bytes) -> bool:

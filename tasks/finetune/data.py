@@ -67,11 +67,12 @@ def make_dataset(paths: Sequence[str], labels: np.ndarray, rel: Sequence[str], s
     array``, :func:`tasks.data.inputs.input_loader`) replaces the image decoder: sound is drawn as spectrograms."""
     tf = tf_runtime.tensorflow()
     rel_of = dict(zip(paths, rel))
+    read = load if load is not None else (lambda path: load_image(path, size, resize))
 
     def decode(path_bytes):
         path = path_bytes.decode()
         try:
-            return (load(path) if load is not None else load_image(path, size, resize)), True
+            return read(path), True
         except (ImageError, *InputError) as exc:
             skips.add(rel_of.get(path, path), str(exc))
             return np.zeros((size, size, 3), np.uint8), False
