@@ -198,6 +198,7 @@ def extract_to_store(manifest: Manifest, store: str | os.PathLike, spec: Backbon
         from storage.store import FeatureStore
 
         recorded = FeatureStore(store).provenance.get("skipped") or []
+        write_groups(store, manifest)
         return _summary(store, cuts, manifest, computed=0, removed=0, up_to_date=True,
                         skipped=[{"path": p, "reason": r} for p, r in recorded],
                         timings={"total": time.perf_counter() - t0}, config=config)
@@ -244,9 +245,10 @@ def extract_to_store(manifest: Manifest, store: str | os.PathLike, spec: Backbon
                 progress(done, len(todo))
         recorded = Manifest(manifest.root, manifest.layout, manifest.class_names, manifest.samples,
                             manifest.split_seed, manifest.split_fractions, list(manifest.skipped) + decode_skips,
-                            manifest.media)
+                            manifest.media, manifest.groups)
         writer.finish(recorded)
         recovered = writer.recovered
+    write_groups(store, manifest)
     timings["total"] = time.perf_counter() - t0
     skipped = [{"path": s.path, "reason": s.reason} for s in recorded.skipped]
     out = _summary(store, cuts, manifest, computed=extractor.images_seen, removed=max(plan.removed.values(), default=0),
@@ -258,6 +260,27 @@ def extract_to_store(manifest: Manifest, store: str | os.PathLike, spec: Backbon
     out["precision"] = spec.precision
     out["decode_workers"] = decode_workers(options)
     return out
+
+
+def groups_path(store: str | os.PathLike) -> Path:
+    """The file beside a store that names each row's group (``{path: group}``), for grouped cross-validation."""
+    return Path(str(store) + ".groups.json")
+
+
+def write_groups(store: str | os.PathLike, manifest: Manifest) -> None:
+    """Beside ``store``, the group of each of the manifest's files (removed when it has none), so that the
+    layer sweep and the C search cross-validate by group: a speaker's recordings never sit on both sides of
+    a fold, as they never sit on both sides of the split."""
+    import json
+
+    from storage.files import atomic_path
+
+    path = groups_path(store)
+    if not manifest.groups:
+        path.unlink(missing_ok=True)
+        return
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(json.dumps(manifest.groups), encoding="utf-8")
 
 
 def _resolve_for_store(spec: BackboneSpec, store: Path) -> BackboneSpec:
@@ -330,7 +353,8 @@ def shard_manifest(manifest: Manifest, index: int, shards: int) -> Manifest:
     return Manifest(manifest.root, manifest.layout, list(manifest.class_names),
                     [s for s in manifest.samples if shard_of(s.path, shards) == index],
                     manifest.split_seed, dict(manifest.split_fractions),
-                    [k for k in manifest.skipped if shard_of(k.path, shards) == index], manifest.media)
+                    [k for k in manifest.skipped if shard_of(k.path, shards) == index], manifest.media,
+                    manifest.groups)
 
 
 def require_gpus(n: int) -> None:

@@ -349,3 +349,40 @@ def test_a_colour_map_colours_the_grey_image_and_changes_the_identity():
     expected = np.rint(matplotlib.colormaps["viridis"](g[:, :, 0] / 255.0)[:, :, :3] * 255).astype(np.uint8)
     assert np.array_equal(c, expected)
     assert gray.describe() != coloured.describe()
+
+
+def test_cross_validation_is_grouped_where_the_data_has_groups():
+    """A feature that only identifies the speaker scores high under ordinary folds and at chance under
+    grouped ones: what a C search or layer sweep on sound must not be fooled by."""
+    from tasks.probe.linear import LinearConfig, cv_score
+
+    rng = np.random.default_rng(0)
+    speakers = np.repeat(np.arange(6), 20)
+    y = np.tile(np.arange(2), 60)
+    # each speaker says each class in its own way: the features identify (speaker, class) pairs only
+    codes = {(s, c): rng.normal(size=16) * 3 for s in range(6) for c in range(2)}
+    X = np.stack([codes[(s, c)] + rng.normal(size=16) * 0.1 for s, c in zip(speakers, y)])
+    cfg = LinearConfig(classifier="softmax", cv_folds=3)
+    plain, _ = cv_score(X, y, cfg, 1.0)
+    grouped, _ = cv_score(X, y, cfg, 1.0, groups=speakers.astype(str))
+    assert plain > 0.95 and grouped < 0.8, (plain, grouped)
+
+
+def test_extraction_keeps_the_groups_beside_the_store_for_the_probe(spoken, tmp_path, tiny_spec):
+    from storage.store import FeatureStore
+    from tasks.data.datasets import scan_dataset
+    from tasks.extract import ExtractOptions, extract_to_store, groups_path
+    from tasks.probe.train import row_groups
+
+    m = scan_dataset(spoken, group_by=r"^\d+_([a-z]+)_")
+    assert set(m.groups.values()) == set(SPEAKERS)
+    store = tmp_path / "s.h5"
+    spec = tiny_spec.model_copy(update={"spectrogram": tiny_spec.spectrogram.model_copy(update={"sample_rate": RATE})})
+    extract_to_store(m, store, spec, [(TINY_LAST, "avg")], ExtractOptions(batch_size=16))
+    codes = FeatureStore(store).read(TINY_LAST, "avg", split=["train", "val"])
+    groups = row_groups(store, codes)
+    assert groups is not None and [str(g) for g in groups] == [_speaker(p.decode() if isinstance(p, bytes) else p)
+                                                               for p in codes.paths]
+    ungrouped = scan_dataset(spoken)
+    extract_to_store(ungrouped, store, spec, [(TINY_LAST, "avg")], ExtractOptions(batch_size=16))
+    assert not groups_path(store).exists() and row_groups(store, codes) is None

@@ -640,7 +640,8 @@ def scan_dataset(source: str | os.PathLike, val_fraction: float = 0.2, test_frac
         stats.setdefault("seconds", {}).update(list=round(t_list - t0, 4), judge=round(t_judge - t_list, 4),
                                                splits=round(time.perf_counter() - t_judge, 4))
     return Manifest(root=str(base), layout=layout, class_names=class_names, samples=samples,
-                    split_seed=split_seed, split_fractions=split_fractions, skipped=skipped, media=media)
+                    split_seed=split_seed, split_fractions=split_fractions, skipped=skipped, media=media,
+                    groups={rel: str(groups[rel]) for rel, _, _, _ in kept if rel in groups})
 
 
 def _kind(base: Path, rel: str) -> str:
