@@ -75,7 +75,10 @@ def transfer(
                                   "head_epochs": 0 if scratch else finetune.head_epochs,
                                   "learning_rate": max(finetune.learning_rate, 1e-3) if scratch
                                   else finetune.learning_rate,
-                                  "optimizer": "adam" if scratch else "sgd"}),
+                                  "optimizer": "adam" if scratch else "sgd",
+                                  # the head pools as the probe's best codes did (time-avg keeps frequency)
+                                  "head_pooling": decision["probe_pooling"] if decision["probe_pooling"] in
+                                  ("time-avg", "time-max") else finetune.head_pooling}),
                               split, model_name=f"{name}-finetuned", output=output)
     gate = champion_gate(finetuned, probe_result, thresholds.gate_margin, registry)
     champion = finetuned if gate["promoted"] == "finetuned" else probe_result
