@@ -12,8 +12,13 @@ three speakers' 1,500 in train (``group`` is the speaker), then:
   40-band log-mel spectrogram, 25 ms windows, 10 ms hop), their mean and standard deviation over time
   (40 values per recording), ``StandardScaler`` + ``LogisticRegression`` (C = 1, not tuned).
 
+With ``--finetune VAL:TEST``: one run with fine-tuning forced (``--case 3``), speaker VAL as the val split
+(early stopping, checkpoint choice) and TEST held out, added to the results file as ``fine_tuned``.
+
 Usage:
     PYTHONPATH=. python benchmarks/audio_shared.py --json benchmarks/results/audio-fsdd.json -- --sample-rate 8000
+    PYTHONPATH=. python benchmarks/audio_shared.py --json benchmarks/results/audio-fsdd.json --finetune lucas:nicolas \
+        -- --sample-rate 8000
 """
 from __future__ import annotations
 
@@ -48,14 +53,35 @@ def recordings(data: Path) -> list[tuple[str, str, str]]:
     return out
 
 
-def write_csv(data: Path, rows: list[tuple[str, str, str]], held_out: str, dest: Path) -> Path:
+def write_csv(data: Path, rows: list[tuple[str, str, str]], held_out: str, dest: Path, val: str | None = None
+              ) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     with open(dest, "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["path", "label", "split", "group"])
         for rel, digit, speaker in rows:
-            w.writerow([str(data / rel), digit, "test" if speaker == held_out else "train", speaker])
+            split = "test" if speaker == held_out else "val" if speaker == val else "train"
+            w.writerow([str(data / rel), digit, split, speaker])
     return dest
+
+
+def finetune_run(data: Path, keras_home: Path, val: str, test: str, extra: list[str], path: str | None) -> int:
+    """Fine-tuning forced (case 3) with ``val`` as the val speaker (early stopping, checkpoint) and ``test`` held
+    out; the probe and the fine-tuned model then train on the two other speakers. Merged into ``path``."""
+    rows = recordings(data)
+    with tempfile.TemporaryDirectory(prefix="cnncodes-audio-ft-") as tmp:
+        csv_path = write_csv(data, rows, test, Path(tmp) / f"fsdd-val-{val}-test-{test}.csv", val=val)
+        r, seconds = run_transfer(csv_path, str(Path(tmp) / "out"), keras_home, [*extra, "--case", "3"])
+    g = r["gate"]
+    out = {"val_speaker": val, "test_speaker": test, "seconds": round(seconds, 1), "promoted": g["promoted"],
+           "accuracies": g["accuracies"], "gate_split": g["split"], "probe_layer": r["decision"]["probe_layer"],
+           "probe_pooling": r["decision"].get("probe_pooling"),
+           "command": " ".join(["cnncodes", TRANSFER[0], f"fsdd-val-{val}-test-{test}.csv", *TRANSFER[1:], *extra,
+                                "--case", "3"])}
+    results = json.loads(Path(path).read_text()) if path and Path(path).exists() else {}
+    results["fine_tuned"] = out
+    emit(results, path)
+    return 0
 
 
 def run_transfer(csv_path: Path, out: str, keras_home: Path, extra: list[str]) -> tuple[dict, float]:
@@ -110,6 +136,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", default=None)
     ap.add_argument("--speakers", default=",".join(SPEAKERS), help="held-out speakers, one run each")
+    ap.add_argument("--finetune", default=None, metavar="VAL:TEST",
+                    help="instead: one run with fine-tuning forced (case 3), speaker VAL as val and TEST held out; "
+                         "added to the --json file as 'fine_tuned'")
     ap.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more cnncodes transfer options")
     args = ap.parse_args()
     extra = [a for a in args.extra if a != "--"]
@@ -117,6 +146,9 @@ def main() -> int:
     if not data.is_dir() or not (keras_home / "models").is_dir():
         print(f"needs {data} and {keras_home}/models (../shared)", file=sys.stderr)
         return 1
+    if args.finetune:
+        val, test = args.finetune.split(":")
+        return finetune_run(data, keras_home, val, test, extra, args.json)
     rows = recordings(data)
     baseline = mfcc_baseline(data, rows)
     runs = {}

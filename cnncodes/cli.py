@@ -183,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--margin", type=float, default=0.0,
                    help="the challenger must beat the champion's accuracy by more than this (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="train a challenger even if the data did not change")
+    p.add_argument("--group-by", default=None, metavar="REGEX",
+                   help="the lineage's grouping of file names (as `extract --group-by`): new files of a group "
+                        "join it in one split; a CSV's group column is read without it (default: none)")
 
     p = sub.add_parser("spectrogram", parents=[common],
                        help="write the exact image the network sees for one sound recording, as a PNG")
@@ -369,7 +372,7 @@ def cmd_transfer(args) -> int:
 def cmd_retrain(args) -> int:
     from flows.retrain import retrain
 
-    r = retrain(args.data, args.model, _output(args), margin=args.margin, force=args.force)
+    r = retrain(args.data, args.model, _output(args), margin=args.margin, force=args.force, group_by=args.group_by)
     if not r.retrained:
         text = [r.reason, f"champion: {args.model} v{r.champion}"]
     else:

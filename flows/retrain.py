@@ -21,7 +21,7 @@ from flows.train_linear import train_linear
 
 @flow(name="retrain", log_prints=True, flow_run_name="retrain {model}")
 def retrain(data: str, model: str, output: Output = Output(), margin: float = 0.0,
-            force: bool = False) -> RetrainResult:
+            force: bool = False, group_by: str | None = None) -> RetrainResult:
     """Retrain lineage ``model`` (a registry name in ``output.registry``) on ``data`` if the data changed
     (or ``force``), with the champion's own settings, rebuilt from its metadata.
 
@@ -34,9 +34,10 @@ def retrain(data: str, model: str, output: Output = Output(), margin: float = 0.
     output = output.model_copy(update={"registry": registry})
     manifest_path = str(output.runs / f"retrain-{model}.manifest.json")
     split = retrain_split_settings(registry, model)
-    scanned = scan_dataset(data, manifest_path, split["val"], split["test"], split["seed"], split["pinned"])
+    scanned = scan_dataset(data, manifest_path, split["val"], split["test"], split["seed"], split["pinned"],
+                           group_by=group_by)
     split_cfg = SplitConfig(val_fraction=split["val"], test_fraction=split["test"], seed=split["seed"],
-                            pinned=split["pinned"])
+                            pinned=split["pinned"], group_by=group_by)
     plan = retrain_plan(registry, model, manifest_path)
     if not plan["changed"] and not force:
         print(plan["reason"])

@@ -410,3 +410,22 @@ def test_fine_tuning_learns_tones_from_spectrograms_with_their_augmentations(spo
     probs, ok, skips = predict_paths(load_finetuned(res.model_path), test, 32, "stretch", 6, "audio",
                                      spec.spectrogram)
     assert len(ok) == len(test) and probs.shape == (len(test), 3)
+
+
+def test_new_recordings_of_a_pinned_speaker_join_that_speakers_split(spoken):
+    from tasks.data.datasets import scan_dataset
+
+    first = scan_dataset(spoken, val_fraction=0.2, test_fraction=0.2, seed=0, group_by=r"^\d+_([a-z]+)_")
+    pinned = {s.sha256: s.split for s in first.samples}
+    side = {_speaker(s.path): s.split for s in first.samples}
+    rng = np.random.default_rng(5)
+    for spk in SPEAKERS:  # a third recording per class and speaker, and a new speaker
+        for cls, f in {"0": 400.0, "1": 900.0, "2": 1800.0}.items():
+            write(spoken / cls / f"{cls}_{spk}_9.wav", tone(f * 1.02, seconds=0.3) + 0.02 * rng.normal(size=2400))
+            write(spoken / cls / f"{cls}_zed_{spk}.wav", tone(f, seconds=0.3) + 0.02 * rng.normal(size=2400))
+    again = scan_dataset(spoken, val_fraction=0.2, test_fraction=0.2, seed=0, pinned=pinned,
+                         group_by=r"^\d+_([a-z]+)_")
+    for s in again.samples:
+        if _speaker(s.path) in side:
+            assert s.split == side[_speaker(s.path)], s
+    assert len({s.split for s in again.samples if _speaker(s.path) == "zed"}) == 1

@@ -612,6 +612,12 @@ def scan_dataset(source: str | os.PathLike, val_fraction: float = 0.2, test_frac
         items = [(rel, label_of[cls]) for rel, h, cls, _ in kept if h not in pinned]
         drawn = assign_grouped_splits(items, groups, val_fraction, test_fraction, seed, content) if groups else \
             assign_splits(items, val_fraction, test_fraction, seed, content)
+        if groups and pinned:  # a new file of a group the pins already place joins its group's split
+            placed: dict[str, str] = {}
+            for rel, h, _, _ in kept:
+                if h in pinned and rel in groups:
+                    placed.setdefault(groups[rel], pinned[h])
+            drawn = {rel: placed.get(groups.get(rel, ""), sp) for rel, sp in drawn.items()}
         splits_final = [pinned.get(h) or drawn[rel] for rel, h, _, _ in kept]
     elif "test" not in given and test_fraction > 0:
         split_seed = seed
