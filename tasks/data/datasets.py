@@ -657,7 +657,14 @@ def _kind(base: Path, rel: str) -> str:
 def _one_media(kept: list[tuple], base: Path, skipped: list[Skip], source) -> tuple[list[tuple], str]:
     """A dataset is images or sound, not both: the kind most of ``kept`` (``(rel, ...)`` tuples) are wins;
     files of the other kind are skipped with the reason. Returns the kept files and the kind."""
-    kinds = [_kind(base, k[0]) for k in kept]
+    # A file without a known extension is opened (its first 12 bytes) only when the answer can matter: some
+    # file is sound by its name, or none has a known name. A re-scan of an image dataset thus opens nothing
+    # the stat cache vouches for.
+    named = [kind_from_extension(k[0]) for k in kept]
+    if AUDIO in named or not any(named):
+        kinds = [n or _kind(base, k[0]) for n, k in zip(named, kept)]
+    else:
+        kinds = [n or IMAGE for n in named]
     n_audio = sum(k == AUDIO for k in kinds)
     media = AUDIO if n_audio * 2 > len(kinds) else IMAGE
     if 0 < n_audio < len(kinds):
