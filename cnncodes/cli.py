@@ -44,7 +44,9 @@ def _parents() -> dict[str, argparse.ArgumentParser]:
     return {"common": common, "seed": seed, "out": out, "registry": registry, "named": named, "group": group}
 
 
-DATA_HELP = "folder of class folders, folder with train/ val/ [test/], or CSV path,label[,split]"
+DATA_HELP = ("folder of class folders, folder with train/ val/ [test/], or CSV path,label[,split][,group]; of images "
+             "or of sound recordings (drawn as spectrograms)")
+SOUND_TITLE = "sound (Spectrogram): when the data is audio, how each recording becomes the input image"
 
 
 def _add_store_parser(sub, common: argparse.ArgumentParser) -> None:
@@ -91,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     from tasks.backbones import BackboneSpec
+    from tasks.data.audio import Spectrogram
     from tasks.extract import ExtractOptions
     from tasks.finetune import FineTuneConfig
     from tasks.probe.linear import LinearConfig
@@ -110,12 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("layers", parents=[common, seed],
                        help="list a backbone's layers with output shape, stride and parameters")
     p.add_argument("backbone", help="registered name (e.g. resnet50) or a .keras/.h5 model file")
-    add_settings(p, "backbone", BackboneSpec, layers_backbone, exclude=("name", "seed"))
+    add_settings(p, "backbone", BackboneSpec, layers_backbone, exclude=("name", "seed", "spectrogram"))
 
     p = sub.add_parser("extract", parents=[common, seed, out],
                        help="flow extract-features: images -> CNN codes in an HDF5 store")
     p.add_argument("data", help=DATA_HELP)
-    add_settings(p, "backbone", BackboneSpec, exclude=("seed",))
+    add_settings(p, "backbone", BackboneSpec, exclude=("seed", "spectrogram"))
+    add_settings(p, "spectrogram", Spectrogram, title=SOUND_TITLE)
     add_settings(p, "extract", ExtractOptions)
     add_settings(p, "split", SplitConfig, exclude=("seed",))
     add_settings(p, "scale", ScaleOut)
@@ -162,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fine-tune", parents=[common, seed, registry, named],
                        help="flow fine-tune: train the backbone itself with a new head (large data)")
     p.add_argument("data", help=DATA_HELP)
-    add_settings(p, "backbone", BackboneSpec, exclude=("seed",))
+    add_settings(p, "backbone", BackboneSpec, exclude=("seed", "spectrogram"))
+    add_settings(p, "spectrogram", Spectrogram, title=SOUND_TITLE)
     add_settings(p, "finetune", FineTuneConfig, exclude=("seed",))
     add_settings(p, "split", SplitConfig, exclude=("seed",))
     # Before --precision covered fine-tuning too: kept so that existing scripts run; off means float32.
@@ -172,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("transfer", parents=[common, seed, registry, named],
                        help="flow transfer: measure size and similarity, pick the case, train, gate")
     p.add_argument("data", help=DATA_HELP)
-    add_settings(p, "backbone", BackboneSpec, exclude=("seed",))
+    add_settings(p, "backbone", BackboneSpec, exclude=("seed", "spectrogram"))
+    add_settings(p, "spectrogram", Spectrogram, title=SOUND_TITLE)
     add_settings(p, "thresholds", Thresholds)
     add_settings(p, "probe", LinearConfig, only=["classifier", "C", "cv_folds", "class_weight", "l2_normalize",
                                                  "pca", "calibrate"], title="probe (LinearConfig)")
@@ -189,6 +195,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the challenger must beat the champion's accuracy by more than this (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="train a challenger even if the data did not change")
     add_settings(p, "split", SplitConfig, only=("rehash",), title="scanning")
+    p.add_argument("--group-by", default=None, metavar="REGEX",
+                   help="the lineage's grouping of file names (as `extract --group-by`): new files of a group "
+                        "join it in one split; a CSV's group column is read without it (default: none)")
+
+    p = sub.add_parser("spectrogram", parents=[common],
+                       help="write the exact image the network sees for one sound recording, as a PNG")
+    p.add_argument("file", help="a sound recording (WAV, FLAC, OGG, ...)")
+    p.add_argument("--output", "-o", required=True, help="PNG file to write")
+    add_settings(p, "backbone", BackboneSpec, only=["name", "input_size", "backbone_args"],
+                 title="input size (BackboneSpec): the image is rendered at this backbone's input size")
+    add_settings(p, "spectrogram", Spectrogram, title=SOUND_TITLE)
 
     _add_store_parser(sub, common)
 
@@ -246,6 +263,10 @@ def _backbone(args):
     fixed = {"seed": args.seed}
     if getattr(args, "mixed_precision", None) is not None:  # the older fine-tune option; off = float32
         fixed["precision"] = {"off": "float32"}.get(args.mixed_precision, args.mixed_precision)
+    if any(k.startswith("spectrogram.") for k in vars(args)):
+        from tasks.data.audio import Spectrogram
+
+        fixed["spectrogram"] = settings_from(args, "spectrogram", Spectrogram)
     return settings_from(args, "backbone", BackboneSpec, **fixed)
 
 
@@ -386,7 +407,7 @@ def cmd_retrain(args) -> int:
     from tasks.settings import SplitConfig
 
     r = retrain(args.data, args.model, _output(args), margin=args.margin, force=args.force,
-                rehash=settings_from(args, "split", SplitConfig).rehash)
+                rehash=settings_from(args, "split", SplitConfig).rehash, group_by=args.group_by)
     if not r.retrained:
         text = [r.reason, f"champion: {args.model} v{r.champion}"]
     else:
@@ -394,6 +415,18 @@ def cmd_retrain(args) -> int:
                 f"({'promoted' if r.promoted else 'kept'}); challenger v{r.challenger}",
                 f"report: {r.challenger_report}"]
     _emit(r, args.json, "\n".join(text))
+    return 0
+
+
+def cmd_spectrogram(args) -> int:
+    from tasks.backbones import BackboneSpec
+    from tasks.data.audio import Spectrogram, write_png
+
+    spec = settings_from(args, "backbone", BackboneSpec, weights="none",
+                         spectrogram=settings_from(args, "spectrogram", Spectrogram))
+    r = write_png(args.file, args.output, spec.size or 224, spec.spectrogram)
+    _emit(r, args.json, f"{r['output']}: {r['size']}x{r['size']} spectrogram of {r['file']} "
+                        f"({r['seconds']:.2f} s at {r['sample_rate']} Hz; low frequencies at the bottom)")
     return 0
 
 
@@ -451,8 +484,9 @@ def cmd_store(args) -> int:
 
 
 COMMANDS = {"retrain": cmd_retrain, "backbones": cmd_backbones, "layers": cmd_layers, "extract": cmd_extract, "train-linear": cmd_train_linear,
-            "sweep": cmd_sweep, "predict": cmd_predict, "export": cmd_export, "fine-tune": cmd_fine_tune, "transfer": cmd_transfer,
-            "demo": cmd_demo, "store": cmd_store, "server": cmd_server}
+            "sweep": cmd_sweep, "predict": cmd_predict, "export": cmd_export, "fine-tune": cmd_fine_tune,
+            "transfer": cmd_transfer, "demo": cmd_demo, "store": cmd_store, "server": cmd_server,
+            "spectrogram": cmd_spectrogram}
 # Commands that run a flow (they need the Prefect API) and, of those, the ones that import TensorFlow:
 # the API comes up in the background while TensorFlow and the flow's modules import.
 FLOW_MODULES = {"extract": "flows.extract_features", "train-linear": "flows.train_linear", "sweep": "flows.sweep",

@@ -41,7 +41,9 @@ OVERRIDES: dict[tuple[str, str], Override] = {
     ("FineTuneConfig", "dense"): Override(None, "widths", help="hidden Dense+ReLU width of the head, repeatable "
                                                                "(0 for none)"),
     ("FineTuneConfig", "augment"): Override(None, "comma", help="comma list of flip, rotation, zoom, translation, "
-                                                               "contrast; '' for none"),
+                                                               "contrast, and for spectrograms time-mask, freq-mask, "
+                                                               "time-shift (sound never gets flip, rotation or zoom); "
+                                                               "'' for none"),
     ("Thresholds", "layers"): Override("--layers", "append"),
     ("LinearConfig", "calibrate"): Override("--no-calibrate", "store_false",
                                             help="SVM without probability calibration (no probabilities in "
@@ -73,6 +75,17 @@ def _parts(annotation) -> tuple[type | None, tuple | None, bool]:
     if typing.get_origin(a) is dict:
         return dict, None, False
     return str, None, False
+
+
+def _or_none(scalar: type):
+    """An argparse type for a number setting that may also be None: 'none' (or 'null') gives None."""
+    def parse(text: str):
+        if text.strip().lower() in ("none", "null"):
+            return None
+        return scalar(text)
+
+    parse.__name__ = scalar.__name__  # argparse names the type in its error: "invalid float value"
+    return parse
 
 
 def _show(value: Any) -> str:
@@ -125,7 +138,11 @@ def add_settings(parser: argparse.ArgumentParser, group: str, model: type[BaseMo
                            choices=allowed, metavar=metavar,
                            default=argparse.SUPPRESS, help=help_text + "; repeatable")
         else:
-            g.add_argument(flag, dest=dest, type=scalar if scalar in (int, float) else str, choices=allowed,
+            kind_of = scalar if scalar in (int, float) else str
+            if kind_of is not str and type(None) in typing.get_args(info.annotation):
+                kind_of = _or_none(kind_of)
+                help_text = help_text.replace(" (default:", "; 'none' for none (default:", 1)
+            g.add_argument(flag, dest=dest, type=kind_of, choices=allowed,
                            metavar=metavar, default=argparse.SUPPRESS, help=help_text)
 
 

@@ -83,7 +83,7 @@ def extract_features(
     manifest_path = output.runs / f"{store_path.stem}.manifest.json"
 
     scanned = scan_dataset(data, str(manifest_path), split.val_fraction, split.test_fraction, split.seed,
-                           split.pinned, split.rehash)
+                           split.pinned, split.rehash, split.group_by)
     print(f"scanned {scanned['images']} images in {len(scanned['classes'])} classes "
           f"({scanned['layout']} layout), {scanned['skipped']} files skipped; {scanned['files_read']} files read, "
           f"{scanned['files_reused']} unchanged since the last scan")

@@ -21,7 +21,7 @@ from flows.train_linear import train_linear
 
 @flow(name="retrain", log_prints=True, flow_run_name="retrain {model}")
 def retrain(data: str, model: str, output: Output = Output(), margin: float = 0.0,
-            force: bool = False, rehash: bool = False) -> RetrainResult:
+            force: bool = False, rehash: bool = False, group_by: str | None = None) -> RetrainResult:
     """Retrain lineage ``model`` (a registry name in ``output.registry``) on ``data`` if the data changed
     (or ``force``), with the champion's own settings, rebuilt from its metadata.
 
@@ -35,9 +35,10 @@ def retrain(data: str, model: str, output: Output = Output(), margin: float = 0.
     output = output.model_copy(update={"registry": registry})
     manifest_path = str(output.runs / f"retrain-{model}.manifest.json")
     split = retrain_split_settings(registry, model)
-    scanned = scan_dataset(data, manifest_path, split["val"], split["test"], split["seed"], split["pinned"], rehash)
+    scanned = scan_dataset(data, manifest_path, split["val"], split["test"], split["seed"], split["pinned"],
+                           rehash, group_by=group_by)
     split_cfg = SplitConfig(val_fraction=split["val"], test_fraction=split["test"], seed=split["seed"],
-                            pinned=split["pinned"], rehash=rehash)
+                            pinned=split["pinned"], rehash=rehash, group_by=group_by)
     plan = retrain_plan(registry, model, manifest_path)
     if not plan["changed"] and not force:
         print(plan["reason"])

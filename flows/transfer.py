@@ -11,7 +11,7 @@ from tasks.extract import ExtractOptions, spec_dict
 from tasks.finetune import FineTuneConfig
 from tasks.finetune.config import TRANSFER_FINETUNE
 from tasks.probe.linear import LinearConfig
-from tasks.prefect_tasks import champion_gate, decide_case, decision_report, inspect_backbone
+from tasks.prefect_tasks import champion_gate, dataset_media, decide_case, decision_report, inspect_backbone
 from tasks.results import TransferResult
 from tasks.settings import Output, SplitConfig
 from tasks.decide.transfer import Thresholds, candidate_layers, top_freeze_for
@@ -50,10 +50,12 @@ def transfer(
     listing = inspect_backbone(spec_dict(backbone))
     cands = list(thresholds.layers) if thresholds.layers else candidate_layers(listing)
     late = cands[-1] if thresholds.layers else listing[-1]["name"]
-    print(f"candidate layers: {', '.join(cands)}")
-    extracted = extract_features(data, backbone, ExtractOptions(layers=cands, pooling="avg",
+    # A spectrogram's frequency axis means something: sound compares pooling over time only with global pooling.
+    poolings = ["avg", "time-avg"] if dataset_media(data) == "audio" else ["avg"]
+    print(f"candidate layers: {', '.join(cands)}; poolings: {', '.join(poolings)}")
+    extracted = extract_features(data, backbone, ExtractOptions(layers=[f"{c}:{p}" for c in cands for p in poolings],
                                                                 batch_size=finetune.batch_size), split, output)
-    swept = sweep(extracted["store"], layers=cands, pooling="avg",
+    swept = sweep(extracted["store"], layers=cands, pooling="avg" if poolings == ["avg"] else None,
                   linear=SWEEP_PROBE.model_copy(update={"classifier": probe.classifier, "seed": probe.seed}),
                   output=output, max_images=thresholds.max_similarity_images)
     decision = decide_case(extracted["manifest"], swept["rows"], late, thresholds.as_dict(),
@@ -62,7 +64,7 @@ def transfer(
                            from_scratch=thresholds.from_scratch)
     print(f"case {decision['case']}: {decision['description']}. {decision['reason']}")
 
-    probe_result = train_linear(extracted["store"], decision["probe_layer"], "avg", linear=probe,
+    probe_result = train_linear(extracted["store"], decision["probe_layer"], decision["probe_pooling"], linear=probe,
                                 model_name=f"{name}-probe", output=output)
     finetuned = None
     if decision["finetune"]:
@@ -73,7 +75,10 @@ def transfer(
                                   "head_epochs": 0 if scratch else finetune.head_epochs,
                                   "learning_rate": max(finetune.learning_rate, 1e-3) if scratch
                                   else finetune.learning_rate,
-                                  "optimizer": "adam" if scratch else "sgd"}),
+                                  "optimizer": "adam" if scratch else "sgd",
+                                  # the head pools as the probe's best codes did (time-avg keeps frequency)
+                                  "head_pooling": decision["probe_pooling"] if decision["probe_pooling"] in
+                                  ("time-avg", "time-max") else finetune.head_pooling}),
                               split, model_name=f"{name}-finetuned", output=output)
     gate = champion_gate(finetuned, probe_result, thresholds.gate_margin, registry)
     champion = finetuned if gate["promoted"] == "finetuned" else probe_result

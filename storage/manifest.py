@@ -1,4 +1,4 @@
-"""The dataset manifest: which images, with which label and split.
+"""The dataset manifest: which images (or sound recordings: ``media``), with which label and split.
 
 A manifest is produced by scanning a dataset (``tasks.data.datasets``) and consumed
 by the feature store to decide what to compute. It is a JSON file (one sample per line) so
@@ -53,6 +53,8 @@ class Manifest:
     split_seed: int | None = None
     split_fractions: dict[str, float] = field(default_factory=dict)
     skipped: list[Skip] = field(default_factory=list)
+    media: str = "image"  # "image" or "audio": how the files are read (audio: drawn as spectrograms)
+    groups: dict[str, str] = field(default_factory=dict)  # path -> group (a speaker...): kept whole in one split
 
     def fingerprint(self) -> str:
         """Hash of what decides the features' rows: paths, contents, labels, splits, classes."""
@@ -74,7 +76,8 @@ class Manifest:
     # -- (de)serialisation -------------------------------------------------
     def _head(self) -> dict:
         return {"root": self.root, "layout": self.layout, "class_names": list(self.class_names),
-                "split_seed": self.split_seed, "split_fractions": dict(self.split_fractions)}
+                "split_seed": self.split_seed, "split_fractions": dict(self.split_fractions), "media": self.media,
+                "groups": dict(self.groups)}
 
     def to_dict(self) -> dict:
         return {**self._head(),
@@ -90,6 +93,7 @@ class Manifest:
             samples=[Sample(s["path"], s["sha256"], s["label"], s["split"]) for s in d["samples"]],
             split_seed=d.get("split_seed"), split_fractions=dict(d.get("split_fractions") or {}),
             skipped=[Skip(s["path"], s["reason"]) for s in d.get("skipped", [])],
+            media=d.get("media") or "image", groups=dict(d.get("groups") or {}),
         )
 
     def _lines(self, fingerprint: str):

@@ -21,11 +21,14 @@ from pydantic import Field, model_validator
 
 from storage.errors import ParameterError, StoreError
 from storage.manifest import Manifest, Skip
-from storage.store import COMPRESSIONS, DTYPES, POOLINGS, GroupSpec, StoreWriter, group_name, store_is_current
+from storage.store import COMPRESSIONS, DTYPES, GroupSpec, StoreWriter, group_name, store_is_current
 
 from . import tf_runtime
-from .backbones import BackboneSpec, Extractor, build_backbone
-from .data.images import DEFAULT_MAX_PIXELS, RESIZE_MODES, ImageError, load_image
+from .backbones import POOLINGS, BackboneSpec, Extractor, build_backbone
+from .data.images import DEFAULT_MAX_PIXELS, RESIZE_MODES
+from .data.audio import Spectrogram
+from .data.inputs import InputError, input_identity, input_loader
+from .data.media import AUDIO
 from .settings import Settings
 
 EXTRACTOR_VERSION = "1"
@@ -134,9 +137,11 @@ def decode_workers(options: ExtractOptions) -> int:
     return max(1, cores if tf_runtime.gpus() else min(4, cores))
 
 
-def decoded_batches(manifest: Manifest, todo: Sequence[int], size: int, options: ExtractOptions
+def decoded_batches(manifest: Manifest, todo: Sequence[int], size: int, options: ExtractOptions,
+                    spectrogram: Spectrogram | None = None
                     ) -> Iterator[tuple[list[int], list[np.ndarray], list[int], list[Skip]]]:
-    """Yield ``(indices, arrays, decoded indices, skips)`` per batch of ``todo``, decoding in threads.
+    """Yield ``(indices, arrays, decoded indices, skips)`` per batch of ``todo``, decoding in threads
+    (images, or sound drawn as spectrograms with the recipe ``spectrogram``, by ``manifest.media``).
 
     With ``prefetch_batches`` > 0 the next batches decode while the caller computes; with 0 each
     batch is decoded (still in parallel threads) only when the caller asks for it."""
@@ -144,14 +149,14 @@ def decoded_batches(manifest: Manifest, todo: Sequence[int], size: int, options:
     if ahead is None:
         ahead = 2 if tf_runtime.gpus() or (os.cpu_count() or 1) > 4 else 0
     batches = iter([list(todo[i:i + options.batch_size]) for i in range(0, len(todo), options.batch_size)])
+    load = input_loader(manifest.media, size, options.resize, options.max_pixels, spectrogram)
     with ThreadPoolExecutor(max_workers=decode_workers(options), thread_name_prefix="decode") as pool:
         pending: deque[tuple[list[int], list[Future]]] = deque()
 
         def submit_next() -> None:
             idx = next(batches, None)
             if idx is not None:
-                pending.append((idx, [pool.submit(load_image, manifest.abspath(manifest.samples[i]), size,
-                                                  options.resize, options.max_pixels) for i in idx]))
+                pending.append((idx, [pool.submit(load, manifest.abspath(manifest.samples[i])) for i in idx]))
 
         for _ in range(ahead + 1):
             submit_next()
@@ -162,7 +167,7 @@ def decoded_batches(manifest: Manifest, todo: Sequence[int], size: int, options:
                 try:
                     arrays.append(fut.result())
                     ok.append(i)
-                except ImageError as exc:
+                except InputError as exc:
                     skips.append(Skip(manifest.samples[i].path, str(exc)))
             if ahead:
                 submit_next()
@@ -186,13 +191,14 @@ def extract_to_store(manifest: Manifest, store: str | os.PathLike, spec: Backbon
     store = Path(store)
     spec = _resolve_for_store(spec, store)
     cuts = list(cuts)
-    config = dict(spec.identity(), resize=options.resize)
+    config = input_identity(dict(spec.identity(), resize=options.resize), manifest.media, spec.spectrogram)
     manifest_fp = manifest.fingerprint()
 
     if store_is_current(store, config, cuts, manifest_fp, options.dtype):
         from storage.store import FeatureStore
 
         recorded = FeatureStore(store).provenance.get("skipped") or []
+        write_groups(store, manifest)
         return _summary(store, cuts, manifest, computed=0, removed=0, up_to_date=True,
                         skipped=[{"path": p, "reason": r} for p, r in recorded],
                         timings={"total": time.perf_counter() - t0}, config=config)
@@ -200,13 +206,15 @@ def extract_to_store(manifest: Manifest, store: str | os.PathLike, spec: Backbon
     t_build = time.perf_counter()
     backbone = build_backbone(spec)
     extractor = Extractor(backbone, cuts, xla=options.xla)
-    identity = dict(backbone.identity(), resize=options.resize)
+    identity = input_identity(dict(backbone.identity(), resize=options.resize), manifest.media, spec.spectrogram)
     build_s = time.perf_counter() - t_build
     specs = [GroupSpec(layer, pooling, shape, options.dtype, options.compression)
              for (layer, pooling), shape in zip(cuts, extractor.shapes)]
     meta = {"spec": spec_dict(spec), "dataset": manifest.root, "layout": manifest.layout, "split_seed": manifest.split_seed,
             "split_fractions": manifest.split_fractions, "versions": _versions(),
-            "backbone_layers": len(backbone.model.layers)}
+            "backbone_layers": len(backbone.model.layers), "media": manifest.media}
+    if manifest.media == AUDIO:
+        meta["spectrogram"] = spec.spectrogram.as_dict()
 
     decode_skips: list[Skip] = []
     timings = {"build": build_s, "forward": 0.0, "write": 0.0}
@@ -218,7 +226,7 @@ def extract_to_store(manifest: Manifest, store: str | os.PathLike, spec: Backbon
         if progress:
             progress(0, len(todo))
         done = 0
-        for idx, arrays, ok, skips in decoded_batches(manifest, todo, backbone.size, options):
+        for idx, arrays, ok, skips in decoded_batches(manifest, todo, backbone.size, options, spec.spectrogram):
             decode_skips.extend(skips)
             if ok:
                 t = time.perf_counter()
@@ -236,9 +244,11 @@ def extract_to_store(manifest: Manifest, store: str | os.PathLike, spec: Backbon
             if progress:
                 progress(done, len(todo))
         recorded = Manifest(manifest.root, manifest.layout, manifest.class_names, manifest.samples,
-                            manifest.split_seed, manifest.split_fractions, list(manifest.skipped) + decode_skips)
+                            manifest.split_seed, manifest.split_fractions, list(manifest.skipped) + decode_skips,
+                            manifest.media, manifest.groups)
         writer.finish(recorded)
         recovered = writer.recovered
+    write_groups(store, manifest)
     timings["total"] = time.perf_counter() - t0
     skipped = [{"path": s.path, "reason": s.reason} for s in recorded.skipped]
     out = _summary(store, cuts, manifest, computed=extractor.images_seen, removed=max(plan.removed.values(), default=0),
@@ -250,6 +260,27 @@ def extract_to_store(manifest: Manifest, store: str | os.PathLike, spec: Backbon
     out["precision"] = spec.precision
     out["decode_workers"] = decode_workers(options)
     return out
+
+
+def groups_path(store: str | os.PathLike) -> Path:
+    """The file beside a store that names each row's group (``{path: group}``), for grouped cross-validation."""
+    return Path(str(store) + ".groups.json")
+
+
+def write_groups(store: str | os.PathLike, manifest: Manifest) -> None:
+    """Beside ``store``, the group of each of the manifest's files (removed when it has none), so that the
+    layer sweep and the C search cross-validate by group: a speaker's recordings never sit on both sides of
+    a fold, as they never sit on both sides of the split."""
+    import json
+
+    from storage.files import atomic_path
+
+    path = groups_path(store)
+    if not manifest.groups:
+        path.unlink(missing_ok=True)
+        return
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(json.dumps(manifest.groups), encoding="utf-8")
 
 
 def _resolve_for_store(spec: BackboneSpec, store: Path) -> BackboneSpec:
@@ -322,7 +353,8 @@ def shard_manifest(manifest: Manifest, index: int, shards: int) -> Manifest:
     return Manifest(manifest.root, manifest.layout, list(manifest.class_names),
                     [s for s in manifest.samples if shard_of(s.path, shards) == index],
                     manifest.split_seed, dict(manifest.split_fractions),
-                    [k for k in manifest.skipped if shard_of(k.path, shards) == index])
+                    [k for k in manifest.skipped if shard_of(k.path, shards) == index], manifest.media,
+                    manifest.groups)
 
 
 def require_gpus(n: int) -> None:

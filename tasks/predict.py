@@ -67,6 +67,8 @@ def predict_images(source: str | Path, registry: str | Path, name: str, version:
     layer, pooling = meta["layer"], meta["pooling"]
     train_store = Path(meta["store"])
     manifest = scan_images(source)
+    if train_store.exists():
+        _check_media(manifest, open_store(train_store).provenance.get("media") or "image", record)
     codes: dict[str, np.ndarray] = {}
     if reuse and train_store.exists():
         train_fs = open_store(train_store)
@@ -82,7 +84,7 @@ def predict_images(source: str | Path, registry: str | Path, name: str, version:
                                      "settings are unknown; restore it, or retrain the model.")
         spec = _spec_from(meta, open_store(train_store).provenance)
         pstore = prediction_store_path(train_store, source)
-        sub = Manifest(manifest.root, manifest.layout, [], missing)
+        sub = Manifest(manifest.root, manifest.layout, [], missing, media=manifest.media)
         # the model's resize, whatever was asked
         options = (options or ExtractOptions()).model_copy(update={"resize": meta.get("resize") or "stretch"})
         summary = extract_to_store(sub, pstore, spec, [(layer, pooling)], options, progress=progress)
@@ -149,8 +151,11 @@ def _predict_finetuned(source, reg: ModelRegistry, record, output: Path, options
     model = load_finetuned(path)
     manifest = scan_images(source)
     class_names = list(meta["class_names"])
+    spec = BackboneSpec.model_validate(meta["spec"])
+    _check_media(manifest, meta.get("media") or "image", record)
     probs, ok, skips = predict_paths(model, [manifest.abspath(s) for s in manifest.samples], int(meta["input_size"]),
-                                     meta.get("resize") or "stretch", (options or ExtractOptions()).batch_size)
+                                     meta.get("resize") or "stretch", (options or ExtractOptions()).batch_size,
+                                     manifest.media, spec.spectrogram)
     usable = [manifest.samples[i] for i in ok]
     table = _table(manifest, usable, probs, class_names)
     _write_table(table, output)
@@ -159,3 +164,12 @@ def _predict_finetuned(source, reg: ModelRegistry, record, output: Path, options
     return {"predictions": str(output.resolve()), "images": len(usable), "reused": 0, "computed": len(usable),
             "skipped": skipped, "model": record.name, "version": record.version, "layer": None, "pooling": None,
             "prediction_store": None, "class_counts": {c: int((table["predicted"] == c).sum()) for c in class_names}}
+
+
+def _check_media(manifest: Manifest, trained_on: str, record) -> None:
+    """ModelMismatchError when the files to predict are sound and the model learnt from images, or the reverse."""
+    if manifest.media != trained_on:
+        what = {"audio": "sound recordings", "image": "images"}
+        raise ModelMismatchError(f"model {record.name} v{record.version} was trained on {what.get(trained_on, trained_on)}"
+                                 f", but {manifest.root} holds {what.get(manifest.media, manifest.media)}. Predict "
+                                 "with a model trained on the same kind of data.")

@@ -45,7 +45,7 @@ def _metrics_artifact(metrics: dict[str, dict], key: str) -> None:
 @task(name="scan-dataset", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=transient_only,
       cache_policy=NO_CACHE)
 def scan_dataset(data: str, manifest_path: str, val_fraction: float, test_fraction: float, seed: int,
-                 pinned: str | None = None, rehash: bool = False) -> dict:
+                 pinned: str | None = None, rehash: bool = False, group_by: str | None = None) -> dict:
     """Scan ``data`` into a manifest JSON at ``manifest_path``; returns a small summary. ``pinned``: a JSON
     file of splits that images must keep (see :func:`tasks.data.datasets.load_pinned`). The scan's stat
     cache lives beside the manifest (``<manifest_path>.statcache``): a re-run reads only the files whose
@@ -55,14 +55,22 @@ def scan_dataset(data: str, manifest_path: str, val_fraction: float, test_fracti
     try:
         manifest = datasets.scan_dataset(data, val_fraction, test_fraction, seed, progress=bar,
                                          pinned=datasets.load_pinned(pinned) if pinned else None,
-                                         cache=datasets.cache_path_for(manifest_path), rehash=rehash, stats=stats)
+                                         cache=datasets.cache_path_for(manifest_path), rehash=rehash, stats=stats,
+                                         group_by=group_by)
     finally:
         bar.close()
     fingerprint = manifest.fingerprint()
     manifest.save(manifest_path, fingerprint)
     return {"manifest": manifest_path, "images": len(manifest.samples), "classes": manifest.class_names,
             "layout": manifest.layout, "skipped": len(manifest.skipped), "fingerprint": fingerprint,
+            "media": manifest.media,
             "files_read": stats["read"], "files_reused": stats["reused"]}
+
+
+@task(name="dataset-media", cache_policy=NO_CACHE)
+def dataset_media(data: str) -> str:
+    """``"audio"`` or ``"image"``: what ``data`` holds, by its files' extensions (nothing is read)."""
+    return datasets.peek_media(data)
 
 
 # The store is the cache: extraction checks it (content hashes) and computes only what is missing,
@@ -256,7 +264,8 @@ def evaluate_champion(registry: str, name: str, version: int, kind: str, store: 
     metrics, _ = finetune.evaluate_finetuned(path, Manifest.load(manifest_path), int(rec.metadata["input_size"]),
                                              rec.metadata.get("resize") or "stretch",
                                              int(rec.metadata["config"]["batch_size"]),
-                                             outcomes_prefix=Path(report_dir) / f"{name}-v{version}")
+                                             outcomes_prefix=Path(report_dir) / f"{name}-v{version}",
+                                             spectrogram=BackboneSpec.model_validate(rec.metadata["spec"]).spectrogram)
     return metrics
 
 

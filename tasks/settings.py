@@ -134,6 +134,10 @@ class SplitConfig(Settings):
     pinned: str | None = Field(None, description="JSON file of pinned splits ({sha256: split}, or a registry "
                                                  "lineage's splits.json): those images keep their split, only "
                                                  "the others are drawn")
+    group_by: str | None = Field(None, description="regular expression searched in each file's name whose first "
+                                                   "capture group names the file's group (a speaker, a patient): a "
+                                                   "group's files all stay in one split, and a drawn split is "
+                                                   "grouped and stratified; a CSV's group column does the same")
     rehash: bool = Field(False, description="read and hash every file again instead of trusting the stat cache "
                                             "of the last scan (files whose size, mtime, ctime and inode are "
                                             "unchanged are not read): for data changed behind the filesystem's "

@@ -63,8 +63,15 @@ def test_every_setting_of_a_command_is_an_option_with_its_description(command, m
                                         settings.ExportOptions)}
     sub = next(a for a in build_parser()._actions if a.dest == "command").choices[command]
     by_dest = {a.dest: a for a in sub._actions}
+    models = list(models)
     for model in models:
         for name, field in classes[model].model_fields.items():
+            nested = field.annotation if isinstance(field.annotation, type) and issubclass(
+                field.annotation, settings.Settings) else None
+            if nested is not None:  # a settings group inside another (the backbone's spectrogram recipe)
+                classes[nested.__name__] = nested
+                models.append(nested.__name__)
+                continue
             if name == "seed":
                 assert "seed" in by_dest  # one --seed sets every seed
                 continue

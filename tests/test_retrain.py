@@ -175,13 +175,13 @@ def test_retrain_rehash_reaches_the_scan(tmp_path, monkeypatch):
     class Stop(Exception):
         pass
 
-    def scan(data, manifest_path, val, test, seed, pinned, rehash=False):
+    def scan(data, manifest_path, val, test, seed, pinned, rehash=False, **kwargs):
         seen["scan"] = rehash
         raise Stop
 
-    def flow(data, model, output, margin=0.0, force=False, rehash=False):
+    def flow(data, model, output, margin=0.0, force=False, rehash=False, **kwargs):
         seen["flow"] = rehash
-        flow_module.retrain.fn(data, model, output, margin, force, rehash)
+        flow_module.retrain.fn(data, model, output, margin, force, rehash, **kwargs)
 
     monkeypatch.setattr(flow_module, "retrain_split_settings",
                         lambda registry, model: {"val": 0.2, "test": 0.15, "seed": 0, "pinned": None})

@@ -12,14 +12,15 @@ too. The exact Keras layer names are the vocabulary of cut points.
 Nothing here imports TensorFlow at module import time: the registry can be listed and parameters
 validated without it.
 """
-from .build import Backbone, LayerInfo, build_backbone, imagenet_weights_available, pooled_shape
+from .build import (POOLINGS, TIME_POOLINGS, Backbone, LayerInfo, build_backbone, imagenet_weights_available,
+                    pooled_shape)
 from .catalog import (FAMILY_MODES, MODEL_SUFFIXES, MODES, PREPROCESSING_MODES, REGISTRY, BackboneInfo,
                       backbone_info, is_model_file, list_backbones, parse_backbone_args, preprocess_mode,
                       preprocessing_of)
 from .extractor import Extractor
 from .spec import BackboneSpec
 
-__all__ = ["FAMILY_MODES", "MODEL_SUFFIXES", "MODES", "PREPROCESSING_MODES", "REGISTRY", "Backbone", "BackboneInfo",
+__all__ = ["POOLINGS", "TIME_POOLINGS", "FAMILY_MODES", "MODEL_SUFFIXES", "MODES", "PREPROCESSING_MODES", "REGISTRY", "Backbone", "BackboneInfo",
            "BackboneSpec", "Extractor", "LayerInfo", "backbone_info", "build_backbone", "imagenet_weights_available",
            "is_model_file", "list_backbones", "parse_backbone_args", "pooled_shape", "preprocess_mode",
            "preprocessing_of"]

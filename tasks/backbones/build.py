@@ -14,7 +14,13 @@ from typing import Any, Sequence
 import numpy as np
 
 from storage.errors import BackboneError, ParameterError
-from storage.store import POOLINGS
+from storage.store import POOLINGS as STORE_POOLINGS
+
+# Poolings of a spectrogram's feature map over time only (its width): the frequency axis (its height) is kept,
+# so where energy sits in frequency survives; each row of the map is averaged (or maxed) over time and the
+# rows are concatenated (height x channels values).
+TIME_POOLINGS = ("time-avg", "time-max")
+POOLINGS = tuple(STORE_POOLINGS) + TIME_POOLINGS
 
 from .. import tf_runtime
 from .catalog import suggest, backbone_info, is_model_file, preprocessing_of
@@ -95,6 +101,11 @@ def pooled_shape(shape: tuple, pooling: str, layer: str) -> tuple[int, ...]:
             raise ParameterError(f"layer {layer!r} outputs shape {dims}, not a spatial map, so pooling "
                                  f"{pooling!r} does not apply; use pooling 'none' or 'flatten'.")
         return (dims[-1],)
+    if pooling in TIME_POOLINGS:
+        if len(dims) != 3:
+            raise ParameterError(f"layer {layer!r} outputs shape {dims}, not a spatial map, so pooling "
+                                 f"{pooling!r} does not apply; use pooling 'none' or 'flatten'.")
+        return (dims[0] * dims[2],)
     if pooling == "flatten":
         return (int(np.prod(dims)),)
     return dims

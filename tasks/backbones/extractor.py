@@ -14,7 +14,9 @@ class Extractor:
     """A backbone cut at several layers, each pooled, as one compiled forward pass.
 
     ``extractor(batch_uint8)`` takes ``(n, size, size, 3)`` uint8 RGB and
-    returns one float32 array per (layer, pooling), in the order given.
+    returns one float32 array per (layer, pooling), in the order given. Poolings: ``avg`` and ``max``
+    over the whole map, ``time-avg`` and ``time-max`` over its width only (a spectrogram's time axis;
+    ``(n, height * channels)``, row by row), ``flatten``, ``none``.
     """
 
     def __init__(self, backbone: Backbone, cuts: Sequence[tuple[str, str]], xla: bool = False):
@@ -50,6 +52,9 @@ class Extractor:
                     y = tf.reduce_mean(y, axis=[1, 2])
                 elif pooling == "max":
                     y = tf.reduce_max(y, axis=[1, 2])
+                elif pooling in ("time-avg", "time-max"):  # over the width (time); rows (frequency) kept
+                    y = tf.reduce_mean(y, axis=2) if pooling == "time-avg" else tf.reduce_max(y, axis=2)
+                    y = tf.reshape(y, [tf.shape(y)[0], -1])
                 elif pooling == "flatten":
                     y = tf.reshape(y, [tf.shape(y)[0], -1])
                 res.append(y)

@@ -10,6 +10,7 @@ from storage.errors import BackboneError, ParameterError
 from storage.hashing import file_sha256
 
 from .. import tf_runtime
+from ..data.audio import Spectrogram
 from ..settings import Settings
 from .catalog import (PREPROCESSING_MODES, REGISTRY, backbone_info, is_model_file, preprocessing_of)
 
@@ -36,6 +37,9 @@ class BackboneSpec(Settings):
         "auto", description="compute precision of the whole network: float32; float16 (mixed, GPUs); bfloat16 "
                             "(GPUs and CPUs with AVX512-BF16/AMX); auto = float16 on a GPU, float32 on a CPU")
     seed: int = Field(0, description="initialisation seed for weights 'none'")
+    spectrogram: Spectrogram = Field(default_factory=Spectrogram,
+                                     description="how sound becomes the input image, when the data is audio "
+                                                 "(the spectrogram recipe; recorded in the store)")
 
     @model_validator(mode="before")
     @classmethod
@@ -52,6 +56,8 @@ class BackboneSpec(Settings):
             data["weights"] = "file"  # the model file carries its own weights
         if data.get("backbone_args") is None:
             data["backbone_args"] = {}
+        if data.get("spectrogram") is None:
+            data.pop("spectrogram", None)
         return data
 
     @model_validator(mode="after")

@@ -30,12 +30,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
+import numpy as np
+
 from storage.errors import DatasetError, ParameterError
 from storage.hashing import file_sha256
 from storage.manifest import SPLITS, Manifest, Sample, Skip
 
 from . import statcache
-from .media import IMAGE_EXTENSIONS, NotMedia, describe_supported, kind_from_extension, sniff  # noqa: F401
+from .media import (AUDIO, IMAGE, IMAGE_EXTENSIONS, NotMedia, content_kind, describe_supported,  # noqa: F401
+                    kind_from_extension, sniff)
 from .statcache import Key, NotRegularFile, cache_path_for, stat_key  # noqa: F401
 
 SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val",
@@ -316,6 +319,91 @@ def _keep_copies_together(split_of: dict[str, str], content: Mapping[str, str],
     return split_of
 
 
+def assign_grouped_splits(items: list[tuple[str, int]], groups: Mapping[str, str], val_fraction: float,
+                          test_fraction: float, seed: int, content: Mapping[str, str] | None = None
+                          ) -> dict[str, str]:
+    """A split of ``(path, label)`` items in which every group (``groups`` maps a path to its group: a speaker,
+    a patient, a session) lies whole in one split, so that nothing learnt from a group is judged on the
+    same group. Stratified as far as whole groups allow: groups are taken largest first (ties in a seeded
+    hash order of their names), and each goes to the split whose per-class deficit it fills best, a
+    deficit being the split's share of each class (``test_fraction``, ``val_fraction``, the rest to
+    train) minus what it holds already; ties go to the split that is relatively furthest from its share.
+    The first group always goes to train. Identical files then follow :func:`_keep_copies_together`."""
+    members: dict[str, list[tuple[str, int]]] = {}
+    for path, label in items:
+        members.setdefault(groups.get(path, path), []).append((path, label))
+    classes = sorted({label for _, label in items})
+    col = {c: i for i, c in enumerate(classes)}
+    total = np.zeros(len(classes))
+    for _, label in items:
+        total[col[label]] += 1
+    shares = {"test": test_fraction, "val": val_fraction, "train": 1.0 - val_fraction - test_fraction}
+    target = {sp: total * f for sp, f in shares.items()}
+    held = {sp: np.zeros(len(classes)) for sp in shares}
+    order = sorted(members, key=lambda g: (-len(members[g]), _rank(seed, g)))
+    out: dict[str, str] = {}
+    for k, g in enumerate(order):
+        counts = np.zeros(len(classes))
+        for _, label in members[g]:
+            counts[col[label]] += 1
+        if k == 0:
+            side = "train"
+        else:
+            def score(sp: str) -> tuple[float, float]:
+                deficit = np.maximum(0.0, target[sp] - held[sp])
+                want = float(target[sp].sum())
+                return float(np.minimum(counts, deficit).sum()), float(deficit.sum()) / want if want else -1.0
+            side = max((sp for sp in ("test", "val", "train") if shares[sp] > 0), key=score)
+        held[side] += counts
+        for path, _ in members[g]:
+            out[path] = side
+    return _keep_copies_together(out, content or {})
+
+
+def groups_from_names(paths: list[str], pattern: str) -> dict[str, str]:
+    """Group of each path: what ``pattern`` (a regular expression searched in the file's name) captures,
+    its first group where it has one, else the whole match. ParameterError for a bad pattern; DatasetError
+    when no name matches (a name that does not match is a group of its own)."""
+    import re
+
+    try:
+        rx = re.compile(pattern)
+    except re.error as exc:
+        raise ParameterError(f"group_by {pattern!r} is not a regular expression ({exc}). Give one that captures "
+                             r"the group in a file name, e.g. '^\d+_([a-z]+)_' for 7_jackson_32.wav.") from None
+    out: dict[str, str] = {}
+    missed = []
+    for p in paths:
+        m = rx.search(os.path.basename(p))
+        if m is None:
+            missed.append(p)
+            out[p] = "\0file:" + p
+        else:
+            out[p] = m.group(1) if rx.groups and m.group(1) is not None else m.group(0)
+    if missed and len(missed) == len(paths):
+        raise DatasetError(f"group_by {pattern!r} matches none of the file names (e.g. "
+                           f"{os.path.basename(paths[0])!r}), so it groups nothing. Fix the pattern: it is searched "
+                           "in each file's name and its first capture group names the group.")
+    if missed:
+        log.warning("group_by %r matches %d of %d file names; each of the others is a group of its own "
+                    "(e.g. %s)", pattern, len(paths) - len(missed), len(paths), missed[0])
+    return out
+
+
+def check_groups_within_splits(split_of: Mapping[str, str], groups: Mapping[str, str], where: str) -> None:
+    """DatasetError when a group has files in more than one of the given splits."""
+    seen: dict[str, set[str]] = {}
+    for p, sp in split_of.items():
+        if p in groups:
+            seen.setdefault(groups[p], set()).add(sp)
+    bad = {g: sorted(v) for g, v in seen.items() if len(v) > 1}
+    if bad:
+        g, sides = next(iter(sorted(bad.items())))
+        raise DatasetError(f"{where}: group {g!r} has files in {' and '.join(sides)} ({len(bad)} group(s) straddle "
+                           "splits), so the model would be judged on a group it learnt from. Put each group's files "
+                           "in one split, or leave the splits out and let cnncodes draw a grouped split.")
+
+
 def carve_test(items: list[tuple[str, int, str]], test_fraction: float, seed: int,
                content: Mapping[str, str] | None = None) -> dict[str, str]:
     """A test split for data that came with train and val splits but no test: per class,
@@ -340,6 +428,32 @@ def carve_test(items: list[tuple[str, int, str]], test_fraction: float, seed: in
                 out[p] = "test"
             n_test -= take
     return _keep_copies_together(out, content, fallback={p: g for p, _, g in items})
+
+
+def carve_grouped_test(items: list[tuple[str, int, str]], groups: Mapping[str, str], test_fraction: float,
+                       seed: int) -> dict[str, str]:
+    """:func:`carve_test` for grouped data: whole groups move to test, from val first (largest group first,
+    ties in seeded order), then from train, until about ``test_fraction`` of the files are in test; each
+    side keeps at least one of its groups (val one group where it had any, train one)."""
+    out = {p: g for p, _, g in items}
+    want = _n_held(len(items), test_fraction)
+    by_group: dict[str, list[str]] = {}
+    side: dict[str, str] = {}
+    for p, _, g in items:
+        by_group.setdefault(groups.get(p, p), []).append(p)
+        side[groups.get(p, p)] = g
+    moved = 0
+    for source in ("val", "train"):
+        pool = sorted((g for g in by_group if side[g] == source), key=lambda g: (-len(by_group[g]), _rank(seed, g)))
+        for g in pool[:max(0, len(pool) - 1)]:
+            if moved >= want:
+                break
+            if want - moved < len(by_group[g]) / 2:  # this group would overshoot more than it fills
+                continue
+            for p in by_group[g]:
+                out[p] = "test"
+            moved += len(by_group[g])
+    return out
 
 
 def load_pinned(path: str | os.PathLike) -> dict[str, str]:
@@ -369,7 +483,7 @@ def check_split_params(val_fraction: float, test_fraction: float) -> None:
 def scan_dataset(source: str | os.PathLike, val_fraction: float = 0.2, test_fraction: float = 0.15,
                  seed: int = 0, workers: int = 4, progress: Progress | None = None,
                  pinned: Mapping[str, str] | None = None, *, cache: str | os.PathLike | None = None,
-                 rehash: bool = False, stats: dict[str, Any] | None = None) -> Manifest:
+                 rehash: bool = False, stats: dict[str, Any] | None = None, group_by: str | None = None) -> Manifest:
     """Scan ``source`` into a :class:`Manifest` with content hashes.
 
     Splits: given ones (split folders, a CSV's split column) are kept. Data without splits gets a
@@ -385,6 +499,15 @@ def scan_dataset(source: str | os.PathLike, val_fraction: float = 0.2, test_frac
     usable image is listed there too and the class is left out. Which files are images:
     :mod:`tasks.data.media`.
 
+    Groups: a CSV's ``group`` column, or ``group_by`` (a regular expression whose first capture group,
+    searched in each file's name, names its group: ``^\\d+_([a-z]+)_`` takes the speaker of
+    ``7_jackson_32.wav``) keeps all of a group's files in one split: a drawn split is then grouped and
+    stratified (:func:`assign_grouped_splits`), and given splits in which a group straddles two are refused.
+
+    Media: images, or sound recordings (:mod:`tasks.data.media`); a dataset is one or the other
+    (``manifest.media``), by the kind most of its files are; files of the other kind are skipped with
+    the reason.
+
     Re-scans: with ``cache`` (a file path; the flows use :func:`cache_path_for` of their manifest) the
     scan keeps each file's stat with its hash there, and a later scan opens only the files whose stat
     (size, mtime, ctime, inode) changed, reusing the recorded hash (or "not an image" verdict) of all
@@ -399,6 +522,7 @@ def scan_dataset(source: str | os.PathLike, val_fraction: float = 0.2, test_frac
     layout = detect_layout(source)
     root = Path(source).resolve()
     skipped: list[Skip] = []
+    csv_groups: dict[str, str] = {}
     # (folder, file name, stat key or error, relative path, class name, split or None, class folder index or -1)
     entries: list[tuple[str, str, Key | OSError, str, str, str | None, int]] = []
     class_dirs: list[tuple[str, str]] = []  # (relative folder, class name)
@@ -420,7 +544,8 @@ def scan_dataset(source: str | os.PathLike, val_fraction: float = 0.2, test_frac
     if layout == "csv":
         base = root.parent
         listed, skipped = _read_csv(root)
-        entries = [(*os.path.split(a), _stat(a), rel, cls, split, -1) for a, rel, cls, split in listed]
+        entries = [(*os.path.split(a), _stat(a), rel, cls, split, -1) for a, rel, cls, split, _ in listed]
+        csv_groups = {rel: g for _, rel, _, _, g in listed if g}
         del listed
     else:
         base = root
@@ -464,6 +589,7 @@ def scan_dataset(source: str | os.PathLike, val_fraction: float = 0.2, test_frac
             raise _no_images(source, [s for s in skipped if s.path in listed])
         raise DatasetError(f"none of the {len(entries)} files in {source} could be read as images; see the "
                            "reasons: " + "; ".join(f"{s.path}: {s.reason}" for s in skipped[:5]))
+    kept, media = _one_media(kept, base, skipped, source)
     del entries  # what the splits need is in kept: the listing's stat keys and names can go
 
     class_names = sorted({cls for _, _, cls, _ in kept})
@@ -478,20 +604,39 @@ def scan_dataset(source: str | os.PathLike, val_fraction: float = 0.2, test_frac
     split_seed: int | None = None
     pinned = pinned or {}
     content = {rel: h for rel, h, _, _ in kept}
+    groups = groups_from_names([rel for rel, _, _, _ in kept], group_by) if group_by else \
+        {rel: csv_groups[rel] for rel, _, _, _ in kept if rel in csv_groups}
     if all(s is None for s in given):
         split_seed = seed
         split_fractions = {"val": float(val_fraction), "test": float(test_fraction)}
-        drawn = assign_splits([(rel, label_of[cls]) for rel, h, cls, _ in kept if h not in pinned],
-                              val_fraction, test_fraction, seed, content)
+        items = [(rel, label_of[cls]) for rel, h, cls, _ in kept if h not in pinned]
+        drawn = assign_grouped_splits(items, groups, val_fraction, test_fraction, seed, content) if groups else \
+            assign_splits(items, val_fraction, test_fraction, seed, content)
+        if groups and pinned:  # a new file of a group the pins already place joins its group's split
+            placed: dict[str, str] = {}
+            for rel, h, _, _ in kept:
+                if h in pinned and rel in groups:
+                    placed.setdefault(groups[rel], pinned[h])
+            drawn = {rel: placed.get(groups.get(rel, ""), sp) for rel, sp in drawn.items()}
         splits_final = [pinned.get(h) or drawn[rel] for rel, h, _, _ in kept]
     elif "test" not in given and test_fraction > 0:
         split_seed = seed
         split_fractions = {"test": float(test_fraction)}
-        carved = carve_test([(rel, label_of[cls], s or "train") for rel, h, cls, s in kept
-                             if pinned.get(h) != "test"], test_fraction, seed, content)
+        rows = [(rel, label_of[cls], s or "train") for rel, h, cls, s in kept if pinned.get(h) != "test"]
+        if groups:
+            check_groups_within_splits({r: g for r, _, g in rows}, groups, str(source))
+            carved = carve_grouped_test(rows, groups, test_fraction, seed)
+        else:
+            carved = carve_test(rows, test_fraction, seed, content)
         splits_final = ["test" if pinned.get(h) == "test" else carved[rel] for rel, h, _, _ in kept]
     else:
         splits_final = [s or "train" for s in given]
+        if groups:
+            check_groups_within_splits({rel: sp for (rel, _, _, _), sp in zip(kept, splits_final)}, groups,
+                                       str(source))
+    if groups:
+        log.info("split grouped by %s: %d groups, each whole in one split", group_by or "the CSV's group column",
+                 len(set(groups.values())))
     samples = [Sample(rel, h, label_of[cls], sp) for (rel, h, cls, _), sp in zip(kept, splits_final)]
     if not any(sp == "test" for sp in splits_final):
         log.warning("no test split in %s: the accuracy reported will be measured on val, which early stopping, "
@@ -501,7 +646,61 @@ def scan_dataset(source: str | os.PathLike, val_fraction: float = 0.2, test_frac
         stats.setdefault("seconds", {}).update(list=round(t_list - t0, 4), judge=round(t_judge - t_list, 4),
                                                splits=round(time.perf_counter() - t_judge, 4))
     return Manifest(root=str(base), layout=layout, class_names=class_names, samples=samples,
-                    split_seed=split_seed, split_fractions=split_fractions, skipped=skipped)
+                    split_seed=split_seed, split_fractions=split_fractions, skipped=skipped, media=media,
+                    groups={rel: str(groups[rel]) for rel, _, _, _ in kept if rel in groups})
+
+
+def _kind(base: Path, rel: str) -> str:
+    return kind_from_extension(rel) or content_kind(base / rel)
+
+
+def _one_media(kept: list[tuple], base: Path, skipped: list[Skip], source) -> tuple[list[tuple], str]:
+    """A dataset is images or sound, not both: the kind most of ``kept`` (``(rel, ...)`` tuples) are wins;
+    files of the other kind are skipped with the reason. Returns the kept files and the kind."""
+    # A file without a known extension is opened (its first 12 bytes) only when the answer can matter: some
+    # file is sound by its name, or none has a known name. A re-scan of an image dataset thus opens nothing
+    # the stat cache vouches for.
+    named = [kind_from_extension(k[0]) for k in kept]
+    if AUDIO in named or not any(named):
+        kinds = [n or _kind(base, k[0]) for n, k in zip(named, kept)]
+    else:
+        kinds = [n or IMAGE for n in named]
+    n_audio = sum(k == AUDIO for k in kinds)
+    media = AUDIO if n_audio * 2 > len(kinds) else IMAGE
+    if 0 < n_audio < len(kinds):
+        other = "an image" if media == AUDIO else "a sound recording"
+        where = "sound recordings" if media == AUDIO else "images"
+        for k, kind in zip(kept, kinds):
+            if kind != media:
+                skipped.append(Skip(k[0], f"{other} in a dataset of {where} ({source}: most files are {where}); "
+                                          "keep images and sound in separate datasets"))
+        kept = [k for k, kind in zip(kept, kinds) if kind == media]
+    return kept, media
+
+
+def peek_media(source: str | os.PathLike, limit: int = 1000) -> str:
+    """``"audio"`` or ``"image"``: what most of the first ``limit`` files of ``source`` (a dataset folder or CSV,
+    as :func:`scan_dataset` takes) are, judged by their extensions alone; nothing is opened but the listing (a
+    flow decides with it what to extract before the scan). Files without a known extension do not count;
+    with none known, ``"image"``."""
+    p = Path(source)
+    names: list[str] = []
+    if p.is_file() and p.suffix.lower() == ".csv":
+        try:
+            with open(p, newline="", encoding="utf-8-sig") as fh:
+                for i, row in enumerate(csv.DictReader(fh)):
+                    if i >= limit:
+                        break
+                    names.append(next((v or "" for k, v in row.items() if k and k.strip().lower() == "path"), ""))
+        except (OSError, UnicodeDecodeError, csv.Error):
+            return IMAGE  # the scan reports what is wrong with it
+    elif p.is_dir():
+        for _, name, _ in _walk(str(p), []):
+            names.append(name)
+            if len(names) >= limit:
+                break
+    kinds = [k for k in (kind_from_extension(n) for n in names) if k]
+    return AUDIO if kinds and sum(k == AUDIO for k in kinds) * 2 > len(kinds) else IMAGE
 
 
 def _read_csv(csv_path: Path):
@@ -530,6 +729,7 @@ def _parse_csv(csv_path: Path, reader: csv.DictReader):
     for lineno, raw in enumerate(reader, 2):
         row = {k.strip().lower(): (v or "").strip() for k, v in raw.items() if k}
         path, label, split = row.get("path", ""), row.get("label", ""), row.get("split") or None
+        group = row.get("group") or None
         if not path or not label:
             raise DatasetError(f"{csv_path}:{lineno}: empty path or label. Every row needs both.")
         if split is not None:
@@ -542,7 +742,7 @@ def _parse_csv(csv_path: Path, reader: csv.DictReader):
             skipped.append(Skip(rel, f"listed twice in {csv_path.name} (line {lineno}); first entry kept"))
             continue
         seen.add(rel)
-        entries.append((str(abs_path), rel, label, split))
+        entries.append((str(abs_path), rel, label, split, group))
     has_split = [e[3] is not None for e in entries]
     if any(has_split) and not all(has_split):
         raise DatasetError(f"{csv_path}: the split column is filled on some rows and empty on others. "
@@ -613,4 +813,6 @@ def scan_images(source: str | os.PathLike, workers: int = 4, progress: Progress 
     if not samples:
         raise DatasetError(f"none of the images in {source} could be read: "
                            + "; ".join(f"{s.path}: {s.reason}" for s in skipped[:5]))
-    return Manifest(root=str(base), layout="images", class_names=[], samples=samples, skipped=skipped)
+    rows, media = _one_media([(x.path, x) for x in samples], base, skipped, source)
+    return Manifest(root=str(base), layout="images", class_names=[], samples=[x for _, x in rows], skipped=skipped,
+                    media=media)

@@ -1,13 +1,14 @@
 """What kind of media a file is, judged by its name first and by its content otherwise.
 
-The one place that decides which files a dataset scan takes (today: images; audio is to sit beside
-them, with its own extensions and its own sniff). Two steps, both cheap:
+The one place that decides which files a dataset scan takes: images, and sound recordings (audio, drawn
+as spectrograms; :mod:`tasks.data.audio`). Two steps, both cheap:
 
 * a file whose extension is a known image extension (:data:`IMAGE_EXTENSIONS`) is taken as an image
-  without being opened; the decoder (:mod:`tasks.data.images`) judges its content later, so a PNG
+  without being opened, and one with a known sound extension (:data:`AUDIO_EXTENSIONS`) as audio; the decoder (:mod:`tasks.data.images`) judges its content later, so a PNG
   named ``.jpg`` is read as the PNG it is, and a text file named ``.png`` is skipped then, with its
   reason;
-* any other file is sniffed: Pillow's lazy ``Image.open`` reads its header (never its pixels). It is
+* any other file is sniffed: a sound file's signature (RIFF/RF64 WAVE, FLAC, Ogg, AIFF) makes it audio;
+  otherwise Pillow's lazy ``Image.open`` reads its header (never its pixels). It is
   an image when Pillow identifies a format it can decode; otherwise :class:`NotMedia` says what it is
   not.
 
@@ -27,6 +28,9 @@ import warnings
 from pathlib import Path
 
 IMAGE = "image"
+AUDIO = "audio"
+# Taken as sound by name alone; the decoder (libsndfile) judges the content later.
+AUDIO_EXTENSIONS = (".wav", ".wave", ".flac", ".ogg", ".oga", ".aif", ".aiff", ".mp3")
 
 # Taken as images by name alone: formats Pillow opens by a signature in its standard builds (JPEG 2000
 # and AVIF need their codecs; without them the decoder reports the file). Everything else is sniffed.
@@ -52,14 +56,28 @@ def _ext(path: str | os.PathLike) -> str:
 
 
 def kind_from_extension(path: str | os.PathLike) -> str | None:
-    """``"image"`` when the name has a known image extension, else None (the content decides)."""
-    return IMAGE if Path(path).suffix.lower() in IMAGE_EXTENSIONS else None
+    """``"image"`` or ``"audio"`` when the name has a known extension of that kind, else None (the content
+    decides)."""
+    ext = Path(path).suffix.lower()
+    return IMAGE if ext in IMAGE_EXTENSIONS else AUDIO if ext in AUDIO_EXTENSIONS else None
 
 
 def describe_supported() -> str:
     """For messages: which files a scan takes."""
-    return (f"files named {', '.join(IMAGE_EXTENSIONS)}, and any other file Pillow identifies as an "
-            "image by its content")
+    return (f"files named {', '.join(IMAGE_EXTENSIONS)} (images) or {', '.join(AUDIO_EXTENSIONS)} (sound), and "
+            "any other file Pillow identifies as an image or that carries a WAV, FLAC, Ogg or AIFF signature")
+
+
+def audio_signature(head: bytes) -> bool:
+    """True when the first 12 bytes of a file are those of a sound container libsndfile reads."""
+    return (head[:4] in (b"RIFF", b"RIFX", b"RF64") and head[8:12] == b"WAVE") or head[:4] in (b"fLaC", b"OggS") \
+        or (head[:4] == b"FORM" and head[8:12] in (b"AIFF", b"AIFC"))
+
+
+def content_kind(path: str | os.PathLike) -> str:
+    """The kind of a file :func:`sniff` accepted: audio by its signature, else image."""
+    with open(path, "rb") as fh:
+        return AUDIO if audio_signature(fh.read(12)) else IMAGE
 
 
 _PIL = None
@@ -111,8 +129,11 @@ def sniff(path: str | os.PathLike) -> str:
     Image, ImageFile, UnidentifiedImageError = _pillow()
     ext = _ext(path)
     with open(path, "rb") as fh:
-        if not fh.read(1):
+        head = fh.read(12)
+        if not head:
             raise NotMedia("empty file (0 bytes)")
+        if audio_signature(head):
+            return AUDIO
         fh.seek(0)
         try:
             img = Image.open(fh, formats=pillow_formats())

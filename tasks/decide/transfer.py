@@ -99,15 +99,19 @@ class SimilarityMeasure:
     similar: bool
     scores: list[dict[str, Any]] = field(default_factory=list)
     note: str = ""
+    late_pooling: str = "avg"                # the late layer's best pooling
+    best_early_pooling: str | None = None
 
 
 def measure_similarity(sweep_rows: Sequence[dict[str, Any]], late_layer: str, margin: float,
                        pretrained: bool) -> SimilarityMeasure:
     """From a layer sweep's rows ({layer, pooling, mean, std}): does the last layer win?"""
     rows = list(sweep_rows)
-    late = next((r for r in rows if r["layer"] == late_layer), None)
-    if late is None:
+    # A layer stored with several poolings (a spectrogram's avg and time-avg) is judged by its best one.
+    late_rows = [r for r in rows if r["layer"] == late_layer]
+    if not late_rows:
         raise ParameterError(f"the sweep has no score for the late layer {late_layer!r}.")
+    late = max(late_rows, key=lambda r: r["mean"])
     early = [r for r in rows if r["layer"] != late_layer]
     best = max(early, key=lambda r: r["mean"]) if early else None
     diff = late["mean"] - (best["mean"] if best else late["mean"])
@@ -116,7 +120,8 @@ def measure_similarity(sweep_rows: Sequence[dict[str, Any]], late_layer: str, ma
     if not pretrained:
         similar, note = False, "random weights carry no source domain: treated as different"
     return SimilarityMeasure(late_layer, late["mean"], best["layer"] if best else None,
-                             best["mean"] if best else None, diff, margin, similar, rows, note)
+                             best["mean"] if best else None, diff, margin, similar, rows, note,
+                             late.get("pooling", "avg"), best.get("pooling", "avg") if best else None)
 
 
 @dataclass
@@ -130,6 +135,7 @@ class Decision:
     from_scratch: bool
     size: SizeMeasure
     similarity: SimilarityMeasure
+    probe_pooling: str = "avg"  # the pooling of probe_layer's best sweep row
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -156,15 +162,17 @@ def decide(size: SizeMeasure, similarity: SimilarityMeasure, *, force_case: int 
         reason += f" Case {force_case} was forced."
     if force_layer:
         layer = force_layer
+        scored = [r for r in similarity.scores if r["layer"] == force_layer]
+        pooling = max(scored, key=lambda r: r["mean"]).get("pooling", "avg") if scored else "avg"
     elif case in (2, 4) and similarity.best_early_layer and similarity.best_early_score is not None \
             and similarity.best_early_score > similarity.late_score:
-        layer = similarity.best_early_layer
+        layer, pooling = similarity.best_early_layer, similarity.best_early_pooling or "avg"
     else:
-        layer = similarity.late_layer
+        layer, pooling = similarity.late_layer, similarity.late_pooling
     finetune = case in (3, 4)
     freeze = (top_freeze or "none") if case == 3 else ("none" if case == 4 else None)
     return Decision(case, reason, bool(force_case), layer, finetune, freeze, case == 4 and from_scratch,
-                    size, similarity)
+                    size, similarity, pooling)
 
 
 SKIPPED_KINDS = ("ZeroPadding2D", "Dropout", "SpatialDropout2D", "InputLayer")
@@ -227,6 +235,8 @@ def decision_markdown(d: dict[str, Any]) -> str:
     dec = d["decision"]
     size, sim = dec["size"], dec["similarity"]
     lines = [f"# Transfer decision: case {dec['case']}", "", f"**{dec['description']}**", "", dec["reason"], "",
+             f"The probe uses `{dec['probe_layer']}` with {dec.get('probe_pooling', 'avg')} pooling (its best "
+             "pooling in the sweep below).", "",
              "## Size", "", f"- train images: {size['train_images']}, median per class "
              f"{size['median_per_class']:g}, smallest class {size['smallest_class']}",
              f"- large from {size['threshold']} images per class (`--large-per-class`)", "",

@@ -13,7 +13,7 @@ from ..settings import Settings
 
 
 OPTIMIZERS = ("sgd", "adam")
-AUGMENTATIONS = ("flip", "rotation", "zoom", "translation", "contrast")
+AUGMENTATIONS = ("flip", "rotation", "zoom", "translation", "contrast", "time-mask", "freq-mask", "time-shift")
 SCHEDULES = ("constant", "step", "cosine", "plateau")
 
 
@@ -24,7 +24,8 @@ class FineTuneConfig(Settings):
                                             "or 'until:LAYER' (up to and including it)")
     freeze_batchnorm: bool = Field(True, description="keep every BatchNormalization layer frozen (inference mode)")
     cut_layer: str | None = Field(None, description="use the backbone only up to this layer")
-    head_pooling: Literal["avg", "flatten"] = Field("avg", description="pooling of the new head")
+    head_pooling: Literal["avg", "flatten", "time-avg", "time-max"] = Field(
+        "avg", description="pooling of the new head (time-avg, time-max: over the width only, for spectrograms)")
     dense: tuple[int, ...] = Field((1024,), description="hidden Dense+ReLU widths of the head (empty for none)")
     dropout: float = Field(0.5, description="dropout after each hidden Dense, in [0, 1)")
     optimizer: Literal[OPTIMIZERS] = Field("sgd", description="optimizer of the fine-tuning phase")

@@ -17,6 +17,7 @@ from storage.manifest import Manifest
 
 from .. import tf_runtime
 from ..data.images import ImageError, load_image
+from ..data.inputs import InputError
 from .config import FineTuneConfig
 
 
@@ -56,21 +57,23 @@ def pipeline_options():
 
 def make_dataset(paths: Sequence[str], labels: np.ndarray, rel: Sequence[str], size: int, resize: str,
                  batch_size: int, skips: SkipLog, *, training: bool, augment=None, seed: int = 0,
-                 cache: str | None = ""):
+                 cache: str | None = "", load=None):
     """``tf.data`` pipeline of (uint8 image, label) batches: decode with the project's decoder
     (bad files dropped and logged), cache, shuffle and augment when training, prefetch two batches;
     fixed parallelism, no autotuning (:func:`pipeline_options`).
 
     With a cache (``cache`` not None; ``""``: in memory) the images are decoded here, before the
-    dataset is returned, and its ``cardinality()`` is the number of batches."""
+    dataset is returned, and its ``cardinality()`` is the number of batches. ``load`` (``path -> uint8
+    array``, :func:`tasks.data.inputs.input_loader`) replaces the image decoder: sound is drawn as spectrograms."""
     tf = tf_runtime.tensorflow()
     rel_of = dict(zip(paths, rel))
+    read = load if load is not None else (lambda path: load_image(path, size, resize))
 
     def decode(path_bytes):
         path = path_bytes.decode()
         try:
-            return load_image(path, size, resize), True
-        except ImageError as exc:
+            return read(path), True
+        except (ImageError, *InputError) as exc:
             skips.add(rel_of.get(path, path), str(exc))
             return np.zeros((size, size, 3), np.uint8), False
 
@@ -108,11 +111,62 @@ def make_dataset(paths: Sequence[str], labels: np.ndarray, rel: Sequence[str], s
     return ds.prefetch(2).with_options(pipeline_options())
 
 
-def augmentation(cfg: FineTuneConfig):
-    if not cfg.augment:
+IMAGE_ONLY = ("flip", "rotation", "zoom")  # they move frequencies of a spectrogram: never applied to sound
+SPECTROGRAM_AUGMENTATIONS = ("time-mask", "freq-mask", "time-shift")
+
+
+def augmentations_for(cfg: FineTuneConfig, media: str) -> tuple[str, ...]:
+    """The augmentations that apply to ``media``: for sound, flips, rotations and zooms are left out (a flipped
+    spectrogram plays the sound backwards or upside down in pitch), and when none of the chosen ones is left,
+    SpecAugment's masks and a time shift (:data:`SPECTROGRAM_AUGMENTATIONS`) are used instead."""
+    chosen = tuple(cfg.augment)
+    if media != "audio" or not chosen:
+        return chosen
+    kept = tuple(a for a in chosen if a not in IMAGE_ONLY)
+    return kept if any(a in SPECTROGRAM_AUGMENTATIONS for a in kept) else kept + SPECTROGRAM_AUGMENTATIONS
+
+
+def _band_mask(axis: int, strength: float, seed: int):
+    """A Keras layer that blacks out (0) one random band of rows (axis 1: frequency) or columns (axis 2: time)
+    per image, up to ``2 * strength`` of that axis wide (SpecAugment); training only."""
+    keras = tf_runtime.keras()
+    tf = tf_runtime.tensorflow()
+
+    class BandMask(keras.layers.Layer):
+        def __init__(self, **kw):
+            super().__init__(**kw)
+            self.gen = tf.random.Generator.from_seed(seed)
+
+        def call(self, x, training=None):
+            if not training:
+                return x
+            n, length = tf.shape(x)[0], tf.shape(x)[axis]
+            widest = tf.maximum(1, tf.cast(tf.cast(length, tf.float32) * 2.0 * strength, tf.int32))
+            width = self.gen.uniform([n], 0, widest + 1, dtype=tf.int32)
+            start = tf.cast(self.gen.uniform([n]) * tf.cast(length - width + 1, tf.float32), tf.int32)
+            pos = tf.range(length)[None, :]
+            band = (pos >= start[:, None]) & (pos < (start + width)[:, None])
+            keep = tf.cast(~band, x.dtype)
+            shape = [n, length, 1, 1] if axis == 1 else [n, 1, length, 1]
+            return x * tf.reshape(keep, shape)
+
+    return BandMask(name="freq_mask" if axis == 1 else "time_mask")
+
+
+def augmentation(cfg: FineTuneConfig, media: str = "image"):
+    chosen = augmentations_for(cfg, media)
+    if not chosen:
         return None
     keras = tf_runtime.keras()
     s, layers = cfg.augment_strength, []
+    if "time-mask" in chosen:
+        layers.append(_band_mask(2, s, cfg.seed + 5))
+    if "freq-mask" in chosen:
+        layers.append(_band_mask(1, s, cfg.seed + 6))
+    if "time-shift" in chosen:
+        layers.append(keras.layers.RandomTranslation(0.0, s, fill_mode="constant", fill_value=0.0, seed=cfg.seed + 7,
+                                                     name="time_shift"))
+    cfg = cfg.model_copy(update={"augment": tuple(a for a in chosen if a not in SPECTROGRAM_AUGMENTATIONS)})
     if "flip" in cfg.augment:
         layers.append(keras.layers.RandomFlip("horizontal", seed=cfg.seed))
     if "rotation" in cfg.augment:

@@ -10,7 +10,8 @@ import numpy as np
 from storage.manifest import Manifest, Skip
 
 from .. import tf_runtime
-from ..data.images import ImageError, load_image
+from ..data.audio import Spectrogram
+from ..data.inputs import InputError, input_loader
 from .data import split_arrays
 from .network import keras_pieces
 
@@ -45,17 +46,20 @@ def predict_images_array(model, images: np.ndarray, batch_size: int = 32) -> np.
     return np.asarray(model.predict(images.astype(np.float32), batch_size=batch_size, verbose=0))
 
 
-def predict_paths(model, paths: Sequence[str], size: int, resize: str, batch_size: int = 32
+def predict_paths(model, paths: Sequence[str], size: int, resize: str, batch_size: int = 32,
+                  media: str = "image", spectrogram: Spectrogram | None = None
                   ) -> tuple[np.ndarray, list[int], list[Skip]]:
-    """Class probabilities of images on disk, decoded as in training; returns (probs, ok indices, skips)."""
+    """Class probabilities of images (or sound recordings, drawn with ``spectrogram``) on disk, decoded as in
+    training; returns (probs, ok indices, skips)."""
+    load = input_loader(media, size, resize, spectrogram=spectrogram)
     probs, ok, skips = [], [], []
     for start in range(0, len(paths), batch_size):
         batch, idx = [], []
         for i in range(start, min(len(paths), start + batch_size)):
             try:
-                batch.append(load_image(paths[i], size, resize))
+                batch.append(load(paths[i]))
                 idx.append(i)
-            except ImageError as exc:
+            except InputError as exc:
                 skips.append(Skip(paths[i], str(exc)))
         if batch:
             probs.append(predict_images_array(model, np.stack(batch), batch_size))
@@ -66,8 +70,8 @@ def predict_paths(model, paths: Sequence[str], size: int, resize: str, batch_siz
 
 # --------------------------------------------------------------------------- evaluate + register
 def evaluate_finetuned(model_path: str | Path, manifest: Manifest, size: int, resize: str, batch_size: int,
-                       splits: Sequence[str] = ("train", "val", "test"), outcomes_prefix: str | Path | None = None
-                       ) -> tuple[dict[str, Any], list[dict]]:
+                       splits: Sequence[str] = ("train", "val", "test"), outcomes_prefix: str | Path | None = None,
+                       spectrogram: Spectrogram | None = None) -> tuple[dict[str, Any], list[dict]]:
     """Metrics per split of a saved fine-tuned model (images decoded as in training, no augmentation).
     With ``outcomes_prefix``, each val/test split's per-image outcomes go to
     ``<prefix>.outcomes-<split>.csv`` and ``metrics[split]["outcomes"]`` names the file."""
@@ -79,7 +83,7 @@ def evaluate_finetuned(model_path: str | Path, manifest: Manifest, size: int, re
         paths, labels, rel = split_arrays(manifest, split)
         if not paths:
             continue
-        probs, ok, skips = predict_paths(model, paths, size, resize, batch_size)
+        probs, ok, skips = predict_paths(model, paths, size, resize, batch_size, manifest.media, spectrogram)
         skipped += [{"path": s.path, "reason": s.reason} for s in skips]
         if ok:
             metrics[split] = evaluate_scores(probs, labels[ok], manifest.class_names)

@@ -135,8 +135,13 @@ def _build_network(spec: BackboneSpec, n_classes: int, cfg: FineTuneConfig, chec
     inp = keras.Input((size, size, 3), name="image")
     x = pieces["Preprocess"](mode, name="preprocess")(inp)
     x = base(x)
-    head = [keras.layers.GlobalAveragePooling2D(name="head_pool") if cfg.head_pooling == "avg"
-            else keras.layers.Flatten(name="head_flatten")]
+    if cfg.head_pooling in ("time-avg", "time-max"):
+        # over the width (a spectrogram's time) only: each row (a band of frequencies) keeps its own values
+        pool = keras.layers.AveragePooling2D if cfg.head_pooling == "time-avg" else keras.layers.MaxPooling2D
+        head = [pool((1, int(x.shape[2])), name="head_time_pool"), keras.layers.Flatten(name="head_flatten")]
+    else:
+        head = [keras.layers.GlobalAveragePooling2D(name="head_pool") if cfg.head_pooling == "avg"
+                else keras.layers.Flatten(name="head_flatten")]
     for i, width in enumerate(cfg.dense):
         head.append(keras.layers.Dense(width, activation="relu", name=f"head_dense_{i}"))
         if cfg.dropout:

@@ -24,7 +24,7 @@ def evaluate_register_report(trained: dict[str, Any], manifest: Manifest, spec: 
     report_dir = Path(report_dir)
     pending = report_dir / f".{name}-unregistered"
     metrics, skipped = evaluate_finetuned(trained["model_path"], manifest, size, resize, cfg.batch_size,
-                                          outcomes_prefix=pending)
+                                          outcomes_prefix=pending, spectrogram=spec.spectrogram)
     result_obj = FineTuneResult(trained["model_path"], trained["history"], trained["phases"], trained["counts"],
                                 trained["skipped"], trained["seconds"], trained.get("resumed_from_epoch", {}),
                                 trained.get("stopped_early", False), size, trained.get("precision"),
@@ -80,7 +80,7 @@ def register_finetuned(result: FineTuneResult, manifest: Manifest, spec: Backbon
 
     meta = {"kind": "fine-tuned", "config": cfg.as_dict(), "spec": spec_dict(spec), **spec.identity(),
             "precision": result.precision or spec.precision, "replicas": result.devices,
-            "input_size": size, "resize": resize, "preprocess_layer": preprocess_mode(spec),
+            "input_size": size, "resize": resize, "preprocess_layer": preprocess_mode(spec), "media": manifest.media,
             "class_names": list(manifest.class_names), "dataset": manifest.root,
             "manifest_fingerprint": manifest.fingerprint(), "counts": result.counts, "phases": [
                 {k: v for k, v in p.items() if k != "history"} for p in result.phases],

@@ -40,6 +40,7 @@ from ..backbones import BackboneSpec
 from .backup import EpochBackup, restore
 from .resume import best_prior, maximised, prior_values, resumable_early_stopping
 from .config import FineTuneConfig
+from ..data.inputs import input_loader
 from .data import SkipLog, augmentation, make_dataset, split_arrays
 from .network import apply_freezing, build_network, make_optimizer
 
@@ -164,9 +165,11 @@ def fine_tune(manifest: Manifest, spec: BackboneSpec, cfg: FineTuneConfig, workd
     with scope():
         net = build_network(spec, n_classes, cfg)
     skips = SkipLog()
+    load = input_loader(manifest.media, net.size, resize, spectrogram=spec.spectrogram)
     train_ds = make_dataset(tr_paths, tr_labels, tr_rel, net.size, resize, cfg.batch_size, skips, training=True,
-                            augment=augmentation(cfg), seed=cfg.seed)
-    val_ds = make_dataset(va_paths, va_labels, va_rel, net.size, resize, cfg.batch_size, skips, training=False)
+                            augment=augmentation(cfg, manifest.media), seed=cfg.seed, load=load)
+    val_ds = make_dataset(va_paths, va_labels, va_rel, net.size, resize, cfg.batch_size, skips, training=False,
+                          load=load)
     # batches of the images that decoded (make_dataset decodes them now, into its cache)
     known = int(train_ds.cardinality()) >= 0
     steps = int(train_ds.cardinality()) if known else max(1, int(np.ceil(len(tr_paths) / cfg.batch_size)))

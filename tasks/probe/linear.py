@@ -133,8 +133,10 @@ class TrainResult:
     seconds: float = 0.0
 
 
-def train_linear(X: np.ndarray, y: np.ndarray, class_names: Sequence[str], cfg: LinearConfig) -> TrainResult:
-    """Fit the pipeline on ``(X, y)``, choosing C by stratified k-fold CV when ``cfg.C`` is None.
+def train_linear(X: np.ndarray, y: np.ndarray, class_names: Sequence[str], cfg: LinearConfig,
+                 groups: np.ndarray | None = None) -> TrainResult:
+    """Fit the pipeline on ``(X, y)``, choosing C by stratified k-fold CV when ``cfg.C`` is None (grouped
+    by ``groups`` when given: see :func:`cv_score`).
 
     Raises DatasetError for fewer than two classes or too few images to cross-validate."""
     check_labels(y, class_names)
@@ -149,7 +151,7 @@ def train_linear(X: np.ndarray, y: np.ndarray, class_names: Sequence[str], cfg: 
             raise DatasetError("a class has a single training image, too few to cross-validate C; "
                                "add images, or give C explicitly (--C 0.1).")
         for c in grid:
-            mean, std = cv_score(X, y, cfg, c)
+            mean, std = cv_score(X, y, cfg, c, groups)
             scores.append({"C": c, "mean": mean, "std": std})
         best_c = max(scores, key=lambda r: (round(r["mean"], 6), -r["C"]))["C"]
     model = _final(cfg, best_c, X.shape[1], calibrate=cfg.calibrate, y=y)
@@ -162,14 +164,25 @@ def train_linear(X: np.ndarray, y: np.ndarray, class_names: Sequence[str], cfg: 
 PARALLEL_MIN_VALUES = 2_000_000
 
 
-def cv_score(X: np.ndarray, y: np.ndarray, cfg: LinearConfig, C: float) -> tuple[float, float]:
+def cv_score(X: np.ndarray, y: np.ndarray, cfg: LinearConfig, C: float, groups: np.ndarray | None = None
+             ) -> tuple[float, float]:
     """Mean and standard deviation of the balanced accuracy of ``cfg``'s pipeline at ``C`` over
-    stratified folds (seeded: the same folds for every C and every layer), in parallel with joblib."""
-    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    stratified folds (seeded: the same folds for every C and every layer), in parallel with joblib.
 
-    cv = StratifiedKFold(n_splits=_cv_folds(y, cfg.cv_folds), shuffle=True, random_state=cfg.seed)
-    s = cross_val_score(_final(cfg, C, X.shape[1], calibrate=False), X, y, cv=cv, scoring="balanced_accuracy",
-                        n_jobs=cfg.n_jobs if X.size >= PARALLEL_MIN_VALUES else 1)
+    With ``groups`` (one per row: a speaker, a patient) of at least two distinct values, the folds are
+    grouped as well (``StratifiedGroupKFold``, as many folds as groups at most): every score is then
+    measured on groups the fold's model never saw, as the test split is. Without grouping, recordings of
+    one speaker on both sides of a fold reward what identifies the speaker."""
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, cross_val_score
+
+    n_groups = len(np.unique(groups)) if groups is not None else 0
+    if n_groups >= 2:
+        cv = StratifiedGroupKFold(n_splits=min(n_groups, max(2, cfg.cv_folds)), shuffle=True, random_state=cfg.seed)
+    else:
+        cv = StratifiedKFold(n_splits=_cv_folds(y, cfg.cv_folds), shuffle=True, random_state=cfg.seed)
+        groups = None
+    s = cross_val_score(_final(cfg, C, X.shape[1], calibrate=False), X, y, groups=groups, cv=cv,
+                        scoring="balanced_accuracy", n_jobs=cfg.n_jobs if X.size >= PARALLEL_MIN_VALUES else 1)
     return float(s.mean()), float(s.std())
 
 

@@ -80,7 +80,7 @@ def fit_probe(store: str | Path, layer: str, pooling: str | None, cfg: LinearCon
             raise DatasetError(f"store {store} has no training images in {layer}/{pooling}; extract a dataset "
                                "with a train split first.")
         X = codes.features.reshape(len(codes), -1)
-        result = train_linear(X, codes.labels, class_names, cfg)
+        result = train_linear(X, codes.labels, class_names, cfg, groups=row_groups(store, codes))
         digest = features_digest(X, codes.labels)
         n_train, dim = len(codes), X.shape[1]
     name = name or default_model_name(store, layer, cfg.classifier)
@@ -230,6 +230,20 @@ def resolve_groups(store: str | Path, layers: Sequence[str] | None, pooling: str
     return wanted + [(layer, pooling or "avg") for layer in (layers or []) if layer not in found]
 
 
+def row_groups(store: str | Path, codes) -> np.ndarray | None:
+    """The group of each row of ``codes`` (from the file :func:`tasks.extract.write_groups` keeps beside the
+    store), or None when the data has no groups; a row without one is a group of its own."""
+    path = Path(str(store) + ".groups.json")
+    if not path.is_file():
+        return None
+    try:
+        groups = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # folds are then stratified only, as for ungrouped data
+    paths = [p.decode() if isinstance(p, bytes) else str(p) for p in codes.paths]
+    return np.asarray([groups.get(p, "\0row:" + p) for p in paths])
+
+
 def sweep_layers(store: str | Path, groups: Sequence[tuple[str, str]] | None, cfg: LinearConfig,
                  report_dir: str | Path, max_images: int | None = None) -> dict[str, Any]:
     """Cross-validate the same probe on each (layer, pooling) group of a store (train split, plus val
@@ -251,11 +265,13 @@ def sweep_layers(store: str | Path, groups: Sequence[tuple[str, str]] | None, cf
         codes = fs.read(layer, pooling, split=["train", "val"])
         check_labels(codes.labels, class_names, "train+val")
         X, y = codes.features.reshape(len(codes), -1), codes.labels
+        g = row_groups(store, codes)
         if max_images and len(y) > max_images:  # a stratified sample is enough to rank layers
             from sklearn.model_selection import train_test_split
 
-            X, _, y, _ = train_test_split(X, y, train_size=max_images, stratify=y, random_state=cfg.seed)
-        mean, std = cv_score(X, y, cfg, C)
+            idx, _ = train_test_split(np.arange(len(y)), train_size=max_images, stratify=y, random_state=cfg.seed)
+            X, y, g = X[idx], y[idx], (g[idx] if g is not None else None)
+        mean, std = cv_score(X, y, cfg, C, g)
         rows.append({"layer": layer, "pooling": pooling, "dims": int(X.shape[1]), "images": int(len(y)),
                      "mean": mean, "std": std})
     best = max(range(len(rows)), key=lambda i: rows[i]["mean"])
@@ -265,7 +281,8 @@ def sweep_layers(store: str | Path, groups: Sequence[tuple[str, str]] | None, cf
                              [r["std"] for r in rows], report_dir / f"{stem}.sweep.png",
                              title=f"Layer sweep: {cfg.classifier}, C={C:g}", xlabel="layer", best=best)
     lines = [f"# Layer sweep of `{Path(store).name}`", "",
-             f"{cfg.classifier} probe, C = {C:g}, {cfg.cv_folds}-fold stratified CV on train+val, balanced accuracy.",
+             f"{cfg.classifier} probe, C = {C:g}, {cfg.cv_folds}-fold stratified CV on train+val (grouped where the "
+             "data has groups: no group on both sides of a fold), balanced accuracy.",
              "", "| layer | pooling | dims | CV balanced accuracy |", "|---|---|---|---|"]
     lines += [f"| `{r['layer']}`{' **(best)**' if i == best else ''} | {r['pooling']} | {r['dims']} | "
               f"{_pct(r['mean'])} ± {_pct(r['std'])} |" for i, r in enumerate(rows)]
