@@ -101,6 +101,26 @@ def status() -> dict[str, Any]:
             "running": bool(url and healthy(url)), "ui_url": (rec or {}).get("ui_url")}
 
 
+def _dies_with_parent():
+    """On Linux, a function for ``Popen(preexec_fn=...)`` that has the child sent SIGTERM when this process
+    dies, however it dies (a killed command leaves no temporary server behind); None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+        import signal
+
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    term = int(signal.SIGTERM)
+
+    def preexec() -> None:
+        prctl(1, term)  # PR_SET_PDEATHSIG
+
+    return preexec
+
+
 class Warmup:
     """The Prefect API for this command, made ready while the caller does other work (imports).
 
@@ -147,7 +167,8 @@ class Warmup:
             [sys.executable, "-m", "uvicorn", "--app-dir", str(app_dir), "--factory",
              "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port),
              "--log-level", "error", "--lifespan", "on"],
-            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self._log)
+            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self._log,
+            preexec_fn=_dies_with_parent())
         self.api_url = f"http://127.0.0.1:{port}/api"
         os.environ["PREFECT_API_URL"] = self.api_url
         self.owned = True

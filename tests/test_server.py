@@ -131,3 +131,35 @@ def test_without_a_server_a_command_starts_a_temporary_one_beside_it_and_stops_i
     while server.healthy(f"http://127.0.0.1:{port}/api") and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not server.healthy(f"http://127.0.0.1:{port}/api")  # gone with the command
+
+
+def test_a_killed_command_leaves_no_temporary_server_behind(tmp_path):
+    """The temporary server goes when the command's process dies, even by SIGKILL (no exit hooks)."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the parent-death signal is Linux's")
+    import signal
+
+    env = dict(os.environ, CNNCODES_HOME=str(tmp_path / "home"), PREFECT_HOME=str(tmp_path / "prefect"))
+    env.pop("PREFECT_API_URL", None)
+    child = ("import sys, time; sys.path.insert(0, %r)\n"
+             "from cnncodes.server import Warmup\n"
+             "w = Warmup(); print(w._proc.pid, flush=True); time.sleep(600)\n") % str(ROOT)
+    proc = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        server_pid = int(proc.stdout.readline())
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:  # gone, or a zombie waiting for whoever adopted it to reap it
+                if open(f"/proc/{server_pid}/stat").read().rsplit(")", 1)[1].split()[0] in "ZX":
+                    break
+            except (FileNotFoundError, ProcessLookupError):
+                break
+            time.sleep(0.2)
+        else:
+            os.kill(server_pid, signal.SIGKILL)
+            pytest.fail("the temporary server outlived its killed command")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
