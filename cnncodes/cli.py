@@ -445,7 +445,12 @@ def cmd_server(args) -> int:
     from cnncodes import server
 
     if args.action == "start":
-        r = server.start(args.port)
+        try:
+            r = server.start(args.port)
+        except server.ServerError as exc:
+            from storage.errors import CnncodesError
+
+            raise CnncodesError(str(exc)) from exc
         text = (f"Prefect server {'started' if r['started'] else 'already running'}: UI {r['ui_url']}\n"
                 f"every cnncodes command now uses it; for prefect's own commands: export PREFECT_API_URL={r['api_url']}")
     elif args.action == "stop":
@@ -502,7 +507,7 @@ def _prepare(command: str):
         return None
     import importlib
 
-    from cnncodes.server import Warmup
+    from cnncodes.server import ServerError, Warmup
 
     warm = Warmup()
     try:
@@ -516,7 +521,7 @@ def _prepare(command: str):
         raise
     try:
         warm.wait()
-    except RuntimeError as exc:  # the temporary server did not come up (wait stopped it)
+    except ServerError as exc:  # the temporary server did not come up (wait stopped it)
         from storage.errors import CnncodesError
 
         raise CnncodesError(str(exc)) from exc

@@ -25,6 +25,11 @@ from typing import Any
 DEFAULT_PORT = 4200
 
 
+class ServerError(RuntimeError):
+    """The local Prefect server cannot be started (or a temporary one did not come up); the message
+    says why and what to do."""
+
+
 def home() -> Path:
     return Path(os.environ.get("CNNCODES_HOME") or Path.home() / ".cnncodes")
 
@@ -56,6 +61,25 @@ def _prefect(*args: str, **kwargs: Any) -> subprocess.CompletedProcess:
     return subprocess.run(cmd + list(args), capture_output=True, text=True, **kwargs)
 
 
+def _clear_stale_pid_file() -> bool:
+    """Remove Prefect's record of a background server (``$PREFECT_HOME/server.pid``) whose process is gone
+    (killed, or the machine restarted), which makes ``prefect server start --background`` refuse to
+    start; True when it was removed. A record of a live process is left alone."""
+    pid_file = Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect") / "server.pid"
+    try:
+        pid = int(pid_file.read_text().strip())
+    except (OSError, ValueError):
+        return False
+    try:
+        os.kill(pid, 0)
+        return False  # alive: not ours to judge
+    except ProcessLookupError:
+        pid_file.unlink(missing_ok=True)
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+
+
 def start(port: int = DEFAULT_PORT, timeout: float = 60.0) -> dict[str, Any]:
     """Start (or find) the long-lived local server; returns ``{"api_url", "ui_url", "started"}``."""
     api = f"http://127.0.0.1:{port}/api"
@@ -66,11 +90,14 @@ def start(port: int = DEFAULT_PORT, timeout: float = 60.0) -> dict[str, Any]:
         env.pop("PREFECT_API_URL", None)
         proc = _prefect("server", "start", "--host", "127.0.0.1", "--port", str(port), "--background", env=env,
                         timeout=timeout)
+        if "already running" in (proc.stdout + proc.stderr) and _clear_stale_pid_file():
+            proc = _prefect("server", "start", "--host", "127.0.0.1", "--port", str(port), "--background",
+                            env=env, timeout=timeout)
         deadline = time.monotonic() + timeout
         while not healthy(api) and time.monotonic() < deadline:
             time.sleep(0.25)
         if not healthy(api):
-            raise RuntimeError(f"the Prefect server did not come up on port {port} within {timeout:g} s "
+            raise ServerError(f"the Prefect server did not come up on port {port} within {timeout:g} s "
                                f"(prefect said: {(proc.stdout + proc.stderr).strip()[-400:] or 'nothing'}). "
                                "Is the port taken? Try `cnncodes server start --port 4300`.")
         info = {"api_url": api, "ui_url": f"http://127.0.0.1:{port}", "started": True}
@@ -175,7 +202,7 @@ class Warmup:
         atexit.register(self.close)
 
     def wait(self, timeout: float | None = None) -> None:
-        """Return once the temporary server answers; RuntimeError saying why when it cannot."""
+        """Return once the temporary server answers; ServerError saying why when it cannot."""
         if self._proc is None or self.api_url is None:
             return
         limit = float(timeout or os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS") or 90)
@@ -189,7 +216,7 @@ class Warmup:
                     said = self._log.read().decode("utf-8", "replace").strip()[-600:]
                 self.close()
                 why = f"exited with status {code}" if code is not None else f"did not answer within {limit:g} s"
-                raise RuntimeError(f"the temporary Prefect server this command started {why}"
+                raise ServerError(f"the temporary Prefect server this command started {why}"
                                    f"{': ' + said if said else ''}. Start a lasting one with `cnncodes server "
                                    "start` (its log says what is wrong), or set PREFECT_API_URL to a running one.")
             time.sleep(0.05)

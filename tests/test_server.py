@@ -83,6 +83,10 @@ def test_a_started_server_runs_every_later_command(tmp_path):
                CNNCODES_PROGRESS="0")
     env.pop("PREFECT_API_URL", None)
     cli = [sys.executable, "-m", "cnncodes.cli"]
+    (tmp_path / "prefect").mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])  # a pid no process has now: Prefect's
+    dead.wait()                                               # record of a server killed earlier
+    (tmp_path / "prefect" / "server.pid").write_text(str(dead.pid))
     try:
         started = subprocess.run(cli + ["server", "start", "--port", str(port), "--json"], capture_output=True,
                                  text=True, env=env, cwd=ROOT, timeout=120)
@@ -108,7 +112,7 @@ def test_a_temporary_server_that_does_not_come_up_is_a_clear_error_and_is_stoppe
     w = server.Warmup()
     assert w.mode == "temporary" and w.owned and os.environ["PREFECT_API_URL"] == w.api_url
     proc = w._proc
-    with pytest.raises(RuntimeError, match="did not answer within 0.001 s.*cnncodes server start"):
+    with pytest.raises(server.ServerError, match="did not answer within 0.001 s.*cnncodes server start"):
         w.wait(timeout=0.001)
     assert proc.wait(timeout=30) is not None          # told to stop
     assert "PREFECT_API_URL" not in os.environ and not w.owned
