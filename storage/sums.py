@@ -111,8 +111,8 @@ def _row_bytes(ds: h5py.Dataset) -> int:
 def _raw_readable(ds: h5py.Dataset) -> bool:
     """True when a stored chunk of ``ds`` is its rows' bytes followed by the 4 bytes of Fletcher-32 (no
     compression or shuffle, native byte order): then the rows are read as they lie in the file."""
-    return (bool(ds.chunks) and bool(ds.fletcher32) and ds.compression is None and not ds.shuffle
-            and not ds.scaleoffset and ds.dtype.isnative)
+    return (bool(ds.chunks) and tuple(ds.chunks[1:]) == tuple(ds.shape[1:]) and bool(ds.fletcher32)
+            and ds.compression is None and not ds.shuffle and not ds.scaleoffset and ds.dtype.isnative)
 
 
 def _chunk_table(ds: h5py.Dataset, first: int, count: int) -> dict[int, tuple[int, int, int]]:
