@@ -417,6 +417,7 @@ def finish_sharded(store: str | os.PathLike, shards: int, manifest: Manifest, pa
     write_index(store, paths, {k: first.get(k) for k in ("backbone", "backbone_args", "weights", "weights_digest",
                                                           "input_size", "preprocessing", "precision", "class_names")
                                if first.get(k) is not None})
+    write_groups(store, manifest)  # beside the index: grouped folds for a sharded store too
     timings: dict[str, float] = {}
     for p in parts:
         for k, v in p["timings"].items():

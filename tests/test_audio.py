@@ -382,6 +382,9 @@ def test_extraction_keeps_the_groups_beside_the_store_for_the_probe(spoken, tmp_
     groups = row_groups(store, codes)
     assert groups is not None and [str(g) for g in groups] == [_speaker(p.decode() if isinstance(p, bytes) else p)
                                                                for p in codes.paths]
+    groups_path(store).write_text("{not json")  # damaged: said, and the folds fall back to ungrouped
+    with pytest.warns(UserWarning, match="cannot be read.*not grouped.*cnncodes extract"):
+        assert row_groups(store, codes) is None
     ungrouped = scan_dataset(spoken)
     extract_to_store(ungrouped, store, spec, [(TINY_LAST, "avg")], ExtractOptions(batch_size=16))
     assert not groups_path(store).exists() and row_groups(store, codes) is None
@@ -428,3 +431,21 @@ def test_new_recordings_of_a_pinned_speaker_join_that_speakers_split(spoken):
         if _speaker(s.path) in side:
             assert s.split == side[_speaker(s.path)], s
     assert len({s.split for s in again.samples if _speaker(s.path) == "zed"}) == 1
+
+
+def test_a_sharded_extraction_keeps_the_groups_beside_its_index(spoken, tmp_path, tiny_spec):
+    from storage.store import open_store
+    from tasks.data.datasets import scan_dataset
+    from tasks.extract import ExtractOptions, extract_shard, finish_sharded, groups_path
+    from tasks.probe.train import row_groups
+
+    m = scan_dataset(spoken, group_by=r"^\d+_([a-z]+)_")
+    spec = tiny_spec.model_copy(update={"spectrogram": tiny_spec.spectrogram.model_copy(update={"sample_rate": RATE})})
+    store = tmp_path / "sharded.h5"
+    parts = [extract_shard(m, store, i, 2, spec, [(TINY_LAST, "avg")], ExtractOptions(batch_size=16)) for i in range(2)]
+    finish_sharded(store, 2, m, parts)
+    assert groups_path(store).is_file()
+    codes = open_store(store).read(TINY_LAST, "avg")
+    groups = row_groups(store, codes)
+    assert groups is not None and [str(g) for g in groups] == [_speaker(p.decode() if isinstance(p, bytes) else p)
+                                                               for p in codes.paths]

@@ -238,8 +238,15 @@ def row_groups(store: str | Path, codes) -> np.ndarray | None:
         return None
     try:
         groups = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None  # folds are then stratified only, as for ungrouped data
+        if not isinstance(groups, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as exc:
+        import warnings
+
+        warnings.warn(f"the groups file {path} cannot be read ({exc}): cross-validation folds are not grouped, so "
+                      "the same group (speaker) can sit on both sides of a fold and scores are optimistic. Run "
+                      "the same `cnncodes extract` again to rewrite it.", stacklevel=2)
+        return None
     paths = [p.decode() if isinstance(p, bytes) else str(p) for p in codes.paths]
     return np.asarray([groups.get(p, "\0row:" + p) for p in paths])
 
