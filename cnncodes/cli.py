@@ -196,8 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="train a challenger even if the data did not change")
     add_settings(p, "split", SplitConfig, only=("rehash",), title="scanning")
     p.add_argument("--group-by", default=None, metavar="REGEX",
-                   help="the lineage's grouping of file names (as `extract --group-by`): new files of a group "
-                        "join it in one split; a CSV's group column is read without it (default: none)")
+                   help="the grouping of file names (as `extract --group-by`): new files of a group join it in "
+                        "one split; a CSV's group column is read without it (default: the lineage's own, "
+                        "recorded when it was first trained)")
 
     p = sub.add_parser("spectrogram", parents=[common],
                        help="write the exact image the network sees for one sound recording, as a PNG")

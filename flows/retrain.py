@@ -35,6 +35,7 @@ def retrain(data: str, model: str, output: Output = Output(), margin: float = 0.
     output = output.model_copy(update={"registry": registry})
     manifest_path = str(output.runs / f"retrain-{model}.manifest.json")
     split = retrain_split_settings(registry, model)
+    group_by = group_by or split.get("group_by")  # the lineage's own grouping unless told otherwise
     scanned = scan_dataset(data, manifest_path, split["val"], split["test"], split["seed"], split["pinned"],
                            rehash, group_by=group_by)
     split_cfg = SplitConfig(val_fraction=split["val"], test_fraction=split["test"], seed=split["seed"],

@@ -55,6 +55,7 @@ class Manifest:
     skipped: list[Skip] = field(default_factory=list)
     media: str = "image"  # "image" or "audio": how the files are read (audio: drawn as spectrograms)
     groups: dict[str, str] = field(default_factory=dict)  # path -> group (a speaker...): kept whole in one split
+    group_by: str | None = None  # the regular expression the groups were drawn from file names with, if any
 
     def fingerprint(self) -> str:
         """Hash of what decides the features' rows: paths, contents, labels, splits, classes."""
@@ -77,7 +78,7 @@ class Manifest:
     def _head(self) -> dict:
         return {"root": self.root, "layout": self.layout, "class_names": list(self.class_names),
                 "split_seed": self.split_seed, "split_fractions": dict(self.split_fractions), "media": self.media,
-                "groups": dict(self.groups)}
+                "groups": dict(self.groups), "group_by": self.group_by}
 
     def to_dict(self) -> dict:
         return {**self._head(),
@@ -93,7 +94,7 @@ class Manifest:
             samples=[Sample(s["path"], s["sha256"], s["label"], s["split"]) for s in d["samples"]],
             split_seed=d.get("split_seed"), split_fractions=dict(d.get("split_fractions") or {}),
             skipped=[Skip(s["path"], s["reason"]) for s in d.get("skipped", [])],
-            media=d.get("media") or "image", groups=dict(d.get("groups") or {}),
+            media=d.get("media") or "image", groups=dict(d.get("groups") or {}), group_by=d.get("group_by"),
         )
 
     def _lines(self, fingerprint: str):

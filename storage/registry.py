@@ -615,16 +615,19 @@ class ModelRegistry:
         return data
 
     def pin_splits(self, name: str, samples: dict[str, str], fractions: dict[str, float] | None = None,
-                   seed: int | None = None) -> dict[str, int]:
+                   seed: int | None = None, group_by: str | None = None) -> dict[str, int]:
         """Record the split of each image (content hash) of a training of ``name``: images already pinned
-        keep their first split, new ones are added. ``fractions`` and ``seed`` are kept from the first
-        call. Returns the number of pinned images per split."""
+        keep their first split, new ones are added. ``fractions``, ``seed`` and ``group_by`` (the regular
+        expression that grouped file names, as speakers) are kept from the first call that gives them.
+        Returns the number of pinned images per split."""
         bad = sorted({v for v in samples.values() if v not in ("train", "val", "test")})
         if bad:
             raise RegistryError(f"unknown splits {bad} to pin for {name!r}; use train, val or test.")
         with self._locked(name) as d:
             data = self.splits(name) or {"format": SPLITS_FORMAT, "fractions": dict(fractions or {}), "seed": seed,
                                          "created": now_iso(), "samples": {}}
+            if group_by and not data.get("group_by"):
+                data["group_by"] = group_by
             pinned = data["samples"]
             for h, sp in samples.items():
                 pinned.setdefault(h, sp)

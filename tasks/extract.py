@@ -211,7 +211,7 @@ def extract_to_store(manifest: Manifest, store: str | os.PathLike, spec: Backbon
     specs = [GroupSpec(layer, pooling, shape, options.dtype, options.compression)
              for (layer, pooling), shape in zip(cuts, extractor.shapes)]
     meta = {"spec": spec_dict(spec), "dataset": manifest.root, "layout": manifest.layout, "split_seed": manifest.split_seed,
-            "split_fractions": manifest.split_fractions, "versions": _versions(),
+            "split_fractions": manifest.split_fractions, "split_group_by": manifest.group_by, "versions": _versions(),
             "backbone_layers": len(backbone.model.layers), "media": manifest.media}
     if manifest.media == AUDIO:
         meta["spectrogram"] = spec.spectrogram.as_dict()

@@ -449,3 +449,46 @@ def test_a_sharded_extraction_keeps_the_groups_beside_its_index(spoken, tmp_path
     groups = row_groups(store, codes)
     assert groups is not None and [str(g) for g in groups] == [_speaker(p.decode() if isinstance(p, bytes) else p)
                                                                for p in codes.paths]
+
+
+def test_a_lineage_remembers_its_grouping_and_retrain_uses_it(spoken, tmp_path, tiny_spec, monkeypatch):
+    """The regular expression that grouped the first training's files (speakers) is recorded in the
+    lineage's splits.json and the model's metadata; a retrain (a schedule passes no --group-by) groups new
+    recordings the same way."""
+    import flows.retrain as flow_module
+    from storage import ModelRegistry
+    from tasks.data.datasets import scan_dataset
+    from tasks.decide.retrain import split_settings
+    from tasks.extract import ExtractOptions, extract_to_store
+    from tasks.probe.linear import LinearConfig
+    from tasks.probe.train import fit_probe
+
+    regex = r"^\d+_([a-z]+)_"
+    m = scan_dataset(spoken, val_fraction=0.2, test_fraction=0.2, seed=0, group_by=regex)
+    assert m.group_by == regex
+    store = tmp_path / "s.h5"
+    spec = tiny_spec.model_copy(update={"spectrogram": tiny_spec.spectrogram.model_copy(update={"sample_rate": RATE})})
+    extract_to_store(m, store, spec, [(TINY_LAST, "avg")], ExtractOptions(batch_size=16))
+    reg = tmp_path / "registry"
+    fit_probe(store, TINY_LAST, "avg", LinearConfig(C=1.0), reg, name="digits")
+    assert ModelRegistry(reg).splits("digits")["group_by"] == regex
+    assert ModelRegistry(reg).load("digits")[1].metadata["split"]["group_by"] == regex
+    assert split_settings(reg, "digits")["group_by"] == regex
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def scan(*args, group_by=None, **kwargs):
+        seen.append(group_by)
+        raise Stop
+
+    monkeypatch.setattr(flow_module, "scan_dataset", scan)
+    monkeypatch.setattr(flow_module, "retrain_split_settings", split_settings)  # the task's plain function
+    from tasks.settings import Output
+
+    for given, expected in ((None, regex), (r"^(\d+)_", r"^(\d+)_")):
+        with pytest.raises(Stop):
+            flow_module.retrain.fn(str(spoken), "digits", Output(out=str(tmp_path), registry=str(reg)), group_by=given)
+        assert seen.pop() == expected

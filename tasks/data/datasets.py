@@ -647,7 +647,7 @@ def scan_dataset(source: str | os.PathLike, val_fraction: float = 0.2, test_frac
                                                splits=round(time.perf_counter() - t_judge, 4))
     return Manifest(root=str(base), layout=layout, class_names=class_names, samples=samples,
                     split_seed=split_seed, split_fractions=split_fractions, skipped=skipped, media=media,
-                    groups={rel: str(groups[rel]) for rel, _, _, _ in kept if rel in groups})
+                    groups={rel: str(groups[rel]) for rel, _, _, _ in kept if rel in groups}, group_by=group_by)
 
 
 def _kind(base: Path, rel: str) -> str:

@@ -55,12 +55,13 @@ def probe_settings(registry: str | Path, name: str) -> dict[str, Any]:
 
 
 def split_settings(registry: str | Path, name: str) -> dict[str, Any]:
-    """``{"val", "test", "seed", "pinned"}``: how the lineage's data was split, read from the registry
+    """``{"val", "test", "seed", "pinned", "group_by"}``: how the lineage's data was split, read from the registry
     (never assumed): the lineage's pinned splits (``pinned`` is their file: the images it names keep
     their split), else the champion's metadata, else (older probes) its store's provenance."""
     reg = ModelRegistry(registry)
     rec = champion_record(registry, name)
     lineage = reg.splits(name)
+    group_by = lineage.get("group_by") or (rec.metadata.get("split") or {}).get("group_by")
     if lineage:
         fractions, seed, pinned = lineage.get("fractions") or {}, lineage.get("seed"), str(reg.splits_path(name))
     elif rec.metadata.get("split"):
@@ -73,7 +74,7 @@ def split_settings(registry: str | Path, name: str) -> dict[str, Any]:
                             "cannot keep its test images out of training. Train it again with `cnncodes fine-tune` "
                             "(which records it), then retrain.")
     return {"val": float(fractions.get("val", 0.0)), "test": float(fractions.get("test", 0.0)),
-            "seed": int(seed or 0), "pinned": pinned}
+            "seed": int(seed or 0), "pinned": pinned, "group_by": group_by}
 
 
 def trained_on(registry: str | Path, name: str) -> set[str]:

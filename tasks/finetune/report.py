@@ -87,10 +87,11 @@ def register_finetuned(result: FineTuneResult, manifest: Manifest, spec: Backbon
             "history": result.history, "train_seconds": round(result.seconds, 2),
             "metrics": {k: {m: v for m, v in d.items() if m != "outcomes"} for k, d in metrics.items()},
             "split": {"seed": manifest.split_seed, "fractions": dict(manifest.split_fractions),
-                      "layout": manifest.layout},
+                      "layout": manifest.layout, "group_by": manifest.group_by},
             "stopped_early": result.stopped_early, "train_images": sum(1 for s in manifest.samples
                                                                         if s.split == "train")}
     reg = ModelRegistry(registry)
     record = reg.save(name, metadata=meta, file=result.model_path)
-    reg.pin_splits(name, {s.sha256: s.split for s in manifest.samples}, manifest.split_fractions, manifest.split_seed)
+    reg.pin_splits(name, {s.sha256: s.split for s in manifest.samples}, manifest.split_fractions, manifest.split_seed,
+                   manifest.group_by)
     return {"name": record.name, "version": record.version, "model_path": str(record.model_path)}

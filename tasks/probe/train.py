@@ -92,13 +92,14 @@ def fit_probe(store: str | Path, layer: str, pooling: str | None, cfg: LinearCon
         "class_names": class_names, "dataset": prov.get("dataset"),
         "manifest_fingerprint": attrs.get("manifest_fingerprint"),
         "split": {"seed": prov.get("split_seed"), "fractions": dict(prov.get("split_fractions") or {}),
-                  "layout": prov.get("layout")},
+                  "layout": prov.get("layout"), "group_by": prov.get("split_group_by")},
         **{k: prov.get(k) for k in PROVENANCE_KEYS},
     }
     reg = ModelRegistry(registry)
     record = reg.save(name, result.model, metadata)
     # the lineage's holdout: every image keeps the split it had at its first training
-    reg.pin_splits(record.name, fs.row_splits(layer, pooling), prov.get("split_fractions"), prov.get("split_seed"))
+    reg.pin_splits(record.name, fs.row_splits(layer, pooling), prov.get("split_fractions"), prov.get("split_seed"),
+                   prov.get("split_group_by"))
     return {"name": record.name, "version": record.version, "C": result.C, "cv_scores": result.cv_scores,
             "seconds": round(result.seconds, 3), "train_images": n_train, "model_path": str(record.model_path)}
 
