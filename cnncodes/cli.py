@@ -544,17 +544,23 @@ def _run_settings(warm):
     return temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})
 
 
-def _stop_temporary_server(warm) -> None:
-    """Hand the runs' last logs and events to the temporary Prefect server, then tell it to stop
-    without waiting for it: the user does not wait for work at exit. Every other exit hook (joblib's
-    worker and temporary-file cleanup) runs as usual."""
+def _hand_over_prefect_queues() -> None:
+    """Send the logs and events Prefect still queues to its API (best effort, at most 5 s; nothing when
+    this process never imported Prefect)."""
     if "prefect" in sys.modules:
         from prefect._internal.concurrency.services import QueueService
 
         try:
             QueueService.drain_all(timeout=5)
-        except Exception:  # noqa: BLE001  best effort: the server goes away either way
+        except Exception:  # noqa: BLE001  best effort, as at a normal exit
             pass
+
+
+def _stop_temporary_server(warm) -> None:
+    """Hand the runs' last logs and events to the temporary Prefect server, then tell it to stop
+    without waiting for it: the user does not wait for work at exit. Every other exit hook (joblib's
+    worker and temporary-file cleanup) runs as usual."""
+    _hand_over_prefect_queues()
     warm.close()
 
 
@@ -565,13 +571,7 @@ def _exit_fast(code: int) -> None:
     with TensorFlow, scikit-learn and Prefect loaded)."""
     import atexit
 
-    if "prefect" in sys.modules:
-        from prefect._internal.concurrency.services import QueueService
-
-        try:
-            QueueService.drain_all(timeout=5)
-        except Exception:  # noqa: BLE001  best effort, as at a normal exit
-            pass
+    _hand_over_prefect_queues()
     import threading
 
     threading._shutdown()  # what the interpreter does first at exit: join threads, run their exit hooks

@@ -87,8 +87,7 @@ def rebuild_sums(g: h5py.Group, n: int) -> None:
     if SUMS not in g:
         create_sums(g)
     g[SUMS].resize(0, axis=0)
-    per = int(g["features"].chunks[0])
-    step = max(per, (BLOCK_BYTES // max(1, _row_bytes(g["features"])) // per) * per)
+    step = _block_rows(g["features"])
     for start in range(0, n, step):
         update_sums(g, start, read_rows(g["features"], start, min(n, start + step)))
 
@@ -102,6 +101,12 @@ def trim_sums(g: h5py.Group, n: int) -> None:
     head = (n // per) * per
     if n > head:
         update_sums(g, head, read_rows(g["features"], head, n))
+
+
+def _block_rows(ds: h5py.Dataset) -> int:
+    """Rows of whole storage chunks to read at a time: about BLOCK_BYTES, at least one chunk."""
+    per = int(ds.chunks[0])
+    return max(per, (BLOCK_BYTES // max(1, per * _row_bytes(ds))) * per)
 
 
 def _row_bytes(ds: h5py.Dataset) -> int:
@@ -255,6 +260,7 @@ class SumChecker:
     def __init__(self, g: h5py.Group, n: int):
         self.stale: list[int] = []
         self.damaged = False
+        self.per, self.n = (int(g["features"].chunks[0]) if g["features"].chunks else 1), n
         # a checksummed group written before sums existed: read the slower way until repair adds them
         self.missing = SUMS not in g and bool(g["features"].fletcher32) and hasher() is not None
         self.active = SUMS in g and hasher() is not None and n > 0
@@ -263,8 +269,6 @@ class SumChecker:
         import xxhash
 
         self._new = xxhash.xxh3_64
-        self.per = int(g["features"].chunks[0])
-        self.n = n
         count = -(-n // self.per)
         if g[SUMS].shape[0] < count:
             self.stale = list(range(g[SUMS].shape[0], count))
@@ -300,8 +304,7 @@ class SumChecker:
 
     def rows(self) -> list[tuple[int, int]]:
         """The row ranges of the stale chunks."""
-        per = getattr(self, "per", 1)
-        return [(c * per, min((c + 1) * per, getattr(self, "n", 0))) for c in sorted(set(self.stale))]
+        return [(c * self.per, min((c + 1) * self.per, self.n)) for c in sorted(set(self.stale))]
 
 
 def sums_need_rebuild(g: h5py.Group, n: int) -> bool:
@@ -312,8 +315,7 @@ def sums_need_rebuild(g: h5py.Group, n: int) -> bool:
         return True
     if not checker.active:
         return False
-    per = checker.per
-    step = max(per, (BLOCK_BYTES // max(1, per * _row_bytes(g["features"]))) * per)
+    step = _block_rows(g["features"])
     for start in range(0, n, step):
         try:
             checker.feed(start, read_rows(g["features"], start, min(n, start + step)))

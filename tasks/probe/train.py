@@ -234,7 +234,9 @@ def resolve_groups(store: str | Path, layers: Sequence[str] | None, pooling: str
 def row_groups(store: str | Path, codes) -> np.ndarray | None:
     """The group of each row of ``codes`` (from the file :func:`tasks.extract.write_groups` keeps beside the
     store), or None when the data has no groups; a row without one is a group of its own."""
-    path = Path(str(store) + ".groups.json")
+    from ..extract import groups_path
+
+    path = groups_path(store)
     if not path.is_file():
         return None
     try:
