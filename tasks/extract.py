@@ -2,7 +2,7 @@
 
 :func:`extract_to_store` is the unit of work behind the ``extract-features``
 flow. It runs the backbone only on images the store does not hold yet (by
-path and content hash), decodes the next batches in threads while the model
+path and content hash), decodes the next batches (in threads, or processes beside a GPU) while the model
 computes the current one, commits each batch to every group before moving on,
 and returns a small summary (counts, skips with reasons, timings, paths).
 """
@@ -12,7 +12,6 @@ import os
 import sys
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Sequence
 
@@ -27,7 +26,8 @@ from . import tf_runtime
 from .backbones import POOLINGS, BackboneSpec, Extractor, build_backbone
 from .data.images import DEFAULT_MAX_PIXELS, RESIZE_MODES
 from .data.audio import Spectrogram
-from .data.inputs import InputError, input_identity, input_loader
+from .data.decode_pool import DECODE_IN, DecodePool, choose as choose_decoding
+from .data.inputs import input_identity
 from .data.media import AUDIO
 from .settings import Settings
 
@@ -89,8 +89,12 @@ class ExtractOptions(Settings):
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, description="larger images are skipped (decompression bombs)")
     # Threads decoding images. None: every core where a GPU computes (decoding is then the likely
     # bottleneck), at most 4 on a CPU (the cores are busy with the network).
-    decode_workers: int | None = Field(None, description="threads decoding images (default: every core beside a "
+    decode_workers: int | None = Field(None, description="threads or processes decoding images (default: every core beside a "
                                                          "GPU, at most 4 on a CPU)")
+    # Threads share Python's GIL with Pillow; processes scale with the cores where a GPU waits for
+    # the decoder. auto: processes beside a GPU for large jobs (tasks.data.decode_pool.choose).
+    decode_in: Literal[DECODE_IN] = Field("auto", description="decode in threads or processes (auto: processes "
+                                                                "beside a GPU for 2,048 inputs or more)")
     # Batches decoded ahead while the model computes; None: 2 where spare cores or a GPU can take
     # the decoding, 0 on a small CPU (decoding beside the model there only slows both down).
     prefetch_batches: int | None = Field(None, description="batches decoded ahead while the model computes")
@@ -130,45 +134,51 @@ def _versions() -> dict[str, str]:
 
 
 def decode_workers(options: ExtractOptions) -> int:
-    """Decoding threads: as set, else every core beside a GPU, at most 4 on a CPU."""
+    """Decoding threads or processes: as set, else every core beside a GPU, at most 4 on a CPU."""
     if options.decode_workers:
         return options.decode_workers
     cores = os.cpu_count() or 1
     return max(1, cores if tf_runtime.gpus() else min(4, cores))
 
 
+def decode_mode(options: ExtractOptions, inputs: int) -> str:
+    """``threads`` or ``processes`` for ``inputs`` files (see :func:`tasks.data.decode_pool.choose`)."""
+    return choose_decoding(options.decode_in, decode_workers(options), inputs, bool(tf_runtime.gpus()))
+
+
 def decoded_batches(manifest: Manifest, todo: Sequence[int], size: int, options: ExtractOptions,
                     spectrogram: Spectrogram | None = None
                     ) -> Iterator[tuple[list[int], list[np.ndarray], list[int], list[Skip]]]:
-    """Yield ``(indices, arrays, decoded indices, skips)`` per batch of ``todo``, decoding in threads
-    (images, or sound drawn as spectrograms with the recipe ``spectrogram``, by ``manifest.media``).
+    """Yield ``(indices, arrays, decoded indices, skips)`` per batch of ``todo``, decoding in threads or
+    processes (:func:`decode_mode`; images, or sound drawn as spectrograms with the recipe
+    ``spectrogram``, by ``manifest.media``).
 
     With ``prefetch_batches`` > 0 the next batches decode while the caller computes; with 0 each
-    batch is decoded (still in parallel threads) only when the caller asks for it."""
+    batch is decoded (still in parallel) only when the caller asks for it."""
     ahead = options.prefetch_batches
     if ahead is None:
         ahead = 2 if tf_runtime.gpus() or (os.cpu_count() or 1) > 4 else 0
     batches = iter([list(todo[i:i + options.batch_size]) for i in range(0, len(todo), options.batch_size)])
-    load = input_loader(manifest.media, size, options.resize, options.max_pixels, spectrogram)
-    with ThreadPoolExecutor(max_workers=decode_workers(options), thread_name_prefix="decode") as pool:
-        pending: deque[tuple[list[int], list[Future]]] = deque()
+    with DecodePool(manifest.media, size, options.resize, options.max_pixels, spectrogram,
+                    workers=decode_workers(options), mode=decode_mode(options, len(todo))) as pool:
+        pending: deque[tuple[list[int], Callable[[], list]]] = deque()
 
         def submit_next() -> None:
             idx = next(batches, None)
             if idx is not None:
-                pending.append((idx, [pool.submit(load, manifest.abspath(manifest.samples[i])) for i in idx]))
+                pending.append((idx, pool.submit([manifest.abspath(manifest.samples[i]) for i in idx])))
 
         for _ in range(ahead + 1):
             submit_next()
         while pending:
-            idx, futures = pending.popleft()
+            idx, wait = pending.popleft()
             arrays, ok, skips = [], [], []
-            for i, fut in zip(idx, futures):
-                try:
-                    arrays.append(fut.result())
+            for i, res in zip(idx, wait()):
+                if isinstance(res, np.ndarray):
+                    arrays.append(res)
                     ok.append(i)
-                except InputError as exc:
-                    skips.append(Skip(manifest.samples[i].path, str(exc)))
+                else:
+                    skips.append(Skip(manifest.samples[i].path, str(res)))
             if ahead:
                 submit_next()
             yield idx, arrays, ok, skips
@@ -259,6 +269,7 @@ def extract_to_store(manifest: Manifest, store: str | os.PathLike, spec: Backbon
     out["device"] = tf_runtime.device_name()
     out["precision"] = spec.precision
     out["decode_workers"] = decode_workers(options)
+    out["decode_in"] = decode_mode(options, len(todo))
     return out
 
 
