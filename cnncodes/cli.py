@@ -13,8 +13,17 @@ import os
 import sys
 from typing import Any, Sequence
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+def apply_env_defaults() -> None:
+    """Quiet TensorFlow's C++ logging and Prefect's server analytics, unless the user set them."""
+    from cnncodes.runner import ENV_DEFAULTS
+
+    for key, value in ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
+apply_env_defaults()
 
 EXIT_USER_ERROR = 2
 
@@ -564,11 +573,9 @@ def _stop_temporary_server(warm) -> None:
     warm.close()
 
 
-def _exit_fast(code: int) -> None:
-    """End a ``cnncodes`` process: Prefect's queued logs and events are handed over, every exit hook
-    runs (joblib's worker and temporary-file cleanup, ...), then the process ends without the
-    interpreter's module teardown, which only frees memory the process gives back anyway (seconds
-    with TensorFlow, scikit-learn and Prefect loaded)."""
+def _finish() -> None:
+    """What ends a ``cnncodes`` process, short of ending it: Prefect's queued logs and events are handed
+    over, every exit hook runs (joblib's worker and temporary-file cleanup, ...), output is flushed."""
     import atexit
 
     _hand_over_prefect_queues()
@@ -578,16 +585,38 @@ def _exit_fast(code: int) -> None:
     atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()
+
+
+def _exit_fast(code: int) -> None:
+    """End a ``cnncodes`` process (:func:`_finish`) without the interpreter's module teardown, which only
+    frees memory the process gives back anyway (seconds with TensorFlow, scikit-learn and Prefect loaded)."""
+    _finish()
     os._exit(code)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run one command. Called without ``argv`` (the ``cnncodes`` program), it ends the process when
-    done (see :func:`_exit_fast`); with ``argv`` (from Python) it returns the exit status."""
+def run_program(argv: Sequence[str]) -> int:
+    """One command as the ``cnncodes`` program runs it, in a warm runner's child
+    (:mod:`cnncodes.runner`): run, finish as the program does, return the status (the runner sends it
+    to the command's process, then ends the child)."""
     code = _main(argv)
-    if argv is None:
-        _exit_fast(code)
+    _finish()
     return code
+
+
+def main(argv: Sequence[str] | None = None, try_runner: bool = True) -> int:
+    """Run one command. Called without ``argv`` (the ``cnncodes`` program), it first offers the command to
+    the warm runner (:mod:`cnncodes.runner`; ``cnncodes server start`` starts one), then runs it here,
+    and ends the process when done (see :func:`_exit_fast`); with ``argv`` (from Python) it returns the
+    exit status."""
+    if argv is None:
+        if try_runner:
+            from cnncodes import runner
+
+            code = runner.try_run(sys.argv[1:])
+            if code is not None:
+                sys.exit(code)
+        _exit_fast(_main(None))
+    return _main(argv)
 
 
 def _main(argv: Sequence[str] | None) -> int:

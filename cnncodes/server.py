@@ -101,16 +101,93 @@ def start(port: int = DEFAULT_PORT, timeout: float = 60.0) -> dict[str, Any]:
                                f"(prefect said: {(proc.stdout + proc.stderr).strip()[-400:] or 'nothing'}). "
                                "Is the port taken? Try `cnncodes server start --port 4300`.")
         info = {"api_url": api, "ui_url": f"http://127.0.0.1:{port}", "started": True}
+    _record({"api_url": info["api_url"], "ui_url": info["ui_url"], **{k: v for k, v in (recorded() or {}).items()
+                                                                     if k == "runner_pid"}})
+    info["runner"] = start_runner()
+    return info
+
+
+def _record(data: dict[str, Any]) -> None:
     state_file().parent.mkdir(parents=True, exist_ok=True)
     tmp = state_file().with_suffix(".tmp")
-    tmp.write_text(json.dumps({"api_url": info["api_url"], "ui_url": info["ui_url"]}))
+    tmp.write_text(json.dumps(data))
     os.replace(tmp, state_file())
-    return info
+
+
+def _alive(pid: Any) -> bool:
+    try:
+        os.kill(int(pid), 0)
+        return True
+    except (ProcessLookupError, ValueError, TypeError):
+        return False
+    except PermissionError:
+        return True
+
+
+def runner_status() -> dict[str, Any]:
+    """The warm runner (:mod:`cnncodes.runner`): its pid, socket and whether it is up."""
+    from cnncodes import runner
+
+    pid = (recorded() or {}).get("runner_pid")
+    path = runner.socket_path()
+    return {"pid": pid, "socket": str(path), "running": bool(pid and _alive(pid) and path.exists()),
+            "supported": runner.supported()}
+
+
+def start_runner(timeout: float = 60.0) -> dict[str, Any]:
+    """Start the warm runner beside the recorded server (unless one runs, or this platform has no fork);
+    waits until it is ready, so that the next command finds it. Its log: ``$CNNCODES_HOME/runner.log``."""
+    from cnncodes import runner
+
+    st = runner_status()
+    if st["running"] or not st["supported"] or os.environ.get("CNNCODES_RUNNER", "").lower() in ("0", "off", "no",
+                                                                                                 "false"):
+        return st
+    log = open(home() / "runner.log", "ab")  # noqa: SIM115  the runner's own, kept open by it
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "cnncodes.runner"], stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True, cwd=str(home()))
+    finally:
+        log.close()
+    rec = recorded() or {}
+    _record({**rec, "runner_pid": proc.pid})
+    path = runner.socket_path()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if path.exists():
+            return runner_status()
+        time.sleep(0.1)
+    said = (home() / "runner.log").read_text(errors="replace")[-600:]
+    raise ServerError(f"the warm runner did not start ({'exited with status %s' % proc.returncode if proc.poll() is not None else 'not ready after %g s' % timeout}): "
+                      f"{said.strip() or 'its log is empty'}. Commands still run, each in its own process; "
+                      "see $CNNCODES_HOME/runner.log, or set CNNCODES_RUNNER=0 to start the server without it.")
+
+
+def stop_runner() -> bool:
+    """Stop the warm runner (SIGTERM; a command it is running goes on to its end)."""
+    import signal
+
+    pid = (recorded() or {}).get("runner_pid")
+    if not pid or not _alive(pid):
+        return False
+    try:
+        os.kill(int(pid), signal.SIGTERM)
+    except ProcessLookupError:
+        return False
+    deadline = time.monotonic() + 10
+    while _alive(pid) and time.monotonic() < deadline:
+        try:  # it is our child when this process started it (tests): reap it
+            os.waitpid(int(pid), os.WNOHANG)
+        except ChildProcessError:
+            pass
+        time.sleep(0.05)
+    return True
 
 
 def stop() -> dict[str, Any]:
     """Stop the server ``start`` started and forget it."""
     rec = recorded()
+    stop_runner()
     proc = _prefect("server", "stop", timeout=60)
     try:
         state_file().unlink()
@@ -125,7 +202,7 @@ def status() -> dict[str, Any]:
     rec = recorded()
     url = env_url or (rec or {}).get("api_url")
     return {"api_url": url, "source": "PREFECT_API_URL" if env_url else "cnncodes server" if rec else None,
-            "running": bool(url and healthy(url)), "ui_url": (rec or {}).get("ui_url")}
+            "running": bool(url and healthy(url)), "ui_url": (rec or {}).get("ui_url"), "runner": runner_status()}
 
 
 def _dies_with_parent():

@@ -46,7 +46,9 @@ def test_warmup_uses_a_recorded_running_server_and_ignores_a_dead_one(tmp_path, 
     (tmp_path / "server.json").write_text(json.dumps({"api_url": fake_api, "ui_url": "x"}))
     w = server.Warmup()
     assert w.mode == "server" and os.environ["PREFECT_API_URL"] == fake_api and not started
-    assert server.status() == {"api_url": fake_api, "source": "PREFECT_API_URL", "running": True, "ui_url": "x"}
+    st = server.status()
+    assert st.pop("runner")["running"] is False  # no runner was started here
+    assert st == {"api_url": fake_api, "source": "PREFECT_API_URL", "running": True, "ui_url": "x"}
 
     monkeypatch.delenv("PREFECT_API_URL")
     with socket.socket() as s:               # a port nobody listens on
@@ -67,8 +69,9 @@ def test_server_status_command_without_a_server(tmp_path):
     env.pop("PREFECT_API_URL", None)
     out = subprocess.run([sys.executable, "-m", "cnncodes.cli", "server", "status", "--json"], capture_output=True,
                          text=True, env=env, cwd=ROOT, timeout=60)
-    assert out.returncode == 0 and json.loads(out.stdout) == {"api_url": None, "source": None, "running": False,
-                                                              "ui_url": None}
+    st = json.loads(out.stdout)
+    assert out.returncode == 0 and st.pop("runner")["running"] is False
+    assert st == {"api_url": None, "source": None, "running": False, "ui_url": None}
 
 
 @pytest.mark.slow
@@ -91,10 +94,14 @@ def test_a_started_server_runs_every_later_command(tmp_path):
         started = subprocess.run(cli + ["server", "start", "--port", str(port), "--json"], capture_output=True,
                                  text=True, env=env, cwd=ROOT, timeout=120)
         assert started.returncode == 0, started.stderr
-        assert json.loads(started.stdout)["api_url"] == f"http://127.0.0.1:{port}/api"
+        info = json.loads(started.stdout)
+        assert info["api_url"] == f"http://127.0.0.1:{port}/api"
+        assert info["runner"]["running"] == server.runner_status()["supported"]  # the warm runner beside it
         store = make_store(tmp_path / "s.h5")
+        # in the warm runner (where this platform has one: require would fail the command otherwise)
+        run_env = dict(env, CNNCODES_RUNNER="require" if info["runner"]["running"] else "0")
         run = subprocess.run(cli + ["sweep", str(store), "--out", str(tmp_path / "out")], capture_output=True,
-                             text=True, env=env, cwd=ROOT, timeout=300)
+                             text=True, env=run_env, cwd=ROOT, timeout=300)
         assert run.returncode == 0, run.stderr[-2000:]
         assert f"http://127.0.0.1:{port}/runs/flow-run/" in run.stderr   # the run is on that server
         assert "Starting temporary server" not in run.stderr
@@ -103,6 +110,8 @@ def test_a_started_server_runs_every_later_command(tmp_path):
                                  cwd=ROOT, timeout=120)
     assert stopped.returncode == 0 and json.loads(stopped.stdout)["stopped"]
     assert not server.healthy(f"http://127.0.0.1:{port}/api")
+    if info["runner"]["running"]:  # stopped with the server
+        assert not os.path.exists(f"/proc/{info['runner']['pid']}") and not os.path.exists(info["runner"]["socket"])
 
 
 def test_a_temporary_server_that_does_not_come_up_is_a_clear_error_and_is_stopped(tmp_path, monkeypatch):
