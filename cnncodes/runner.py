@@ -191,29 +191,21 @@ def main() -> None:
 
 
 # --------------------------------------------------------------------------- the runner's side
+# What commands import, once. Never TensorFlow: a fork of a process that started its threads would copy
+# them half-alive; commands that need it import it in their own child.
+PRELOAD = ("h5py", "joblib", "matplotlib.figure", "prefect", "prefect.client.orchestration", "prefect.flows",
+           "sklearn.decomposition", "sklearn.linear_model", "sklearn.model_selection", "sklearn.svm",
+           "cnncodes.cli", "flows", "flows.predict", "flows.sweep", "flows.train_linear", "tasks.prefect_tasks")
+
+
 def _preload() -> None:
-    """What commands import, once (never TensorFlow: a fork of a process that started its threads would
-    copy them half-alive; commands that need it import it in their own child)."""
+    import importlib
+
     import matplotlib
 
     matplotlib.use("Agg")
-    import h5py  # noqa: F401
-    import joblib  # noqa: F401
-    import matplotlib.figure  # noqa: F401
-    import prefect  # noqa: F401
-    import prefect.client.orchestration  # noqa: F401
-    import prefect.flows  # noqa: F401
-    import sklearn.decomposition  # noqa: F401
-    import sklearn.linear_model  # noqa: F401
-    import sklearn.model_selection  # noqa: F401
-    import sklearn.svm  # noqa: F401
-
-    import cnncodes.cli  # noqa: F401
-    import flows  # noqa: F401
-    import flows.predict  # noqa: F401
-    import flows.sweep  # noqa: F401
-    import flows.train_linear  # noqa: F401
-    import tasks.prefect_tasks  # noqa: F401
+    for name in PRELOAD:
+        importlib.import_module(name)
 
 
 def _code_state() -> dict[str, int]:
