@@ -10,7 +10,9 @@ alternating, ``--repeats`` times; the median is compared. No Prefect server runs
   * train-linear on a 32-row store with a running ``cnncodes server`` against a script that imports
     scikit-learn, reads the codes with h5py, fits StandardScaler + LogisticRegression and dumps it
     with joblib (cnncodes also searches C by cross-validation, evaluates every split and writes a report
-    with plots); ``train-linear --C 1`` runs beside them (``given_C``: the same without the C search).
+    with plots). ``cnncodes server start`` also starts the warm runner, which the command runs in
+    (``CNNCODES_RUNNER=require``); beside them run ``train-linear --C 1`` (``given_C``: the same without
+    the C search) and the command in its own process (``no_runner``: ``CNNCODES_RUNNER=0``).
 
 Usage:
     .venv/bin/python benchmarks/startup.py --json benchmarks/results/startup-cpu.json
@@ -154,12 +156,16 @@ def main() -> int:
                 "train-linear",
                 lambda i: timed([PY, str(work / "plain_linear.py"), str(store), "out_relu", str(work / f"m{i}.joblib")],
                                 env),
+                # in the warm runner the server started (require: a command it did not take fails the run)
                 lambda i: timed([CNNCODES, "train-linear", str(store), "--layer", "out_relu", "--out",
-                                 str(work / f"lin-{i}")], env),
+                                 str(work / f"lin-{i}")], dict(env, CNNCODES_RUNNER="require")),
                 repeats,
-                # the same with C given: no C search (what the search costs)
+                # the same with C given: no C search (what the search costs); and without the warm runner
+                # (each command imports Prefect, scikit-learn and the flow itself: what the runner saves)
                 {"given_C": lambda i: timed([CNNCODES, "train-linear", str(store), "--layer", "out_relu", "--C", "1",
-                                             "--out", str(work / f"lin-c-{i}")], env)})
+                                             "--out", str(work / f"lin-c-{i}")], dict(env, CNNCODES_RUNNER="require")),
+                 "no_runner": lambda i: timed([CNNCODES, "train-linear", str(store), "--layer", "out_relu", "--out",
+                                               str(work / f"lin-nr-{i}")], dict(env, CNNCODES_RUNNER="0"))})
         finally:
             subprocess.run([CNNCODES, "server", "stop"], env=env, capture_output=True)
     finally:
