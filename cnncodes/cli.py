@@ -461,16 +461,24 @@ def cmd_server(args) -> int:
             from storage.errors import CnncodesError
 
             raise CnncodesError(str(exc)) from exc
+        runner = r.get("runner") or {}
+        warm = ("the warm runner is up: commands start in it" if runner.get("running") else
+                f"warning: no warm runner ({runner['error']})" if runner.get("error") else
+                "no warm runner on this platform: each command runs in its own process")
         text = (f"Prefect server {'started' if r['started'] else 'already running'}: UI {r['ui_url']}\n"
-                f"every cnncodes command now uses it; for prefect's own commands: export PREFECT_API_URL={r['api_url']}")
+                f"every cnncodes command now uses it; for prefect's own commands: export PREFECT_API_URL={r['api_url']}\n"
+                f"{warm}")
     elif args.action == "stop":
         r = server.stop()
         text = "stopped" if r["stopped"] else f"no cnncodes server was running ({r['message'] or 'nothing to stop'})"
     else:
         r = server.status()
         recorded = f" (recorded: {r['api_url']})" if r["api_url"] else ""
+        runner = r["runner"]
         text = (f"running: {r['api_url']} ({r['source']})" if r["running"] else
                 f"not running{recorded}; each command starts a temporary server")
+        text += (f"\nwarm runner: pid {runner['pid']}, {runner['socket']}" if runner["running"] else
+                 "\nwarm runner: not running")
     _emit(r, args.json, text)
     return 0
 

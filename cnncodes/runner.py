@@ -254,6 +254,9 @@ def serve(path: Path | None = None) -> None:
     started_env = import_time_env(started, frameworks)
     state = _code_state()
     path.parent.mkdir(parents=True, exist_ok=True)
+    if path.parent.stat().st_uid != os.getuid():
+        raise SystemExit(f"{path.parent} belongs to another user: the runner will not listen there. Set "
+                         "CNNCODES_HOME to a folder of your own.")
     os.chmod(path.parent, 0o700)
     try:
         path.unlink()

@@ -103,7 +103,10 @@ def start(port: int = DEFAULT_PORT, timeout: float = 60.0) -> dict[str, Any]:
         info = {"api_url": api, "ui_url": f"http://127.0.0.1:{port}", "started": True}
     _record({"api_url": info["api_url"], "ui_url": info["ui_url"], **{k: v for k, v in (recorded() or {}).items()
                                                                      if k == "runner_pid"}})
-    info["runner"] = start_runner()
+    try:
+        info["runner"] = start_runner()
+    except ServerError as exc:  # the server is up: commands work, each in its own process
+        info["runner"] = {**runner_status(), "error": str(exc)}
     return info
 
 
