@@ -373,6 +373,9 @@ def _child(conn: socket.socket, request: dict[str, Any], fds: list[int]) -> None
         code = cli.run_program(list(request["argv"]))
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except KeyboardInterrupt:  # Ctrl-C before the command's own handling began
+        sys.stderr.write("interrupted: every committed batch is kept; run the same command again to resume.\n")
+        code = 130
     except BaseException:  # noqa: BLE001  a traceback, as the program would print it
         import traceback
 
@@ -380,6 +383,9 @@ def _child(conn: socket.socket, request: dict[str, Any], fds: list[int]) -> None
         code = 1
     finally:
         try:
+            # done: the caller, once it has the status, closes the socket, which the watcher must not
+            # take for a caller killed mid-command
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
             sys.stdout.flush()
             sys.stderr.flush()
             _send(conn, {"exit": code})

@@ -116,7 +116,8 @@ def test_ctrl_c_reaches_the_command_and_a_dead_command_or_caller_is_handled(warm
     while not _children(proc.pid) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert _children(proc.pid), "the runner started no child"
-    caller.send_signal(signal.SIGINT)
+    time.sleep(1)  # the child has told the caller it runs the command (a child killed before that: the
+    caller.send_signal(signal.SIGINT)  # caller runs the command itself, or fails under require)
     _, err = caller.communicate(timeout=120)
     assert caller.returncode == 130 and "interrupted" in err
     # a command killed outright: the caller says so, status 1
@@ -125,6 +126,7 @@ def test_ctrl_c_reaches_the_command_and_a_dead_command_or_caller_is_handled(warm
     deadline = time.monotonic() + 60
     while not (kids := _children(proc.pid)) and time.monotonic() < deadline:
         time.sleep(0.05)
+    time.sleep(1)
     os.kill(kids[0], signal.SIGKILL)
     _, err = caller.communicate(timeout=120)
     assert caller.returncode == 1 and "ended without an exit status" in err
@@ -134,6 +136,7 @@ def test_ctrl_c_reaches_the_command_and_a_dead_command_or_caller_is_handled(warm
     deadline = time.monotonic() + 60
     while not (kids := _children(proc.pid)) and time.monotonic() < deadline:
         time.sleep(0.05)
+    time.sleep(1)
     caller.kill()
     caller.wait()
     deadline = time.monotonic() + 90
