@@ -14,10 +14,9 @@ import sys
 from typing import Any, Sequence
 
 
-
 def apply_env_defaults() -> None:
     """Quiet TensorFlow's C++ logging and Prefect's server analytics, unless the user set them."""
-    from cnncodes.runner import ENV_DEFAULTS
+    from cnncodes.handoff import ENV_DEFAULTS
 
     for key, value in ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
@@ -613,14 +612,14 @@ def run_program(argv: Sequence[str]) -> int:
 
 def main(argv: Sequence[str] | None = None, try_runner: bool = True) -> int:
     """Run one command. Called without ``argv`` (the ``cnncodes`` program), it first offers the command to
-    the warm runner (:mod:`cnncodes.runner`; ``cnncodes server start`` starts one), then runs it here,
+    the warm runner (:mod:`cnncodes.handoff`; ``cnncodes server start`` starts one), then runs it here,
     and ends the process when done (see :func:`_exit_fast`); with ``argv`` (from Python) it returns the
     exit status."""
     if argv is None:
         if try_runner:
-            from cnncodes import runner
+            from cnncodes import handoff
 
-            code = runner.try_run(sys.argv[1:])
+            code = handoff.try_run(sys.argv[1:])
             if code is not None:
                 sys.exit(code)
         _exit_fast(_main(None))

@@ -20,13 +20,13 @@ process as before, and nothing differs but time. It cannot take a command (and s
 * the caller is another user (the socket is in a directory only its owner may enter, and the runner
   checks the peer's uid), or the platform has no ``fork`` or Unix sockets (Windows).
 
-``CNNCODES_RUNNER=0`` runs every command in its own process; ``server`` commands always do. Only the
-standard library is imported here at module level: the waiting command stays small.
+``CNNCODES_RUNNER=0`` runs every command in its own process; ``server`` commands always do. The
+command's side (handing over, waiting, forwarding signals) is :mod:`cnncodes.handoff`; this module is
+the runner's side, run as ``python -m cnncodes.runner`` by ``cnncodes server start``.
 """
+
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import signal
 import socket
@@ -35,162 +35,10 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-# Environment variables that the runner's imports may have read: a command whose values differ runs in
-# its own process. (Variables read only while a command runs need not match: the child gets the
-# command's whole environment.)
-IMPORT_TIME_ENV = ("PREFECT_", "CNNCODES_", "OMP_", "MKL_", "OPENBLAS_", "BLIS_", "NUMEXPR_", "MPL", "PYTHON",
-                   "VIRTUAL_ENV", "DASK_", "HDF5_", "LANG", "LC_", "HOME", "TMPDIR", "TZ")
-# Read by TensorFlow, Keras and JAX when they are imported: in a command's child, after its environment
-# is in place (the runner never imports them), so they need not match.
-FRAMEWORK_ENV = ("TF_", "KERAS_", "CUDA_", "XLA_", "JAX_", "NVIDIA_")
-RUNTIME_ONLY = ("CNNCODES_RUNNER", "CNNCODES_PROGRESS")  # read while a command runs
-# What the cnncodes program sets where the user did not (cnncodes.cli.apply_env_defaults), so that the
-# environment a command sends compares with the runner's, which the program started.
-ENV_DEFAULTS = {"TF_CPP_MIN_LOG_LEVEL": "2", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-PACKAGES = ("cnncodes", "tasks", "flows", "storage")  # the project's code: changed files restart the runner
-NOT_VIA_RUNNER = ("server",)  # commands that run in their own process always
-_HEADER = struct.Struct("!I")
-_MAX_MESSAGE = 4 << 20
+from cnncodes.handoff import PACKAGES, import_time_env, recv_message, send_message, socket_path
 
-
-class RunnerRefused(Exception):
-    """The runner could not take the command (the reason is the message)."""
-
-
-def socket_path() -> Path:
-    """The runner's socket: ``$CNNCODES_HOME/run/runner.sock`` (a folder only its owner may enter), or a
-    short path under the temporary folder where that one is too long for a Unix socket."""
-    from cnncodes.server import home
-
-    path = home() / "run" / "runner.sock"
-    if len(os.fsencode(path)) > 100:
-        digest = hashlib.sha256(os.fsencode(path)).hexdigest()[:12]
-        path = Path(os.environ.get("TMPDIR") or "/tmp") / f"cnncodes-{os.getuid()}-{digest}" / "runner.sock"
-    return path
-
-
-def import_time_env(env: dict[str, str], frameworks: bool = False) -> dict[str, str]:
-    """The variables of ``env`` that the runner's imports may have read (and TensorFlow's, Keras's and
-    JAX's, where ``frameworks``: a runner that imported one of them)."""
-    prefixes = IMPORT_TIME_ENV + (FRAMEWORK_ENV if frameworks else ())
-    return {k: v for k, v in sorted(env.items()) if k.startswith(prefixes) and k not in RUNTIME_ONLY}
-
-
-def supported() -> bool:
-    return hasattr(os, "fork") and hasattr(socket, "AF_UNIX") and hasattr(socket, "send_fds")
-
-
-# --------------------------------------------------------------------------- messages
-def _send(conn: socket.socket, obj: dict[str, Any], fds: Sequence[int] = ()) -> None:
-    data = json.dumps(obj).encode()
-    if fds:
-        socket.send_fds(conn, [_HEADER.pack(len(data)) + data], list(fds))
-    else:
-        conn.sendall(_HEADER.pack(len(data)) + data)
-
-
-def _recv_exact(conn: socket.socket, n: int) -> bytes:
-    buf = b""
-    while len(buf) < n:
-        part = conn.recv(n - len(buf))
-        if not part:
-            raise EOFError("connection closed")
-        buf += part
-    return buf
-
-
-def _recv(conn: socket.socket, with_fds: int = 0) -> tuple[dict[str, Any], list[int]]:
-    fds: list[int] = []
-    if with_fds:
-        first, fds, _flags, _addr = socket.recv_fds(conn, _HEADER.size, with_fds)
-        if not first:
-            raise EOFError("connection closed")
-        head = first + _recv_exact(conn, _HEADER.size - len(first))
-    else:
-        head = _recv_exact(conn, _HEADER.size)
-    (n,) = _HEADER.unpack(head)
-    if n > _MAX_MESSAGE:
-        raise ValueError(f"message of {n} bytes refused")
-    return json.loads(_recv_exact(conn, n)), fds
-
-
-# --------------------------------------------------------------------------- the command's side
-def try_run(argv: Sequence[str]) -> int | None:
-    """Run ``argv`` in the warm runner and return its exit status; None where the command should run in
-    this process instead (no runner, or one that cannot take it). ``CNNCODES_RUNNER=require`` makes that
-    an error (exit status 2, the reason on stderr) instead."""
-    mode = os.environ.get("CNNCODES_RUNNER", "auto").lower()
-    if mode in ("0", "off", "no", "false") or not supported():
-        return None
-    if argv and argv[0] in NOT_VIA_RUNNER or any(a in ("-h", "--help") for a in argv[:1]):
-        return None
-    try:
-        return _run_in_runner(argv)
-    except (OSError, EOFError, ValueError, RunnerRefused) as exc:
-        if mode == "require":
-            sys.stderr.write(f"cnncodes: the warm runner did not take the command: {exc}\n")
-            return 2
-        return None
-
-
-def _run_in_runner(argv: Sequence[str]) -> int:
-    path = socket_path()
-    if not path.exists():
-        raise RunnerRefused(f"no runner at {path} (`cnncodes server start` starts one)")
-    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        conn.settimeout(10)
-        conn.connect(str(path))
-        umask = os.umask(0)
-        os.umask(umask)
-        _send(conn, {"argv": list(argv), "cwd": os.getcwd(), "env": {**ENV_DEFAULTS, **os.environ}, "umask": umask},
-              fds=[0, 1, 2])
-        reply, _ = _recv(conn)
-        if not reply.get("run"):
-            raise RunnerRefused(reply.get("why") or "refused")
-        pid = int(reply["pid"])
-        conn.settimeout(None)
-        forwarded = {}
-
-        def forward(signum, _frame):
-            try:
-                os.kill(pid, signum)
-            except ProcessLookupError:
-                pass
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            forwarded[sig] = signal.signal(sig, forward)
-        try:
-            while True:
-                try:
-                    done, _ = _recv(conn)
-                    return int(done.get("exit", 1))
-                except InterruptedError:
-                    continue
-                except EOFError:
-                    sys.stderr.write("cnncodes: the command's process ended without an exit status "
-                                     "(killed?); whatever it committed is kept. Run the command again.\n")
-                    return 1
-        finally:
-            for sig, old in forwarded.items():
-                signal.signal(sig, old)
-    finally:
-        conn.close()
-
-
-def main() -> None:
-    """The ``cnncodes`` program: the warm runner where it can take the command, else this process."""
-    argv = sys.argv[1:]
-    code = try_run(argv)
-    if code is not None:
-        sys.exit(code)
-    from cnncodes.cli import main as cli_main
-
-    cli_main(try_runner=False)
-
-
-# --------------------------------------------------------------------------- the runner's side
 # What commands import, once. Never TensorFlow: a fork of a process that started its threads would copy
 # them half-alive; commands that need it import it in their own child.
 PRELOAD = ("h5py", "joblib", "matplotlib.figure", "prefect", "prefect.client.orchestration", "prefect.flows",
@@ -305,34 +153,34 @@ def _take(conn: socket.socket, listener: socket.socket, started_env: dict[str, s
     """Answer one command: refuse it (returns the changed file when the runner must restart), or fork
     the child that runs it."""
     conn.settimeout(10)
-    request, fds = _recv(conn, with_fds=3)
+    request, fds = recv_message(conn, with_fds=3)
     try:
         uid = os.getuid()  # where the system cannot say, the socket's folder (only its owner may enter) must do
         if hasattr(socket, "SO_PEERCRED"):
             _pid, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
                                                                  struct.calcsize("3i")))
         if uid != os.getuid():
-            _send(conn, {"run": False, "why": "the runner belongs to another user"})
+            send_message(conn, {"run": False, "why": "the runner belongs to another user"})
             return None
         changed = _changed(state)
         if changed:
-            _send(conn, {"run": False, "why": f"{changed} changed since the runner started; it restarts"})
+            send_message(conn, {"run": False, "why": f"{changed} changed since the runner started; it restarts"})
             return changed
         env = request["env"]
         theirs = import_time_env(env, frameworks)
         if theirs != started_env:
             diff = sorted(k for k in set(theirs) | set(started_env) if theirs.get(k) != started_env.get(k))
-            _send(conn, {"run": False, "why": "environment differs from the runner's: " + ", ".join(diff[:8])})
+            send_message(conn, {"run": False, "why": "environment differs from the runner's: " + ", ".join(diff[:8])})
             return None
         from cnncodes.server import healthy, recorded
 
         now = env.get("PREFECT_API_URL") or (recorded() or {}).get("api_url")
         if now != api or (api and not healthy(api, timeout=0.5)):
-            _send(conn, {"run": False, "why": f"the Prefect API the runner was started for ({api}) is not the one "
+            send_message(conn, {"run": False, "why": f"the Prefect API the runner was started for ({api}) is not the one "
                                               f"to use now ({now}) or does not answer"})
             return None
         if len(fds) != 3:
-            _send(conn, {"run": False, "why": "stdin, stdout and stderr were not passed"})
+            send_message(conn, {"run": False, "why": "stdin, stdout and stderr were not passed"})
             return None
         pid = os.fork()
         if pid == 0:  # the child: never returns
@@ -365,7 +213,7 @@ def _child(conn: socket.socket, request: dict[str, Any], fds: list[int]) -> None
         os.umask(int(request["umask"]))
         sys.argv = ["cnncodes", *request["argv"]]
         conn.settimeout(None)
-        _send(conn, {"run": True, "pid": os.getpid()})
+        send_message(conn, {"run": True, "pid": os.getpid()})
         _stop_with_caller(conn)
         from cnncodes import cli
 
@@ -388,7 +236,7 @@ def _child(conn: socket.socket, request: dict[str, Any], fds: list[int]) -> None
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             sys.stdout.flush()
             sys.stderr.flush()
-            _send(conn, {"exit": code})
+            send_message(conn, {"exit": code})
         except Exception:  # noqa: BLE001  the caller is gone
             pass
         os._exit(code)

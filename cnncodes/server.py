@@ -22,6 +22,9 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from cnncodes import handoff
+from cnncodes.handoff import home  # where the server's record lives (re-exported)
+
 DEFAULT_PORT = 4200
 
 
@@ -30,8 +33,6 @@ class ServerError(RuntimeError):
     says why and what to do."""
 
 
-def home() -> Path:
-    return Path(os.environ.get("CNNCODES_HOME") or Path.home() / ".cnncodes")
 
 
 def state_file() -> Path:
@@ -129,19 +130,15 @@ def _alive(pid: Any) -> bool:
 
 def runner_status() -> dict[str, Any]:
     """The warm runner (:mod:`cnncodes.runner`): its pid, socket and whether it is up."""
-    from cnncodes import runner
-
     pid = (recorded() or {}).get("runner_pid")
-    path = runner.socket_path()
+    path = handoff.socket_path()
     return {"pid": pid, "socket": str(path), "running": bool(pid and _alive(pid) and path.exists()),
-            "supported": runner.supported()}
+            "supported": handoff.supported()}
 
 
 def start_runner(timeout: float = 60.0) -> dict[str, Any]:
     """Start the warm runner beside the recorded server (unless one runs, or this platform has no fork);
     waits until it is ready, so that the next command finds it. Its log: ``$CNNCODES_HOME/runner.log``."""
-    from cnncodes import runner
-
     st = runner_status()
     if st["running"] or not st["supported"] or os.environ.get("CNNCODES_RUNNER", "").lower() in ("0", "off", "no",
                                                                                                  "false"):
@@ -154,7 +151,7 @@ def start_runner(timeout: float = 60.0) -> dict[str, Any]:
         log.close()
     rec = recorded() or {}
     _record({**rec, "runner_pid": proc.pid})
-    path = runner.socket_path()
+    path = handoff.socket_path()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
         if path.exists():

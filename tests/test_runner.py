@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
-from cnncodes import runner
+from cnncodes import handoff
 
-pytestmark = pytest.mark.skipif(not runner.supported(), reason="the runner needs fork and Unix sockets")
-CNNCODES = [sys.executable, "-c", "from cnncodes.runner import main; main()"]  # what the program runs
+pytestmark = pytest.mark.skipif(not handoff.supported(), reason="the runner needs fork and Unix sockets")
+CNNCODES = [sys.executable, "-m", "cnncodes.program"]  # what the program runs
 
 
 def _children(pid: int) -> list[int]:
@@ -29,7 +29,7 @@ def _children(pid: int) -> list[int]:
 def warm(tmp_path):
     """A runner of its own (no Prefect server: the commands used here run no flow)."""
     env = dict(os.environ, CNNCODES_HOME=str(tmp_path / "home"), PREFECT_HOME=str(tmp_path / "prefect"),
-               CNNCODES_PROGRESS="0", **runner.ENV_DEFAULTS)
+               CNNCODES_PROGRESS="0", **handoff.ENV_DEFAULTS)
     env.pop("PREFECT_API_URL", None)
     (tmp_path / "home").mkdir()
     log = open(tmp_path / "runner.log", "wb")  # noqa: SIM115
