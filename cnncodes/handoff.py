@@ -30,7 +30,9 @@ IMPORT_TIME_ENV = ("PREFECT_", "CNNCODES_", "OMP_", "MKL_", "OPENBLAS_", "BLIS_"
 # Read by TensorFlow, Keras and JAX when they are imported: in a command's child, after its environment
 # is in place (the runner never imports them), so they need not match.
 FRAMEWORK_ENV = ("TF_", "KERAS_", "CUDA_", "XLA_", "JAX_", "NVIDIA_")
-RUNTIME_ONLY = ("CNNCODES_RUNNER", "CNNCODES_PROGRESS")  # read while a command runs
+# Read while a command runs; PREFECT_API_URL is compared on its own (the runner checks that the API it
+# was started for is the one the command would use, and answers).
+RUNTIME_ONLY = ("CNNCODES_RUNNER", "CNNCODES_PROGRESS", "PREFECT_API_URL")
 # What the cnncodes program sets where the user did not (cnncodes.cli.apply_env_defaults), so that the
 # environment a command sends compares with the runner's, which the program started.
 ENV_DEFAULTS = {"TF_CPP_MIN_LOG_LEVEL": "2", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}

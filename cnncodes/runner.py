@@ -61,7 +61,7 @@ def _code_state() -> dict[str, int]:
     state: dict[str, int] = {}
     for name, mod in list(sys.modules.items()):
         f = getattr(mod, "__file__", None)
-        if f and name.split(".")[0] in PACKAGES:
+        if f and (name.split(".")[0] in PACKAGES or name == "__main__"):  # __main__: this module, run by -m
             try:
                 state[f] = os.stat(f).st_mtime_ns
             except OSError:
@@ -145,7 +145,8 @@ def serve(path: Path | None = None) -> None:
         pass
     if restart:
         print(f"restarting: {restart} changed", flush=True)
-        os.execv(sys.executable, [sys.executable, "-m", "cnncodes.runner", "--socket", str(path)])
+        # the environment it was started with (not the API address it set for its own imports)
+        os.execve(sys.executable, [sys.executable, "-m", "cnncodes.runner", "--socket", str(path)], started)
 
 
 def _take(conn: socket.socket, listener: socket.socket, started_env: dict[str, str], frameworks: bool,
@@ -207,6 +208,8 @@ def _child(conn: socket.socket, request: dict[str, Any], fds: list[int]) -> None
         # the caller's: only their buffering is set again, as Python sets it for a terminal or a file
         sys.stdout.reconfigure(line_buffering=os.isatty(1))
         sys.stderr.reconfigure(line_buffering=True)
+        if os.isatty(2):
+            _logging_for_this_terminal()
         os.environ.clear()
         os.environ.update(request["env"])
         os.chdir(request["cwd"])
@@ -240,6 +243,15 @@ def _child(conn: socket.socket, request: dict[str, Any], fds: list[int]) -> None
         except Exception:  # noqa: BLE001  the caller is gone
             pass
         os._exit(code)
+
+
+def _logging_for_this_terminal() -> None:
+    """Prefect's console handler decided at the runner's start, on its log file, that stderr has no
+    colours; set its logging up again now that stderr is the caller's terminal (colours, as in a command
+    run alone; about 0.1 s, so only for a terminal)."""
+    from prefect.logging.configuration import setup_logging
+
+    setup_logging(incremental=False)
 
 
 def _stop_with_caller(conn: socket.socket) -> None:

@@ -77,6 +77,9 @@ def test_a_command_it_cannot_take_runs_alone_and_require_says_why(warm):
     required = _run(["backbones", "--json"], dict(other, CNNCODES_RUNNER="require"), tmp)
     assert required.returncode == 2 and "environment differs" in required.stderr
     assert "PREFECT_HOME" in required.stderr
+    elsewhere = _run(["backbones", "--json"], dict(env, CNNCODES_RUNNER="require",  # not the runner's API
+                                                    PREFECT_API_URL="http://127.0.0.1:9/api"), tmp)
+    assert elsewhere.returncode == 2 and "Prefect API the runner was started for" in elsewhere.stderr
     fallback = _run(["backbones", "--json"], other, tmp)
     assert fallback.returncode == 0 and json.loads(fallback.stdout)  # ran alone, same answer
     # variables read only while a command runs need not match
