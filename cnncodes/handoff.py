@@ -135,8 +135,8 @@ def _run_in_runner(argv: Sequence[str]) -> int:
         conn.connect(str(path))
         umask = os.umask(0)
         os.umask(umask)
-        send_message(conn, {"argv": list(argv), "cwd": os.getcwd(), "env": {**ENV_DEFAULTS, **os.environ}, "umask": umask},
-              fds=[0, 1, 2])
+        request = {"argv": list(argv), "cwd": os.getcwd(), "env": {**ENV_DEFAULTS, **os.environ}, "umask": umask}
+        send_message(conn, request, fds=[0, 1, 2])
         reply, _ = recv_message(conn)
         if not reply.get("run"):
             raise RunnerRefused(reply.get("why") or "refused")

@@ -171,14 +171,15 @@ def _take(conn: socket.socket, listener: socket.socket, started_env: dict[str, s
         theirs = import_time_env(env, frameworks)
         if theirs != started_env:
             diff = sorted(k for k in set(theirs) | set(started_env) if theirs.get(k) != started_env.get(k))
-            send_message(conn, {"run": False, "why": "environment differs from the runner's: " + ", ".join(diff[:8])})
+            send_message(conn, {"run": False,
+                                "why": "environment differs from the runner's: " + ", ".join(diff[:8])})
             return None
         from cnncodes.server import healthy, recorded
 
         now = env.get("PREFECT_API_URL") or (recorded() or {}).get("api_url")
         if now != api or (api and not healthy(api, timeout=0.5)):
-            send_message(conn, {"run": False, "why": f"the Prefect API the runner was started for ({api}) is not the one "
-                                              f"to use now ({now}) or does not answer"})
+            send_message(conn, {"run": False, "why": f"the Prefect API the runner was started for ({api}) is not "
+                                                     f"the one to use now ({now}) or does not answer"})
             return None
         if len(fds) != 3:
             send_message(conn, {"run": False, "why": "stdin, stdout and stderr were not passed"})
