@@ -1,7 +1,7 @@
 """Decoding inputs beside the model, in threads or in processes.
 
 Pillow holds Python's GIL for part of every image (opening, the EXIF turn, converting to an array): on
-a GPU machine's 16 cores, 16 threads decoded only about 4.8 times what one core does (BENCHMARKS.md,
+a GPU machine's 16 cores, 16 threads decoded only a few times what one core does (BENCHMARKS.md,
 "GPU"), while the GPU could take far more. Processes have no GIL to share, so they scale with the cores;
 they cost a start (well under a second each, in parallel) and a copy of each decoded array back
 (150 KB at 224 px), which is why threads stay the choice on a CPU, where the network, not the decoder,
