@@ -71,14 +71,10 @@ def _clear_stale_pid_file() -> bool:
         pid = int(pid_file.read_text().strip())
     except (OSError, ValueError):
         return False
-    try:
-        os.kill(pid, 0)
-        return False  # alive: not ours to judge
-    except ProcessLookupError:
-        pid_file.unlink(missing_ok=True)
-        return True
-    except PermissionError:  # alive, another user's
+    if _alive(pid):  # alive (also another user's): not ours to judge
         return False
+    pid_file.unlink(missing_ok=True)
+    return True
 
 
 def start(port: int = DEFAULT_PORT, timeout: float = 60.0) -> dict[str, Any]:
@@ -119,6 +115,7 @@ def _record(data: dict[str, Any]) -> None:
 
 
 def _alive(pid: Any) -> bool:
+    """Whether a process ``pid`` exists (another user's counts)."""
     try:
         os.kill(int(pid), 0)
         return True
