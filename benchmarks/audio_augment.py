@@ -70,10 +70,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT))
+from audio_shared import SHARED, SPEAKERS, recordings as all_recordings  # noqa: E402  the same dataset's listing
 from report import emit  # noqa: E402  benchmarks/ is the script's folder
 
-SHARED = ROOT.parent / "shared"
-SPEAKERS = ("george", "jackson", "lucas", "nicolas")
 DEV_WORLD = ("george", "jackson", "lucas")
 RECIPE = {"sample_rate": 8000, "n_mels": 32, "trim_db": 30, "duration": None, "top_db": 60, "colormap": "viridis"}
 SIZE = 224
@@ -114,7 +113,7 @@ def versions(setting: str) -> list[str]:
 # --------------------------------------------------------------------------- images and codes
 def recordings(data: Path, speaker: str) -> list[tuple[Path, int]]:
     """(file, digit) of one speaker's recordings (the speaker is the 2nd field of the file name)."""
-    return [(f, int(f.parent.name)) for f in sorted(data.glob("*/*.wav")) if f.name.split("_")[1] == speaker]
+    return [(data / rel, int(digit)) for rel, digit, who in all_recordings(data) if who == speaker]
 
 
 def image(wave: np.ndarray, recipe, version: str) -> np.ndarray:

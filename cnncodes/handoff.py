@@ -68,6 +68,11 @@ def import_time_env(env: dict[str, str], frameworks: bool = False) -> dict[str, 
     return {k: v for k, v in sorted(env.items()) if k.startswith(prefixes) and k not in RUNTIME_ONLY}
 
 
+def turned_off() -> bool:
+    """``CNNCODES_RUNNER`` is 0, off, no or false: every command runs in its own process."""
+    return os.environ.get("CNNCODES_RUNNER", "").lower() in ("0", "off", "no", "false")
+
+
 def supported() -> bool:
     return hasattr(os, "fork") and hasattr(socket, "AF_UNIX") and hasattr(socket, "send_fds")
 
@@ -111,9 +116,9 @@ def try_run(argv: Sequence[str]) -> int | None:
     """Run ``argv`` in the warm runner and return its exit status; None where the command should run in
     this process instead (no runner, or one that cannot take it). ``CNNCODES_RUNNER=require`` makes that
     an error (exit status 2, the reason on stderr) instead."""
-    mode = os.environ.get("CNNCODES_RUNNER", "auto").lower()
-    if mode in ("0", "off", "no", "false") or not supported():
+    if turned_off() or not supported():
         return None
+    mode = os.environ.get("CNNCODES_RUNNER", "auto").lower()
     if argv and argv[0] in NOT_VIA_RUNNER or any(a in ("-h", "--help") for a in argv[:1]):
         return None
     try:

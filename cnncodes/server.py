@@ -33,8 +33,6 @@ class ServerError(RuntimeError):
     says why and what to do."""
 
 
-
-
 def state_file() -> Path:
     return home() / "server.json"
 
@@ -98,8 +96,9 @@ def start(port: int = DEFAULT_PORT, timeout: float = 60.0) -> dict[str, Any]:
                                f"(prefect said: {(proc.stdout + proc.stderr).strip()[-400:] or 'nothing'}). "
                                "Is the port taken? Try `cnncodes server start --port 4300`.")
         info = {"api_url": api, "ui_url": f"http://127.0.0.1:{port}", "started": True}
-    _record({"api_url": info["api_url"], "ui_url": info["ui_url"], **{k: v for k, v in (recorded() or {}).items()
-                                                                     if k == "runner_pid"}})
+    runner_pid = (recorded() or {}).get("runner_pid")  # a runner of this server may run on
+    _record({"api_url": info["api_url"], "ui_url": info["ui_url"],
+             **({"runner_pid": runner_pid} if runner_pid else {})})
     try:
         info["runner"] = start_runner()
     except ServerError as exc:  # the server is up: commands work, each in its own process
@@ -137,8 +136,7 @@ def start_runner(timeout: float = 60.0) -> dict[str, Any]:
     """Start the warm runner beside the recorded server (unless one runs, or this platform has no fork);
     waits until it is ready, so that the next command finds it. Its log: ``$CNNCODES_HOME/runner.log``."""
     st = runner_status()
-    if st["running"] or not st["supported"] or os.environ.get("CNNCODES_RUNNER", "").lower() in ("0", "off", "no",
-                                                                                                 "false"):
+    if st["running"] or not st["supported"] or handoff.turned_off():
         return st
     log = open(home() / "runner.log", "ab")  # noqa: SIM115  the runner's own, kept open by it
     try:
@@ -155,7 +153,8 @@ def start_runner(timeout: float = 60.0) -> dict[str, Any]:
             return runner_status()
         time.sleep(0.1)
     said = (home() / "runner.log").read_text(errors="replace")[-600:]
-    raise ServerError(f"the warm runner did not start ({'exited with status %s' % proc.returncode if proc.poll() is not None else 'not ready after %g s' % timeout}): "
+    why = f"exited with status {proc.returncode}" if proc.poll() is not None else f"not ready after {timeout:g} s"
+    raise ServerError(f"the warm runner did not start ({why}): "
                       f"{said.strip() or 'its log is empty'}. Commands still run, each in its own process; "
                       "see $CNNCODES_HOME/runner.log, or set CNNCODES_RUNNER=0 to start the server without it.")
 
