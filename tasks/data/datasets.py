@@ -275,6 +275,18 @@ def _n_held(n: int, fraction: float) -> int:
     return int(round(n * fraction))
 
 
+def class_counts(n: int, val_fraction: float, test_fraction: float) -> tuple[int, int]:
+    """How many of a class's ``n`` images a drawn split holds out: ``(n_test, n_val)``, each rounded, with at
+    least one image left to train on."""
+    n_test, n_val = _n_held(n, test_fraction), _n_held(n, val_fraction)
+    while n_test + n_val > n - 1 and (n_test or n_val):
+        if n_val >= n_test and n_val:
+            n_val -= 1
+        else:
+            n_test -= 1
+    return n_test, n_val
+
+
 def assign_splits(items: list[tuple[str, int]], val_fraction: float, test_fraction: float, seed: int,
                   content: Mapping[str, str] | None = None) -> dict[str, str]:
     """Stratified split of ``(path, label)`` items: per class, items ordered by a hash of (seed,
@@ -290,13 +302,7 @@ def assign_splits(items: list[tuple[str, int]], val_fraction: float, test_fracti
     out: dict[str, str] = {}
     for label, paths in by_class.items():
         paths.sort(key=lambda p: _rank(seed, p))
-        n = len(paths)
-        n_test, n_val = _n_held(n, test_fraction), _n_held(n, val_fraction)
-        while n_test + n_val > n - 1 and (n_test or n_val):
-            if n_val >= n_test and n_val:
-                n_val -= 1
-            else:
-                n_test -= 1
+        n_test, n_val = class_counts(len(paths), val_fraction, test_fraction)
         for i, p in enumerate(paths):
             out[p] = "test" if i < n_test else "val" if i < n_test + n_val else "train"
     return _keep_copies_together(out, content)
