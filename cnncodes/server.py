@@ -181,16 +181,19 @@ def stop_runner() -> bool:
 
 
 def stop() -> dict[str, Any]:
-    """Stop the server ``start`` started and forget it."""
+    """Stop the server ``start`` started and forget it, and every dataset watcher (``cnncodes watch``)."""
+    from tasks.data import watcher
+
     rec = recorded()
     stop_runner()
+    watchers = watcher.stop_all(home())
     proc = _prefect("server", "stop", timeout=60)
     try:
         state_file().unlink()
     except FileNotFoundError:
         pass
     return {"stopped": rec is not None or proc.returncode == 0, "api_url": (rec or {}).get("api_url"),
-            "message": (proc.stdout + proc.stderr).strip()[-400:]}
+            "message": (proc.stdout + proc.stderr).strip()[-400:], "watchers_stopped": watchers}
 
 
 def status() -> dict[str, Any]:
