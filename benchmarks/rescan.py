@@ -110,7 +110,11 @@ def _count_opens(data: str) -> list[int]:
 def watched_child(data: str, manifest: str) -> None:
     """One measurement of a watched scan, in its own process: the scan-dataset task's
     ``scan_to_manifest`` with the data folder's watcher running (``CNNCODES_HOME`` names it)."""
+    import zipfile  # noqa: F401  what the scan imports on its way (np.load, the watcher's client), as the
+    from PIL import Image  # noqa: F401  listing child imports its modules before its clock starts
+
     from storage.manifest import Manifest
+    from tasks.data import watcher  # noqa: F401
     from tasks.data.incremental import index_path_for, scan_to_manifest
 
     rss_imports = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -348,8 +352,9 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
 
     fp = {r["fingerprint"] for r in first + no_change + rehash}
-    fp_new = {r["fingerprint"] for r in new + watched["one_percent_new_runs"]}
-    fp_same = {r["fingerprint"] for r in watched["first_runs"] + watched["no_change_runs"]}
+    # the watched no-change runs follow a 1%-new run: they hold the new files too
+    fp_new = {r["fingerprint"] for r in new + watched["one_percent_new_runs"] + watched["no_change_runs"]}
+    fp_same = {r["fingerprint"] for r in watched["first_runs"]}
     unnamed = sum(1 for i in range(n) if i % NO_EXTENSION_EVERY == NO_EXTENSION_EVERY - 1)
     res = {"files": n, "classes": CLASSES, "files_without_extension": unnamed, "new_files": n_new,
            "file_bytes": len(tiny_png(n)), "cores": os.cpu_count(), "generate_s": round(gen_s, 2),

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sys
 
 import pytest
 from PIL import Image
@@ -48,21 +49,7 @@ def watched(tmp_path, monkeypatch):
             _png(data / c / f"{c}{i:02d}.png", hash((c, i)) % 60000)
     journal = Journal(data)
     monkeypatch.setattr(incremental, "find_journal", lambda d: journal if os.path.isdir(d) else None)
-    _stub_watcher(monkeypatch)
     return data, journal, tmp_path / "run" / "m.json"
-
-
-def _stub_watcher(monkeypatch):  # TEMPORARY until tasks.data.watcher lands
-    import sys
-    import types
-
-    if "tasks.data.watcher" not in sys.modules:
-        try:
-            import tasks.data.watcher  # noqa: F401
-        except ImportError:
-            mod = types.ModuleType("tasks.data.watcher")
-            mod.WatchLost = type("WatchLost", (Exception,), {})
-            monkeypatch.setitem(sys.modules, "tasks.data.watcher", mod)
 
 
 def _scan(data, manifest, **kw):
@@ -212,7 +199,6 @@ def test_split_folders_with_a_test_folder(tmp_path, monkeypatch):
                 _png(data / split / c / f"{split}{c}{i}.png", hash((split, c, i)) % 60000)
     journal = Journal(data)
     monkeypatch.setattr(incremental, "find_journal", lambda d: journal)
-    _stub_watcher(monkeypatch)
     manifest = tmp_path / "m.json"
     _scan(data, manifest)
     journal.note(_png(data / "test" / "b" / "new.png", 61000), _png(data / "train" / "a" / "new.png", 61001))
@@ -262,3 +248,30 @@ def test_stat_cache_chunks_override_and_a_torn_one_is_cut(tmp_path):
     path.write_bytes(raw.replace(b'"/e"', b'"/f"'))  # an edited chunk: it is left out
     cache, _ = statcache.StatCache.read(path)
     assert cache.files == -1 and cache.folder("/f") == {} and cache.folder("/d")["a"] == (key_a, "a" * 64)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the watcher needs Linux's inotify")
+def test_with_a_real_watcher(tmp_path, monkeypatch):
+    from tasks.data import watcher
+
+    monkeypatch.setenv("CNNCODES_HOME", str(tmp_path / "home"))
+    data = tmp_path / "data"
+    for c in ("a", "b"):
+        for i in range(10):
+            _png(data / c / f"{c}{i}.png", hash((c, i)) % 60000)
+    manifest = tmp_path / "m.json"
+    watcher.start(data)
+    try:
+        first, _ = _scan(data, manifest)
+        assert not first["incremental"] and index_path_for(manifest).exists()
+        _png(data / "a" / "new.png", 61000)
+        for i in range(3):
+            _png(data / "b" / "sub" / f"s{i}.png", 61100 + i)
+        os.remove(data / "a" / "a3.png")
+        out, stats = _scan(data, manifest)
+        assert out["incremental"] and stats["read"] == 4 and out["images"] == 23
+        _same_as_full(data, manifest, tmp_path)
+    finally:
+        watcher.stop(data)
+    out, _ = _scan(data, manifest)  # no watcher: the full listing, which gives the same manifest
+    assert not out["incremental"] and out["images"] == 23

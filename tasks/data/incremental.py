@@ -45,7 +45,8 @@ from storage.files import atomic_path
 from storage.manifest import Manifest
 
 from . import statcache
-from .datasets import (SPLIT_ALIASES, _is_hidden, _kind, _read_chunk, _unused_reason, _walk, class_counts)
+from .datasets import SPLIT_ALIASES, _is_hidden, _read_chunk, _unused_reason, _walk, class_counts
+from .media import content_kind, kind_from_extension
 
 SUFFIX = ".scanindex.npz"
 VERSION = 1
@@ -101,6 +102,7 @@ class ScanIndex:
     offsets: np.ndarray
     blob: bytes
     skips: set[str]
+    _starts: np.ndarray | None = None  # where each class's rows start (and the end), found once
 
     @classmethod
     def build(cls, manifest: Manifest) -> "ScanIndex | str":
@@ -127,7 +129,10 @@ class ScanIndex:
         order = np.lexsort((rank, label))
         offsets = np.zeros(n + 1, np.int64)
         np.cumsum([len(p) for p in paths], out=offsets[1:])
-        idx = cls(meta={}, label=label[order], rank=rank[order], split=split[order], sha=sha[order],
+        meta = {"version": VERSION, "state": manifest.state, "scan": dict(manifest.scan), "root": manifest.root,
+                "layout": manifest.layout, "classes": list(manifest.class_names), "media": manifest.media,
+                "seed": seed, "fractions": dict(manifest.split_fractions)}
+        idx = cls(meta=meta, label=label[order], rank=rank[order], split=split[order], sha=sha[order],
                   pid=order.astype(np.int64), offsets=offsets, blob=b"".join(paths),
                   skips={k.path for k in manifest.skipped})
         if idx._ties():
@@ -139,9 +144,6 @@ class ScanIndex:
                 return "splits that are not the drawn ones"
         elif any(SPLIT_ALIASES.get(s.path.split("/", 1)[0].lower()) != s.split for s in samples):
             return "splits that are not their folders'"
-        idx.meta = {"version": VERSION, "state": manifest.state, "scan": dict(manifest.scan), "root": manifest.root,
-                    "layout": manifest.layout, "classes": list(manifest.class_names), "media": manifest.media,
-                    "seed": seed, "fractions": dict(manifest.split_fractions)}
         return idx
 
     # -- lookups -------------------------------------------------------------
@@ -150,7 +152,9 @@ class ScanIndex:
         return self.blob[self.offsets[p]:self.offsets[p + 1]].decode()
 
     def bounds(self, label: int) -> tuple[int, int]:
-        return (int(np.searchsorted(self.label, label, "left")), int(np.searchsorted(self.label, label, "right")))
+        if self._starts is None:
+            self._starts = np.searchsorted(self.label, np.arange(len(self.meta["classes"]) + 1)).tolist()
+        return self._starts[label], self._starts[label + 1]
 
     def find(self, label: int, rel: str) -> int:
         """The row of ``rel`` (a file of class ``label``), or -1."""
@@ -334,7 +338,7 @@ def _apply(idx: ScanIndex, changed: set[str], token: dict, manifest_path, worker
             if row >= 0:
                 drop.add(row)
             continue
-        if _kind(Path(root), rel) != media:
+        if (kind_from_extension(rel) or content_kind(root + rel)) != media:
             raise Fallback(f"{rel} is not {'a sound recording' if media == 'audio' else 'an image'}, as the rest are")
         if row >= 0:
             changed_sha[row] = int(verdict[:16], 16)
@@ -351,9 +355,15 @@ def _apply(idx: ScanIndex, changed: set[str], token: dict, manifest_path, worker
     for row, h in changed_sha.items():
         sha[row] = h
     new_sha = np.array([h for _, _, h, _, _ in new_rows] + list(changed_sha.values()), np.uint64)
-    rest = sha[keep & ~np.isin(np.arange(len(sha)), list(changed_sha))]
-    if len(np.unique(new_sha)) < len(new_sha) or np.isin(new_sha, rest).any():
-        raise Fallback("a new or changed file is identical to another file (copies must share a split)")
+    if len(new_sha):
+        leaving = np.sort(idx.sha[sorted(drop | set(changed_sha))])  # what dropped or changed files held
+        known = np.sort(idx.sha)  # (sorting 8-byte keys costs milliseconds; a set of them would cost 100 times more)
+        at = np.searchsorted(known, new_sha)
+        hit = known[np.minimum(at, len(known) - 1)] == new_sha
+        still = hit & (np.searchsorted(leaving, new_sha, "right") - np.searchsorted(leaving, new_sha, "left")
+                       < np.searchsorted(known, new_sha, "right") - at)
+        if len(np.unique(new_sha)) < len(new_sha) or still.any():
+            raise Fallback("a new or changed file is identical to another file (copies must share a split)")
     base = len(idx.offsets) - 1
     enc = [rel.encode() for _, _, _, rel, _ in new_rows]
     offsets = np.concatenate([idx.offsets, idx.offsets[-1] + np.cumsum([len(e) for e in enc], dtype=np.int64)])

@@ -58,7 +58,9 @@ def _ext(path: str | os.PathLike) -> str:
 def kind_from_extension(path: str | os.PathLike) -> str | None:
     """``"image"`` or ``"audio"`` when the name has a known extension of that kind, else None (the content
     decides)."""
-    ext = Path(path).suffix.lower()
+    name = os.fspath(path).rpartition(os.sep)[2]  # Path(path).suffix, without building a Path (a scan asks per file)
+    i = name.rfind(".")
+    ext = name[i:].lower() if 0 < i < len(name) - 1 else ""
     return IMAGE if ext in IMAGE_EXTENSIONS else AUDIO if ext in AUDIO_EXTENSIONS else None
 
 
