@@ -113,6 +113,7 @@ def watched_child(data: str, manifest: str) -> None:
     import zipfile  # noqa: F401  what the scan imports on its way (np.load, the watcher's client), as the
     from PIL import Image  # noqa: F401  listing child imports its modules before its clock starts
 
+    import tasks.settings  # noqa: F401  (both children: the flow that runs the scan has it loaded)
     from storage.manifest import Manifest
     from tasks.data import watcher  # noqa: F401
     from tasks.data.incremental import index_path_for, scan_to_manifest
@@ -141,6 +142,7 @@ def child(data: str, manifest: str, rehash: bool) -> None:
     """One measurement, in its own process: what the scan-dataset task does, without Prefect."""
     import builtins
 
+    import tasks.settings  # noqa: F401  the split settings' checks (a flow has them loaded)
     from storage.manifest import Manifest
     from tasks.data.datasets import cache_path_for, scan_dataset
 
@@ -297,6 +299,8 @@ def watched_summary(w: dict) -> dict:
                 "files_opened_under_data": max(r["files_opened_under_data"] for r in runs),
                 "bytes_read": med(lambda r: r["bytes_read"]), "peak_rss_mb": round(max(r["peak_rss_mb"] for r in runs), 1),
                 "manifest_bytes": runs[-1]["manifest_bytes"], "index_bytes": runs[-1]["index_bytes"],
+                "phases_s": {p: med(lambda r, p=p: r["stats"].get("seconds", {}).get(p, 0.0))
+                             for p in ("sync", "changed_paths", "read", "index", "write")},
                 "totals_each_s": [round(r["total_s"], 4) for r in runs]}
 
     return {"watcher_folders": w["watcher_folders"], "first": one(w["first_runs"]),
@@ -391,6 +395,8 @@ def main() -> None:
         "how": f"each measured phase x {scale:g} (linear in files); memory: RSS after imports + (peak - it) x {scale:g}",
         "first_s": round(f["total_s"] * scale, 1), "no_change_s": round(u["total_s"] * scale, 1),
         "one_percent_new_s": round(w["total_s"] * scale, 1),
+        "watched_one_percent_new_s": round(ww["one_percent_new"]["total_s"] * scale, 2),
+        "watched_first_s": round(ww["first"]["total_s"] * scale, 1),
         "no_change_phases_s": {p: round(v * scale, 2) for p, v in u["phases_s"].items()} | {
             "manifest_save": round(u["save_s"] * scale, 2)},
         "peak_rss_mb": round(u["rss_after_imports_mb"] + (max(f["peak_rss_mb"], w["peak_rss_mb"])

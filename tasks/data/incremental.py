@@ -156,10 +156,10 @@ class ScanIndex:
             self._starts = np.searchsorted(self.label, np.arange(len(self.meta["classes"]) + 1)).tolist()
         return self._starts[label], self._starts[label + 1]
 
-    def find(self, label: int, rel: str) -> int:
-        """The row of ``rel`` (a file of class ``label``), or -1."""
+    def find(self, label: int, rel: str, rank: int | None = None) -> int:
+        """The row of ``rel`` (a file of class ``label``, whose :func:`rank64` is ``rank`` where known), or -1."""
         lo, hi = self.bounds(label)
-        r = np.uint64(rank64(self.meta["seed"], rel))
+        r = np.uint64(rank64(self.meta["seed"], rel) if rank is None else rank)
         i = lo + int(np.searchsorted(self.rank[lo:hi], r))
         return i if i < hi and self.rank[i] == r and self.path(i) == rel else -1
 
@@ -264,6 +264,7 @@ def rescan(manifest_path: str | os.PathLike, journal: Any, record: dict, workers
 def _apply(idx: ScanIndex, changed: set[str], token: dict, manifest_path, workers: int,
            progress: Progress | None, stats: dict | None) -> dict:
     started = time.time_ns()
+    t0 = time.perf_counter()
     meta = idx.meta
     root = meta["root"].rstrip(os.sep) + os.sep
     split_folders = meta["layout"] == "split-folders"
@@ -322,7 +323,9 @@ def _apply(idx: ScanIndex, changed: set[str], token: dict, manifest_path, worker
             cand.setdefault(path, (label, SPLIT_ALIASES[path.split("/", 1)[0].lower()] if split_folders else None,
                                    listed[path]))
         unskip.update(k for k in idx.skips if k.startswith(rel + "/") and k not in listed)
+    t_read = time.perf_counter()
     verdicts = _read(root, list(cand), workers, progress, len(idx.label))
+    t_index = time.perf_counter()
     media = meta["media"]
     sets: dict[str, list] = {}
     skips: dict[str, str] = {}
@@ -330,7 +333,8 @@ def _apply(idx: ScanIndex, changed: set[str], token: dict, manifest_path, worker
     changed_sha: dict[int, int] = {}
     for rel, verdict in verdicts.items():
         label, given, _ = cand[rel]
-        row = idx.find(label, rel)
+        rank = rank64(meta["seed"], rel)
+        row = idx.find(label, rel, rank)
         if rel in idx.skips:
             unskip.add(rel)
         if isinstance(verdict, Exception):
@@ -344,7 +348,7 @@ def _apply(idx: ScanIndex, changed: set[str], token: dict, manifest_path, worker
             changed_sha[row] = int(verdict[:16], 16)
             sets[rel] = [rel, verdict, label, SPLIT_NAMES[int(idx.split[row])]]
         else:
-            new_rows.append((label, rank64(meta["seed"], rel), int(verdict[:16], 16), rel, given or ""))
+            new_rows.append((label, rank, int(verdict[:16], 16), rel, given or ""))
             sets[rel] = [rel, verdict, label, given]
     unskip -= set(skips)
     drop_paths = [idx.path(r) for r in sorted(drop)]
@@ -395,11 +399,16 @@ def _apply(idx: ScanIndex, changed: set[str], token: dict, manifest_path, worker
         new.split = drawn
     delta = {"set": list(sets.values()), "move": moves, "drop": drop_paths, "skip": sorted(skips.items()),
              "unskip": sorted(unskip), "scan": token}
+    t_write = time.perf_counter()
     new.meta["state"] = Manifest.append_delta(manifest_path, meta["state"], delta)
     new.meta["scan"] = token
     new.save(index_path_for(manifest_path))
     _record(manifest_path, root, {rel: (cand[rel][2], v) for rel, v in verdicts.items()}, started)
     idx.__dict__.update(new.__dict__)  # the summary reads the new index
+    if stats is not None:
+        stats.setdefault("seconds", {}).update(
+            changed_paths=round(t_read - t0, 4), read=round(t_index - t_read, 4), index=round(t_write - t_index, 4),
+            write=round(time.perf_counter() - t_write, 4))
     return {"read": len(verdicts), "files": len(new.label)}
 
 

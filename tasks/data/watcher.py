@@ -945,7 +945,7 @@ class Journal:
         if data and not data.endswith(b"\0"):
             return None
         out: set[str] = set()
-        for record in data.split(b"\0")[:-1]:
+        for record in set(data.split(b"\0")[:-1]):  # a path changed many times is decoded once
             kind = record[:1]
             if kind == b"C" and len(record) > 1:
                 out.add(os.fsdecode(record[1:]))
