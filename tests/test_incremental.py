@@ -111,15 +111,16 @@ def test_folders_that_appear_or_vanish_are_listed(watched, tmp_path):
     _scan(data, manifest)
     for i in range(5):
         _png(data / "ants" / "more" / "deeper" / f"m{i}.png", 50000 + i)
+    (data / "ants" / "more" / "notes.txt").write_text("not an image")
     journal.note(data / "ants" / "more")  # only the folder: its files were there before any watch
     out, stats = _scan(data, manifest)
-    assert out["incremental"] and stats["read"] == 5 and out["images"] == 41
+    assert out["incremental"] and stats["read"] == 6 and out["images"] == 41 and out["skipped"] == 1
     _same_as_full(data, manifest, tmp_path)
 
     shutil.rmtree(data / "ants" / "more")
     journal.note(data / "ants" / "more")
     out, stats = _scan(data, manifest)
-    assert out["incremental"] and stats["read"] == 0 and out["images"] == 36
+    assert out["incremental"] and stats["read"] == 0 and out["images"] == 36 and out["skipped"] == 0
     _same_as_full(data, manifest, tmp_path)
 
 
@@ -275,3 +276,17 @@ def test_with_a_real_watcher(tmp_path, monkeypatch):
         watcher.stop(data)
     out, _ = _scan(data, manifest)  # no watcher: the full listing, which gives the same manifest
     assert not out["incremental"] and out["images"] == 23
+
+
+def test_scans_into_one_manifest_take_turns(watched, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    data, journal, manifest = watched
+    manifest.parent.mkdir()
+    _scan(data, manifest)
+    journal.note(*[_png(data / "bees" / f"n{i}.png", 64000 + i) for i in range(6)])
+    with ThreadPoolExecutor(4) as pool:
+        outs = list(pool.map(lambda _: scan_to_manifest(data, manifest, 0.25, 0.25, 3), range(4)))
+    assert all(o["incremental"] for o in outs) and {o["images"] for o in outs} == {42}
+    assert sum(o["files_read"] for o in outs) == 6  # the first one read them; the others found nothing new
+    _same_as_full(data, manifest, tmp_path)

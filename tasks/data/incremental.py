@@ -41,11 +41,11 @@ from typing import Any, Callable
 
 import numpy as np
 
-from storage.files import atomic_path
+from storage.files import FileLock, atomic_path
 from storage.manifest import Manifest
 
 from . import statcache
-from .datasets import SPLIT_ALIASES, _is_hidden, _read_chunk, _unused_reason, _walk, class_counts
+from .datasets import SPLIT_ALIASES, _is_hidden, _read_chunk, _unused_reason, _walk, check_split_params, class_counts
 from .media import content_kind, kind_from_extension
 
 SUFFIX = ".scanindex.npz"
@@ -162,11 +162,6 @@ class ScanIndex:
         r = np.uint64(rank64(self.meta["seed"], rel) if rank is None else rank)
         i = lo + int(np.searchsorted(self.rank[lo:hi], r))
         return i if i < hi and self.rank[i] == r and self.path(i) == rel else -1
-
-    def under(self, label: int, prefix: str) -> list[int]:
-        """Rows of class ``label`` whose path starts with ``prefix``."""
-        lo, hi = self.bounds(label)
-        return [i for i in range(lo, hi) if self.path(i).startswith(prefix)]
 
     def _ties(self) -> bool:
         same = (self.label[1:] == self.label[:-1]) & (self.rank[1:] == self.rank[:-1])
@@ -303,18 +298,29 @@ def _apply(idx: ScanIndex, changed: set[str], token: dict, manifest_path, worker
             cand[rel] = (label, split, statcache.stat_key(st))
     drop: set[int] = set()
     unskip: set[str] = set()
+    folders: dict[int, set[str]] = {}  # per class, the folders whose known contents are to be looked at again
     for rel, label in gone.items():
         row = idx.find(label, rel)
-        rows = [row] if row >= 0 else idx.under(label, rel + "/")
-        drop.update(rows)
-        unskip.update(k for k in idx.skips if k == rel or k.startswith(rel + "/"))
+        if row >= 0:
+            drop.add(row)
+        else:  # a skipped file, or a folder
+            folders.setdefault(label, set()).add(rel)
+            if rel in idx.skips:
+                unskip.add(rel)
+    for rel, label in relist.items():
+        folders.setdefault(label, set()).add(rel)
+    below = _below(idx, folders)
+    skips_below = _below_paths(idx.skips, {rel for dirs in folders.values() for rel in dirs})
+    for rel, label in gone.items():
+        drop.update(below.get(rel, ()))
+        unskip.update(skips_below.get(rel, ()))
     for rel, label in relist.items():  # a folder that appeared, or came back: reconcile it with the index
         loops: list[str] = []
         listed = {os.path.join(d, n)[len(root):]: key for d, n, key in _walk(root + rel, loops)}
         if loops:
             raise Fallback(f"a symbolic link loop under {rel}")
         known = set()
-        for row in idx.under(label, rel + "/"):
+        for row in below.get(rel, ()):
             path = idx.path(row)
             known.add(path)
             if path not in listed:
@@ -322,7 +328,7 @@ def _apply(idx: ScanIndex, changed: set[str], token: dict, manifest_path, worker
         for path in listed.keys() - known:
             cand.setdefault(path, (label, SPLIT_ALIASES[path.split("/", 1)[0].lower()] if split_folders else None,
                                    listed[path]))
-        unskip.update(k for k in idx.skips if k.startswith(rel + "/") and k not in listed)
+        unskip.update(k for k in skips_below.get(rel, ()) if k not in listed)
     t_read = time.perf_counter()
     verdicts = _read(root, list(cand), workers, progress, len(idx.label))
     t_index = time.perf_counter()
@@ -412,6 +418,35 @@ def _apply(idx: ScanIndex, changed: set[str], token: dict, manifest_path, worker
     return {"read": len(verdicts), "files": len(new.label)}
 
 
+def _ancestors(path: str):
+    parts = path.split("/")
+    for k in range(1, len(parts)):
+        yield "/".join(parts[:k])
+
+
+def _below(idx: ScanIndex, folders: dict[int, set[str]]) -> dict[str, list[int]]:
+    """The rows under each folder of ``folders`` (per class): one pass over each class's paths."""
+    out: dict[str, list[int]] = {}
+    for label, dirs in folders.items():
+        lo, hi = idx.bounds(label)
+        for row in range(lo, hi):
+            for a in _ancestors(idx.path(row)):
+                if a in dirs:
+                    out.setdefault(a, []).append(row)
+    return out
+
+
+def _below_paths(paths, dirs: set[str]) -> dict[str, list[str]]:
+    """The paths of ``paths`` under each folder of ``dirs`` (skip entries of folders end with ``/``)."""
+    out: dict[str, list[str]] = {}
+    if dirs:
+        for p in paths:
+            for a in _ancestors(p.rstrip("/")):
+                if a in dirs:
+                    out.setdefault(a, []).append(p)
+    return out
+
+
 def _read(root: str, rels: list[str], workers: int, progress: Progress | None, total: int) -> dict[str, Any]:
     """Each file's content hash, or why it is not used (:func:`tasks.data.datasets._read_chunk`)."""
     out: dict[str, Any] = {}
@@ -475,9 +510,18 @@ def scan_to_manifest(data: str | os.PathLike, manifest_path: str | os.PathLike, 
     ``data`` (and ``watch``), a re-scan touches only what changed (see the module's docstring); otherwise,
     or when that cannot be followed, it is :func:`tasks.data.datasets.scan_dataset` with the stat cache
     beside the manifest, and the manifest is written whole."""
-    from .datasets import cache_path_for, check_split_params, scan_dataset
-
     check_split_params(val_fraction, test_fraction)
+    # Two scans into one manifest (a scheduled run and a manual one) take turns: each builds on the last one's
+    # manifest, index and cache, so neither may write while the other reads.
+    with FileLock(str(manifest_path) + ".lock"):
+        return _scan_locked(data, manifest_path, val_fraction, test_fraction, seed, pinned, rehash, group_by, workers,
+                            progress, stats, watch)
+
+
+def _scan_locked(data, manifest_path, val_fraction, test_fraction, seed, pinned, rehash, group_by, workers, progress,
+                 stats, watch) -> dict:
+    from .datasets import cache_path_for, scan_dataset
+
     record = scan_record(val_fraction, test_fraction, seed, bool(pinned), group_by)
     journal = find_journal(data) if watch else None
     upto = None
