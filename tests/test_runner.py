@@ -109,6 +109,14 @@ def test_changed_code_is_never_run_stale_the_runner_restarts(warm):
         os.utime(module, ns=(before.st_atime_ns, before.st_mtime_ns))
 
 
+def _new_children(pid: int, before: set[int], deadline_s: float = 60) -> list[int]:
+    """The runner's children that were not there before (a child of the last command may still be exiting)."""
+    deadline = time.monotonic() + deadline_s
+    while not (kids := [k for k in _children(pid) if k not in before]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return kids
+
+
 def test_ctrl_c_reaches_the_command_and_a_dead_command_or_caller_is_handled(warm):
     env, proc, tmp = warm
     req = dict(env, CNNCODES_RUNNER="require")
@@ -124,21 +132,19 @@ def test_ctrl_c_reaches_the_command_and_a_dead_command_or_caller_is_handled(warm
     _, err = caller.communicate(timeout=120)
     assert caller.returncode == 130 and "interrupted" in err
     # a command killed outright: the caller says so, status 1
+    before = set(_children(proc.pid))
     caller = subprocess.Popen(CNNCODES + ["layers", "mobilenet_v2", "--weights", "none"], env=req, cwd=tmp,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while not (kids := _children(proc.pid)) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    kids = _new_children(proc.pid, before)
     time.sleep(1)
     os.kill(kids[0], signal.SIGKILL)
     _, err = caller.communicate(timeout=120)
     assert caller.returncode == 1 and "ended without an exit status" in err
     # a caller killed outright: its command does not run on alone
+    before = set(_children(proc.pid))
     caller = subprocess.Popen(CNNCODES + ["layers", "mobilenet_v2", "--weights", "none"], env=req, cwd=tmp,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while not (kids := _children(proc.pid)) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    kids = _new_children(proc.pid, before)
     time.sleep(1)
     caller.kill()
     caller.wait()
