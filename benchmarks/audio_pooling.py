@@ -21,8 +21,8 @@ Variants (``layer/pooling[+normalisation]``):
 * poolings: ``avg`` (1 x C), ``time-avg`` (the width averaged, frequency rows kept: H x C; the flow's best),
   ``time-avgK`` (the width split into K equal segments by ``np.array_split`` of the columns, each averaged:
   H x K x C; K = 2, 3, 4), ``segK`` (each of K time segments averaged over both axes: K x C), and
-  ``time-avg-fmax2`` (the map max-pooled over groups of two adjacent frequency rows, ``H // 2`` groups, then
-  averaged over time: a small tolerance to the formant shifts between voices, as CNN acoustic models pool over
+  ``time-avg-fmax2`` (the map max-pooled over groups of two adjacent frequency rows, ``H // 2`` groups by
+  ``np.array_split``, so conv_pw_13_relu's 7 rows give 3, 2, 2, then averaged over time: a small tolerance to the formant shifts between voices, as CNN acoustic models pool over
   frequency);
 * normalisations of each recording's pooled code (after pooling, before the probe's ``StandardScaler``):
   ``sqrt`` (signed square root, power normalisation), ``l2`` (unit L2 norm), ``fcentre`` (for poolings that keep
@@ -53,10 +53,12 @@ Protocol, in one run:
    choice is made on the same held-out scores, so its development score is optimistic.
 2. **Final**, all four speakers, each held out in turn (three training speakers, three folds): the baseline's
    pipeline (the flow's candidates: three layers x {avg, time-avg}) and the chosen set's pipeline. The
-   baseline's rows are free of choices for every speaker (its candidates were fixed before this experiment);
-   the chosen set's row is free of choices for nicolas only (the other three speakers took part in choosing
+   baseline's rows are free of this experiment's choices for every speaker (its candidates were fixed
+   before it; the spectrogram recipe, as BENCHMARKS.md says, was chosen on george, jackson and lucas); the
+   chosen set's row is free of choices for nicolas only (the other three speakers took part in choosing
    it). Every fixed variant's and every other set's final scores are reported for reference, never used to
-   choose.
+   choose; so is the oracle: the best test accuracy over every variant and C, picked with the held-out
+   speaker's labels, the ceiling of any selection among these variants.
 
 Usage:
     PYTHONPATH=. python benchmarks/audio_pooling.py --json benchmarks/results/audio-pooling.json
@@ -360,6 +362,17 @@ def summary(tab: dict) -> dict:
     return {"fixed": {v: fixed(tab, v) for v in VARIANTS}, "sets": {k: pipeline(tab, c) for k, c in SETS.items()}}
 
 
+def oracle(tab: dict) -> dict:
+    """The best test accuracy over every variant and C, chosen with the held-out speaker's own labels: not a
+    result (no selection can see them), the ceiling of any selection among these variants."""
+    out = {}
+    for h, rows in tab.items():
+        acc, v, c = max(((r["test"][f"{c:g}"], v, c) for v, r in rows.items() for c in C_GRID),
+                        key=lambda t: t[0])  # first of equals: VARIANTS order, then the smaller C
+        out[h] = {"test_accuracy": acc, "variant": v, "C": c}
+    return out
+
+
 def compact(tab: dict) -> dict:
     """One line per (variant, held-out speaker): the folds' mean balanced accuracy and the test accuracy, per C."""
     cs = [f"{c:g}" for c in C_GRID]
@@ -428,7 +441,7 @@ def main() -> int:
         "best_new_fixed": best_new, "chosen_set": chosen,
         "sets": dev["sets"], "fixed": dev["fixed"],
         "unconverged_fits": int(sum(r["unconverged"] for r in dev_scored.values())),
-        "detail_format": DETAIL, "detail": compact(dev_tab)}
+        "oracle": oracle(dev_tab), "detail_format": DETAIL, "detail": compact(dev_tab)}
     timings["development_s"] = round(time.perf_counter() - t, 1)
     print(f"  chosen set: {chosen} (best new fixed variant {best_new}); "
           + ", ".join(f"{k} {s['mean']:.3f}" for k, s in dev["sets"].items()), file=sys.stderr)
@@ -459,7 +472,8 @@ def main() -> int:
     results["reference_final"] = {
         "note": "for reference only, never used to choose: every set's pipeline and every variant as a fixed "
                 "choice (C by the three folds) in the four-speaker world",
-        "sets": fin["sets"], "fixed": fin["fixed"], "detail_format": DETAIL, "detail": compact(fin_tab)}
+        "sets": fin["sets"], "fixed": fin["fixed"], "oracle": oracle(fin_tab),
+        "oracle_note": oracle.__doc__.replace("\n    ", " "), "detail_format": DETAIL, "detail": compact(fin_tab)}
     timings["final_s"] = round(time.perf_counter() - t, 1)
     print(f"  final: baseline mean {base['mean']:.3f} (nicolas {base['test_accuracy']['nicolas']:.3f}); {chosen} "
           f"mean {ch['mean']:.3f} (nicolas {ch['test_accuracy']['nicolas']:.3f})", file=sys.stderr)
