@@ -28,6 +28,7 @@ TARGET = HERE.parent / "BENCHMARKS.md"
 RESULTS = HERE / "results"
 PLACEHOLDER = re.compile(r"\{\{(.+?)\}\}")
 REFERENCE = re.compile(r"([a-z0-9][a-z0-9_-]*):([A-Za-z0-9_.]+)")
+PLAIN = re.compile(r"([a-z0-9][a-z0-9_-]*):([A-Za-z0-9_.+/-]+)")  # outside arithmetic, keys may hold + / -
 
 
 class RenderError(Exception):
@@ -68,7 +69,7 @@ def render_one(expr: str, results: dict[str, Any]) -> str:
             raise RenderError(f"only arithmetic over results is allowed: {expr!r}")
         value = eval(arithmetic, {"__builtins__": {}}, {})  # noqa: S307 - digits and operators only
     else:
-        m = REFERENCE.fullmatch(expr)
+        m = PLAIN.fullmatch(expr)
         if not m:
             raise RenderError(f"a placeholder names FILE:PATH; got {expr!r}")
         value = lookup(results, m.group(1), m.group(2))

@@ -50,8 +50,10 @@ def transfer(
     listing = inspect_backbone(spec_dict(backbone))
     cands = list(thresholds.layers) if thresholds.layers else candidate_layers(listing)
     late = cands[-1] if thresholds.layers else listing[-1]["name"]
-    # A spectrogram's frequency axis means something: sound compares pooling over time only with global pooling.
-    poolings = ["avg", "time-avg"] if dataset_media(data) == "audio" else ["avg"]
+    # A spectrogram's frequency axis means something: sound compares pooling over time only (whole, or in 2 to 4
+    # segments that keep the order of a word's parts) with global pooling.
+    poolings = ["avg", "time-avg", "time-avg2", "time-avg3", "time-avg4"] if dataset_media(data) == "audio" \
+        else ["avg"]
     print(f"candidate layers: {', '.join(cands)}; poolings: {', '.join(poolings)}")
     extracted = extract_features(data, backbone, ExtractOptions(layers=[f"{c}:{p}" for c in cands for p in poolings],
                                                                 batch_size=finetune.batch_size), split, output)
@@ -77,8 +79,9 @@ def transfer(
                                   else finetune.learning_rate,
                                   "optimizer": "adam" if scratch else "sgd",
                                   # the head pools as the probe's best codes did (time-avg keeps frequency)
-                                  "head_pooling": decision["probe_pooling"] if decision["probe_pooling"] in
-                                  ("time-avg", "time-max") else finetune.head_pooling}),
+                                  "head_pooling": "time-max" if decision["probe_pooling"] == "time-max" else
+                                  "time-avg" if decision["probe_pooling"].startswith("time-avg") else
+                                  finetune.head_pooling}),
                               split, model_name=f"{name}-finetuned", output=output)
     gate = champion_gate(finetuned, probe_result, thresholds.gate_margin, registry)
     champion = finetuned if gate["promoted"] == "finetuned" else probe_result

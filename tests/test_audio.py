@@ -142,13 +142,24 @@ def test_time_only_pooling_equals_numpy_mean_over_time(tiny_spec):
     from tasks.backbones import Extractor, build_backbone
 
     bb = build_backbone(tiny_spec)
-    ex = Extractor(bb, [(TINY_LAST, "time-avg"), (TINY_LAST, "time-max"), (TINY_LAST, "none")])
+    ex = Extractor(bb, [(TINY_LAST, "time-avg"), (TINY_LAST, "time-max"), (TINY_LAST, "none"),
+                        (TINY_LAST, "time-avg2"), (TINY_LAST, "time-avg3")])
     batch = np.random.default_rng(0).integers(0, 256, (2, 96, 96, 3), dtype=np.uint8)
-    t_avg, t_max, full = ex(batch)
+    t_avg, t_max, full, t_avg2, t_avg3 = ex(batch)
     n, h, w, c = full.shape
     assert ex.shapes[0] == (h * c,) and t_avg.shape == (n, h * c)
     np.testing.assert_allclose(t_avg, full.mean(axis=2).reshape(n, -1), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(t_max, full.max(axis=2).reshape(n, -1), rtol=1e-5, atol=1e-6)
+    # time segments: numpy's array_split of the time axis (the columns), each averaged; rows, then segments
+    for k, got in ((2, t_avg2), (3, t_avg3)):
+        want = np.stack([part.mean(axis=2) for part in np.array_split(full, k, axis=2)], axis=2)
+        assert ex.shapes[2 + k - 1] == (h * k * c,) and got.shape == (n, h * k * c)
+        np.testing.assert_allclose(got, want.reshape(n, -1), rtol=1e-5, atol=1e-6)
+    from storage.errors import ParameterError
+    from tasks.backbones import pooled_shape
+
+    with pytest.raises(ParameterError, match="3 columns wide, fewer than the 4 time segments"):
+        pooled_shape((None, 3, 3, 8), "time-avg4", "narrow")
 
 
 # --------------------------------------------------------------------------- datasets

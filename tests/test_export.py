@@ -81,7 +81,7 @@ def test_what_has_no_exact_form_is_refused_with_what_to_do():
         fold_pipeline(l1, 6)
     from tasks.export.layers import pooling_layer
 
-    with pytest.raises(ExportError, match="pooling 'time'.*avg, max, flatten, none"):
+    with pytest.raises(ExportError, match="pooling 'time'.*avg, max, flatten, none, time-avg"):
         pooling_layer("time")
 
 
@@ -122,6 +122,9 @@ PROBES = {
     "svm-binary": ("two", "torch", "avg", dict(classifier="svm", C=0.1)),
     "pca": ("three", "caffe", "avg", dict(classifier="softmax", C=1.0, pca=4, l2_normalize=True)),
     "sgd": ("three", "caffe", "max", dict(classifier="sgd", C=1.0)),
+    # spectrogram poolings: over time only, whole (max) or in 3 segments of a 14-column map (5, 5, 4)
+    "time-max": ("three", "caffe", "time-max", dict(classifier="softmax", C=1.0)),
+    "time-avg3": ("three", "caffe", "time-avg3", dict(classifier="softmax", C=1.0)),
 }
 
 
@@ -148,7 +151,8 @@ def registry(tmp_path_factory):
     stores = {}
     for key, root in data.items():
         stores[key] = tmp / f"{key}.h5"
-        extract_to_store(scan_dataset(root), stores[key], specs[key], [("pool1", "avg"), ("pool1", "max")])
+        extract_to_store(scan_dataset(root), stores[key], specs[key],
+                         [("pool1", "avg"), ("pool1", "max"), ("pool1", "time-max"), ("pool1", "time-avg3")])
     predictions = {}
     for name, (key, _, pooling, kw) in PROBES.items():
         fit_probe(stores[key], "pool1", pooling, LinearConfig(**kw), reg, name=name)

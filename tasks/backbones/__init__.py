@@ -13,7 +13,7 @@ Nothing here imports TensorFlow at module import time: the registry can be liste
 validated without it.
 """
 from .build import (POOLINGS, TIME_POOLINGS, Backbone, LayerInfo, build_backbone, imagenet_weights_available,
-                    pooled_shape)
+                    pooled_shape, segment_bounds, time_segments)
 from .catalog import (FAMILY_MODES, MODEL_SUFFIXES, MODES, PREPROCESSING_MODES, REGISTRY, BackboneInfo,
                       backbone_info, is_model_file, list_backbones, parse_backbone_args, preprocess_mode,
                       preprocessing_of)
@@ -21,6 +21,6 @@ from .extractor import Extractor
 from .spec import BackboneSpec
 
 __all__ = ["POOLINGS", "TIME_POOLINGS", "FAMILY_MODES", "MODEL_SUFFIXES", "MODES", "PREPROCESSING_MODES", "REGISTRY", "Backbone", "BackboneInfo",
-           "BackboneSpec", "Extractor", "LayerInfo", "backbone_info", "build_backbone", "imagenet_weights_available",
+           "BackboneSpec", "Extractor", "LayerInfo", "backbone_info", "build_backbone", "imagenet_weights_available", "segment_bounds", "time_segments",
            "is_model_file", "list_backbones", "parse_backbone_args", "pooled_shape", "preprocess_mode",
            "preprocessing_of"]

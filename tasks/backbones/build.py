@@ -18,9 +18,25 @@ from storage.store import POOLINGS as STORE_POOLINGS
 
 # Poolings of a spectrogram's feature map over time only (its width): the frequency axis (its height) is kept,
 # so where energy sits in frequency survives; each row of the map is averaged (or maxed) over time and the
-# rows are concatenated (height x channels values).
-TIME_POOLINGS = ("time-avg", "time-max")
+# rows are concatenated (height x channels values). ``time-avgK`` averages K consecutive time segments
+# (np.array_split of the columns) instead of the whole width: a word stretched to the image keeps the order
+# of its parts (height x K x channels values, row by row, then segment, then channel).
+TIME_POOLINGS = ("time-avg", "time-max", "time-avg2", "time-avg3", "time-avg4")
 POOLINGS = tuple(STORE_POOLINGS) + TIME_POOLINGS
+
+
+def time_segments(pooling: str) -> int | None:
+    """How many time segments a time pooling keeps (1 for time-avg and time-max); None for other poolings."""
+    if pooling not in TIME_POOLINGS:
+        return None
+    tail = pooling[len("time-avg"):] if pooling.startswith("time-avg") else ""
+    return int(tail) if tail else 1
+
+
+def segment_bounds(width: int, k: int) -> list[tuple[int, int]]:
+    """``[start, end)`` of ``k`` consecutive segments of ``width`` columns, as ``np.array_split`` cuts them."""
+    edges = np.cumsum([0] + [width // k + (i < width % k) for i in range(k)])
+    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
 
 from .. import tf_runtime
 from .catalog import suggest, backbone_info, is_model_file, preprocessing_of
@@ -105,7 +121,11 @@ def pooled_shape(shape: tuple, pooling: str, layer: str) -> tuple[int, ...]:
         if len(dims) != 3:
             raise ParameterError(f"layer {layer!r} outputs shape {dims}, not a spatial map, so pooling "
                                  f"{pooling!r} does not apply; use pooling 'none' or 'flatten'.")
-        return (dims[0] * dims[2],)
+        k = time_segments(pooling)
+        if dims[1] < k:
+            raise ParameterError(f"layer {layer!r}'s map is {dims[1]} columns wide, fewer than the {k} time "
+                                 f"segments of pooling {pooling!r}; use an earlier layer or time-avg.")
+        return (dims[0] * k * dims[2],)
     if pooling == "flatten":
         return (int(np.prod(dims)),)
     return dims

@@ -7,7 +7,7 @@ import numpy as np
 
 
 from .. import tf_runtime
-from .build import Backbone, _preprocess_fn, pooled_shape
+from .build import TIME_POOLINGS, Backbone, _preprocess_fn, pooled_shape, segment_bounds, time_segments
 
 
 class Extractor:
@@ -16,7 +16,8 @@ class Extractor:
     ``extractor(batch_uint8)`` takes ``(n, size, size, 3)`` uint8 RGB and
     returns one float32 array per (layer, pooling), in the order given. Poolings: ``avg`` and ``max``
     over the whole map, ``time-avg`` and ``time-max`` over its width only (a spectrogram's time axis;
-    ``(n, height * channels)``, row by row), ``flatten``, ``none``.
+    ``(n, height * channels)``, row by row), ``time-avgK`` over each of K time segments
+    (``(n, height * K * channels)``), ``flatten``, ``none``.
     """
 
     def __init__(self, backbone: Backbone, cuts: Sequence[tuple[str, str]], xla: bool = False):
@@ -52,8 +53,11 @@ class Extractor:
                     y = tf.reduce_mean(y, axis=[1, 2])
                 elif pooling == "max":
                     y = tf.reduce_max(y, axis=[1, 2])
-                elif pooling in ("time-avg", "time-max"):  # over the width (time); rows (frequency) kept
-                    y = tf.reduce_mean(y, axis=2) if pooling == "time-avg" else tf.reduce_max(y, axis=2)
+                elif pooling in TIME_POOLINGS:  # over the width (time); rows (frequency) kept
+                    reduce = tf.reduce_max if pooling == "time-max" else tf.reduce_mean
+                    parts = [reduce(y[:, :, a:b, :], axis=2)
+                             for a, b in segment_bounds(int(y.shape[2]), time_segments(pooling))]
+                    y = parts[0] if len(parts) == 1 else tf.stack(parts, axis=2)
                     y = tf.reshape(y, [tf.shape(y)[0], -1])
                 elif pooling == "flatten":
                     y = tf.reshape(y, [tf.shape(y)[0], -1])

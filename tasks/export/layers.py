@@ -3,7 +3,7 @@ plain ``keras.saving.load_model`` or TensorFlow Serving runs without cnncodes in
 
 - :func:`preprocess_layer`: a family's ``preprocess_input`` as a fixed 1x1 convolution (per-channel
   scale and offset; caffe's RGB->BGR flip is a permutation of the kernel);
-- :func:`pooling_layer`: the store's pooling (avg, max, flatten, none);
+- :func:`pooling_layer`: the store's pooling (avg, max, flatten, none, and the time poolings of spectrograms);
 - :func:`head_layers`: a folded probe (:class:`~.fold.Head`) as Dense, UnitNormalization, softplus,
   Rescaling, Reshape, Softmax and GlobalAveragePooling1D layers;
 - :func:`standard_only`: the check that a model's serialised form names no custom object.
@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from .. import tf_runtime
+from ..backbones import TIME_POOLINGS, segment_bounds, time_segments
 from .fold import Affine, ExportError, Head, L2
 
 # The per-channel affine map of each preprocessing mode, on RGB in [0, 255]: out = x[perm] * scale + offset
@@ -69,8 +70,26 @@ def pooling_layer(pooling: str, name: str = "pool"):
         return keras.layers.GlobalMaxPooling2D(dtype="float32", name=name)
     if pooling in ("flatten", "none"):  # 'none' keeps the shape; the probe saw it flattened
         return keras.layers.Flatten(dtype="float32", name=name)
-    raise ExportError(f"pooling {pooling!r} has no standard Keras layer here (known: avg, max, flatten, none); "
-                      "export a probe trained on one of those groups.")
+    k = time_segments(pooling)
+    if k is not None:
+        return lambda t: _time_pooling(t, pooling, k, name)
+    raise ExportError(f"pooling {pooling!r} has no standard Keras layer here (known: avg, max, flatten, none, "
+                      f"{', '.join(TIME_POOLINGS)}); export a probe trained on one of those groups.")
+
+
+def _time_pooling(t, pooling: str, k: int, name: str):
+    """Pooling over time only, as the extractor does it, from standard layers: per time segment a crop and
+    a (1, width) average (or max) pooling, side by side, flattened row by row."""
+    keras = tf_runtime.keras()
+    width = int(t.shape[2])
+    pool = keras.layers.MaxPooling2D if pooling == "time-max" else keras.layers.AveragePooling2D
+    parts = []
+    for i, (a, b) in enumerate(segment_bounds(width, k)):
+        part = t if (a, b) == (0, width) else \
+            keras.layers.Cropping2D(((0, 0), (a, width - b)), dtype="float32", name=f"{name}_time{i}")(t)
+        parts.append(pool(pool_size=(1, b - a), dtype="float32", name=f"{name}_seg{i}")(part))
+    y = parts[0] if k == 1 else keras.layers.Concatenate(axis=2, dtype="float32", name=f"{name}_segments")(parts)
+    return keras.layers.Flatten(dtype="float32", name=name)(y)
 
 
 def _dense(affine: Affine, name: str):
