@@ -70,7 +70,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT))
-from audio_shared import SHARED, SPEAKERS, recordings as all_recordings  # noqa: E402  the same dataset's listing
+from audio_shared import SPEAKERS, recordings as all_recordings, shared_inputs  # noqa: E402  the same dataset's listing
 from report import emit  # noqa: E402  benchmarks/ is the script's folder
 
 DEV_WORLD = ("george", "jackson", "lucas")
@@ -281,11 +281,10 @@ def main() -> int:
                     help="';'-separated settings scored in both worlds for comparison only, never chosen "
                          "(default %(default)s)")
     args = ap.parse_args()
-    data, keras_home = SHARED / "data" / "fsdd", SHARED / "keras"
-    if not data.is_dir() or not (keras_home / "models").is_dir():
-        print(f"needs {data} and {keras_home}/models (../shared)", file=sys.stderr)
+    found = shared_inputs("fsdd")
+    if found is None:
         return 1
-    os.environ.setdefault("KERAS_HOME", str(keras_home))
+    data, _ = found
     t0 = time.perf_counter()
     codes = Codes(data, Path(args.cache))
     timings: dict[str, float] = {}

@@ -86,7 +86,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT))
 from audio_augment import RECIPE, image, recordings  # noqa: E402  the same images
-from audio_shared import SHARED, SPEAKERS  # noqa: E402
+from audio_shared import SPEAKERS, shared_inputs  # noqa: E402
 from report import emit  # noqa: E402
 
 DEV_WORLD = ("george", "jackson", "lucas")
@@ -388,11 +388,10 @@ def main() -> int:
     ap.add_argument("--limit", type=int, default=None, help="recordings per speaker (smoke tests)")
     ap.add_argument("--jobs", type=int, default=2, help="probe worker processes (default %(default)s)")
     args = ap.parse_args()
-    data, keras_home = SHARED / "data" / "fsdd", SHARED / "keras"
-    if not data.is_dir() or not (keras_home / "models").is_dir():
-        print(f"needs {data} and {keras_home}/models (../shared)", file=sys.stderr)
+    found = shared_inputs("fsdd")
+    if found is None:
         return 1
-    os.environ.setdefault("KERAS_HOME", str(keras_home))
+    data, _ = found
     cache = Path(args.cache) if not args.limit else Path(f"{args.cache}-limit{args.limit}")
     t0 = time.perf_counter()
     maps = Maps(data, cache, args.limit)

@@ -45,6 +45,17 @@ SPEAKERS = ("george", "jackson", "lucas", "nicolas")
 TRANSFER = ["transfer", "--backbone", "mobilenet", "--backbone-arg", "alpha=0.25", "--weights", "imagenet"]
 
 
+def shared_inputs(dataset: str) -> tuple[Path, Path] | None:
+    """``../shared/data/DATASET`` and ``../shared/keras`` (made this process's ``KERAS_HOME`` unless one is
+    set, so that ImageNet weights load offline), or None (said on stderr) when either is missing."""
+    data, keras_home = SHARED / "data" / dataset, SHARED / "keras"
+    if not data.is_dir() or not (keras_home / "models").is_dir():
+        print(f"needs {data} and {keras_home}/models (../shared)", file=sys.stderr)
+        return None
+    os.environ.setdefault("KERAS_HOME", str(keras_home))
+    return data, keras_home
+
+
 def recordings(data: Path) -> list[tuple[str, str, str]]:
     """(path relative to data, digit, speaker) of every recording."""
     out = []
@@ -142,10 +153,10 @@ def main() -> int:
     ap.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more cnncodes transfer options")
     args = ap.parse_args()
     extra = [a for a in args.extra if a != "--"]
-    data, keras_home = SHARED / "data" / "fsdd", SHARED / "keras"
-    if not data.is_dir() or not (keras_home / "models").is_dir():
-        print(f"needs {data} and {keras_home}/models (../shared)", file=sys.stderr)
+    found = shared_inputs("fsdd")
+    if found is None:
         return 1
+    data, keras_home = found
     if args.finetune:
         val, test = args.finetune.split(":")
         return finetune_run(data, keras_home, val, test, extra, args.json)

@@ -110,12 +110,14 @@ def _count_opens(data: str) -> list[int]:
 def watched_child(data: str, manifest: str) -> None:
     """One measurement of a watched scan, in its own process: the scan-dataset task's
     ``scan_to_manifest`` with the data folder's watcher running (``CNNCODES_HOME`` names it)."""
-    import zipfile  # noqa: F401  what the scan imports on its way (np.load, the watcher's client), as the
-    from PIL import Image  # noqa: F401  listing child imports its modules before its clock starts
+    import importlib
 
-    import tasks.settings  # noqa: F401  (both children: the flow that runs the scan has it loaded)
+    # What the scan imports on its way (np.load's zipfile, the watcher's client, Pillow's version, the split
+    # settings' checks, which the flow running the scan has loaded), before the clock, as the listing child
+    # imports its modules before its clock starts.
+    for name in ("zipfile", "PIL.Image", "tasks.settings", "tasks.data.watcher"):
+        importlib.import_module(name)
     from storage.manifest import Manifest
-    from tasks.data import watcher  # noqa: F401
     from tasks.data.incremental import index_path_for, scan_to_manifest
 
     rss_imports = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -142,7 +144,9 @@ def child(data: str, manifest: str, rehash: bool) -> None:
     """One measurement, in its own process: what the scan-dataset task does, without Prefect."""
     import builtins
 
-    import tasks.settings  # noqa: F401  the split settings' checks (a flow has them loaded)
+    import importlib
+
+    importlib.import_module("tasks.settings")  # the split settings' checks (a flow has them loaded)
     from storage.manifest import Manifest
     from tasks.data.datasets import cache_path_for, scan_dataset
 
