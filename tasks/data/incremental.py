@@ -34,7 +34,6 @@ import logging
 import os
 import stat as statmod
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -45,7 +44,7 @@ from storage.files import FileLock, atomic_path
 from storage.manifest import Manifest
 
 from . import statcache
-from .datasets import SPLIT_ALIASES, _is_hidden, _read_chunk, _unused_reason, _walk, check_split_params, class_counts
+from .datasets import SPLIT_ALIASES, _is_hidden, _judge, _unused_reason, _walk, check_split_params, class_counts
 from .media import content_kind, kind_from_extension
 
 SUFFIX = ".scanindex.npz"
@@ -53,7 +52,6 @@ VERSION = 1
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
 SPLIT_NAMES = ("train", "val", "test")
 NEW = 255  # the split code of a row not placed yet
-_CHUNK = 64
 
 Progress = Callable[[int, int], None]
 log = logging.getLogger("cnncodes")
@@ -330,7 +328,8 @@ def _apply(idx: ScanIndex, changed: set[str], token: dict, manifest_path, worker
                                    listed[path]))
         unskip.update(k for k in skips_below.get(rel, ()) if k not in listed)
     t_read = time.perf_counter()
-    verdicts = _read(root, list(cand), workers, progress, len(idx.label))
+    rels = list(cand)  # read as a scan reads files (sniffing those without an image extension), in threads
+    verdicts = dict(zip(rels, _judge([(*os.path.split(root + rel), cand[rel][2]) for rel in rels], workers, progress)))
     t_index = time.perf_counter()
     media = meta["media"]
     sets: dict[str, list] = {}
@@ -444,18 +443,6 @@ def _below_paths(paths, dirs: set[str]) -> dict[str, list[str]]:
             for a in _ancestors(p.rstrip("/")):
                 if a in dirs:
                     out.setdefault(a, []).append(p)
-    return out
-
-
-def _read(root: str, rels: list[str], workers: int, progress: Progress | None, total: int) -> dict[str, Any]:
-    """Each file's content hash, or why it is not used (:func:`tasks.data.datasets._read_chunk`)."""
-    out: dict[str, Any] = {}
-    chunks = [rels[k:k + _CHUNK] for k in range(0, len(rels), _CHUNK)]
-    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(chunks) or 1))) as pool:
-        for chunk, (verdicts, _, _, _) in zip(chunks, pool.map(lambda c: _read_chunk([root + r for r in c]), chunks)):
-            out.update(zip(chunk, verdicts))
-            if progress:
-                progress(total - len(rels) + len(out), total)
     return out
 
 
