@@ -323,3 +323,11 @@ def test_server_stop_stops_the_watchers(data, home, monkeypatch):
     watcher.start(data, home)
     r = server.stop()
     assert r["watchers_stopped"] == 1 and watcher.running(home) == []
+
+
+def test_looking_for_a_watcher_creates_nothing(tmp_path):
+    home = tmp_path / "home"
+    data = tmp_path / "data"
+    data.mkdir()
+    assert watcher.Journal.find(data, home=home) is None
+    assert not home.exists()

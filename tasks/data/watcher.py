@@ -131,9 +131,11 @@ def watch_home(home: Any = None) -> Path:
     return path
 
 
-def watch_dir(root: Any, home: Any = None) -> Path:
-    """The folder of the watcher of ``root``: lock, state.json, sock, journal, log."""
-    return watch_home(home) / hashlib.sha256(os.fsencode(os.path.realpath(root))).hexdigest()[:16]
+def watch_dir(root: Any, home: Any = None, create: bool = True) -> Path:
+    """The folder of the watcher of ``root``: lock, state.json, sock, journal, log. ``create``: make the
+    folders above it where they are missing (a scan that only looks for a watcher creates nothing)."""
+    base = watch_home(home) if create else _home(home) / "run" / "watch"
+    return base / hashlib.sha256(os.fsencode(os.path.realpath(root))).hexdigest()[:16]
 
 
 def _connect_path(path: Path) -> tuple[str, int | None]:
@@ -853,7 +855,7 @@ class Journal:
     def find(cls, root: Any, home: Any = None) -> Journal | None:
         """The journal of the live watcher of ``root``; None when no watcher watches it."""
         real = os.path.realpath(root)
-        wdir = watch_dir(real, home)
+        wdir = watch_dir(real, home, create=False)
         if _live_state(wdir) is None:
             return None
         head = _header(wdir / "journal")
