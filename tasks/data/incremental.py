@@ -241,21 +241,23 @@ def rescan(manifest_path: str | os.PathLike, journal: Any, record: dict, workers
         raise Fallback("the watcher lost track of changes (its queue overflowed) since the last scan")
     t_sync = time.perf_counter()
     token = {**record, "watch": journal.id, "offset": upto}
-    counts = {"read": 0, "files": len(idx.label)}
+    read = 0
     if changed:
-        counts = _apply(idx, changed, token, manifest_path, workers, progress, stats)
+        idx, read = _apply(idx, changed, token, manifest_path, workers, progress, stats)
     if stats is not None:
-        stats.update(files=counts["files"], reused=counts["files"] - counts["read"], read=counts["read"], sniffed=0,
+        stats.update(files=len(idx.label), reused=len(idx.label) - read, read=read, sniffed=0,
                      cache="journal", changed_paths=len(changed), incremental=True)
         stats.setdefault("seconds", {}).update(sync=round(t_sync - t0, 4), total=round(time.perf_counter() - t0, 4))
     return {"manifest": str(manifest_path), "images": len(idx.label), "classes": idx.meta["classes"],
             "layout": idx.meta["layout"], "skipped": len(idx.skips), "media": idx.meta["media"],
-            "state": idx.meta["state"], "files_read": counts["read"], "files_reused": len(idx.label) - counts["read"],
+            "state": idx.meta["state"], "files_read": read, "files_reused": len(idx.label) - read,
             "incremental": True}
 
 
 def _apply(idx: ScanIndex, changed: set[str], token: dict, manifest_path, workers: int,
-           progress: Progress | None, stats: dict | None) -> dict:
+           progress: Progress | None, stats: dict | None) -> tuple[ScanIndex, int]:
+    """Apply ``changed`` (absolute paths) to the manifest, the index and the stat cache; returns the new index
+    and how many files were read."""
     started = time.time_ns()
     t0 = time.perf_counter()
     meta = idx.meta
@@ -409,12 +411,11 @@ def _apply(idx: ScanIndex, changed: set[str], token: dict, manifest_path, worker
     new.meta["scan"] = token
     new.save(index_path_for(manifest_path))
     _record(manifest_path, root, {rel: (cand[rel][2], v) for rel, v in verdicts.items()}, started)
-    idx.__dict__.update(new.__dict__)  # the summary reads the new index
     if stats is not None:
         stats.setdefault("seconds", {}).update(
             changed_paths=round(t_read - t0, 4), read=round(t_index - t_read, 4), index=round(t_write - t_index, 4),
             write=round(time.perf_counter() - t_write, 4))
-    return {"read": len(verdicts), "files": len(new.label)}
+    return new, len(verdicts)
 
 
 def _ancestors(path: str):
