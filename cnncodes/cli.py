@@ -191,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_settings(p, "probe", LinearConfig, only=["classifier", "C", "cv_folds", "class_weight", "l2_normalize",
                                                  "pca", "calibrate"], title="probe (LinearConfig)")
     add_settings(p, "finetune", FineTuneConfig, TRANSFER_FINETUNE,
-                 exclude=("seed", "freeze", "optimizer"), title="fine-tuning, cases 3 and 4 (FineTuneConfig)")
+                 exclude=("seed", "freeze"), title="fine-tuning, cases 3 and 4 (FineTuneConfig)")
     add_settings(p, "split", SplitConfig, exclude=("seed",))
 
     p = sub.add_parser("retrain", parents=[common, registry],

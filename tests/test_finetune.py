@@ -155,6 +155,24 @@ def test_early_stopping_stops(tmp_path, texture_data, small_cnn):
     assert res.stopped_early and len(res.history) == 2  # no improvement of at least 1.0: stop after patience
 
 
+def test_monitor_none_trains_every_epoch_without_a_val_split_and_keeps_the_last(tmp_path, texture_data, small_cnn):
+    from storage import DatasetError
+
+    m = scan_dataset(texture_data, val_fraction=0.0, test_fraction=0.25)
+    assert not [s for s in m.samples if s.split == "val"]
+    with pytest.raises(DatasetError, match="--monitor none"):
+        fine_tune(m, _spec(small_cnn), FineTuneConfig(**SMALL), tmp_path / "refused")
+    cfg = FineTuneConfig(**dict(SMALL, epochs=3, monitor="none", head_epochs=1, learning_rate=0.05))
+    res = fine_tune(m, _spec(small_cnn), cfg, tmp_path / "run")
+    assert [(h["phase"], h["epoch"]) for h in res.history] == [("head", 1), ("finetune", 1), ("finetune", 2),
+                                                                ("finetune", 3)]
+    assert not res.stopped_early and Path(res.model_path).exists()
+    assert not (tmp_path / "run" / "best.weights.h5").exists()  # no checkpoint choice was made
+    assert "val_loss" not in res.history[-1]
+    with pytest.raises(ParameterError, match="plateau"):
+        FineTuneConfig(monitor="none", schedule="plateau")
+
+
 def test_resume_continues_from_the_checkpointed_epoch(tmp_path, texture_data, small_cnn):
     m = scan_dataset(texture_data)
     cfg = FineTuneConfig(**dict(SMALL, epochs=4))

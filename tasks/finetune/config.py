@@ -44,8 +44,9 @@ class FineTuneConfig(Settings):
     augment: tuple[Literal[AUGMENTATIONS], ...] = Field(("flip", "rotation", "zoom"),
                                                        description="Keras preprocessing layers, training only")
     augment_strength: float = Field(0.1, description="strength of rotation, zoom, translation and contrast")
-    monitor: Literal["val_accuracy", "val_loss", "accuracy", "loss"] = Field(
-        "val_accuracy", description="metric for checkpoints and early stopping")
+    monitor: Literal["val_accuracy", "val_loss", "accuracy", "loss", "none"] = Field(
+        "val_accuracy", description="metric for checkpoints and early stopping; 'none': train exactly `epochs` "
+                                    "epochs and keep the last (no selection step, no val split needed)")
     patience: int = Field(3, description="early-stopping patience in epochs")
     min_delta: float = Field(0.0, description="smallest change of the monitored metric that counts")
     resize: Literal[RESIZE_MODES] = Field("stretch", description="how images are fitted to the square input")
@@ -82,6 +83,9 @@ class FineTuneConfig(Settings):
                 bad(name, "a positive integer")
         if self.head_epochs < 0:
             bad("head_epochs", "an integer >= 0")
+        if self.schedule == "plateau" and self.monitor == "none":
+            raise ParameterError("schedule 'plateau' lowers the rate when the monitored metric stops improving; "
+                                 "with monitor 'none' there is none: choose a monitor, or schedule cosine or step.")
         return self
 
     @classmethod

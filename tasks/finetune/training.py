@@ -153,10 +153,11 @@ def fine_tune(manifest: Manifest, spec: BackboneSpec, cfg: FineTuneConfig, workd
     if len(np.unique(tr_labels)) < 2:
         raise DatasetError(f"the train split has images of {len(np.unique(tr_labels))} class(es); fine-tuning "
                            "needs at least two.")
-    if not va_paths:
-        raise DatasetError("fine-tuning needs a val split for early stopping and the best checkpoint (the test "
-                           "split is kept for the final, unbiased accuracy); use --val-fraction > 0 or a dataset "
-                           "with val/.")
+    if not va_paths and cfg.monitor.startswith("val_"):
+        raise DatasetError(f"fine-tuning with monitor {cfg.monitor} needs a val split for early stopping and the best "
+                           "checkpoint (the test split is kept for the final, unbiased accuracy); use --val-fraction "
+                           "> 0 or a dataset with val/, or --monitor none to train exactly --epochs epochs and keep "
+                           "the last.")
     spec = spec.resolved()
     tf_runtime.check_precision(spec.precision)
     if strategy is None:
@@ -169,12 +170,12 @@ def fine_tune(manifest: Manifest, spec: BackboneSpec, cfg: FineTuneConfig, workd
     train_ds = make_dataset(tr_paths, tr_labels, tr_rel, net.size, resize, cfg.batch_size, skips, training=True,
                             augment=augmentation(cfg, manifest.media), seed=cfg.seed, load=load)
     val_ds = make_dataset(va_paths, va_labels, va_rel, net.size, resize, cfg.batch_size, skips, training=False,
-                          load=load)
+                          load=load) if va_paths else None
     # batches of the images that decoded (make_dataset decodes them now, into its cache)
     known = int(train_ds.cardinality()) >= 0
     steps = int(train_ds.cardinality()) if known else max(1, int(np.ceil(len(tr_paths) / cfg.batch_size)))
     for split, ds in (("train", train_ds), ("val", val_ds)):
-        if int(ds.cardinality()) == 0:
+        if ds is not None and int(ds.cardinality()) == 0:
             raise DatasetError(f"no image of the {split} split could be decoded (see the skipped files: "
                                f"{skips.as_list()[:3]}...).")
     net.model(np.zeros((1, net.size, net.size, 3), np.float32))  # built, for a backup to be restored
@@ -208,8 +209,10 @@ def fine_tune(manifest: Manifest, spec: BackboneSpec, cfg: FineTuneConfig, workd
         if start_epoch:
             resumed[phase] = start_epoch
         # the epochs before a resume still count for the best checkpoint and for early stopping
-        prior = prior_values(workdir / f"history-{phase}.csv", start_epoch, cfg.monitor)
-        mode = "max" if maximised(cfg.monitor) else "min"
+        # monitor 'none': no checkpoint choice and no early stopping; the last epoch's weights are the model
+        monitor = None if cfg.monitor == "none" else cfg.monitor
+        prior = prior_values(workdir / f"history-{phase}.csv", start_epoch, monitor) if monitor else []
+        mode = "max" if monitor and maximised(monitor) else "min"
         clock = EpochClock(progress, total_epochs, offset)
         # kept until the phase is recorded as done below, so no moment exists without a checkpoint
         backups = EpochBackup(backup)
@@ -218,16 +221,17 @@ def fine_tune(manifest: Manifest, spec: BackboneSpec, cfg: FineTuneConfig, workd
             backups.callback(),
             keras.callbacks.CSVLogger(str(workdir / f"history-{phase}.csv"), append=True),
             keras.callbacks.TensorBoard(str(workdir / "tensorboard" / phase), histogram_freq=0, write_graph=False),
-            keras.callbacks.ModelCheckpoint(str(workdir / "best.weights.h5"), monitor=cfg.monitor, mode=mode,
-                                            save_best_only=True, save_weights_only=True,
-                                            initial_value_threshold=best_prior(prior, cfg.monitor)),
         ]
-        if phase == "finetune":
-            callbacks.append(resumable_early_stopping(keras, prior, workdir / "best.weights.h5", monitor=cfg.monitor,
+        if monitor:
+            callbacks.append(keras.callbacks.ModelCheckpoint(
+                str(workdir / "best.weights.h5"), monitor=monitor, mode=mode, save_best_only=True,
+                save_weights_only=True, initial_value_threshold=best_prior(prior, monitor)))
+        if phase == "finetune" and monitor:
+            callbacks.append(resumable_early_stopping(keras, prior, workdir / "best.weights.h5", monitor=monitor,
                                                       mode=mode, min_delta=cfg.min_delta, patience=cfg.patience,
                                                       restore_best_weights=True))
             if cfg.schedule == "plateau":
-                callbacks.append(keras.callbacks.ReduceLROnPlateau(monitor=cfg.monitor, factor=cfg.step_gamma,
+                callbacks.append(keras.callbacks.ReduceLROnPlateau(monitor=monitor, factor=cfg.step_gamma,
                                                                    patience=max(1, cfg.patience // 2)))
         callbacks.append(clock.closing())  # last: the last epoch ends after the last backup is written
         run_epochs = epochs
