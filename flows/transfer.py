@@ -14,7 +14,7 @@ from tasks.probe.linear import LinearConfig
 from tasks.prefect_tasks import champion_gate, dataset_media, decide_case, decision_report, inspect_backbone
 from tasks.results import TransferResult
 from tasks.settings import Output, SplitConfig
-from tasks.decide.transfer import Thresholds, candidate_layers, top_freeze_for
+from tasks.decide.transfer import Thresholds, candidate_codes, candidate_layers, top_freeze_for
 
 from flows.extract_features import extract_features
 from flows.fine_tune import fine_tune
@@ -50,12 +50,11 @@ def transfer(
     listing = inspect_backbone(spec_dict(backbone))
     cands = list(thresholds.layers) if thresholds.layers else candidate_layers(listing)
     late = cands[-1] if thresholds.layers else listing[-1]["name"]
-    # A spectrogram's frequency axis means something: sound compares pooling over time only (whole, or in 2 to 4
-    # segments that keep the order of a word's parts) with global pooling.
-    poolings = ["avg", "time-avg", "time-avg2", "time-avg3", "time-avg4"] if dataset_media(data) == "audio" \
-        else ["avg"]
+    # sound: time poolings beside avg, where the map is wide enough for their segments
+    codes = candidate_codes(listing, cands, dataset_media(data))
+    poolings = list(dict.fromkeys(p for _, p in codes))
     print(f"candidate layers: {', '.join(cands)}; poolings: {', '.join(poolings)}")
-    extracted = extract_features(data, backbone, ExtractOptions(layers=[f"{c}:{p}" for c in cands for p in poolings],
+    extracted = extract_features(data, backbone, ExtractOptions(layers=[f"{c}:{p}" for c, p in codes],
                                                                 batch_size=finetune.batch_size), split, output)
     swept = sweep(extracted["store"], layers=cands, pooling="avg" if poolings == ["avg"] else None,
                   linear=SWEEP_PROBE.model_copy(update={"classifier": probe.classifier, "seed": probe.seed}),

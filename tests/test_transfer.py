@@ -122,9 +122,20 @@ def harness():
         yield
 
 
+def test_sound_candidates_offer_only_the_time_segments_a_map_is_wide_enough_for():
+    layers = [{"name": "wide", "output_shape": [None, 14, 14, 8]}, {"name": "narrow", "output_shape": [None, 4, 3, 8]},
+              {"name": "unknown", "output_shape": [None, None, None, 8]}, {"name": "flat", "output_shape": [None, 8]}]
+    names = ["wide", "narrow", "unknown"]
+    assert tr.candidate_codes(layers, names, "image") == [(n, "avg") for n in names]
+    codes = tr.candidate_codes(layers, names, "audio")
+    assert [p for n, p in codes if n == "wide"] == list(tr.SOUND_POOLINGS)
+    assert [p for n, p in codes if n == "narrow"] == ["avg", "time-avg", "time-avg2", "time-avg3"]  # 3 columns
+    assert [p for n, p in codes if n == "unknown"] == list(tr.SOUND_POOLINGS)  # width known only at run time
+
+
 TINY_FLOW = dict(backbone=BackboneSpec(name="mobilenet_v2", weights="none", input_size=96,
                                        backbone_args={"alpha": 0.35}),
-                 finetune=FineTuneConfig(epochs=1, head_epochs=0, batch_size=8))
+                 finetune=FineTuneConfig(epochs=1, head_epochs=0, batch_size=8, optimizer="adam"))
 
 
 @pytest.mark.slow
@@ -148,6 +159,9 @@ def test_transfer_flow_routes_gates_and_reports(harness, tmp_path, texture_data,
     report = Path(r["report"]).read_text()
     assert f"# Transfer decision: case {case}" in report and "## Similarity" in report
     assert f"**{promoted}** is the champion" in report and "## How to override" in report
+    if r["finetuned"] is not None:  # the case sets the freezing; the optimizer asked for is kept
+        config = reg.record(r["finetuned"]["name"], r["finetuned"]["version"]).metadata["config"]
+        assert config["optimizer"] == "adam" and config["freeze"] == ("none" if case == 4 else config["freeze"])
     if case == 1:
         assert r["decision"]["probe_layer"] == "out_relu"  # case 1 probes the last layer
     if "case" in kwargs:

@@ -192,6 +192,27 @@ def candidate_layers(layers: Sequence[dict[str, Any]], strides: Sequence[int] = 
     return out + [last]
 
 
+# A spectrogram's frequency axis means something: sound compares pooling over time only (whole, or in 2 to 4
+# segments that keep the order of a word's parts) with global pooling.
+SOUND_POOLINGS = ("avg", "time-avg", "time-avg2", "time-avg3", "time-avg4")
+
+
+def candidate_codes(layers: Sequence[dict[str, Any]], names: Sequence[str], media: str) -> list[tuple[str, str]]:
+    """The (layer, pooling) codes the transfer flow extracts for the candidate layers ``names``: ``avg`` for
+    images; for sound every pooling of :data:`SOUND_POOLINGS` whose time segments fit the layer's map (a map
+    3 columns wide has no 4 segments; a width unknown before the input size is, is assumed wide enough)."""
+    if media != "audio":
+        return [(name, "avg") for name in names]
+    width = {layer["name"]: layer["output_shape"][2] if len(layer["output_shape"]) == 4 else None for layer in layers}
+    out = []
+    for name in names:
+        for pooling in SOUND_POOLINGS:
+            segments = int(pooling[len("time-avg"):] or 1) if pooling.startswith("time-avg") else 1
+            if width.get(name) is None or width[name] >= segments:
+                out.append((name, pooling))
+    return out
+
+
 def top_freeze_for(layers: Sequence[dict[str, Any]], stride: int = 16) -> str | None:
     """Case 3's freezing: everything up to the end of the stride-16 stage; the last stage trains."""
     at = [layer for layer in layers if layer.get("stride") == stride and len(layer["output_shape"]) == 4]

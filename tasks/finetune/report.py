@@ -53,6 +53,8 @@ def evaluate_register_report(trained: dict[str, Any], manifest: Manifest, spec: 
               f"- head: {cfg.head_pooling} pooling, dense {list(cfg.dense)}, dropout {cfg.dropout}",
               f"- optimizer: {cfg.optimizer}, learning rate {cfg.learning_rate:g} (head x{cfg.head_lr_multiplier:g}), "
               f"schedule {cfg.schedule}; augmentation: {', '.join(cfg.augment) or 'none'}",
+              "- kept: the last epoch (monitor none: no checkpoint choice, no early stopping)" if cfg.monitor == "none"
+              else f"- kept: the best epoch by {cfg.monitor} (early stopping patience {cfg.patience})",
               f"- trained in {trained['seconds']:.1f} s" + (", stopped early" if trained.get("stopped_early") else "")
               + (f"; resumed from epoch {trained['resumed_from_epoch']}" if trained.get("resumed_from_epoch") else ""),
               "", "## Phases", "", "| phase | frozen | epochs run | trainable layers | frozen layers | trainable params |",
