@@ -76,11 +76,7 @@ def transfer(
                                   "head_epochs": 0 if scratch else finetune.head_epochs,
                                   "learning_rate": max(finetune.learning_rate, 1e-3) if scratch
                                   else finetune.learning_rate,
-                                  "optimizer": "adam" if scratch else finetune.optimizer,
-                                  # the head pools as the probe's best codes did (time-avg keeps frequency)
-                                  "head_pooling": "time-max" if decision["probe_pooling"] == "time-max" else
-                                  "time-avg" if decision["probe_pooling"].startswith("time-avg") else
-                                  finetune.head_pooling}),
+                                  "optimizer": "adam" if scratch else finetune.optimizer}),
                               split, model_name=f"{name}-finetuned", output=output)
     gate = champion_gate(finetuned, probe_result, thresholds.gate_margin, registry)
     champion = finetuned if gate["promoted"] == "finetuned" else probe_result
