@@ -1,0 +1,215 @@
+"""Fine-tuning on spoken digits: can a network fine-tuned on three voices recognise a fourth?
+
+An experiment for issue 17, outside the flow. On ``../shared/data/fsdd`` (2,000 recordings, 10 digits, 4
+speakers, 8 kHz), with the product's spectrogram recipe (``tasks.data.audio``: ``--sample-rate 8000 --n-mels 32
+--trim-db 30 --duration none --top-db 60 --colormap viridis``) drawn at ``--size`` pixels, MobileNet alpha 0.25
+with ImageNet weights (offline from ``../shared/keras``) is fine-tuned whole, BatchNormalization included, with
+a new head (global average pooling, dropout, softmax), for a fixed number of epochs (no early stopping, no
+checkpoint choice: the last epoch's model is the one scored).
+
+Variants (``--variants``), all on the same images and schedule (Adam, cosine decay, ``--epochs``):
+
+* ``base``: SpecAugment's masks (one time band, one frequency band per image) and a time shift;
+* ``warp``: ``base`` plus a random frequency warp per image: the rows scaled by a factor in [1 - w, 1 + w]
+  about the bottom row (0 Hz), what a different vocal tract length does to formants (VTLP);
+* ``mixup``: ``base`` plus mixup (pairs of images and their labels mixed, Beta(0.2, 0.2));
+* ``warp+mixup``: both.
+
+Protocol, in one run:
+
+1. **Development** (nicolas's images are drawn into the cache with the others, never used here): george,
+   jackson and lucas each held out in turn, the network
+   fine-tuned on the two others. The held-out speaker's accuracy is logged after every epoch (curves, for
+   reading); the variant with the best mean accuracy at the last epoch is chosen.
+2. **Final**: every speaker held out in turn, fine-tuned on the other three, with ``base`` and with the chosen
+   variant. nicolas's row is the one no choice saw.
+
+``--no-final`` stops after step 1 (to compare settings, ``--size`` say, in the development world only).
+
+Usage:
+    PYTHONPATH=. python benchmarks/audio_finetune.py --json benchmarks/results/audio-finetune.json
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(ROOT))
+from audio_shared import SPEAKERS, recordings, shared_inputs  # noqa: E402  the same dataset's listing
+from report import emit  # noqa: E402  benchmarks/ is the script's folder
+
+DEV_WORLD = ("george", "jackson", "lucas")
+RECIPE = {"sample_rate": 8000, "n_mels": 32, "trim_db": 30, "duration": None, "top_db": 60, "colormap": "viridis"}
+VARIANTS = ("base", "warp", "mixup", "warp+mixup")
+
+
+def images(data: Path, size: int, cache: Path) -> dict[str, dict[str, np.ndarray]]:
+    """Per speaker: ``x`` (n, size, size, 3) uint8 spectrogram images, ``y`` digits; cached in ``cache``."""
+    from tasks.data.audio import Spectrogram, load_spectrogram
+
+    path = cache / f"fsdd-{size}.npz"
+    if path.exists():
+        with np.load(path) as z:
+            return {s: {"x": z[f"{s}/x"], "y": z[f"{s}/y"]} for s in SPEAKERS}
+    recipe = Spectrogram(**RECIPE)
+    out: dict[str, dict[str, list]] = {s: {"x": [], "y": []} for s in SPEAKERS}
+    t = time.perf_counter()
+    for rel, digit, speaker in recordings(data):
+        out[speaker]["x"].append(load_spectrogram(data / rel, size, recipe))
+        out[speaker]["y"].append(int(digit))
+    arrays = {s: {"x": np.stack(v["x"]), "y": np.array(v["y"], np.int32)} for s, v in out.items()}
+    print(f"  drew 2000 spectrograms in {time.perf_counter() - t:.1f} s", file=sys.stderr)
+    cache.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **{f"{s}/{k}": v for s, d in arrays.items() for k, v in d.items()})
+    return arrays
+
+
+def augmenter(size: int, variant: str, warp: float, seed: int):
+    """``(x float32 batch, y one-hot) -> (x, y)`` training augmentation of ``variant``."""
+    import tensorflow as tf
+
+    gen = tf.random.Generator.from_seed(seed)
+
+    def band(x, axis, widest):
+        n = tf.shape(x)[0]
+        width = gen.uniform([n], 0, widest + 1, dtype=tf.int32)
+        start = tf.cast(gen.uniform([n]) * tf.cast(size - width + 1, tf.float32), tf.int32)
+        pos = tf.range(size)[None, :]
+        keep = tf.cast(~((pos >= start[:, None]) & (pos < (start + width)[:, None])), x.dtype)
+        return x * tf.reshape(keep, [n, size, 1, 1] if axis == 1 else [n, 1, size, 1])
+
+    def apply(x, y):
+        n = tf.shape(x)[0]
+        if "warp" in variant:
+            a = gen.uniform([n], 1.0 - warp, 1.0 + warp)  # output row r shows input row (r - b) / a + b, b = bottom
+            bottom = float(size - 1)
+            shift = gen.uniform([n], -0.1, 0.1) * size  # time shift, in the same transform
+            zeros, ones = tf.zeros([n]), tf.ones([n])
+            transform = tf.stack([ones, zeros, shift, zeros, 1.0 / a, bottom * (1.0 - 1.0 / a), zeros, zeros], axis=1)
+            x = tf.raw_ops.ImageProjectiveTransformV3(images=x, transforms=transform, output_shape=[size, size],
+                                                      interpolation="BILINEAR", fill_mode="NEAREST", fill_value=0.0)
+        else:
+            shift = gen.uniform([n], -0.1, 0.1) * size
+            zeros, ones = tf.zeros([n]), tf.ones([n])
+            transform = tf.stack([ones, zeros, shift, zeros, ones, zeros, zeros, zeros], axis=1)
+            x = tf.raw_ops.ImageProjectiveTransformV3(images=x, transforms=transform, output_shape=[size, size],
+                                                      interpolation="BILINEAR", fill_mode="CONSTANT", fill_value=0.0)
+        x = band(x, 2, int(size * 0.2))
+        x = band(x, 1, int(size * 0.2))
+        if "mixup" in variant:
+            u = tf.random.stateless_gamma([n], seed=gen.uniform_full_int([2], tf.int32), alpha=0.2)
+            v = tf.random.stateless_gamma([n], seed=gen.uniform_full_int([2], tf.int32), alpha=0.2)
+            lam = u / (u + v + 1e-12)
+            perm = tf.random.shuffle(tf.range(n))
+            x = lam[:, None, None, None] * x + (1 - lam[:, None, None, None]) * tf.gather(x, perm)
+            y = lam[:, None] * y + (1 - lam[:, None]) * tf.gather(y, perm)
+        return x, y
+
+    return apply
+
+
+def fine_tune(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray], variant: str, args,
+              curve: bool) -> dict:
+    import keras
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(args.seed)
+    size = args.size
+    base = keras.applications.MobileNet(input_shape=(size, size, 3), alpha=0.25, include_top=False,
+                                        weights="imagenet")
+    inp = keras.Input((size, size, 3))
+    h = keras.layers.Rescaling(1 / 127.5, -1.0)(inp)
+    h = base(h, training=True)
+    h = keras.layers.GlobalAveragePooling2D()(h)
+    h = keras.layers.Dropout(args.dropout)(h)
+    out = keras.layers.Dense(10, activation="softmax")(h)
+    model = keras.Model(inp, out)
+    steps = int(np.ceil(len(train[0]) / args.batch)) * args.epochs
+    lr = keras.optimizers.schedules.CosineDecay(args.lr, steps)
+    model.compile(keras.optimizers.Adam(lr), "categorical_crossentropy", metrics=["accuracy"])
+
+    x, y = train
+    ds = tf.data.Dataset.from_tensor_slices((x, tf.one_hot(y, 10)))
+    ds = ds.shuffle(len(x), seed=args.seed).batch(args.batch)
+    ds = ds.map(lambda a, b: (tf.cast(a, tf.float32), b)).map(augmenter(size, variant, args.warp, args.seed))
+    ds = ds.prefetch(2)
+    xt, yt = test
+    accs: list[float] = []
+
+    class Curve(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if curve or epoch == args.epochs - 1:
+                p = self.model.predict(xt, batch_size=100, verbose=0)
+                accs.append(round(float(np.mean(p.argmax(1) == yt)), 4))
+
+    t = time.perf_counter()
+    model.fit(ds, epochs=args.epochs, verbose=0, callbacks=[Curve()])
+    return {"accuracy": accs[-1], "curve": accs if curve else None, "seconds": round(time.perf_counter() - t, 1),
+            "train_images": int(len(x))}
+
+
+def world(arrays, speakers, variants, args, curve: bool) -> dict:
+    out: dict = {}
+    for held in speakers:
+        train = [s for s in speakers if s != held]
+        tx = np.concatenate([arrays[s]["x"] for s in train])
+        ty = np.concatenate([arrays[s]["y"] for s in train])
+        for v in variants:
+            r = fine_tune((tx, ty), (arrays[held]["x"], arrays[held]["y"]), v, args, curve)
+            print(f"  {held:8s} {v:11s} {r['accuracy']:.3f}  ({r['seconds']} s) {r['curve'] or ''}", file=sys.stderr)
+            out.setdefault(v, {})[held] = r
+    for v in variants:
+        out[v]["mean"] = round(float(np.mean([out[v][h]["accuracy"] for h in speakers])), 4)
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--json")
+    ap.add_argument("--size", type=int, default=112)
+    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--dropout", type=float, default=0.3)
+    ap.add_argument("--warp", type=float, default=0.15)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--no-develop", action="store_true")
+    ap.add_argument("--final", default="", help="variant for the final world (default: the development's choice)")
+    ap.add_argument("--no-final", action="store_true", help="the development world only")
+    ap.add_argument("--cache", default=str(ROOT / ".cache" / "audio-finetune"))
+    args = ap.parse_args()
+    found = shared_inputs("fsdd")
+    if found is None:
+        return 0
+    data, _ = found
+    t0 = time.perf_counter()
+    arrays = images(data, args.size, Path(args.cache))
+    results: dict = {"settings": {k: v for k, v in vars(args).items() if k not in ("json", "cache")},
+                     "recipe": RECIPE, "machine": {"platform": platform.machine(), "cpus": os.cpu_count()}}
+    variants = args.variants.split(",")
+    chosen = args.final or None
+    if not args.no_develop:
+        dev = world(arrays, DEV_WORLD, variants, args, curve=True)
+        results["development"] = dev
+        chosen = chosen or max(variants, key=lambda v: dev[v]["mean"])
+        print(f"development chose {chosen}", file=sys.stderr)
+    results["chosen"] = chosen
+    finals = ["base"] + ([chosen] if chosen and chosen != "base" else [])
+    if not args.no_final:
+        results["final"] = world(arrays, SPEAKERS, finals, args, curve=False)
+    results["seconds"] = round(time.perf_counter() - t0, 1)
+    emit(results, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
