@@ -70,11 +70,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT))
-from audio_shared import SPEAKERS, recordings as all_recordings, shared_inputs  # noqa: E402  the same dataset's listing
+from audio_shared import DEV_WORLD, RECIPE, SPEAKERS, recordings as all_recordings, shared_inputs  # noqa: E402  the same dataset's listing
 from report import emit  # noqa: E402  benchmarks/ is the script's folder
 
-DEV_WORLD = ("george", "jackson", "lucas")
-RECIPE = {"sample_rate": 8000, "n_mels": 32, "trim_db": 30, "duration": None, "top_db": 60, "colormap": "viridis"}
 SIZE = 224
 LAYERS = ("conv_pw_5_relu", "conv_pw_11_relu", "conv_pw_13_relu")  # the flow's candidates for this backbone
 POOLINGS = ("avg", "time-avg")

@@ -86,10 +86,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT))
 from audio_augment import RECIPE, image, recordings  # noqa: E402  the same images
-from audio_shared import SPEAKERS, shared_inputs  # noqa: E402
+from audio_shared import DEV_WORLD, SPEAKERS, shared_inputs  # noqa: E402
 from report import emit  # noqa: E402
 
-DEV_WORLD = ("george", "jackson", "lucas")
 LAYERS = ("conv_pw_5_relu", "conv_pw_11_relu", "conv_pw_13_relu")  # the flow's candidates for this backbone
 SWEEP_C = 0.1
 C_GRID = (0.01, 0.1, 1.0)

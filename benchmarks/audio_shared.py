@@ -43,6 +43,9 @@ from report import emit  # noqa: E402  benchmarks/ is the script's folder
 
 SHARED = ROOT.parent / "shared"
 SPEAKERS = ("george", "jackson", "lucas", "nicolas")
+DEV_WORLD = ("george", "jackson", "lucas")  # the experiments' development world: nicolas stays free of choices
+# the spectrogram recipe of the commands' options, for the experiments that draw images themselves
+RECIPE = {"sample_rate": 8000, "n_mels": 32, "trim_db": 30, "duration": None, "top_db": 60, "colormap": "viridis"}
 TRANSFER = ["transfer", "--backbone", "mobilenet", "--backbone-arg", "alpha=0.25", "--weights", "imagenet"]
 
 
