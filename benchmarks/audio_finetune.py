@@ -24,7 +24,8 @@ Protocol, in one run:
 2. **Final**: every speaker held out in turn, fine-tuned on the other three, with ``base`` and with the chosen
    variant. nicolas's row is the one no choice saw.
 
-``--no-final`` stops after step 1 (to compare settings, ``--size`` say, in the development world only).
+``--seeds N`` trains N networks per run (seeds ``--seed`` onwards) and also scores their averaged
+probabilities (an ensemble). ``--no-final`` stops after step 1 (to compare settings, ``--size`` say, in the development world only).
 
 Usage:
     PYTHONPATH=. python benchmarks/audio_finetune.py --json benchmarks/results/audio-finetune.json
@@ -115,11 +116,11 @@ def augmenter(size: int, variant: str, warp: float, seed: int):
 
 
 def fine_tune(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray], variant: str, args,
-              curve: bool) -> dict:
+              curve: bool, seed: int) -> dict:
     import keras
     import tensorflow as tf
 
-    keras.utils.set_random_seed(args.seed)
+    keras.utils.set_random_seed(seed)
     size = args.size
     base = keras.applications.MobileNet(input_shape=(size, size, 3), alpha=0.25, include_top=False,
                                         weights="imagenet")
@@ -136,22 +137,23 @@ def fine_tune(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.n
 
     x, y = train
     ds = tf.data.Dataset.from_tensor_slices((x, tf.one_hot(y, 10)))
-    ds = ds.shuffle(len(x), seed=args.seed).batch(args.batch)
-    ds = ds.map(lambda a, b: (tf.cast(a, tf.float32), b)).map(augmenter(size, variant, args.warp, args.seed))
+    ds = ds.shuffle(len(x), seed=seed).batch(args.batch)
+    ds = ds.map(lambda a, b: (tf.cast(a, tf.float32), b)).map(augmenter(size, variant, args.warp, seed))
     ds = ds.prefetch(2)
     xt, yt = test
     accs: list[float] = []
+    last: dict[str, np.ndarray] = {}
 
     class Curve(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
             if curve or epoch == args.epochs - 1:
-                p = self.model.predict(xt, batch_size=100, verbose=0)
+                p = last["probs"] = self.model.predict(xt, batch_size=100, verbose=0)
                 accs.append(round(float(np.mean(p.argmax(1) == yt)), 4))
 
     t = time.perf_counter()
     model.fit(ds, epochs=args.epochs, verbose=0, callbacks=[Curve()])
     return {"accuracy": accs[-1], "curve": accs if curve else None, "seconds": round(time.perf_counter() - t, 1),
-            "train_images": int(len(x))}
+            "train_images": int(len(x)), "probs": last["probs"]}
 
 
 def world(arrays, speakers, variants, args, curve: bool) -> dict:
@@ -161,11 +163,24 @@ def world(arrays, speakers, variants, args, curve: bool) -> dict:
         tx = np.concatenate([arrays[s]["x"] for s in train])
         ty = np.concatenate([arrays[s]["y"] for s in train])
         for v in variants:
-            r = fine_tune((tx, ty), (arrays[held]["x"], arrays[held]["y"]), v, args, curve)
-            print(f"  {held:8s} {v:11s} {r['accuracy']:.3f}  ({r['seconds']} s) {r['curve'] or ''}", file=sys.stderr)
+            runs = []
+            for seed in range(args.seed, args.seed + args.seeds):
+                r = fine_tune((tx, ty), (arrays[held]["x"], arrays[held]["y"]), v, args, curve, seed)
+                print(f"  {held:8s} {v:11s} seed {seed} {r['accuracy']:.3f}  ({r['seconds']} s) {r['curve'] or ''}",
+                      file=sys.stderr)
+                runs.append(r)
+            r = {k: val for k, val in runs[0].items() if k != "probs"}
+            if args.seeds > 1:  # the networks' probabilities averaged: an ensemble of the seeds
+                mean = np.mean([run["probs"] for run in runs], axis=0)
+                r["seed_accuracies"] = [run["accuracy"] for run in runs]
+                r["ensemble_accuracy"] = round(float(np.mean(mean.argmax(1) == arrays[held]["y"])), 4)
+                print(f"  {held:8s} {v:11s} ensemble of {args.seeds}: {r['ensemble_accuracy']:.3f}", file=sys.stderr)
             out.setdefault(v, {})[held] = r
     for v in variants:
         out[v]["mean"] = round(float(np.mean([out[v][h]["accuracy"] for h in speakers])), 4)
+        if args.seeds > 1:
+            out[v]["mean_ensemble"] = round(float(np.mean([out[v][h]["ensemble_accuracy"] for h in speakers])), 4)
+            out[v]["mean_of_seeds"] = round(float(np.mean([out[v][h]["seed_accuracies"] for h in speakers])), 4)
     return out
 
 
@@ -179,6 +194,8 @@ def main() -> int:
     ap.add_argument("--dropout", type=float, default=0.3)
     ap.add_argument("--warp", type=float, default=0.15)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", type=int, default=1, help="networks per run, seeds --seed, --seed + 1, ...; with "
+                                                         "more than one, their averaged probabilities are scored too")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--no-develop", action="store_true")
     ap.add_argument("--final", default="", help="variant for the final world (default: the development's choice)")
