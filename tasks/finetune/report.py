@@ -13,6 +13,7 @@ from ..reports import evaluate as ev
 from ..backbones import BackboneSpec, preprocess_mode
 from ..probe import metrics_markdown
 from .config import FineTuneConfig
+from .data import augmentations_for
 from .evaluation import evaluate_finetuned, load_finetuned, plot_learning_curves
 from .training import FineTuneResult
 
@@ -52,7 +53,7 @@ def evaluate_register_report(trained: dict[str, Any], manifest: Manifest, spec: 
               f"{trained.get('devices', 1)} replica(s)",
               f"- head: {cfg.head_pooling} pooling, dense {list(cfg.dense)}, dropout {cfg.dropout}",
               f"- optimizer: {cfg.optimizer}, learning rate {cfg.learning_rate:g} (head x{cfg.head_lr_multiplier:g}), "
-              f"schedule {cfg.schedule}; augmentation: {', '.join(cfg.augment) or 'none'}",
+              f"schedule {cfg.schedule}; augmentation: {', '.join(augmentations_for(cfg, manifest.media)) or 'none'}",
               "- kept: the last epoch (monitor none: no checkpoint choice, no early stopping)" if cfg.monitor == "none"
               else f"- kept: the best epoch by {cfg.monitor} (early stopping patience {cfg.patience})",
               f"- trained in {trained['seconds']:.1f} s" + (", stopped early" if trained.get("stopped_early") else "")
