@@ -29,6 +29,7 @@ from storage.errors import ParameterError
 from storage.files import atomic_write
 from storage.manifest import Manifest
 
+from ..backbones.build import time_segments
 from ..settings import Settings
 from . import evidence
 
@@ -207,8 +208,7 @@ def candidate_codes(layers: Sequence[dict[str, Any]], names: Sequence[str], medi
     out = []
     for name in names:
         for pooling in SOUND_POOLINGS:
-            segments = int(pooling[len("time-avg"):] or 1) if pooling.startswith("time-avg") else 1
-            if width.get(name) is None or width[name] >= segments:
+            if width.get(name) is None or width[name] >= (time_segments(pooling) or 1):
                 out.append((name, pooling))
     return out
 
