@@ -167,9 +167,16 @@ def registry(tmp_path_factory):
     trained = {"model_path": r.model_path, "history": r.history, "phases": r.phases, "counts": r.counts,
                "skipped": r.skipped, "seconds": r.seconds, "input_size": r.input_size, "precision": r.precision}
     evaluate_register_report(trained, manifest, spec, cfg, "stretch", reg, "tuned", tmp / "reports")
-    out = tmp / "tuned.csv"
-    predict_images(data["three"] / "test", reg, "tuned", None, out)
-    predictions["tuned"] = pd.read_csv(out)
+    # an ensemble of two such networks (one epoch each, seeds 0 and 1), their probabilities averaged
+    ens = cfg.model_copy(update={"head_epochs": 0, "ensemble": 2})
+    r = fine_tune(manifest, spec, ens, tmp / "ens-run", resize="stretch")
+    trained_ens = {"model_path": r.model_path, "history": r.history, "phases": r.phases, "counts": r.counts,
+                   "skipped": r.skipped, "seconds": r.seconds, "input_size": r.input_size, "precision": r.precision}
+    evaluate_register_report(trained_ens, manifest, spec, ens, "stretch", reg, "tuned-ensemble", tmp / "reports")
+    for name in ("tuned", "tuned-ensemble"):
+        out = tmp / f"{name}.csv"
+        predict_images(data["three"] / "test", reg, name, None, out)
+        predictions[name] = pd.read_csv(out)
     return {"registry": reg, "tmp": tmp, "data": data, "predictions": predictions}
 
 
@@ -182,7 +189,7 @@ def _images_and_expected(df) -> tuple[np.ndarray, np.ndarray, list[str]]:
     return images, df[[f"p_{c}" for c in classes]].to_numpy(), classes
 
 
-@pytest.mark.parametrize("name", [*PROBES, "tuned"])
+@pytest.mark.parametrize("name", [*PROBES, "tuned", "tuned-ensemble"])
 def test_the_exported_keras_model_agrees_with_predict(registry, name):
     import keras
 
@@ -199,7 +206,7 @@ def test_the_exported_keras_model_agrees_with_predict(registry, name):
     assert got.shape == expected.shape and np.max(np.abs(got - expected)) <= 1e-4, np.max(np.abs(got - expected))
     assert info["output"]["kind"] == "probabilities" and np.allclose(got.sum(1), 1.0, atol=1e-5)
     assert info["input"]["size"] == SIZE and info["input"]["range"] == [0, 255]
-    mode = {"tuned": "tf", "binary": "torch", "svm-binary": "torch"}.get(name, "caffe")
+    mode = {"tuned": "tf", "tuned-ensemble": "tf", "binary": "torch", "svm-binary": "torch"}.get(name, "caffe")
     assert info["input"]["preprocessing_mode"] == mode and mode in info["input"]["preprocessing"]
     reg_meta = json.loads((registry["registry"] / name / "v1" / "metadata.json").read_text())
     assert info["source"]["model_sha256"] == reg_meta["model_sha256"] and info["source"]["version"] == 1
@@ -210,6 +217,14 @@ def test_the_exported_keras_model_agrees_with_predict(registry, name):
     lo, hi = r["test"]["interval"]
     assert 0 <= lo <= r["test"]["accuracy"] <= hi <= 1
     assert info["data"]["splits"]["test"] == test_images and info["data"]["splits"]["train"] > test_images
+
+
+def test_an_ensembles_report_names_its_networks_and_seeds(registry):
+    report = (registry["tmp"] / "reports" / "tuned-ensemble-v1.report.md").read_text()
+    assert "ensemble: 2 networks (seeds 0 to 1)" in report
+    assert "| finetune (network 1) |" in report and "| finetune (network 2) |" in report
+    meta = json.loads((registry["registry"] / "tuned-ensemble" / "v1" / "metadata.json").read_text())
+    assert meta["config"]["ensemble"] == 2 and [h["network"] for h in meta["history"]] == [1, 2]
 
 
 def test_tflite_float32_and_int8_agree_with_predict(registry):

@@ -173,6 +173,37 @@ def test_monitor_none_trains_every_epoch_without_a_val_split_and_keeps_the_last(
         FineTuneConfig(monitor="none", schedule="plateau")
 
 
+def test_an_ensemble_trains_each_network_with_its_seed_resumes_and_averages_their_probabilities(
+        tmp_path, texture_data, small_cnn):
+    from tasks.finetune import load_finetuned
+
+    m = scan_dataset(texture_data, val_fraction=0.0, test_fraction=0.25)
+    cfg = FineTuneConfig(**dict(SMALL, epochs=2, monitor="none", learning_rate=0.05, ensemble=2, seed=7,
+                                pool_dropout=0.2))
+    spec, run = _spec(small_cnn), tmp_path / "run"
+    seen: list[tuple[int, int]] = []
+    first = fine_tune(m, spec, cfg, run, stop_after_epochs=3, progress=lambda i, n: seen.append((i, n)))
+    assert first.model_path == "" and not (run / "model.keras").exists()
+    assert [(h["network"], h["epoch"]) for h in first.history] == [(1, 1), (1, 2), (2, 1)]
+    assert seen == [(1, 4), (2, 4), (3, 4)]  # one bar over both networks
+    second = fine_tune(m, spec, cfg, run)
+    assert second.resumed_from_epoch == {"network-2:finetune": 1}
+    assert [(h["network"], h["epoch"]) for h in second.history] == [(1, 1), (1, 2), (2, 2)]
+    assert [p["network"] for p in second.phases] == [1, 2]
+    model = load_finetuned(second.model_path)
+    assert [layer.name for layer in model.layers][-3:] == ["network_1", "network_2", "ensemble_average"]
+    assert model.get_layer("network_1").get_layer("head_pool_dropout").rate == 0.2
+    members = [load_finetuned(run / f"network-{k}" / "model.keras") for k in (1, 2)]
+    x = np.random.default_rng(0).integers(0, 256, (6, 32, 32, 3)).astype(np.float32)
+    each = [member.predict(x, verbose=0) for member in members]
+    assert np.max(np.abs(each[0] - each[1])) > 1e-3  # different seeds, different networks
+    np.testing.assert_allclose(model.predict(x, verbose=0), (each[0] + each[1]) / 2, atol=1e-6)
+    with pytest.raises(ParameterError, match="ensemble"):
+        FineTuneConfig(ensemble=0)
+    with pytest.raises(ParameterError, match="pool_dropout"):
+        FineTuneConfig(pool_dropout=1.0)
+
+
 def test_resume_continues_from_the_checkpointed_epoch(tmp_path, texture_data, small_cnn):
     m = scan_dataset(texture_data)
     cfg = FineTuneConfig(**dict(SMALL, epochs=4))

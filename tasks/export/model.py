@@ -173,8 +173,12 @@ def _build_finetuned(registry: str | Path, record: ModelRecord) -> Built:
     inp = keras.Input((size, size, 3), dtype="float32", name="image")
     pre = preprocess_layer(mode)
     x = pre(inp) if pre is not None else inp
-    for layer in layers[idx[0] + 1:]:  # the body and the head: one chain after the preprocessing
-        x = layer(x)
+    rest = layers[idx[0] + 1:]
+    if rest and rest[-1].name == "ensemble_average":  # networks side by side (fine-tune --ensemble), averaged
+        x = rest[-1]([network(x) for network in rest[:-1]])
+    else:
+        for layer in rest:  # the body and the head: one chain after the preprocessing
+            x = layer(x)
     model = float32_copy(keras.Model(inp, x, name=f"cnncodes_{record.name}"[:60].replace("-", "_").replace(".", "_")))
     _check_standard(model, record)
     rng = np.random.default_rng(0)

@@ -28,6 +28,8 @@ class FineTuneConfig(Settings):
         "avg", description="pooling of the new head (time-avg, time-max: over the width only, for spectrograms)")
     dense: tuple[int, ...] = Field((1024,), description="hidden Dense+ReLU widths of the head (empty for none)")
     dropout: float = Field(0.5, description="dropout after each hidden Dense, in [0, 1)")
+    pool_dropout: float = Field(0.0, description="dropout right after the pooling (before the first hidden Dense, "
+                                                 "or the softmax when there is none), in [0, 1)")
     optimizer: Literal[OPTIMIZERS] = Field("sgd", description="optimizer of the fine-tuning phase")
     learning_rate: float = Field(1e-4, description="base rate of the backbone")
     momentum: float = Field(0.9, description="SGD momentum, in [0, 1)")
@@ -52,6 +54,8 @@ class FineTuneConfig(Settings):
     resize: Literal[RESIZE_MODES] = Field("stretch", description="how images are fitted to the square input")
     xla: bool = Field(False, description="compile the training step with XLA")
     seed: int = Field(0, description="seed of initialisation, shuffling, dropout and augmentation")
+    ensemble: int = Field(1, description="networks trained alike but for their seeds (seed, seed + 1, ...); the "
+                                         "saved model averages their class probabilities")
 
     @model_validator(mode="before")
     @classmethod
@@ -71,14 +75,15 @@ class FineTuneConfig(Settings):
             bad("freeze", "'all', 'none', 'first:N' or 'until:LAYER'")
         if any(d < 1 for d in self.dense):
             bad("dense", "a list of positive layer widths (or empty)")
-        if not 0.0 <= self.dropout < 1.0:
-            bad("dropout", "in [0, 1)")
+        for name in ("dropout", "pool_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                bad(name, "in [0, 1)")
         for name in ("learning_rate", "head_learning_rate", "head_lr_multiplier"):
             if not getattr(self, name) > 0:
                 bad(name, "a positive number")
         if not 0.0 <= self.momentum < 1.0:
             bad("momentum", "in [0, 1)")
-        for name in ("epochs", "batch_size", "step_epochs"):
+        for name in ("epochs", "batch_size", "step_epochs", "ensemble"):
             if getattr(self, name) < 1:
                 bad(name, "a positive integer")
         if self.head_epochs < 0:

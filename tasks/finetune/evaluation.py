@@ -26,7 +26,10 @@ def plot_learning_curves(history: list[dict[str, Any]], path: str | Path) -> Pat
             ys = [h.get(key) for h in history]
             if any(v is not None for v in ys):
                 ax.plot(x, [np.nan if v is None else v for v in ys], style, marker="o", label=key)
-        boundaries = [i + 0.5 for i in range(1, len(history)) if history[i]["phase"] != history[i - 1]["phase"]]
+        # a new phase, or the next network of an ensemble
+        boundaries = [i + 0.5 for i in range(1, len(history))
+                      if (history[i]["phase"], history[i].get("network")) !=
+                      (history[i - 1]["phase"], history[i - 1].get("network"))]
         for b in boundaries:
             ax.axvline(b, color="grey", lw=0.8)
         ax.set_xlabel("epoch")

@@ -142,6 +142,8 @@ def _build_network(spec: BackboneSpec, n_classes: int, cfg: FineTuneConfig, chec
     else:
         head = [keras.layers.GlobalAveragePooling2D(name="head_pool") if cfg.head_pooling == "avg"
                 else keras.layers.Flatten(name="head_flatten")]
+    if cfg.pool_dropout:
+        head.append(keras.layers.Dropout(cfg.pool_dropout, name="head_pool_dropout", seed=cfg.seed + 100))
     for i, width in enumerate(cfg.dense):
         head.append(keras.layers.Dense(width, activation="relu", name=f"head_dense_{i}"))
         if cfg.dropout:

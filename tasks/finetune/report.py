@@ -51,16 +51,20 @@ def evaluate_register_report(trained: dict[str, Any], manifest: Manifest, spec: 
               + (f", cut at `{cfg.cut_layer}`" if cfg.cut_layer else ""),
               f"- precision: {trained.get('precision') or spec.precision}, "
               f"{trained.get('devices', 1)} replica(s)",
-              f"- head: {cfg.head_pooling} pooling, dense {list(cfg.dense)}, dropout {cfg.dropout}",
+              f"- head: {cfg.head_pooling} pooling, dense {list(cfg.dense)}, dropout {cfg.dropout}"
+              + (f", dropout after the pooling {cfg.pool_dropout}" if cfg.pool_dropout else ""),
               f"- optimizer: {cfg.optimizer}, learning rate {cfg.learning_rate:g} (head x{cfg.head_lr_multiplier:g}), "
               f"schedule {cfg.schedule}; augmentation: {', '.join(augmentations_for(cfg, manifest.media)) or 'none'}",
               "- kept: the last epoch (monitor none: no checkpoint choice, no early stopping)" if cfg.monitor == "none"
               else f"- kept: the best epoch by {cfg.monitor} (early stopping patience {cfg.patience})",
+              *([f"- ensemble: {cfg.ensemble} networks (seeds {cfg.seed} to {cfg.seed + cfg.ensemble - 1}), their class "
+                 "probabilities averaged"] if cfg.ensemble > 1 else []),
               f"- trained in {trained['seconds']:.1f} s" + (", stopped early" if trained.get("stopped_early") else "")
               + (f"; resumed from epoch {trained['resumed_from_epoch']}" if trained.get("resumed_from_epoch") else ""),
               "", "## Phases", "", "| phase | frozen | epochs run | trainable layers | frozen layers | trainable params |",
               "|---|---|---|---|---|---|"]
-    header += [f"| {p['phase']} | {p['freeze']} | {p['epochs_run']}/{p['epochs']} | "
+    header += [f"| {p['phase']}{' (network %d)' % p['network'] if p.get('network') else ''} | {p['freeze']} | "
+               f"{p['epochs_run']}/{p['epochs']} | "
                f"{p['counts']['body_trainable_layers']} | {p['counts']['body_frozen_layers']} | "
                f"{p['counts']['trainable_params']:,} |" for p in trained["phases"]]
     if curves:

@@ -59,6 +59,7 @@ class FineTuneResult:
     input_size: int | None = None
     precision: str | None = None      # what the network computed in ('auto' resolved)
     devices: int = 1                   # replicas of the distribution strategy
+    epochs_this_call: int = 0          # epochs trained by this call (a resumed run's earlier ones not counted)
 
 
 class EpochClock:
@@ -140,7 +141,70 @@ def fine_tune(manifest: Manifest, spec: BackboneSpec, cfg: FineTuneConfig, workd
     CPU), with dynamic loss scaling under float16. ``strategy`` (a ``tf.distribute`` strategy)
     defaults to MirroredStrategy over every GPU when there are several.
 
+    ``cfg.ensemble`` > 1: that many networks, trained one after the other in ``workdir/network-K``
+    (seeds ``cfg.seed + K - 1``; each resumes on its own), and ``model.keras`` averages their class
+    probabilities; ``history`` and ``phases`` rows name their ``network``.
+
     ``stop_after_epochs`` ends training after that many epochs in this call (for tests of resume)."""
+    if cfg.ensemble == 1:
+        return _fine_tune_one(manifest, spec, cfg, workdir, resize, progress, stop_after_epochs, strategy)
+    t0 = time.perf_counter()
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    n, per = cfg.ensemble, cfg.head_epochs + cfg.epochs
+    done: list[FineTuneResult] = []
+    history: list[dict[str, Any]] = []
+    budget = stop_after_epochs
+    for k in range(1, n + 1):
+        member = cfg.model_copy(update={"seed": cfg.seed + k - 1, "ensemble": 1})
+        step = (lambda i, total, k=k: progress((k - 1) * per + i, n * per)) if progress else None
+        r = _fine_tune_one(manifest, spec, member, workdir / f"network-{k}", resize, step, budget, strategy)
+        for row in r.history + r.phases:
+            row["network"] = k
+        history += r.history
+        if budget is not None:
+            budget -= r.epochs_this_call
+        if not r.model_path:  # stopped on request: the next call resumes this network
+            return FineTuneResult("", history, [p for d in done for p in d.phases] + r.phases, r.counts, r.skipped,
+                                  time.perf_counter() - t0, {f"network-{k}:{p}": e for p, e in
+                                                             r.resumed_from_epoch.items()})
+        done.append(r)
+    model_path = workdir / "model.keras"
+    with atomic_path(model_path, suffix=".keras") as tmp:
+        ensemble_model([d.model_path for d in done]).save(tmp)
+    _write_history(workdir, history)
+    last = done[-1]
+    return FineTuneResult(str(model_path), history, [p for d in done for p in d.phases], last.counts,
+                          last.skipped, time.perf_counter() - t0,
+                          {f"network-{k}:{p}": e for k, d in enumerate(done, 1) for p, e in d.resumed_from_epoch.items()},
+                          any(d.stopped_early for d in done), last.input_size, last.precision, last.devices)
+
+
+def ensemble_model(paths: list[str]):
+    """One Keras model from fine-tuned networks saved by :func:`fine_tune` (same input, classes and
+    preprocessing): the first network's preprocessing layer, then each network's body and head as a nested
+    model ``network_K``, then the mean of their class probabilities (layer ``ensemble_average``)."""
+    from .evaluation import load_finetuned
+
+    keras = tf_runtime.keras()
+    members = [load_finetuned(p) for p in paths]
+    cut = [next(i for i, layer in enumerate(m.layers) if type(layer).__name__ == "Preprocess") for m in members]
+    inp = keras.Input(members[0].input_shape[1:], name="image")
+    x = members[0].layers[cut[0]](inp)
+    outputs = []
+    for k, (m, i) in enumerate(zip(members, cut), 1):
+        sub_in = keras.Input(x.shape[1:], name=f"network_{k}_input")
+        h = sub_in
+        for layer in m.layers[i + 1:]:  # the body and the head: one chain after the preprocessing
+            h = layer(h)
+        outputs.append(keras.Model(sub_in, h, name=f"network_{k}")(x))
+    out = keras.layers.Average(name="ensemble_average", dtype="float32")(outputs)
+    return keras.Model(inp, out, name="cnncodes_ensemble")
+
+
+def _fine_tune_one(manifest: Manifest, spec: BackboneSpec, cfg: FineTuneConfig, workdir: str | Path,
+                   resize: str, progress: Callable[[int, int], None] | None, stop_after_epochs: int | None,
+                   strategy) -> FineTuneResult:
     keras = tf_runtime.keras()
     t0 = time.perf_counter()
     workdir = Path(workdir)
@@ -183,7 +247,7 @@ def fine_tune(manifest: Manifest, spec: BackboneSpec, cfg: FineTuneConfig, workd
     total_epochs = sum(p[2] for p in phases)
     history: list[dict[str, Any]] = []
     phase_info, resumed, offset, budget = [], {}, 0, stop_after_epochs
-    stopped_early = False
+    stopped_early, this_call = False, 0
     for phase, freeze, epochs in phases:
         done_marker = workdir / f"phase-{phase}.done.json"
         weights_after = workdir / f"phase-{phase}.weights.h5"
@@ -250,12 +314,13 @@ def fine_tune(manifest: Manifest, spec: BackboneSpec, cfg: FineTuneConfig, workd
                  "epoch_seconds": seconds[i] if i < len(seconds) else None,
                  "epoch_cpu_seconds": cpu[i] if i < len(cpu) else None} for i in range(ran)]
         history += rows
+        this_call += ran
         if budget is not None:
             budget -= ran
             if run_epochs < epochs and (start_epoch + ran) >= run_epochs:
                 # stopped on request before the phase ended: leave the backup for a resume
                 return FineTuneResult("", history, phase_info, before, skips.as_list(),
-                                      time.perf_counter() - t0, resumed)
+                                      time.perf_counter() - t0, resumed, epochs_this_call=this_call)
         if phase == "finetune":
             stopped_early = (start_epoch + ran) < epochs
         info = {"phase": phase, "freeze": freeze, "epochs_run": start_epoch + ran, "epochs": epochs,
@@ -272,7 +337,7 @@ def fine_tune(manifest: Manifest, spec: BackboneSpec, cfg: FineTuneConfig, workd
     _write_history(workdir, history)
     return FineTuneResult(str(model_path), history, phase_info, net.counts(), skips.as_list(),
                           time.perf_counter() - t0, resumed, stopped_early, net.size, spec.precision,
-                          strategy.num_replicas_in_sync if strategy else 1)
+                          strategy.num_replicas_in_sync if strategy else 1, this_call)
 
 
 def _write_history(workdir: Path, history: list[dict[str, Any]]) -> None:
