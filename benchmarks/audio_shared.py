@@ -12,6 +12,9 @@ three speakers' 1,500 in train (``group`` is the speaker), then:
   40-band log-mel spectrogram, 25 ms windows, 10 ms hop), their mean and standard deviation over time
   (40 values per recording), ``StandardScaler`` + ``LogisticRegression`` (C = 1, not tuned).
 
+When the fine-tuned model is an ensemble (``--ensemble N``), each of its networks is also scored on its own
+(``network_accuracies``), on the same spectrograms.
+
 With ``--without SPEAKER`` that speaker's recordings are never loaded (a development world for choosing
 settings). With ``--finetune VAL:TEST``: one run with fine-tuning forced (``--case 3``), speaker VAL as the val split
 (early stopping, checkpoint choice) and TEST held out, added to the results file as ``fine_tuned``.
@@ -110,6 +113,32 @@ def run_transfer(csv_path: Path, out: str, keras_home: Path, extra: list[str]) -
     return json.loads(proc.stdout.strip().splitlines()[-1]), time.perf_counter() - t
 
 
+def network_accuracies(r: dict, data: Path, rows: list[tuple[str, str, str]], held: str) -> list[float] | None:
+    """Each network's own accuracy on the held-out speaker when the fine-tuned model of transfer's result ``r``
+    is an ensemble (``--ensemble N``): the registered model's nested ``network_K`` outputs, on the same
+    spectrograms; None without one."""
+    if not r.get("finetuned"):
+        return None
+    from storage import ModelRegistry
+    from tasks.backbones import BackboneSpec
+    from tasks.data.inputs import input_loader
+    from tasks.finetune import load_finetuned
+
+    path, record = ModelRegistry(r["registry"]).load(r["finetuned"]["name"], r["finetuned"]["version"])
+    model = load_finetuned(path)
+    nets = [layer for layer in model.layers if layer.name.startswith("network_")]
+    if not nets:
+        return None
+    meta = record.metadata
+    load = input_loader("audio", int(meta["input_size"]), meta.get("resize") or "stretch",
+                        spectrogram=BackboneSpec.model_validate(meta["spec"]).spectrogram)
+    test = [(rel, digit) for rel, digit, speaker in rows if speaker == held]
+    x = np.stack([load(str(data / rel)) for rel, _ in test]).astype(np.float32)
+    y = np.array([list(meta["class_names"]).index(digit) for _, digit in test])
+    x = np.asarray(model.get_layer("preprocess")(x))  # the networks share the model's preprocessing layer
+    return [round(float(np.mean(np.argmax(n.predict(x, batch_size=100, verbose=0), 1) == y)), 4) for n in nets]
+
+
 def mfcc_features(paths: list[str], sample_rate: int = 8000) -> np.ndarray:
     """20 MFCCs per 25 ms window (10 ms hop) of a 40-band log-mel spectrogram; mean and std over time."""
     import tensorflow as tf
@@ -183,7 +212,9 @@ def main() -> int:
                 "images": {split: m["images"] for split, m in r["champion"]["metrics"].items()},
                 "mfcc_accuracy": baseline[held], "seconds": round(seconds, 1),
                 # both models' accuracies per split and which one the gate promoted (cases 3 and 4)
-                "promoted": r["gate"]["promoted"], "accuracies": r["gate"]["accuracies"]}
+                "promoted": r["gate"]["promoted"], "accuracies": r["gate"]["accuracies"],
+                # an ensemble's networks, each on its own (on the same test spectrograms)
+                "network_accuracies": network_accuracies(r, data, rows, held)}
             print(f"held out {held}: transfer {runs[held]['accuracy'].get('test')}, mfcc {baseline[held]:.3f}",
                   file=sys.stderr)
     tests = [v["accuracy"]["test"] for v in runs.values()]
