@@ -13,7 +13,8 @@ three speakers' 1,500 in train (``group`` is the speaker), then:
   (40 values per recording), ``StandardScaler`` + ``LogisticRegression`` (C = 1, not tuned).
 
 When the fine-tuned model is an ensemble (``--ensemble N``), each of its networks is also scored on its own
-(``network_accuracies``), on the same spectrograms.
+(``network_accuracies``: ``each``, and ``first_k``, the ensembles of the first k networks), on the same
+spectrograms.
 
 With ``--without SPEAKER`` that speaker's recordings are never loaded (a development world for choosing
 settings). With ``--finetune VAL:TEST``: one run with fine-tuning forced (``--case 3``), speaker VAL as the val split
@@ -113,10 +114,11 @@ def run_transfer(csv_path: Path, out: str, keras_home: Path, extra: list[str]) -
     return json.loads(proc.stdout.strip().splitlines()[-1]), time.perf_counter() - t
 
 
-def network_accuracies(r: dict, data: Path, rows: list[tuple[str, str, str]], held: str) -> list[float] | None:
+def network_accuracies(r: dict, data: Path, rows: list[tuple[str, str, str]], held: str) -> dict | None:
     """Each network's own accuracy on the held-out speaker when the fine-tuned model of transfer's result ``r``
     is an ensemble (``--ensemble N``): the registered model's nested ``network_K`` outputs, on the same
-    spectrograms; None without one."""
+    spectrograms (``each``), and the accuracy of the ensemble of the first k of them (``first_k``); None
+    without one."""
     if not r.get("finetuned"):
         return None
     from storage import ModelRegistry
@@ -136,7 +138,11 @@ def network_accuracies(r: dict, data: Path, rows: list[tuple[str, str, str]], he
     x = np.stack([load(str(data / rel)) for rel, _ in test]).astype(np.float32)
     y = np.array([list(meta["class_names"]).index(digit) for _, digit in test])
     x = np.asarray(model.get_layer("preprocess")(x))  # the networks share the model's preprocessing layer
-    return [round(float(np.mean(np.argmax(n.predict(x, batch_size=100, verbose=0), 1) == y)), 4) for n in nets]
+    probs = [n.predict(x, batch_size=100, verbose=0) for n in nets]
+    return {"each": [round(float(np.mean(np.argmax(p, 1) == y)), 4) for p in probs],
+            # the ensemble of the first k networks, k = 1 .. N (the last is the registered model)
+            "first_k": [round(float(np.mean(np.argmax(np.mean(probs[:k], axis=0), 1) == y)), 4)
+                        for k in range(1, len(probs) + 1)]}
 
 
 def mfcc_features(paths: list[str], sample_rate: int = 8000) -> np.ndarray:

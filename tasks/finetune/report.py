@@ -57,8 +57,8 @@ def evaluate_register_report(trained: dict[str, Any], manifest: Manifest, spec: 
               f"schedule {cfg.schedule}; augmentation: {', '.join(augmentations_for(cfg, manifest.media)) or 'none'}",
               "- kept: the last epoch (monitor none: no checkpoint choice, no early stopping)" if cfg.monitor == "none"
               else f"- kept: the best epoch by {cfg.monitor} (early stopping patience {cfg.patience})",
-              *([f"- ensemble: {cfg.ensemble} networks (seeds {cfg.seed} to {cfg.seed + cfg.ensemble - 1}), their class "
-                 "probabilities averaged"] if cfg.ensemble > 1 else []),
+              *([f"- ensemble: {cfg.ensemble} networks (seeds {cfg.seed} to {cfg.seed + cfg.ensemble - 1}), "
+                 "their class probabilities averaged"] if cfg.ensemble > 1 else []),
               f"- trained in {trained['seconds']:.1f} s" + (", stopped early" if trained.get("stopped_early") else "")
               + (f"; resumed from epoch {trained['resumed_from_epoch']}" if trained.get("resumed_from_epoch") else ""),
               "", "## Phases", "", "| phase | frozen | epochs run | trainable layers | frozen layers | trainable params |",

@@ -176,7 +176,8 @@ def fine_tune(manifest: Manifest, spec: BackboneSpec, cfg: FineTuneConfig, workd
     last = done[-1]
     return FineTuneResult(str(model_path), history, [p for d in done for p in d.phases], last.counts,
                           last.skipped, time.perf_counter() - t0,
-                          {f"network-{k}:{p}": e for k, d in enumerate(done, 1) for p, e in d.resumed_from_epoch.items()},
+                          {f"network-{k}:{p}": e for k, d in enumerate(done, 1)
+                           for p, e in d.resumed_from_epoch.items()},
                           any(d.stopped_early for d in done), last.input_size, last.precision, last.devices)
 
 
