@@ -154,14 +154,20 @@ def test_retrain_a_fine_tuned_lineage(tmp_path, texture_data):
     with prefect_test_harness(server_startup_timeout=90):
         output = Output(out=out, registry=reg)
         fine_tune(str(texture_data), BackboneSpec(name=str(model), weights="file", preprocessing="scale01"),
-                  FineTuneConfig(dense=[8], dropout=0.0, epochs=1, augment=[], batch_size=8), model_name="ft",
-                  output=output)
+                  FineTuneConfig(dense=[8], dropout=0.0, epochs=1, augment=[], batch_size=8, ensemble=2),
+                  model_name="ft", output=output)
         same = retrain(str(texture_data), "ft", output)
         assert same["retrained"] is False
         forced = retrain(str(texture_data), "ft", output, force=True)
     assert forced["retrained"] and forced["challenger"] == 2 and forced["extracted"] is None
     r = ModelRegistry(reg)
     assert r.versions("ft") == [1, 2] and r.record("ft", 2).metadata["config"]["dense"] == [8]
+    # an ensemble lineage retrains as an ensemble: one model file holding both networks
+    assert r.record("ft", 2).metadata["config"]["ensemble"] == 2
+    from tasks.finetune import load_finetuned
+
+    layers = [layer.name for layer in load_finetuned(r.load("ft", 2)[0]).layers]
+    assert layers[-3:] == ["network_1", "network_2", "ensemble_average"]
     assert r.aliases("ft")["champion"] == forced["champion"] and r.history("ft")[-1]["challenger"] == 2
 
 
