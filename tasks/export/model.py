@@ -158,13 +158,14 @@ def _build_probe(registry: str | Path, record: ModelRecord) -> Built:
 
 def _build_finetuned(registry: str | Path, record: ModelRecord) -> Built:
     from ..finetune import load_finetuned
+    from ..finetune.network import preprocess_positions
 
     keras = tf_runtime.keras()
     meta = record.metadata
     path, record = ModelRegistry(registry).load(record.name, record.version)  # checks the file's sha256
     original = load_finetuned(path)
     layers = original.layers
-    idx = [i for i, layer in enumerate(layers) if type(layer).__name__ == "Preprocess"]
+    idx = preprocess_positions(original)
     if len(idx) != 1:
         raise ExportError(f"the network of {record.name} v{record.version} has {len(idx)} preprocessing layers "
                           "where cnncodes' fine-tuning puts one; it is not a model export knows.")

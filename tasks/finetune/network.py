@@ -89,6 +89,11 @@ def keras_pieces() -> dict[str, Any]:
     return _KERAS_PIECES
 
 
+def preprocess_positions(model) -> list[int]:
+    """Where ``model.layers`` holds cnncodes' ``Preprocess`` layer (a fine-tuned network has it once)."""
+    return [i for i, layer in enumerate(model.layers) if type(layer).__name__ == "Preprocess"]
+
+
 @dataclass
 class Network:
     """The assembled classifier and what is frozen in it."""

@@ -42,7 +42,7 @@ from .resume import best_prior, maximised, prior_values, resumable_early_stoppin
 from .config import FineTuneConfig
 from ..data.inputs import input_loader
 from .data import SkipLog, augmentation, make_dataset, split_arrays
-from .network import apply_freezing, build_network, make_optimizer
+from .network import apply_freezing, build_network, make_optimizer, preprocess_positions
 
 
 # --------------------------------------------------------------------------- training
@@ -189,7 +189,7 @@ def ensemble_model(paths: list[str]):
 
     keras = tf_runtime.keras()
     members = [load_finetuned(p) for p in paths]
-    cut = [next(i for i, layer in enumerate(m.layers) if type(layer).__name__ == "Preprocess") for m in members]
+    cut = [preprocess_positions(m)[0] for m in members]
     inp = keras.Input(members[0].input_shape[1:], name="image")
     x = members[0].layers[cut[0]](inp)
     outputs = []
