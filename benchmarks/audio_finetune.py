@@ -13,7 +13,11 @@ Variants (``--variants``), all on the same images and schedule (Adam, cosine dec
 * ``warp``: ``base`` plus a random frequency warp per image: the rows scaled by a factor in [1 - w, 1 + w]
   about the bottom row (0 Hz), what a different vocal tract length does to formants (VTLP);
 * ``mixup``: ``base`` plus mixup (pairs of images and their labels mixed, Beta(0.2, 0.2));
-* ``warp+mixup``: both.
+* ``warp+mixup``: both;
+* ``lpft``: ``base``, but the new head first trains alone for ``--head-epochs`` epochs (backbone frozen,
+  BatchNormalization on its moving statistics, Adam at 1e-3), the linear probe before the fine-tuning of
+  LP-FT (Kumar et al., 2022: fine-tuning from a trained head distorts the pretrained features less, and
+  generalises better off the training distribution); the flow's ``--head-epochs``.
 
 Protocol, in one run:
 
@@ -47,7 +51,7 @@ sys.path.insert(0, str(ROOT))
 from audio_shared import DEV_WORLD, RECIPE, SPEAKERS, recordings, shared_inputs  # noqa: E402  the same dataset's listing
 from report import emit  # noqa: E402  benchmarks/ is the script's folder
 
-VARIANTS = ("base", "warp", "mixup", "warp+mixup")
+VARIANTS = ("base", "warp", "mixup", "warp+mixup", "lpft")
 
 
 def images(data: Path, size: int, cache: Path) -> dict[str, dict[str, np.ndarray]]:
@@ -133,7 +137,6 @@ def fine_tune(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.n
     model = keras.Model(inp, out)
     steps = int(np.ceil(len(train[0]) / args.batch)) * args.epochs
     lr = keras.optimizers.schedules.CosineDecay(args.lr, steps)
-    model.compile(keras.optimizers.Adam(lr), "categorical_crossentropy", metrics=["accuracy"])
 
     x, y = train
     ds = tf.data.Dataset.from_tensor_slices((x, tf.one_hot(y, 10)))
@@ -151,6 +154,12 @@ def fine_tune(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.n
                 accs.append(round(float(np.mean(p.argmax(1) == yt)), 4))
 
     t = time.perf_counter()
+    if variant == "lpft":  # the head alone first (the flow's --head-epochs: Adam at the head rate, constant)
+        base.trainable = False
+        model.compile(keras.optimizers.Adam(1e-3), "categorical_crossentropy", metrics=["accuracy"])
+        model.fit(ds, epochs=args.head_epochs, verbose=0)
+        base.trainable = True
+    model.compile(keras.optimizers.Adam(lr), "categorical_crossentropy", metrics=["accuracy"])
     model.fit(ds, epochs=args.epochs, verbose=0, callbacks=[Curve()])
     return {"accuracy": accs[-1], "curve": accs if curve else None, "seconds": round(time.perf_counter() - t, 1),
             "train_images": int(len(x)), "probs": last["probs"]}
@@ -193,6 +202,7 @@ def main() -> int:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--dropout", type=float, default=0.3)
     ap.add_argument("--warp", type=float, default=0.15)
+    ap.add_argument("--head-epochs", type=int, default=5, help="variant lpft: epochs of the head alone first")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--seeds", type=int, default=1, help="networks per run, seeds --seed, --seed + 1, ...; with "
                                                          "more than one, their averaged probabilities are scored too")

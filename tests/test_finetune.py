@@ -173,6 +173,40 @@ def test_monitor_none_trains_every_epoch_without_a_val_split_and_keeps_the_last(
         FineTuneConfig(monitor="none", schedule="plateau")
 
 
+def test_mixup_mixes_each_image_and_its_label_by_the_same_weight_and_partner():
+    import tensorflow as tf
+
+    from tasks.finetune.data import mixup_batch
+
+    n = 16  # image i is all i, label i is class i: a mixed image's value must be its label's mean class
+    x = np.arange(n, dtype=np.float32)[:, None, None, None] * np.ones((n, 3, 3, 3), np.float32)
+    y = np.eye(n, dtype=np.float32)
+    mx, my = (t.numpy() for t in mixup_batch(x, y, tf.constant([3, 4], tf.int64), 0.4))
+    assert np.allclose(my.sum(1), 1.0) and (my >= 0).all() and (np.count_nonzero(my > 1e-6, axis=1) <= 2).all()
+    assert np.allclose(mx[:, 0, 0, 0], my @ np.arange(n), atol=1e-4)
+    assert np.allclose(mx, mx[:, :1, :1, :1])  # each image mixed as a whole
+    assert 0 < np.mean(my.max(1) < 0.99) < 1  # some mixed, some nearly not: Beta(0.4, 0.4) is U-shaped
+    again = mixup_batch(x, y, tf.constant([3, 4], tf.int64), 0.4)[1].numpy()
+    other = mixup_batch(x, y, tf.constant([5, 4], tf.int64), 0.4)[1].numpy()
+    assert np.array_equal(again, my) and not np.allclose(other, my)  # the seed decides the mixing
+    with pytest.raises(ParameterError, match="mixup"):
+        FineTuneConfig(mixup=-0.1)
+
+
+def test_fine_tuning_with_mixup_trains_on_mixed_labels_and_still_validates_and_predicts(tmp_path, texture_data,
+                                                                                        small_cnn):
+    from tasks.finetune import load_finetuned
+
+    m = scan_dataset(texture_data)
+    cfg = FineTuneConfig(**dict(SMALL, epochs=2, head_epochs=1, mixup=0.2, augment=["flip"], learning_rate=0.05))
+    res = fine_tune(m, _spec(small_cnn), cfg, tmp_path / "run")
+    assert [h["phase"] for h in res.history] == ["head", "finetune", "finetune"]
+    assert all(0.0 <= h["val_accuracy"] <= 1.0 and np.isfinite(h["loss"]) for h in res.history)
+    model = load_finetuned(res.model_path)
+    probs = model.predict(np.zeros((2, res.input_size, res.input_size, 3), np.float32), verbose=0)
+    assert probs.shape == (2, len(m.class_names)) and np.allclose(probs.sum(1), 1.0, atol=1e-5)
+
+
 def test_an_ensemble_trains_each_network_with_its_seed_resumes_and_averages_their_probabilities(
         tmp_path, texture_data, small_cnn):
     from tasks.finetune import load_finetuned

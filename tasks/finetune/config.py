@@ -46,6 +46,8 @@ class FineTuneConfig(Settings):
     augment: tuple[Literal[AUGMENTATIONS], ...] = Field(("flip", "rotation", "zoom"),
                                                        description="Keras preprocessing layers, training only")
     augment_strength: float = Field(0.1, description="strength of rotation, zoom, translation and contrast")
+    mixup: float = Field(0.0, description="mixup: each training image and its label mixed with another of the "
+                                          "batch, by a weight drawn from Beta(mixup, mixup) (0.2 is usual); 0: off")
     monitor: Literal["val_accuracy", "val_loss", "accuracy", "loss", "none"] = Field(
         "val_accuracy", description="metric for checkpoints and early stopping; 'none': train exactly `epochs` "
                                     "epochs and keep the last (no selection step, no val split needed)")
@@ -88,6 +90,8 @@ class FineTuneConfig(Settings):
                 bad(name, "a positive integer")
         if self.head_epochs < 0:
             bad("head_epochs", "an integer >= 0")
+        if not self.mixup >= 0:
+            bad("mixup", "a number >= 0 (0: off)")
         if self.schedule == "plateau" and self.monitor == "none":
             raise ParameterError("schedule 'plateau' lowers the rate when the monitored metric stops improving; "
                                  "with monitor 'none' there is none: choose a monitor, or schedule cosine or step.")

@@ -57,14 +57,17 @@ def pipeline_options():
 
 def make_dataset(paths: Sequence[str], labels: np.ndarray, rel: Sequence[str], size: int, resize: str,
                  batch_size: int, skips: SkipLog, *, training: bool, augment=None, seed: int = 0,
-                 cache: str | None = "", load=None):
+                 cache: str | None = "", load=None, mixup: float = 0.0, n_classes: int = 0):
     """``tf.data`` pipeline of (uint8 image, label) batches: decode with the project's decoder
     (bad files dropped and logged), cache, shuffle and augment when training, prefetch two batches;
     fixed parallelism, no autotuning (:func:`pipeline_options`).
 
     With a cache (``cache`` not None; ``""``: in memory) the images are decoded here, before the
     dataset is returned, and its ``cardinality()`` is the number of batches. ``load`` (``path -> uint8
-    array``, :func:`tasks.data.inputs.input_loader`) replaces the image decoder: sound is drawn as spectrograms."""
+    array``, :func:`tasks.data.inputs.input_loader`) replaces the image decoder: sound is drawn as spectrograms.
+
+    With ``n_classes`` the labels are one-hot rows (for a categorical loss), and with ``mixup`` > 0 as well, each
+    training batch is mixed after augmentation (:func:`mixup_batch`); the image dtype is then float32."""
     tf = tf_runtime.tensorflow()
     rel_of = dict(zip(paths, rel))
     read = load if load is not None else (lambda path: load_image(path, size, resize))
@@ -108,7 +111,31 @@ def make_dataset(paths: Sequence[str], labels: np.ndarray, rel: Sequence[str], s
     if training and augment is not None:
         # every epoch, beside training: half the cores, so that it does not starve the training step
         ds = ds.map(augmented, num_parallel_calls=parallel_calls(0.5))
+    if n_classes:
+        ds = ds.map(lambda x, y: (x, tf.one_hot(y, n_classes)))
+    if training and mixup > 0:
+        if not n_classes:
+            raise ValueError("mixup mixes labels: give n_classes for one-hot labels")
+        # one stateless seed pair per batch, drawn anew every epoch: the same mixing for the same seed
+        seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+        ds = tf.data.Dataset.zip((ds, seeds)).map(lambda batch, s: mixup_batch(*batch, s, mixup))
     return ds.prefetch(2).with_options(pipeline_options())
+
+
+def mixup_batch(x, y, seed, alpha: float):
+    """mixup (Zhang et al., 2018): image ``i`` of the batch becomes ``lam_i * x_i + (1 - lam_i) * x_j`` and its
+    one-hot label likewise, ``j`` a random permutation of the batch and ``lam_i ~ Beta(alpha, alpha)`` (as the
+    ratio of two gamma draws); ``seed`` is a stateless seed pair."""
+    tf = tf_runtime.tensorflow()
+    x = tf.cast(x, tf.float32)
+    n = tf.shape(x)[0]
+    seed = tf.cast(seed, tf.int64)
+    u = tf.random.stateless_gamma([n], seed=seed, alpha=alpha)
+    v = tf.random.stateless_gamma([n], seed=seed + 1, alpha=alpha)
+    lam = u / (u + v + 1e-12)
+    perm = tf.argsort(tf.random.stateless_uniform([n], seed=seed + 2))
+    lx, ly = tf.reshape(lam, [-1, 1, 1, 1]), tf.reshape(lam, [-1, 1])
+    return lx * x + (1.0 - lx) * tf.gather(x, perm), ly * y + (1.0 - ly) * tf.gather(y, perm)
 
 
 IMAGE_ONLY = ("flip", "rotation", "zoom")  # they move frequencies of a spectrogram: never applied to sound

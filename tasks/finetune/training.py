@@ -232,10 +232,12 @@ def _fine_tune_one(manifest: Manifest, spec: BackboneSpec, cfg: FineTuneConfig, 
         net = build_network(spec, n_classes, cfg)
     skips = SkipLog()
     load = input_loader(manifest.media, net.size, resize, spectrogram=spec.spectrogram)
+    one_hot = n_classes if cfg.mixup else 0  # mixed labels are rows of class weights: a categorical loss
     train_ds = make_dataset(tr_paths, tr_labels, tr_rel, net.size, resize, cfg.batch_size, skips, training=True,
-                            augment=augmentation(cfg, manifest.media), seed=cfg.seed, load=load)
+                            augment=augmentation(cfg, manifest.media), seed=cfg.seed, load=load, mixup=cfg.mixup,
+                            n_classes=one_hot)
     val_ds = make_dataset(va_paths, va_labels, va_rel, net.size, resize, cfg.batch_size, skips, training=False,
-                          load=load) if va_paths else None
+                          load=load, n_classes=one_hot) if va_paths else None
     # batches of the images that decoded (make_dataset decodes them now, into its cache)
     known = int(train_ds.cardinality()) >= 0
     steps = int(train_ds.cardinality()) if known else max(1, int(np.ceil(len(tr_paths) / cfg.batch_size)))
@@ -266,7 +268,8 @@ def _fine_tune_one(manifest: Manifest, spec: BackboneSpec, cfg: FineTuneConfig, 
                 opt.set_head_variables(net.head_variables())
             if spec.precision == "float16":  # float16 gradients underflow without dynamic loss scaling
                 opt = keras.optimizers.LossScaleOptimizer(opt)
-            net.model.compile(optimizer=opt, loss="sparse_categorical_crossentropy", metrics=["accuracy"],
+            loss = "categorical_crossentropy" if one_hot else "sparse_categorical_crossentropy"
+            net.model.compile(optimizer=opt, loss=loss, metrics=["accuracy"],
                               jit_compile=bool(cfg.xla))
         backup = workdir / f"backup-{phase}"
         with scope():
