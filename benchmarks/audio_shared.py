@@ -182,6 +182,18 @@ def mfcc_baseline(data: Path, rows: list[tuple[str, str, str]]) -> dict[str, flo
     return out
 
 
+def summary(runs: dict, baseline: dict, extra: list[str], without: str) -> dict:
+    tests = [v["accuracy"]["test"] for v in runs.values()]
+    return {
+        "dataset": "fsdd", "command": " ".join(["cnncodes", TRANSFER[0], "fsdd-test-SPEAKER.csv", *TRANSFER[1:],
+                                                  *extra]),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores (shared), no GPU",
+        "runs": runs, "mfcc": baseline, "without": without or None,
+        "mean_test": float(np.mean(tests)), "min_test": float(np.min(tests)),
+        "mean_mfcc": float(np.mean([baseline[s] for s in runs])),
+    }
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", default=None)
@@ -223,15 +235,10 @@ def main() -> int:
                 "network_accuracies": network_accuracies(r, data, rows, held)}
             print(f"held out {held}: transfer {runs[held]['accuracy'].get('test')}, mfcc {baseline[held]:.3f}",
                   file=sys.stderr)
-    tests = [v["accuracy"]["test"] for v in runs.values()]
-    results = {
-        "dataset": "fsdd", "command": " ".join(["cnncodes", TRANSFER[0], "fsdd-test-SPEAKER.csv", *TRANSFER[1:],
-                                                  *extra]),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores (shared), no GPU",
-        "runs": runs, "mfcc": baseline, "without": args.without or None,
-        "mean_test": float(np.mean(tests)), "min_test": float(np.min(tests)),
-        "mean_mfcc": float(np.mean([baseline[s] for s in runs])),
-    }
+            if args.json:  # the speakers so far, in case the run is stopped before the last
+                so_far = summary(runs, baseline, extra, args.without)
+                Path(args.json).write_text(json.dumps(so_far, indent=1, default=float))
+    results = summary(runs, baseline, extra, args.without)
     emit(results, args.json)
     return 0
 
