@@ -233,7 +233,7 @@ def test_tflite_float32_and_int8_agree_with_predict(registry):
     from tasks.export import export_model
     from tasks.settings import ExportOptions
 
-    for name in ("svm", "tuned"):
+    for name in ("svm", "tuned", "tuned-ensemble"):
         out = registry["tmp"] / "tflite" / name
         export_model(registry["registry"], name, None, out, ExportOptions(format="tflite", int8=(name == "svm")))
         images, expected, _ = _images_and_expected(registry["predictions"][name])
@@ -263,7 +263,8 @@ def test_exports_load_in_a_python_without_cnncodes(registry, tmp_path):
     from tasks.settings import ExportOptions
 
     exports = {}
-    for fmt, name in (("keras", "pca"), ("savedmodel", "svm"), ("tflite", "binary"), ("keras", "tuned")):
+    for fmt, name in (("keras", "pca"), ("savedmodel", "svm"), ("tflite", "binary"), ("keras", "tuned"),
+                      ("savedmodel", "tuned-ensemble")):
         out = tmp_path / f"{fmt}-{name}"
         export_model(registry["registry"], name, None, out, ExportOptions(format=fmt))
         images, expected, _ = _images_and_expected(registry["predictions"][name])
@@ -306,7 +307,7 @@ def test_exports_load_in_a_python_without_cnncodes(registry, tmp_path):
     assert res.pop("modules") == []
     for stem, diff in res.items():
         assert diff <= (1e-3 if stem.startswith("tflite") else 1e-4), (stem, diff)
-    assert len(res) == 4
+    assert sorted(res) == sorted(exports)  # every export was loaded and scored
 
 
 def test_bad_requests_get_messages_that_say_what_to_do(registry, tmp_path):
