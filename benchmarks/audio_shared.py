@@ -43,7 +43,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT))
-from report import emit  # noqa: E402  benchmarks/ is the script's folder
+from report import emit, save  # noqa: E402  benchmarks/ is the script's folder
 
 SHARED = ROOT.parent / "shared"
 SPEAKERS = ("george", "jackson", "lucas", "nicolas")
@@ -235,9 +235,7 @@ def main() -> int:
                 "network_accuracies": network_accuracies(r, data, rows, held)}
             print(f"held out {held}: transfer {runs[held]['accuracy'].get('test')}, mfcc {baseline[held]:.3f}",
                   file=sys.stderr)
-            if args.json:  # the speakers so far, in case the run is stopped before the last
-                so_far = summary(runs, baseline, extra, args.without)
-                Path(args.json).write_text(json.dumps(so_far, indent=1, default=float))
+            save(summary(runs, baseline, extra, args.without), args.json)  # the speakers so far, if stopped
     results = summary(runs, baseline, extra, args.without)
     emit(results, args.json)
     return 0
