@@ -175,8 +175,16 @@ def fine_tune(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.n
         base.trainable = True
     model.compile(keras.optimizers.Adam(lr), "categorical_crossentropy", metrics=["accuracy"])
     model.fit(ds, epochs=args.epochs, verbose=0, callbacks=[Curve()])
-    return {"accuracy": accs[-1], "curve": accs if curve else None, "seconds": round(time.perf_counter() - t, 1),
-            "train_images": int(len(x)), "probs": last["probs"]}
+    out = {"accuracy": accs[-1], "curve": accs if curve else None, "seconds": round(time.perf_counter() - t, 1),
+           "train_images": int(len(x)), "probs": last["probs"]}
+    if args.adapt_bn:  # AdaBN: every BatchNormalization's statistics re-estimated on the held-out voice, no label
+        bns = [la for la in base.layers if isinstance(la, keras.layers.BatchNormalization)]
+        for la in bns:
+            la.momentum = 0.0  # the moving statistics become this one batch's: the whole held-out speaker
+        model(tf.cast(xt, tf.float32), training=True)
+        p = out["adapted_probs"] = model.predict(xt, batch_size=100, verbose=0)
+        out["adapted_accuracy"] = round(float(np.mean(p.argmax(1) == yt)), 4)
+    return out
 
 
 def world(arrays, speakers, variants, args, curve: bool, held_out=None) -> dict:
@@ -191,21 +199,27 @@ def world(arrays, speakers, variants, args, curve: bool, held_out=None) -> dict:
             runs = []
             for seed in range(args.seed, args.seed + args.seeds):
                 r = fine_tune((tx, ty), (arrays[held]["x"], arrays[held]["y"]), v, args, curve, seed)
-                print(f"  {held:8s} {v:11s} seed {seed} {r['accuracy']:.3f}  ({r['seconds']} s) {r['curve'] or ''}",
-                      file=sys.stderr)
+                adapted = f" adapted {r['adapted_accuracy']:.3f}" if args.adapt_bn else ""
+                print(f"  {held:8s} {v:11s} seed {seed} {r['accuracy']:.3f}{adapted}  ({r['seconds']} s) "
+                      f"{r['curve'] or ''}", file=sys.stderr)
                 runs.append(r)
-            r = {k: val for k, val in runs[0].items() if k != "probs"}
-            if args.seeds > 1:  # the networks' probabilities averaged: an ensemble of the seeds
-                mean = np.mean([run["probs"] for run in runs], axis=0)
-                r["seed_accuracies"] = [run["accuracy"] for run in runs]
-                r["ensemble_accuracy"] = round(float(np.mean(mean.argmax(1) == arrays[held]["y"])), 4)
-                print(f"  {held:8s} {v:11s} ensemble of {args.seeds}: {r['ensemble_accuracy']:.3f}", file=sys.stderr)
+            r = {k: val for k, val in runs[0].items() if not k.endswith("probs")}
+            for pre in ("", "adapted_") if args.adapt_bn else ("",):
+                if args.seeds > 1:  # the networks' probabilities averaged: an ensemble of the seeds
+                    mean = np.mean([run[pre + "probs"] for run in runs], axis=0)
+                    r[pre + "seed_accuracies"] = [run[pre + "accuracy"] for run in runs]
+                    r[pre + "ensemble_accuracy"] = round(float(np.mean(mean.argmax(1) == arrays[held]["y"])), 4)
+                    print(f"  {held:8s} {v:11s} {pre}ensemble of {args.seeds}: {r[pre + 'ensemble_accuracy']:.3f}",
+                          file=sys.stderr)
             out.setdefault(v, {})[held] = r
     for v in variants:
-        out[v]["mean"] = round(float(np.mean([out[v][h]["accuracy"] for h in held_out])), 4)
-        if args.seeds > 1:
-            out[v]["mean_ensemble"] = round(float(np.mean([out[v][h]["ensemble_accuracy"] for h in held_out])), 4)
-            out[v]["mean_of_seeds"] = round(float(np.mean([out[v][h]["seed_accuracies"] for h in held_out])), 4)
+        for pre in ("", "adapted_") if args.adapt_bn else ("",):
+            out[v][pre + "mean"] = round(float(np.mean([out[v][h][pre + "accuracy"] for h in held_out])), 4)
+            if args.seeds > 1:
+                out[v][pre + "mean_ensemble"] = round(float(np.mean([out[v][h][pre + "ensemble_accuracy"]
+                                                                     for h in held_out])), 4)
+                out[v][pre + "mean_of_seeds"] = round(float(np.mean([out[v][h][pre + "seed_accuracies"]
+                                                                     for h in held_out])), 4)
     return out
 
 
@@ -225,6 +239,9 @@ def main() -> int:
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--normalise", choices=("none", "speaker"), default="none",
                     help="speaker: per-speaker mean normalisation of every mel band before drawing")
+    ap.add_argument("--adapt-bn", action="store_true",
+                    help="also score each network after AdaBN: BatchNormalization statistics re-estimated on the "
+                         "held-out speaker's images (no label)")
     ap.add_argument("--final-speakers", default=",".join(SPEAKERS), help="held-out speakers of the final world")
     ap.add_argument("--no-develop", action="store_true")
     ap.add_argument("--final", default="", help="variant for the final world (default: the development's choice)")
