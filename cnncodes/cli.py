@@ -159,6 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None,
                    help="predictions file, .csv or .parquet (default: OUT/predictions/<model>.csv)")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: %(default)s)")
+    p.add_argument("--group-by", default=None, metavar="REGEX",
+                   help="a model trained with --adapt-batchnorm adapts to each group of files (the regular "
+                        "expression's first capture group in a file name, e.g. '^\\d+_([a-z]+)_' for a speaker) "
+                        "in turn; default: all files are one group")
 
     p = sub.add_parser("export", parents=[common, registry],
                        help="flow export: a registered model as one folder that serves without cnncodes (Keras, "
@@ -352,7 +356,7 @@ def cmd_predict(args) -> int:
     from flows.predict import predict
 
     r = predict(args.images, args.model, version=args.version, output=_output(args), predictions=args.output,
-                batch_size=args.batch_size)
+                batch_size=args.batch_size, group_by=args.group_by)
     text = [f"predictions: {r.predictions}",
             f"images: {r.images} ({r.reused} codes reused, {r.computed} computed, "
             f"{len(r.skipped)} skipped) with {r.model} v{r.version}"]

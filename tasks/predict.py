@@ -9,6 +9,7 @@ image source, incremental like any store).
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 from pathlib import Path
 from typing import Any, Callable
@@ -21,11 +22,12 @@ from storage.errors import ParameterError
 from storage.manifest import Manifest
 
 from .backbones import BackboneSpec
-from .data.datasets import scan_images
+from .data.datasets import groups_from_names, scan_images
 from .reports.evaluate import scores_of
 from .extract import ExtractOptions, extract_to_store
 
 OUTPUT_SUFFIXES = (".csv", ".parquet")
+log = logging.getLogger(__name__)
 
 
 def prediction_store_path(train_store: str | Path, source: str | Path) -> Path:
@@ -47,12 +49,15 @@ def _spec_from(meta: dict[str, Any], store_prov: dict[str, Any]) -> BackboneSpec
 
 def predict_images(source: str | Path, registry: str | Path, name: str, version: int | str | None,
                    output: str | Path, options: ExtractOptions | None = None,
-                   progress: Callable[[int, int], None] | None = None, reuse: bool = True) -> dict[str, Any]:
+                   progress: Callable[[int, int], None] | None = None, reuse: bool = True,
+                   group_by: str | None = None) -> dict[str, Any]:
     """Predict every image of ``source`` with model ``name`` (``version``: number, alias or latest).
 
     Writes ``output`` (.csv or .parquet) with columns path, sha256, predicted, confidence and
     one ``p_<class>`` column per class; returns counts, skips and paths. ``reuse=False`` recomputes
-    every image's codes instead of reading those the training store holds."""
+    every image's codes instead of reading those the training store holds. A fine-tuned model trained with
+    ``adapt_batchnorm`` predicts each group after AdaBN on the group's own files: the groups are drawn from
+    file names by ``group_by`` (a regular expression, as ``extract --group-by``), else all files are one."""
     output = Path(output)
     if output.suffix.lower() not in OUTPUT_SUFFIXES:
         raise ParameterError(f"output must end in .csv or .parquet; got {output.name!r}.")
@@ -60,7 +65,7 @@ def predict_images(source: str | Path, registry: str | Path, name: str, version:
     record = reg.record(name, version)
     meta = record.metadata
     if meta.get("kind") == "fine-tuned":
-        return _predict_finetuned(source, reg, record, output, options)
+        return _predict_finetuned(source, reg, record, output, options, group_by)
     if meta.get("kind") != "linear-probe":
         raise ParameterError(f"model {record.name} v{record.version} is of kind {meta.get('kind')!r}, which "
                              "predict does not know; it serves linear probes and fine-tuned models.")
@@ -98,6 +103,9 @@ def predict_images(source: str | Path, registry: str | Path, name: str, version:
         skipped += [d for d in summary["skipped"] if d not in skipped]
         got = pfs.lookup(layer, pooling, [s.sha256 for s in missing])
         codes.update(got)
+    if group_by:
+        log.warning("--group-by %r does nothing for a linear probe (model %s v%s): only fine-tuned models trained "
+                    "with --adapt-batchnorm predict group by group", group_by, record.name, record.version)
     usable = [s for s in manifest.samples if s.sha256 in codes]
     model, record = reg.load(record.name, record.version, expect={"feature_dim": int(meta["feature_dim"])})
     class_names = list(meta["class_names"])
@@ -141,10 +149,12 @@ def _write_table(df, output: Path) -> None:
             df.to_csv(tmp, index=False)
 
 
-def _predict_finetuned(source, reg: ModelRegistry, record, output: Path, options: ExtractOptions | None
-                       ) -> dict[str, Any]:
-    """A fine-tuned ``.keras`` model takes pixels: decode as in training, predict, write the table."""
+def _predict_finetuned(source, reg: ModelRegistry, record, output: Path, options: ExtractOptions | None,
+                       group_by: str | None = None) -> dict[str, Any]:
+    """A fine-tuned ``.keras`` model takes pixels: decode as in training, predict (group by group after AdaBN
+    when the model was trained with ``adapt_batchnorm``), write the table."""
     from .finetune import load_finetuned, predict_paths
+    from .finetune.evaluation import predict_paths_by_group
 
     meta = record.metadata
     path, record = reg.load(record.name, record.version)  # verifies the file's sha256 first
@@ -153,9 +163,19 @@ def _predict_finetuned(source, reg: ModelRegistry, record, output: Path, options
     class_names = list(meta["class_names"])
     spec = BackboneSpec.model_validate(meta["spec"])
     _check_media(manifest, meta.get("media") or "image", record)
-    probs, ok, skips = predict_paths(model, [manifest.abspath(s) for s in manifest.samples], int(meta["input_size"]),
-                                     meta.get("resize") or "stretch", (options or ExtractOptions()).batch_size,
-                                     manifest.media, spec.spectrogram)
+    paths = [manifest.abspath(s) for s in manifest.samples]
+    how = (int(meta["input_size"]), meta.get("resize") or "stretch", (options or ExtractOptions()).batch_size,
+           manifest.media, spec.spectrogram)
+    adaptation = None
+    if (meta.get("config") or {}).get("adapt_batchnorm"):
+        groups = groups_from_names(paths, group_by) if group_by and paths else {}
+        probs, ok, skips, adaptation = predict_paths_by_group(model, paths, [groups.get(p, "(all)") for p in paths],
+                                                              *how)
+    else:
+        if group_by:
+            log.warning("--group-by %r does nothing: model %s v%s was not trained with --adapt-batchnorm, so it "
+                        "predicts every file alike", group_by, record.name, record.version)
+        probs, ok, skips = predict_paths(model, paths, *how)
     usable = [manifest.samples[i] for i in ok]
     table = _table(manifest, usable, probs, class_names)
     _write_table(table, output)
@@ -163,7 +183,8 @@ def _predict_finetuned(source, reg: ModelRegistry, record, output: Path, options
     skipped += [{"path": s.path, "reason": s.reason} for s in skips]
     return {"predictions": str(output.resolve()), "images": len(usable), "reused": 0, "computed": len(usable),
             "skipped": skipped, "model": record.name, "version": record.version, "layer": None, "pooling": None,
-            "prediction_store": None, "class_counts": {c: int((table["predicted"] == c).sum()) for c in class_names}}
+            "prediction_store": None, "class_counts": {c: int((table["predicted"] == c).sum()) for c in class_names},
+            "adaptation": adaptation}
 
 
 def _check_media(manifest: Manifest, trained_on: str, record) -> None:

@@ -145,11 +145,11 @@ def sweep_layers(store: str, layers: list[str] | None, pooling: str | None, conf
 @task(name="predict-images", retries=1, retry_delay_seconds=5, retry_condition_fn=transient_only,
       cache_policy=NO_CACHE)
 def predict_images(source: str, registry: str, name: str, version: int | str | None, output: str,
-                   options: dict[str, Any] | None) -> dict:
+                   options: dict[str, Any] | None, group_by: str | None = None) -> dict:
     bar = Progress("extracting codes", unit="img", key="predict-codes")
     try:
-        result = predict.predict_images(source, registry, name, version, output,
-                                        extract.ExtractOptions.model_validate(options) if options else None, progress=bar)
+        opts = extract.ExtractOptions.model_validate(options) if options else None
+        result = predict.predict_images(source, registry, name, version, output, opts, progress=bar, group_by=group_by)
     finally:
         bar.close()
     create_table_artifact([{"class": c, "images": n} for c, n in result["class_counts"].items()],
@@ -264,7 +264,8 @@ def evaluate_champion(registry: str, name: str, version: int, kind: str, store: 
                                              rec.metadata.get("resize") or "stretch",
                                              int(rec.metadata["config"]["batch_size"]),
                                              outcomes_prefix=Path(report_dir) / f"{name}-v{version}",
-                                             spectrogram=BackboneSpec.model_validate(rec.metadata["spec"]).spectrogram)
+                                             spectrogram=BackboneSpec.model_validate(rec.metadata["spec"]).spectrogram,
+                                             adapt=bool(rec.metadata["config"].get("adapt_batchnorm")))
     return metrics
 
 

@@ -95,6 +95,7 @@ class PredictResult(Result):
     model: str
     version: int
     class_counts: dict[str, int]
+    adaptation: dict[str, Any] | None = None  # AdaBN per group (a fine-tuned model trained with it), else None
 
 
 class FineTuneRunResult(Result):

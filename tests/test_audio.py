@@ -503,3 +503,63 @@ def test_a_lineage_remembers_its_grouping_and_retrain_uses_it(spoken, tmp_path, 
         with pytest.raises(Stop):
             flow_module.retrain.fn(str(spoken), "digits", Output(out=str(tmp_path), registry=str(reg)), group_by=given)
         assert seen.pop() == expected
+
+
+def test_adapt_batchnorm_evaluates_each_test_speaker_adapted_and_predict_adapts_the_same_groups(
+        spoken, tmp_path, small_cnn, monkeypatch):
+    """--adapt-batchnorm: the registered model's val and test metrics come from predictions made speaker by
+    speaker after AdaBN, the report says so beside the trained statistics' accuracy, and `predict` with the
+    same grouping of file names reproduces those predictions; with every file as one group it does not."""
+    import pandas as pd
+
+    from tasks.backbones import BackboneSpec
+    from tasks.data.datasets import scan_dataset
+    from tasks.finetune import FineTuneConfig, evaluate_register_report, evaluation, fine_tune
+    from tasks.predict import predict_images
+
+    monkeypatch.setattr(evaluation, "MIN_IMAGES", 4)  # a tiny speaker has 6 recordings
+    by_speaker = r"^\d+_([a-z]+)_"
+    m = scan_dataset(spoken, val_fraction=0.2, test_fraction=0.4, seed=0, group_by=by_speaker)
+    spec = BackboneSpec(small_cnn, weights="file", preprocessing="scale01",
+                        spectrogram={"sample_rate": RATE, "n_mels": 32, "colormap": "gray", "duration": None})
+    cfg = FineTuneConfig(dense=[], batch_size=6, augment=[], epochs=3, monitor="none", optimizer="adam",
+                         learning_rate=3e-3, freeze_batchnorm=False, adapt_batchnorm=True)
+    r = fine_tune(m, spec, cfg, tmp_path / "run")
+    trained = {"model_path": r.model_path, "history": r.history, "phases": r.phases, "counts": r.counts,
+               "skipped": r.skipped, "seconds": r.seconds, "input_size": r.input_size, "precision": r.precision}
+    reg = tmp_path / "registry"
+    res = evaluate_register_report(trained, m, spec, cfg, "stretch", reg, "tones", tmp_path / "reports")
+    test_speakers = {s.path: _speaker(s.path) for s in m.samples if s.split == "test"}
+    assert len(set(test_speakers.values())) >= 2
+    for split in ("val", "test"):
+        a = res["metrics"][split]["adaptation"]
+        want = pd.Series([_speaker(s.path) for s in m.samples if s.split == split]).value_counts().to_dict()
+        assert a["adapted_groups"] == want and a["kept_groups"] == {} and a["batchnorm_layers"] == 3
+        assert 0 <= a["unadapted_accuracy"] <= 1
+    assert "adaptation" not in res["metrics"]["train"]
+    assert "AdaBN" in Path(res["report"]).read_text()
+    # predict, grouped by the same pattern, gives the evaluation's predictions, file by file
+    listing = tmp_path / "test.txt"
+    listing.write_text("\n".join(m.abspath(s) for s in m.samples if s.split == "test"))
+    grouped = predict_images(listing, reg, "tones", None, tmp_path / "grouped.csv", group_by=by_speaker)
+    assert grouped["adaptation"]["adapted_groups"] == pd.Series(list(test_speakers.values())).value_counts().to_dict()
+    outcomes = pd.read_csv(res["metrics"]["test"]["outcomes"])
+    got = pd.read_csv(tmp_path / "grouped.csv")
+    got["name"] = got["path"].map(lambda p: Path(p).name)
+    outcomes["name"] = outcomes["path"].map(lambda p: Path(p).name)
+    merged = outcomes.merge(got, on="name", suffixes=("_eval", "_pred"))
+    assert len(merged) == len(test_speakers)
+    assert (merged["predicted_eval"].astype(str) == merged["predicted_pred"].astype(str)).all()
+    # one group of all the files: other statistics, other probabilities
+    predict_images(listing, reg, "tones", None, tmp_path / "one.csv")
+    one = pd.read_csv(tmp_path / "one.csv")
+    cols = [c for c in got.columns if c.startswith("p_")]
+    assert np.abs(one[cols].to_numpy() - got[cols].to_numpy()).max() > 1e-4
+    # an export predicts with the trained statistics, and its model card says so with both accuracies
+    from tasks.export import export_model
+    from tasks.settings import ExportOptions
+
+    export_model(reg, "tones", None, tmp_path / "export", ExportOptions(format="keras"))
+    card = (tmp_path / "export" / "MODEL_CARD.md").read_text()
+    unadapted = res["metrics"]["test"]["adaptation"]["unadapted_accuracy"]
+    assert "carries the trained statistics" in card and f"{100 * unadapted:.1f}%" in card

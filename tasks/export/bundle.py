@@ -202,7 +202,8 @@ def _splits_and_test(registry: str | Path, built: Built) -> tuple[dict[str, int]
     return counts, {"split": split, "images": n, "accuracy": float(m["accuracy"]),
                     "balanced_accuracy": m.get("balanced_accuracy"), "interval": _interval(correct, n),
                     "level": 0.95, "per_class": [{k: c.get(k) for k in ("class", "recall", "precision", "support")}
-                                                 for c in m.get("per_class", [])]}
+                                                 for c in m.get("per_class", [])],
+                    "adaptation": m.get("adaptation")}
 
 
 # ----------------------------------------------------------------------------- the export

@@ -84,6 +84,12 @@ def model_card(info: dict[str, Any]) -> str:
         lo, hi = test["interval"]
         lines += [f"- {test['split']} accuracy **{_pct(test['accuracy'])}** (95% bootstrap interval {_pct(lo)} to "
                   f"{_pct(hi)}, {test['images']} images); balanced accuracy {_pct(test.get('balanced_accuracy'))}"]
+        if test.get("adaptation"):
+            a = test["adaptation"]
+            lines += [f"- measured the way `cnncodes predict` serves it: BatchNormalization statistics adapted to each "
+                      f"of {len(a['adapted_groups'])} group(s) of the {test['split']} split (AdaBN, "
+                      "`--adapt-batchnorm`). **This exported file carries the trained statistics** and predicts every "
+                      f"input alike; so measured, the {test['split']} accuracy was {_pct(a['unadapted_accuracy'])}"]
         if test.get("per_class"):
             lines += ["", "| class | recall | precision | images |", "|---|---|---|---|"]
             lines += [f"| {c['class']} | {_pct(c.get('recall'))} | {_pct(c.get('precision'))} | {c.get('support')} |"

@@ -58,6 +58,11 @@ class FineTuneConfig(Settings):
     seed: int = Field(0, description="seed of initialisation, shuffling, dropout and augmentation")
     ensemble: int = Field(1, description="networks trained alike but for their seeds (seed, seed + 1, ...); the "
                                          "saved model averages their class probabilities")
+    adapt_batchnorm: bool = Field(False, description="AdaBN when evaluating and predicting: every "
+                                                     "BatchNormalization layer's statistics re-estimated on each "
+                                                     "group's own images (a speaker's, the CSV's group column or "
+                                                     "--group-by; else each split or predict call is one group), "
+                                                     "no label used")
 
     @model_validator(mode="before")
     @classmethod

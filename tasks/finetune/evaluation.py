@@ -12,6 +12,7 @@ from storage.manifest import Manifest, Skip
 from .. import tf_runtime
 from ..data.audio import Spectrogram
 from ..data.inputs import InputError, input_loader
+from .adapt import MIN_IMAGES, PASS_BATCH, adapt_batchnorm, batchnorm_layers, set_statistics, statistics
 from .data import split_arrays
 from .network import keras_pieces
 
@@ -71,13 +72,65 @@ def predict_paths(model, paths: Sequence[str], size: int, resize: str, batch_siz
     return out, ok, skips
 
 
+def predict_paths_by_group(model, paths: Sequence[str], groups: Sequence[str], size: int, resize: str,
+                           batch_size: int = 32, media: str = "image", spectrogram: Spectrogram | None = None,
+                           min_images: int | None = None) -> tuple[np.ndarray, list[int], list[Skip], dict[str, Any]]:
+    """:func:`predict_paths`, each group (``groups[i]`` names file i's) after AdaBN on that group's own files
+    (:mod:`.adapt`; files are decoded twice, so memory holds one batch, not a group). Groups of fewer than
+    ``min_images`` readable files (default :data:`.adapt.MIN_IMAGES`) keep the trained statistics, which are back
+    in the model on return. Returns (probs, ok indices, skips, a summary of the adaptation)."""
+    min_images = MIN_IMAGES if min_images is None else min_images
+    load = input_loader(media, size, resize, spectrogram=spectrogram)
+    layers = batchnorm_layers(model)
+    trained = statistics(layers)
+    keys = [str(g) for g in groups]
+    rows: dict[int, np.ndarray] = {}
+    skips: list[Skip] = []
+    adapted: dict[str, int] = {}
+    kept: dict[str, int] = {}
+
+    def readable(idx: list[int]):
+        for start in range(0, len(idx), PASS_BATCH):
+            batch = []
+            for i in idx[start:start + PASS_BATCH]:
+                try:
+                    batch.append(load(paths[i]))
+                except InputError:
+                    pass  # predict_paths reports it below
+            yield np.stack(batch) if batch else np.zeros((0, size, size, 3), np.uint8)
+
+    try:
+        for g in dict.fromkeys(keys):
+            idx = [i for i, k in enumerate(keys) if k == g]
+            set_statistics(layers, trained)
+            seen = adapt_batchnorm(model, readable(idx), layers) if layers and len(idx) >= min_images else 0
+            if seen < min_images:
+                set_statistics(layers, trained)
+                kept[g] = seen or len(idx)
+            else:
+                adapted[g] = seen
+            probs, ok, bad = predict_paths(model, [paths[i] for i in idx], size, resize, batch_size, media, spectrogram)
+            skips += bad
+            rows.update({idx[j]: p for j, p in zip(ok, probs)})
+    finally:
+        set_statistics(layers, trained)
+    ok_all = sorted(rows)
+    out = np.stack([rows[i] for i in ok_all]) if ok_all else np.zeros((0, model.output_shape[-1]))
+    return out, ok_all, skips, {"batchnorm_layers": len(layers), "adapted_groups": adapted, "kept_groups": kept,
+                                "min_images": min_images}
+
+
 # --------------------------------------------------------------------------- evaluate + register
 def evaluate_finetuned(model_path: str | Path, manifest: Manifest, size: int, resize: str, batch_size: int,
                        splits: Sequence[str] = ("train", "val", "test"), outcomes_prefix: str | Path | None = None,
-                       spectrogram: Spectrogram | None = None) -> tuple[dict[str, Any], list[dict]]:
+                       spectrogram: Spectrogram | None = None, adapt: bool = False
+                       ) -> tuple[dict[str, Any], list[dict]]:
     """Metrics per split of a saved fine-tuned model (images decoded as in training, no augmentation).
     With ``outcomes_prefix``, each val/test split's per-image outcomes go to
-    ``<prefix>.outcomes-<split>.csv`` and ``metrics[split]["outcomes"]`` names the file."""
+    ``<prefix>.outcomes-<split>.csv`` and ``metrics[split]["outcomes"]`` names the file. With ``adapt``, val
+    and test are predicted group by group after AdaBN (the manifest's groups; files of no group form one group
+    per split); their metrics then say so (``adaptation``, with the trained statistics' accuracy as
+    ``unadapted_accuracy``). Train keeps the trained statistics: they are its own."""
     from ..reports.evaluate import evaluate_scores, predicted, write_outcomes
 
     model = load_finetuned(model_path)
@@ -88,8 +141,17 @@ def evaluate_finetuned(model_path: str | Path, manifest: Manifest, size: int, re
             continue
         probs, ok, skips = predict_paths(model, paths, size, resize, batch_size, manifest.media, spectrogram)
         skipped += [{"path": s.path, "reason": s.reason} for s in skips]
+        adaptation = None
+        if adapt and split != "train" and ok:
+            unadapted = float(np.mean(np.argmax(probs, axis=1) == labels[ok]))
+            groups = [manifest.groups.get(r, f"({split})") for r in rel]
+            probs, ok, _, adaptation = predict_paths_by_group(model, paths, groups, size, resize, batch_size,
+                                                              manifest.media, spectrogram)
+            adaptation["unadapted_accuracy"] = unadapted
         if ok:
             metrics[split] = evaluate_scores(probs, labels[ok], manifest.class_names)
+            if adaptation is not None:
+                metrics[split]["adaptation"] = adaptation
             if outcomes_prefix is not None and split != "train":
                 sha = {s.path: s.sha256 for s in manifest.samples if s.split == split}
                 out = write_outcomes(f"{outcomes_prefix}.outcomes-{split}.csv", [rel[i] for i in ok],

@@ -25,7 +25,8 @@ def evaluate_register_report(trained: dict[str, Any], manifest: Manifest, spec: 
     report_dir = Path(report_dir)
     pending = report_dir / f".{name}-unregistered"
     metrics, skipped = evaluate_finetuned(trained["model_path"], manifest, size, resize, cfg.batch_size,
-                                          outcomes_prefix=pending, spectrogram=spec.spectrogram)
+                                          outcomes_prefix=pending, spectrogram=spec.spectrogram,
+                                          adapt=cfg.adapt_batchnorm)
     result_obj = FineTuneResult(trained["model_path"], trained["history"], trained["phases"], trained["counts"],
                                 trained["skipped"], trained["seconds"], trained.get("resumed_from_epoch", {}),
                                 trained.get("stopped_early", False), size, trained.get("precision"),
@@ -59,6 +60,7 @@ def evaluate_register_report(trained: dict[str, Any], manifest: Manifest, spec: 
               else f"- kept: the best epoch by {cfg.monitor} (early stopping patience {cfg.patience})",
               *([f"- ensemble: {cfg.ensemble} networks (seeds {cfg.seed} to {cfg.seed + cfg.ensemble - 1}), "
                  "their class probabilities averaged"] if cfg.ensemble > 1 else []),
+              *adaptation_lines(metrics),
               f"- trained in {trained['seconds']:.1f} s" + (", stopped early" if trained.get("stopped_early") else "")
               + (f"; resumed from epoch {trained['resumed_from_epoch']}" if trained.get("resumed_from_epoch") else ""),
               "", "## Phases", "", "| phase | frozen | epochs run | trainable layers | frozen layers | trainable params |",
@@ -76,6 +78,20 @@ def evaluate_register_report(trained: dict[str, Any], manifest: Manifest, spec: 
     atomic_write(report.with_suffix(".json"), json.dumps(result, indent=1, default=float))
     result["report"] = str(report.resolve())
     return result
+
+
+def adaptation_lines(metrics: dict[str, Any]) -> list[str]:
+    """The report's word on AdaBN: per split, the groups adapted and the accuracy with the trained statistics."""
+    out = []
+    for split, m in metrics.items():
+        a = m.get("adaptation")
+        if a:
+            kept = f", {len(a['kept_groups'])} kept the trained statistics (fewer than {a['min_images']} files)" \
+                if a["kept_groups"] else ""
+            out.append(f"- {split}: BatchNormalization statistics adapted to each of {len(a['adapted_groups'])} "
+                       f"group(s) (AdaBN, {a['batchnorm_layers']} layers){kept}; accuracy {m['accuracy']:.3f}, "
+                       f"with the trained statistics {a['unadapted_accuracy']:.3f}")
+    return out
 
 
 def register_finetuned(result: FineTuneResult, manifest: Manifest, spec: BackboneSpec, cfg: FineTuneConfig,

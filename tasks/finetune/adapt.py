@@ -1,0 +1,160 @@
+"""Test-time adaptation of BatchNormalization statistics to a group of inputs (AdaBN).
+
+A network's BatchNormalization layers normalise with the mean and variance of their inputs over the training
+data. A new speaker, microphone or camera shifts those statistics, and the network sees inputs off the
+distribution it learnt. AdaBN (Li et al., 2016, "Revisiting Batch Normalization for Practical Domain
+Adaptation") re-estimates every BatchNormalization layer's statistics on the new group's own inputs, no label
+needed, and leaves every learnt weight as it is.
+
+:func:`adapt_batchnorm` does it for one group: one pass over the group's images in which each
+BatchNormalization layer (nested models and ensembles included) normalises with the statistics of the batch at
+hand and accumulates the exact mean and variance of its inputs over the whole group; the layer's moving
+statistics then become those. :func:`predict_adapted` predicts group by group, each with its own statistics,
+and puts the trained statistics back afterwards. Groups smaller than ``min_images`` keep the trained
+statistics (a handful of images gives noisy estimates).
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+
+MIN_IMAGES = 16
+PASS_BATCH = 64
+
+
+def batchnorm_layers(model) -> list:
+    """Every BatchNormalization layer of ``model``, nested models included, each once, in order."""
+    from .. import tf_runtime
+
+    bn_type = tf_runtime.keras().layers.BatchNormalization
+    out, seen = [], set()
+
+    def walk(layer) -> None:
+        if id(layer) in seen:
+            return
+        seen.add(id(layer))
+        if isinstance(layer, bn_type):
+            out.append(layer)
+        for sub in getattr(layer, "layers", None) or []:
+            walk(sub)
+
+    walk(model)
+    return out
+
+
+def statistics(layers: Sequence) -> list[tuple[np.ndarray, np.ndarray]]:
+    return [(np.array(la.moving_mean.numpy()), np.array(la.moving_variance.numpy())) for la in layers]
+
+
+def set_statistics(layers: Sequence, stats: Sequence[tuple[np.ndarray, np.ndarray]]) -> None:
+    for la, (mean, var) in zip(layers, stats):
+        la.moving_mean.assign(mean)
+        la.moving_variance.assign(var)
+
+
+class _Moments:
+    """Running sums of one layer's inputs over the channel axis: count, sum and sum of squares (float64)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.s: np.ndarray | None = None
+        self.ss: np.ndarray | None = None
+
+    def add(self, x: np.ndarray, axes: tuple[int, ...]) -> None:
+        x = x.astype(np.float64)
+        n = int(np.prod([x.shape[a] for a in axes]))
+        s, ss = x.sum(axis=axes), np.square(x).sum(axis=axes)
+        self.n += n
+        self.s = s if self.s is None else self.s + s
+        self.ss = ss if self.ss is None else self.ss + ss
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        mean = self.s / self.n
+        return mean, np.maximum(self.ss / self.n - np.square(mean), 0.0)
+
+
+@contextmanager
+def _batch_statistics(layers: Sequence) -> Iterator[list[_Moments]]:
+    """Within: each layer normalises with its batch's own statistics (whatever ``training`` says) and
+    records its inputs' moments. The layers' own ``call`` comes back on exit."""
+    from .. import tf_runtime
+
+    ops = tf_runtime.keras().ops
+    moments = [_Moments() for _ in layers]
+
+    def patched(layer, acc: _Moments):
+        def call(inputs, training=None, mask=None):
+            x = ops.cast(inputs, "float32")
+            axes = tuple(layer._reduction_axes)
+            acc.add(np.asarray(x), axes)
+            mean, var = ops.moments(x, axes=axes)
+            out = ops.batch_normalization(x, mean, var, axis=layer.axis,
+                                          offset=None if layer.beta is None else ops.cast(layer.beta, "float32"),
+                                          scale=None if layer.gamma is None else ops.cast(layer.gamma, "float32"),
+                                          epsilon=layer.epsilon)
+            return ops.cast(out, inputs.dtype)
+        return call
+
+    for layer, acc in zip(layers, moments):
+        layer.call = patched(layer, acc)
+    try:
+        yield moments
+    finally:
+        for layer in layers:
+            del layer.call  # the instance attribute goes; the class's call is back
+
+
+def chunks(images: np.ndarray, batch_size: int = PASS_BATCH) -> Iterator[np.ndarray]:
+    for start in range(0, len(images), batch_size):
+        yield images[start:start + batch_size]
+
+
+def adapt_batchnorm(model, batches: Iterable[np.ndarray], layers: Sequence | None = None) -> int:
+    """Set every BatchNormalization layer's moving statistics to those of its inputs over the images of
+    ``batches`` (one group, e.g. :func:`chunks` of an array; the first layer's are exact whatever the batches,
+    a later layer's are exact when one batch holds the group). Returns the number of images seen; with no
+    BatchNormalization layer or no image, nothing changes."""
+    layers = batchnorm_layers(model) if layers is None else layers
+    seen = 0
+    if not layers:
+        return 0
+    listed = isinstance(model.input, (list, tuple))  # a model saved with its inputs as a list wants one
+    with _batch_statistics(layers) as moments:
+        for batch in batches:
+            if len(batch):
+                x = np.asarray(batch, dtype=np.float32)
+                model([x] if listed else x, training=False)
+                seen += len(batch)
+    if seen:
+        set_statistics(layers, [m.result() for m in moments])
+    return seen
+
+
+def predict_adapted(model, images: np.ndarray, groups: Sequence[Any], batch_size: int = 32,
+                    min_images: int = MIN_IMAGES) -> tuple[np.ndarray, dict[str, Any]]:
+    """Class probabilities of ``images``, each group (``groups[i]`` names image i's) predicted after the
+    network's BatchNormalization statistics were adapted to that group's images; groups of fewer than
+    ``min_images`` images are predicted with the trained statistics. The model's statistics are the trained
+    ones again on return. Returns (probabilities, a summary: groups adapted, groups kept, layers)."""
+    if len(groups) != len(images):
+        raise ValueError(f"{len(images)} images but {len(groups)} group names")
+    layers = batchnorm_layers(model)
+    trained = statistics(layers)
+    probs = np.zeros((len(images), int(model.output_shape[-1])), dtype=np.float32)
+    keys = np.asarray([str(g) for g in groups], dtype=object)
+    adapted, kept = {}, {}
+    try:
+        for g in dict.fromkeys(keys):
+            idx = np.flatnonzero(keys == g)
+            if layers and len(idx) >= min_images:
+                adapted[g] = adapt_batchnorm(model, chunks(images[idx]), layers)
+            else:
+                set_statistics(layers, trained)
+                kept[g] = int(len(idx))
+            probs[idx] = model.predict(images[idx].astype(np.float32), batch_size=batch_size, verbose=0)
+    finally:
+        set_statistics(layers, trained)
+    return probs, {"batchnorm_layers": len(layers), "adapted_groups": adapted, "kept_groups": kept,
+                   "min_images": min_images}

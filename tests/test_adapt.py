@@ -1,0 +1,109 @@
+"""AdaBN: BatchNormalization statistics re-estimated on a group of inputs (tasks/finetune/adapt.py)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tasks.finetune.adapt import adapt_batchnorm, batchnorm_layers, chunks, predict_adapted, statistics
+
+
+def _model(seed: int = 0):
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    inner_in = keras.Input((6, 6, 4))
+    h = keras.layers.Conv2D(5, 3, padding="valid", name="inner_conv")(inner_in)
+    h = keras.layers.BatchNormalization(name="inner_bn")(h)
+    inner = keras.Model(inner_in, keras.layers.ReLU()(h), name="inner")
+    inp = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(4, 3, padding="valid", name="conv")(inp)
+    x = keras.layers.BatchNormalization(name="bn")(x)
+    x = keras.layers.ReLU(name="relu")(x)
+    x = inner(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    out = keras.layers.Dense(3, activation="softmax")(x)
+    model = keras.Model(inp, out)
+    rng = np.random.default_rng(seed)
+    for bn in batchnorm_layers(model):  # trained statistics that are not those of any input below
+        bn.moving_mean.assign(rng.normal(size=bn.moving_mean.shape).astype("float32"))
+        bn.moving_variance.assign(rng.uniform(0.5, 2.0, size=bn.moving_variance.shape).astype("float32"))
+    return model
+
+
+def _inputs_of(model, layer, images):
+    import keras
+
+    return np.asarray(keras.Model(model.input, layer.input)(images, training=False), dtype=np.float64)
+
+
+def _moments(x):
+    axes = tuple(range(x.ndim - 1))
+    return x.mean(axis=axes), x.var(axis=axes)
+
+
+def test_every_batchnorm_layer_nested_ones_too_is_found_once():
+    assert [la.name for la in batchnorm_layers(_model())] == ["bn", "inner_bn"]
+
+
+@pytest.mark.parametrize("batch", [40, 7])
+def test_adapted_statistics_are_those_of_each_layers_inputs_over_the_group(batch):
+    import keras
+
+    model = _model()
+    images = np.random.default_rng(1).normal(2.0, 3.0, size=(40, 8, 8, 3)).astype("float32")
+    assert adapt_batchnorm(model, chunks(images, batch)) == 40
+    bn, inner_bn = batchnorm_layers(model)
+    mean, var = _moments(_inputs_of(model, bn, images))
+    np.testing.assert_allclose(bn.moving_mean.numpy(), mean, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(bn.moving_variance.numpy(), var, rtol=1e-4, atol=1e-4)
+    # the nested layer's inputs depend on the first layer's statistics: exact when one batch holds the group
+    inner = model.get_layer("inner")
+    x = np.asarray(keras.Model(model.input, model.get_layer("relu").output)(images, training=False))
+    mean, var = _moments(np.asarray(keras.Model(inner.input, inner_bn.input)(x), dtype=np.float64))
+    tol = 1e-4 if batch >= len(images) else 0.1
+    np.testing.assert_allclose(inner_bn.moving_mean.numpy(), mean, rtol=tol, atol=tol)
+    np.testing.assert_allclose(inner_bn.moving_variance.numpy(), var, rtol=tol, atol=tol)
+    assert all("call" not in la.__dict__ for la in (bn, inner_bn))  # the layers' own call is back
+
+
+def test_a_group_recorded_louder_and_offset_predicts_as_the_original_after_adaptation():
+    model = _model()
+    rng = np.random.default_rng(2)
+    a = rng.normal(size=(32, 8, 8, 3)).astype("float32")
+    b = 2.5 * a + 0.7  # the same scenes through another channel: a gain and an offset
+    images, groups = np.concatenate([a, b]), ["a"] * 32 + ["b"] * 32
+    trained = statistics(batchnorm_layers(model))
+    plain = model.predict(images, verbose=0)
+    assert np.abs(plain[:32] - plain[32:]).max() > 1e-2  # unadapted, the channel changes the predictions
+    probs, summary = predict_adapted(model, images, groups)
+    np.testing.assert_allclose(probs[:32], probs[32:], atol=1e-4)
+    assert summary["adapted_groups"] == {"a": 32, "b": 32} and summary["kept_groups"] == {}
+    for (m0, v0), (m1, v1) in zip(trained, statistics(batchnorm_layers(model))):  # trained statistics back
+        np.testing.assert_array_equal(m0, m1)
+        np.testing.assert_array_equal(v0, v1)
+
+
+def test_a_group_smaller_than_the_minimum_keeps_the_trained_statistics():
+    model = _model()
+    rng = np.random.default_rng(3)
+    images = rng.normal(size=(20, 8, 8, 3)).astype("float32")
+    groups = ["big"] * 17 + ["small"] * 3
+    plain = model.predict(images, verbose=0)
+    probs, summary = predict_adapted(model, images, groups, min_images=16)
+    np.testing.assert_allclose(probs[17:], plain[17:], atol=1e-6)
+    assert np.abs(probs[:17] - plain[:17]).max() > 1e-3
+    assert summary["kept_groups"] == {"small": 3} and summary["adapted_groups"] == {"big": 17}
+    with pytest.raises(ValueError, match="group names"):
+        predict_adapted(model, images, groups[:5])
+
+
+def test_a_model_without_batchnorm_predicts_as_before():
+    import keras
+
+    inp = keras.Input((4,))
+    model = keras.Model(inp, keras.layers.Dense(2, activation="softmax")(inp))
+    x = np.random.default_rng(4).normal(size=(20, 4)).astype("float32")
+    assert adapt_batchnorm(model, chunks(x)) == 0
+    probs, summary = predict_adapted(model, x, ["g"] * 20)
+    np.testing.assert_allclose(probs, model.predict(x, verbose=0), atol=1e-6)
+    assert summary["batchnorm_layers"] == 0
