@@ -33,6 +33,10 @@ over all of a speaker's (trimmed) recordings is subtracted from that speaker's s
 rendered, the per-speaker cepstral/spectral mean normalisation of speech recognisers. It uses the speaker of every
 recording (test speakers' too) but no label.
 
+``--adapt-bn`` also scores every network after AdaBN (the flow's ``--adapt-batchnorm``): each BatchNormalization
+layer's moving statistics replaced by those of the held-out speaker's images in one batch (no label), and the
+ensembles of the adapted networks; the unadapted scores stay beside.
+
 ``--seeds N`` trains N networks per run (seeds ``--seed`` onwards) and also scores their averaged
 probabilities (an ensemble). ``--no-final`` stops after step 1 (to compare settings, ``--size`` say, in the development world only).
 

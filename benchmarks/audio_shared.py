@@ -139,10 +139,18 @@ def network_accuracies(r: dict, data: Path, rows: list[tuple[str, str, str]], he
     y = np.array([list(meta["class_names"]).index(digit) for _, digit in test])
     x = np.asarray(model.get_layer("preprocess")(x))  # the networks share the model's preprocessing layer
     probs = [n.predict(x, batch_size=100, verbose=0) for n in nets]
-    return {"each": [round(float(np.mean(np.argmax(p, 1) == y)), 4) for p in probs],
-            # the ensemble of the first k networks, k = 1 .. N (the last is the registered model)
-            "first_k": [round(float(np.mean(np.argmax(np.mean(probs[:k], axis=0), 1) == y)), 4)
-                        for k in range(1, len(probs) + 1)]}
+    out = {"each": [round(float(np.mean(np.argmax(p, 1) == y)), 4) for p in probs],
+           # the ensemble of the first k networks, k = 1 .. N (the last is the registered model)
+           "first_k": [round(float(np.mean(np.argmax(np.mean(probs[:k], axis=0), 1) == y)), 4)
+                       for k in range(1, len(probs) + 1)]}
+    if meta["config"].get("adapt_batchnorm"):  # the same, each network adapted to the held-out speaker (AdaBN)
+        from tasks.finetune.adapt import predict_adapted
+
+        probs = [predict_adapted(n, x, [held] * len(x), batch_size=100)[0] for n in nets]
+        out["each_adapted"] = [round(float(np.mean(np.argmax(p, 1) == y)), 4) for p in probs]
+        out["first_k_adapted"] = [round(float(np.mean(np.argmax(np.mean(probs[:k], axis=0), 1) == y)), 4)
+                                  for k in range(1, len(probs) + 1)]
+    return out
 
 
 def mfcc_features(paths: list[str], sample_rate: int = 8000) -> np.ndarray:
@@ -232,7 +240,9 @@ def main() -> int:
                 # both models' accuracies per split and which one the gate promoted (cases 3 and 4)
                 "promoted": r["gate"]["promoted"], "accuracies": r["gate"]["accuracies"],
                 # an ensemble's networks, each on its own (on the same test spectrograms)
-                "network_accuracies": network_accuracies(r, data, rows, held)}
+                "network_accuracies": network_accuracies(r, data, rows, held),
+                # --adapt-batchnorm: the fine-tuned model's test accuracy with the trained statistics beside
+                "adaptation": ((r.get("finetuned") or {}).get("metrics") or {}).get("test", {}).get("adaptation")}
             print(f"held out {held}: transfer {runs[held]['accuracy'].get('test')}, mfcc {baseline[held]:.3f}",
                   file=sys.stderr)
             save(summary(runs, baseline, extra, args.without), args.json)  # the speakers so far, if stopped
