@@ -107,3 +107,27 @@ def test_a_model_without_batchnorm_predicts_as_before():
     probs, summary = predict_adapted(model, x, ["g"] * 20)
     np.testing.assert_allclose(probs, model.predict(x, verbose=0), atol=1e-6)
     assert summary["batchnorm_layers"] == 0
+
+
+def test_a_batchnorm_layer_frozen_in_training_keeps_its_statistics_and_the_setting_needs_trained_ones(tmp_path):
+    """A frozen layer holds pretrained statistics the layers after it learnt against: it is not adapted, also
+    after the model is saved and loaded; and --adapt-batchnorm with BatchNormalization frozen is refused."""
+    import keras
+
+    from storage.errors import ParameterError
+    from tasks.finetune import FineTuneConfig
+
+    model = _model()
+    model.get_layer("bn").trainable = False
+    model.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras")
+    assert [la.name for la in batchnorm_layers(loaded)] == ["inner_bn"]
+    assert [la.name for la in batchnorm_layers(loaded, learnt=False)] == ["bn", "inner_bn"]
+    frozen = loaded.get_layer("bn")
+    before = frozen.moving_mean.numpy().copy()
+    images = np.random.default_rng(5).normal(3.0, 2.0, size=(20, 8, 8, 3)).astype("float32")
+    adapt_batchnorm(loaded, chunks(images))
+    np.testing.assert_array_equal(frozen.moving_mean.numpy(), before)
+    with pytest.raises(ParameterError, match="--train-batchnorm"):
+        FineTuneConfig(adapt_batchnorm=True)
+    assert FineTuneConfig(adapt_batchnorm=True, freeze_batchnorm=False).adapt_batchnorm

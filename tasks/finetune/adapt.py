@@ -11,7 +11,8 @@ BatchNormalization layer (nested models and ensembles included) normalises with 
 hand and accumulates the exact mean and variance of its inputs over the whole group; the layer's moving
 statistics then become those. :func:`predict_adapted` predicts group by group, each with its own statistics,
 and puts the trained statistics back afterwards. Groups smaller than ``min_images`` keep the trained
-statistics (a handful of images gives noisy estimates).
+statistics (a handful of images gives noisy estimates). Only layers whose statistics were learnt on the training
+data adapt (:func:`batchnorm_layers`): fine-tune with ``--train-batchnorm``.
 """
 from __future__ import annotations
 
@@ -24,8 +25,11 @@ MIN_IMAGES = 16
 PASS_BATCH = 64
 
 
-def batchnorm_layers(model) -> list:
-    """Every BatchNormalization layer of ``model``, nested models included, each once, in order."""
+def batchnorm_layers(model, learnt: bool = True) -> list:
+    """The BatchNormalization layers of ``model``, nested models included, each once, in order; with ``learnt``
+    only those whose statistics were learnt on the training data (``trainable``). A layer frozen in training
+    kept its pretrained (ImageNet) statistics and the layers after it learnt against those: re-estimating them
+    on a group would normalise that group unlike the training data, so they stay."""
     from .. import tf_runtime
 
     bn_type = tf_runtime.keras().layers.BatchNormalization
@@ -35,7 +39,7 @@ def batchnorm_layers(model) -> list:
         if id(layer) in seen:
             return
         seen.add(id(layer))
-        if isinstance(layer, bn_type):
+        if isinstance(layer, bn_type) and (layer.trainable or not learnt):
             out.append(layer)
         for sub in getattr(layer, "layers", None) or []:
             walk(sub)

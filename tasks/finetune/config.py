@@ -97,6 +97,11 @@ class FineTuneConfig(Settings):
             bad("head_epochs", "an integer >= 0")
         if not self.mixup >= 0:
             bad("mixup", "a number >= 0 (0: off)")
+        if self.adapt_batchnorm and self.freeze_batchnorm:
+            raise ParameterError("adapt_batchnorm re-estimates, for each group, the BatchNormalization statistics the "
+                                 "network learnt on its training data; with freeze_batchnorm (the default) they stay "
+                                 "ImageNet's and there is nothing to adapt. Add --train-batchnorm, or leave "
+                                 "--adapt-batchnorm out.")
         if self.schedule == "plateau" and self.monitor == "none":
             raise ParameterError("schedule 'plateau' lowers the rate when the monitored metric stops improving; "
                                  "with monitor 'none' there is none: choose a monitor, or schedule cosine or step.")
