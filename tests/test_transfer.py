@@ -148,8 +148,12 @@ TINY_FLOW = dict(backbone=BackboneSpec(name="mobilenet_v2", weights="none", inpu
 def test_transfer_flow_routes_gates_and_reports(harness, tmp_path, texture_data, kwargs, case, promoted):
     from flows.transfer import transfer
 
+    flow_args = dict(TINY_FLOW)
+    if case == 4:  # AdaBN at evaluation; the test split (6 images, no groups) is one group, too small to adapt
+        flow_args["finetune"] = FineTuneConfig(**{**TINY_FLOW["finetune"].as_dict(), "adapt_batchnorm": True,
+                                                  "freeze_batchnorm": False})
     r = transfer(str(texture_data), thresholds=Thresholds(**kwargs), output=Output(out=str(tmp_path / "out")),
-                 **TINY_FLOW)
+                 **flow_args)
     assert r["case"] == case and r["gate"]["promoted"] == promoted
     assert (r["finetuned"] is not None) == (case in (3, 4))
     reg = ModelRegistry(r["registry"])
@@ -162,6 +166,10 @@ def test_transfer_flow_routes_gates_and_reports(harness, tmp_path, texture_data,
     if r["finetuned"] is not None:  # the case sets the freezing; the optimizer asked for is kept
         config = reg.record(r["finetuned"]["name"], r["finetuned"]["version"]).metadata["config"]
         assert config["optimizer"] == "adam" and config["freeze"] == ("none" if case == 4 else config["freeze"])
+    if case == 4:
+        adaptation = r["finetuned"]["metrics"]["test"]["adaptation"]
+        assert adaptation["adapted_groups"] == {} and adaptation["kept_groups"] == {"(test)": 6}
+        assert "AdaBN" in report and "test: 0 group(s) adapted, 1 kept the trained statistics" in report
     if case == 1:
         assert r["decision"]["probe_layer"] == "out_relu"  # case 1 probes the last layer
     if "case" in kwargs:

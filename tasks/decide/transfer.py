@@ -282,6 +282,15 @@ def decision_markdown(d: dict[str, Any]) -> str:
                          + " | ".join(_pct(m["metrics"].get(s, {}).get("accuracy")) for s in ("val", "test")) + " |")
     lines += ["", "val was seen by selection (the layer sweep; the fine-tuned model's early stopping and checkpoint "
               "choice); test was seen by no selection step."]
+    adapted = {s: m["adaptation"] for s, m in ((d.get("finetuned") or {}).get("metrics") or {}).items()
+               if m.get("adaptation")}
+    if adapted:
+        lines += ["", "The fine-tuned model's " + " and ".join(adapted) + " accuracy is measured after AdaBN "
+                  "(`--adapt-batchnorm`: its BatchNormalization statistics re-estimated on each group's own files, no "
+                  "label): " + "; ".join(
+                      f"{s}: {len(a['adapted_groups'])} group(s) adapted, {len(a['kept_groups'])} kept the trained "
+                      f"statistics (fewer than {a['min_images']} files), accuracy with the trained statistics "
+                      f"{_pct(a['unadapted_accuracy'])}" for s, a in adapted.items()) + "."]
     g = d["gate"]
     lines += ["", "## Champion", "", f"**{g['promoted']}** is the champion: {g['reason']}.", "",
               f"Decided on the **{g['split']}** split. Margin: `--gate-margin {g['margin']:g}`; promotion also needs "
