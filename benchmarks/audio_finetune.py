@@ -37,6 +37,10 @@ recording (test speakers' too) but no label.
 layer's moving statistics replaced by those of the held-out speaker's images in one batch (no label), and the
 ensembles of the adapted networks; the unadapted scores stay beside.
 
+``--tta-warps F1,F2,...`` (with ``--adapt-bn``) also warps the held-out voice's images by each factor (rows scaled
+about 0 Hz, a vocal-tract-length warp), adapts and predicts each, and picks per network and per ensemble the
+factor whose predictions have the least mean entropy: VTLN chosen by the network's confidence, no label used.
+
 ``--seeds N`` trains N networks per run (seeds ``--seed`` onwards) and also scores their averaged
 probabilities (an ensemble). ``--no-final`` stops after step 1 (to compare settings, ``--size`` say, in the development world only).
 
@@ -188,7 +192,46 @@ def fine_tune(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.n
         model(tf.cast(xt, tf.float32), training=True)
         p = out["adapted_probs"] = model.predict(xt, batch_size=100, verbose=0)
         out["adapted_accuracy"] = round(float(np.mean(p.argmax(1) == yt)), 4)
+        out["warp_probs"] = {}
+        for f in args.tta_warps:  # the held-out voice's images warped by f, then AdaBN on them, then predicted
+            xw = warped(xt, f)
+            model(xw, training=True)
+            out["warp_probs"][f] = model.predict(xw, batch_size=100, verbose=0)
     return out
+
+
+def warped(x: np.ndarray, factor: float):
+    """Images with their rows scaled by ``factor`` about the bottom row (0 Hz): a vocal-tract-length warp."""
+    import tensorflow as tf
+
+    n, size = len(x), x.shape[1]
+    bottom = float(size - 1)
+    t = tf.constant([[1.0, 0.0, 0.0, 0.0, 1.0 / factor, bottom * (1.0 - 1.0 / factor), 0.0, 0.0]] * n, tf.float32)
+    return tf.raw_ops.ImageProjectiveTransformV3(images=tf.cast(x, tf.float32), transforms=t, output_shape=[size, size],
+                                                 interpolation="BILINEAR", fill_mode="NEAREST", fill_value=0.0)
+
+
+def entropy(p: np.ndarray) -> float:
+    return float(np.mean(-np.sum(p * np.log(np.clip(p, 1e-12, 1.0)), axis=1)))
+
+
+def warp_choices(runs: list[dict], y: np.ndarray) -> dict:
+    """From each network's probabilities at every warp factor (adapted): the factor of least mean entropy on
+    the held-out voice (no label: a per-speaker VTLN by confidence), per network and for the ensemble, the
+    accuracies there, and the average over all factors (test-time augmentation)."""
+    factors = list(runs[0]["warp_probs"])
+    acc = lambda p: round(float(np.mean(p.argmax(1) == y)), 4)  # noqa: E731
+    each = []
+    for run in runs:
+        f = min(factors, key=lambda f: entropy(run["warp_probs"][f]))
+        each.append({"factor": f, "accuracy": acc(run["warp_probs"][f])})
+    ens = {f: np.mean([run["warp_probs"][f] for run in runs], axis=0) for f in factors}
+    f = min(factors, key=lambda f: entropy(ens[f]))
+    return {"vtln_seed_accuracies": [e["accuracy"] for e in each], "vtln_seed_factors": [e["factor"] for e in each],
+            "vtln_ensemble_factor": f, "vtln_ensemble_accuracy": acc(ens[f]),
+            "warp_ensemble_accuracies": {str(k): acc(v) for k, v in ens.items()},  # for reading, never for choosing
+            "warp_ensemble_entropies": {str(k): round(entropy(v), 4) for k, v in ens.items()},
+            "tta_ensemble_accuracy": acc(np.mean(list(ens.values()), axis=0))}
 
 
 def world(arrays, speakers, variants, args, curve: bool, held_out=None) -> dict:
@@ -208,6 +251,12 @@ def world(arrays, speakers, variants, args, curve: bool, held_out=None) -> dict:
                       f"{r['curve'] or ''}", file=sys.stderr)
                 runs.append(r)
             r = {k: val for k, val in runs[0].items() if not k.endswith("probs")}
+            if args.tta_warps:
+                r.update(warp_choices(runs, arrays[held]["y"]))
+                print(f"  {held:8s} {v:11s} warp by least entropy: networks {r['vtln_seed_accuracies']} at "
+                      f"{r['vtln_seed_factors']}, ensemble {r['vtln_ensemble_accuracy']:.3f} at "
+                      f"{r['vtln_ensemble_factor']}; all factors averaged {r['tta_ensemble_accuracy']:.3f}",
+                      file=sys.stderr)
             for pre in ("", "adapted_") if args.adapt_bn else ("",):
                 if args.seeds > 1:  # the networks' probabilities averaged: an ensemble of the seeds
                     mean = np.mean([run[pre + "probs"] for run in runs], axis=0)
@@ -219,6 +268,11 @@ def world(arrays, speakers, variants, args, curve: bool, held_out=None) -> dict:
     for v in variants:
         for pre in ("", "adapted_") if args.adapt_bn else ("",):
             out[v][pre + "mean"] = round(float(np.mean([out[v][h][pre + "accuracy"] for h in held_out])), 4)
+            if args.seeds > 1 and not pre and args.tta_warps:
+                for k in ("vtln_ensemble_accuracy", "tta_ensemble_accuracy"):
+                    out[v]["mean_" + k] = round(float(np.mean([out[v][h][k] for h in held_out])), 4)
+                out[v]["mean_vtln_of_seeds"] = round(float(np.mean([out[v][h]["vtln_seed_accuracies"]
+                                                                    for h in held_out])), 4)
             if args.seeds > 1:
                 out[v][pre + "mean_ensemble"] = round(float(np.mean([out[v][h][pre + "ensemble_accuracy"]
                                                                      for h in held_out])), 4)
@@ -246,12 +300,18 @@ def main() -> int:
     ap.add_argument("--adapt-bn", action="store_true",
                     help="also score each network after AdaBN: BatchNormalization statistics re-estimated on the "
                          "held-out speaker's images (no label)")
+    ap.add_argument("--tta-warps", type=lambda t: [float(f) for f in t.split(",")] if t else [], default=[],
+                    help="with --adapt-bn: factors (e.g. 0.88,0.94,1,1.06,1.12) the held-out voice's images are also "
+                         "warped by (rows about 0 Hz), each adapted and predicted; the factor of least entropy is "
+                         "chosen per network and per ensemble (no label), and all are averaged")
     ap.add_argument("--final-speakers", default=",".join(SPEAKERS), help="held-out speakers of the final world")
     ap.add_argument("--no-develop", action="store_true")
     ap.add_argument("--final", default="", help="variant for the final world (default: the development's choice)")
     ap.add_argument("--no-final", action="store_true", help="the development world only")
     ap.add_argument("--cache", default=str(ROOT / ".cache" / "audio-finetune"))
     args = ap.parse_args()
+    if args.tta_warps and not args.adapt_bn:
+        ap.error("--tta-warps needs --adapt-bn")
     found = shared_inputs("fsdd")
     if found is None:
         return 0
