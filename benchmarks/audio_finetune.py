@@ -37,6 +37,9 @@ recording (test speakers' too) but no label.
 layer's moving statistics replaced by those of the held-out speaker's images in one batch (no label), and the
 ensembles of the adapted networks; the unadapted scores stay beside.
 
+``--speeds A,B`` adds every training voice's recordings played at speed A and B (resampled: pitch and formants
+scaled, the speed perturbation of speech recognisers) to the training set; the held-out voice is never copied.
+
 ``--tta-warps F1,F2,...`` (with ``--adapt-bn``) also warps the held-out voice's images by each factor (rows scaled
 about 0 Hz, a vocal-tract-length warp), adapts and predicts each, and picks per network and per ensemble the
 factor whose predictions have the least mean entropy: VTLN chosen by the network's confidence, no label used.
@@ -95,6 +98,39 @@ def images(data: Path, size: int, cache: Path, normalise: str = "none") -> dict[
     cache.mkdir(parents=True, exist_ok=True)
     np.savez(path, **{f"{s}/{k}": v for s, d in arrays.items() for k, v in d.items()})
     return arrays
+
+
+def speed_copies(data: Path, size: int, cache: Path, speeds: list[float]) -> dict[str, dict[float, np.ndarray]]:
+    """Per speaker and speed factor ``a``: every recording played at speed ``a`` (``scipy.signal.resample_poly``
+    by 1/a, kept at 8 kHz: pitch and formants scaled by ``a``, the speed perturbation of speech recognisers),
+    drawn as ``images`` draws the originals, in the same order (so ``y`` is the originals'); cached."""
+    from fractions import Fraction
+
+    from scipy.signal import resample_poly
+
+    from tasks.data.audio import Spectrogram, load_audio, spectrogram_image
+
+    recipe = Spectrogram(**RECIPE)
+    out: dict[str, dict[float, np.ndarray]] = {s: {} for s in SPEAKERS}
+    listing = recordings(data)
+    for a in speeds:
+        path = cache / f"fsdd-{size}-speed{a:g}.npz"
+        if path.exists():
+            with np.load(path) as z:
+                for s in SPEAKERS:
+                    out[s][a] = z[s]
+            continue
+        ratio = Fraction(1.0 / a).limit_denominator(100)
+        drawn: dict[str, list] = {s: [] for s in SPEAKERS}
+        for rel, _, speaker in listing:
+            wave = load_audio(data / rel, recipe.sample_rate, recipe.max_seconds)
+            drawn[speaker].append(spectrogram_image(resample_poly(wave, ratio.numerator, ratio.denominator)
+                                                    .astype(np.float32), recipe, size))
+        for s in SPEAKERS:
+            out[s][a] = np.stack(drawn[s])
+        cache.mkdir(parents=True, exist_ok=True)
+        np.savez(path, **{s: out[s][a] for s in SPEAKERS})
+    return out
 
 
 def augmenter(size: int, variant: str, warp: float, seed: int):
@@ -240,8 +276,9 @@ def world(arrays, speakers, variants, args, curve: bool, held_out=None) -> dict:
     held_out = list(held_out or speakers)
     for held in held_out:
         train = [s for s in speakers if s != held]
-        tx = np.concatenate([arrays[s]["x"] for s in train])
-        ty = np.concatenate([arrays[s]["y"] for s in train])
+        tx = np.concatenate([arrays[s]["x"] for s in train] + [arrays[s]["speed"][a] for s in train
+                                                               for a in args.speeds])
+        ty = np.concatenate([arrays[s]["y"] for s in train] * (1 + len(args.speeds)))
         for v in variants:
             runs = []
             for seed in range(args.seed, args.seed + args.seeds):
@@ -300,6 +337,9 @@ def main() -> int:
     ap.add_argument("--adapt-bn", action="store_true",
                     help="also score each network after AdaBN: BatchNormalization statistics re-estimated on the "
                          "held-out speaker's images (no label)")
+    ap.add_argument("--speeds", type=lambda t: [float(f) for f in t.split(",")] if t else [], default=[],
+                    help="speed factors (e.g. 0.9,1.1): the training voices' recordings also played at each, as more "
+                         "training images (give --epochs over the larger set: 10 with two factors keeps the steps)")
     ap.add_argument("--tta-warps", type=lambda t: [float(f) for f in t.split(",")] if t else [], default=[],
                     help="with --adapt-bn: factors (e.g. 0.88,0.94,1,1.06,1.12) the held-out voice's images are also "
                          "warped by (rows about 0 Hz), each adapted and predicted; the factor of least entropy is "
@@ -318,6 +358,12 @@ def main() -> int:
     data, _ = found
     t0 = time.perf_counter()
     arrays = images(data, args.size, Path(args.cache), args.normalise)
+    if args.speeds:
+        if args.normalise != "none":
+            ap.error("--speeds draws the copies without normalisation; leave --normalise out")
+        copies = speed_copies(data, args.size, Path(args.cache), args.speeds)
+        for sp in SPEAKERS:
+            arrays[sp]["speed"] = copies[sp]
     results: dict = {"settings": {k: v for k, v in vars(args).items() if k not in ("json", "cache")},
                      "recipe": RECIPE, "machine": {"platform": platform.machine(), "cpus": os.cpu_count()}}
     variants = args.variants.split(",")
