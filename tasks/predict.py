@@ -57,7 +57,8 @@ def predict_images(source: str | Path, registry: str | Path, name: str, version:
     one ``p_<class>`` column per class; returns counts, skips and paths. ``reuse=False`` recomputes
     every image's codes instead of reading those the training store holds. A fine-tuned model trained with
     ``adapt_batchnorm`` predicts each group after AdaBN on the group's own files: the groups are drawn from
-    file names by ``group_by`` (a regular expression, as ``extract --group-by``), else all files are one."""
+    file names by ``group_by`` (a regular expression, as ``extract --group-by``), else from a CSV's ``group``
+    column, else all files are one."""
     output = Path(output)
     if output.suffix.lower() not in OUTPUT_SUFFIXES:
         raise ParameterError(f"output must end in .csv or .parquet; got {output.name!r}.")
@@ -168,9 +169,12 @@ def _predict_finetuned(source, reg: ModelRegistry, record, output: Path, options
            manifest.media, spec.spectrogram)
     adaptation = None
     if (meta.get("config") or {}).get("adapt_batchnorm"):
-        groups = groups_from_names(paths, group_by) if group_by and paths else {}
-        probs, ok, skips, adaptation = predict_paths_by_group(model, paths, [groups.get(p, "(all)") for p in paths],
-                                                              *how)
+        if group_by and paths:
+            named = groups_from_names(paths, group_by)
+            groups = [named.get(p, "(all)") for p in paths]
+        else:  # a CSV's group column, else all the files are one group
+            groups = [manifest.groups.get(s.path, "(all)") for s in manifest.samples]
+        probs, ok, skips, adaptation = predict_paths_by_group(model, paths, groups, *how)
     else:
         if group_by:
             log.warning("--group-by %r does nothing: model %s v%s was not trained with --adapt-batchnorm, so it "

@@ -550,6 +550,14 @@ def test_adapt_batchnorm_evaluates_each_test_speaker_adapted_and_predict_adapts_
     merged = outcomes.merge(got, on="name", suffixes=("_eval", "_pred"))
     assert len(merged) == len(test_speakers)
     assert (merged["predicted_eval"].astype(str) == merged["predicted_pred"].astype(str)).all()
+    # the same groups from a CSV's group column
+    table = tmp_path / "test.csv"
+    table.write_text("path,group\n" + "".join(f"{m.abspath(s)},{_speaker(s.path)}\n" for s in m.samples
+                                               if s.split == "test"))
+    by_column = predict_images(table, reg, "tones", None, tmp_path / "column.csv")
+    assert by_column["adaptation"]["adapted_groups"] == grouped["adaptation"]["adapted_groups"]
+    np.testing.assert_allclose(pd.read_csv(tmp_path / "column.csv")[[c for c in got.columns if c.startswith("p_")]],
+                               got[[c for c in got.columns if c.startswith("p_")]], atol=1e-5)
     # one group of all the files: other statistics, other probabilities
     predict_images(listing, reg, "tones", None, tmp_path / "one.csv")
     one = pd.read_csv(tmp_path / "one.csv")

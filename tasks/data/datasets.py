@@ -764,6 +764,7 @@ def scan_images(source: str | os.PathLike, workers: int = 4, progress: Progress 
     :mod:`tasks.data.media`."""
     p = Path(source)
     skipped: list[Skip] = []
+    listed_groups: dict[str, str] = {}  # a CSV's group column (a speaker...), for models that adapt per group
     if p.is_dir():
         base = p.resolve()
         prefix = os.path.join(str(base), "")
@@ -786,6 +787,8 @@ def scan_images(source: str | os.PathLike, workers: int = 4, progress: Progress 
             if rows and "path" not in {k.strip().lower() for k in rows[0] if k}:
                 raise DatasetError(f"CSV {p} needs a 'path' column.")
             listed = [next(v for k, v in r.items() if k and k.strip().lower() == "path").strip() for r in rows]
+            listed_groups = {Path(x).as_posix(): (g or "").strip() for x, g in zip(
+                listed, (next((v for k, v in r.items() if k and k.strip().lower() == "group"), None) for r in rows))}
         else:
             listed = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
         entries = []
@@ -820,5 +823,6 @@ def scan_images(source: str | os.PathLike, workers: int = 4, progress: Progress 
         raise DatasetError(f"none of the images in {source} could be read: "
                            + "; ".join(f"{s.path}: {s.reason}" for s in skipped[:5]))
     rows, media = _one_media([(x.path, x) for x in samples], base, skipped, source)
-    return Manifest(root=str(base), layout="images", class_names=[], samples=[x for _, x in rows], skipped=skipped,
-                    media=media)
+    kept = [x for _, x in rows]
+    return Manifest(root=str(base), layout="images", class_names=[], samples=kept, skipped=skipped, media=media,
+                    groups={x.path: listed_groups[x.path] for x in kept if listed_groups.get(x.path)})
