@@ -133,8 +133,9 @@ def speed_copies(data: Path, size: int, cache: Path, speeds: list[float]) -> dic
     return out
 
 
-def augmenter(size: int, variant: str, warp: float, seed: int):
-    """``(x float32 batch, y one-hot) -> (x, y)`` training augmentation of ``variant``."""
+def augmenter(size: int, variant: str, warp: float, seed: int, strength: float = 0.1):
+    """``(x float32 batch, y one-hot) -> (x, y)`` training augmentation of ``variant``; ``strength`` as the flow's
+    ``--augment-strength``: masks up to 2 x strength of the image, time shifts up to strength."""
     import tensorflow as tf
 
     gen = tf.random.Generator.from_seed(seed)
@@ -152,19 +153,19 @@ def augmenter(size: int, variant: str, warp: float, seed: int):
         if "warp" in variant:
             a = gen.uniform([n], 1.0 - warp, 1.0 + warp)  # output row r shows input row (r - b) / a + b, b = bottom
             bottom = float(size - 1)
-            shift = gen.uniform([n], -0.1, 0.1) * size  # time shift, in the same transform
+            shift = gen.uniform([n], -strength, strength) * size  # time shift, in the same transform
             zeros, ones = tf.zeros([n]), tf.ones([n])
             transform = tf.stack([ones, zeros, shift, zeros, 1.0 / a, bottom * (1.0 - 1.0 / a), zeros, zeros], axis=1)
             x = tf.raw_ops.ImageProjectiveTransformV3(images=x, transforms=transform, output_shape=[size, size],
                                                       interpolation="BILINEAR", fill_mode="NEAREST", fill_value=0.0)
         else:
-            shift = gen.uniform([n], -0.1, 0.1) * size
+            shift = gen.uniform([n], -strength, strength) * size
             zeros, ones = tf.zeros([n]), tf.ones([n])
             transform = tf.stack([ones, zeros, shift, zeros, ones, zeros, zeros, zeros], axis=1)
             x = tf.raw_ops.ImageProjectiveTransformV3(images=x, transforms=transform, output_shape=[size, size],
                                                       interpolation="BILINEAR", fill_mode="CONSTANT", fill_value=0.0)
-        x = band(x, 2, int(size * 0.2))
-        x = band(x, 1, int(size * 0.2))
+        x = band(x, 2, int(size * 2 * strength))
+        x = band(x, 1, int(size * 2 * strength))
         if "mixup" in variant:
             u = tf.random.stateless_gamma([n], seed=gen.uniform_full_int([2], tf.int32), alpha=0.2)
             v = tf.random.stateless_gamma([n], seed=gen.uniform_full_int([2], tf.int32), alpha=0.2)
@@ -199,7 +200,8 @@ def fine_tune(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.n
     x, y = train
     ds = tf.data.Dataset.from_tensor_slices((x, tf.one_hot(y, 10)))
     ds = ds.shuffle(len(x), seed=seed).batch(args.batch)
-    ds = ds.map(lambda a, b: (tf.cast(a, tf.float32), b)).map(augmenter(size, variant, args.warp, seed))
+    ds = ds.map(lambda a, b: (tf.cast(a, tf.float32), b))
+    ds = ds.map(augmenter(size, variant, args.warp, seed, args.strength))
     ds = ds.prefetch(2)
     xt, yt = test
     accs: list[float] = []
@@ -337,6 +339,8 @@ def main() -> int:
     ap.add_argument("--adapt-bn", action="store_true",
                     help="also score each network after AdaBN: BatchNormalization statistics re-estimated on the "
                          "held-out speaker's images (no label)")
+    ap.add_argument("--strength", type=float, default=0.1,
+                    help="the masks' and time shift's strength, as the flow's --augment-strength (default 0.1)")
     ap.add_argument("--speeds", type=lambda t: [float(f) for f in t.split(",")] if t else [], default=[],
                     help="speed factors (e.g. 0.9,1.1): the training voices' recordings also played at each, as more "
                          "training images (give --epochs over the larger set: 10 with two factors keeps the steps)")
