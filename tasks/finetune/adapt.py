@@ -17,7 +17,7 @@ data adapt (:func:`batchnorm_layers`): fine-tune with ``--train-batchnorm``.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -136,29 +136,45 @@ def adapt_batchnorm(model, batches: Iterable[np.ndarray], layers: Sequence | Non
     return seen
 
 
+def by_group(model, groups: Sequence[Any], batches: Callable[[list[int]], Iterable[np.ndarray]],
+             predict: Callable[[list[int]], None], min_images: int = MIN_IMAGES) -> dict[str, Any]:
+    """The loop of adapted prediction, whatever holds the images: for each group (``groups[i]`` names item i's),
+    the trained statistics, then AdaBN on ``batches(indices)`` when the group has at least ``min_images`` items
+    (and that many were seen), then ``predict(indices)``. The trained statistics are back on return. Returns a
+    summary: layers, groups adapted and groups kept, with their sizes."""
+    layers = batchnorm_layers(model)
+    trained = statistics(layers)
+    members: dict[str, list[int]] = {}
+    for i, g in enumerate(groups):
+        members.setdefault(str(g), []).append(i)
+    adapted: dict[str, int] = {}
+    kept: dict[str, int] = {}
+    try:
+        for g, idx in members.items():
+            set_statistics(layers, trained)
+            seen = adapt_batchnorm(model, batches(idx), layers) if layers and len(idx) >= min_images else 0
+            if seen < min_images:
+                set_statistics(layers, trained)
+                kept[g] = seen or len(idx)
+            else:
+                adapted[g] = seen
+            predict(idx)
+    finally:
+        set_statistics(layers, trained)
+    return {"batchnorm_layers": len(layers), "adapted_groups": adapted, "kept_groups": kept, "min_images": min_images}
+
+
 def predict_adapted(model, images: np.ndarray, groups: Sequence[Any], batch_size: int = 32,
                     min_images: int = MIN_IMAGES) -> tuple[np.ndarray, dict[str, Any]]:
     """Class probabilities of ``images``, each group (``groups[i]`` names image i's) predicted after the
-    network's BatchNormalization statistics were adapted to that group's images; groups of fewer than
-    ``min_images`` images are predicted with the trained statistics. The model's statistics are the trained
-    ones again on return. Returns (probabilities, a summary: groups adapted, groups kept, layers)."""
+    network's BatchNormalization statistics were adapted to that group's images (:func:`by_group`). Returns
+    (probabilities, the summary)."""
     if len(groups) != len(images):
         raise ValueError(f"{len(images)} images but {len(groups)} group names")
-    layers = batchnorm_layers(model)
-    trained = statistics(layers)
     probs = np.zeros((len(images), int(model.output_shape[-1])), dtype=np.float32)
-    keys = np.asarray([str(g) for g in groups], dtype=object)
-    adapted, kept = {}, {}
-    try:
-        for g in dict.fromkeys(keys):
-            idx = np.flatnonzero(keys == g)
-            if layers and len(idx) >= min_images:
-                adapted[g] = adapt_batchnorm(model, chunks(images[idx]), layers)
-            else:
-                set_statistics(layers, trained)
-                kept[g] = int(len(idx))
-            probs[idx] = model.predict(images[idx].astype(np.float32), batch_size=batch_size, verbose=0)
-    finally:
-        set_statistics(layers, trained)
-    return probs, {"batchnorm_layers": len(layers), "adapted_groups": adapted, "kept_groups": kept,
-                   "min_images": min_images}
+
+    def predict(idx: list[int]) -> None:
+        probs[idx] = model.predict(images[idx].astype(np.float32), batch_size=batch_size, verbose=0)
+
+    summary = by_group(model, groups, lambda idx: chunks(images[idx]), predict, min_images)
+    return probs, summary

@@ -12,7 +12,7 @@ from storage.manifest import Manifest, Skip
 from .. import tf_runtime
 from ..data.audio import Spectrogram
 from ..data.inputs import InputError, input_loader
-from .adapt import MIN_IMAGES, PASS_BATCH, adapt_batchnorm, batchnorm_layers, set_statistics, statistics
+from .adapt import MIN_IMAGES, PASS_BATCH, by_group
 from .data import split_arrays
 from .network import keras_pieces
 
@@ -79,15 +79,9 @@ def predict_paths_by_group(model, paths: Sequence[str], groups: Sequence[str], s
     (:mod:`.adapt`; files are decoded twice, so memory holds one batch, not a group). Groups of fewer than
     ``min_images`` readable files (default :data:`.adapt.MIN_IMAGES`) keep the trained statistics, which are back
     in the model on return. Returns (probs, ok indices, skips, a summary of the adaptation)."""
-    min_images = MIN_IMAGES if min_images is None else min_images
     load = input_loader(media, size, resize, spectrogram=spectrogram)
-    layers = batchnorm_layers(model)
-    trained = statistics(layers)
-    keys = [str(g) for g in groups]
     rows: dict[int, np.ndarray] = {}
     skips: list[Skip] = []
-    adapted: dict[str, int] = {}
-    kept: dict[str, int] = {}
 
     def readable(idx: list[int]):
         for start in range(0, len(idx), PASS_BATCH):
@@ -96,28 +90,18 @@ def predict_paths_by_group(model, paths: Sequence[str], groups: Sequence[str], s
                 try:
                     batch.append(load(paths[i]))
                 except InputError:
-                    pass  # predict_paths reports it below
+                    pass  # predict_paths reports it
             yield np.stack(batch) if batch else np.zeros((0, size, size, 3), np.uint8)
 
-    try:
-        for g in dict.fromkeys(keys):
-            idx = [i for i, k in enumerate(keys) if k == g]
-            set_statistics(layers, trained)
-            seen = adapt_batchnorm(model, readable(idx), layers) if layers and len(idx) >= min_images else 0
-            if seen < min_images:
-                set_statistics(layers, trained)
-                kept[g] = seen or len(idx)
-            else:
-                adapted[g] = seen
-            probs, ok, bad = predict_paths(model, [paths[i] for i in idx], size, resize, batch_size, media, spectrogram)
-            skips += bad
-            rows.update({idx[j]: p for j, p in zip(ok, probs)})
-    finally:
-        set_statistics(layers, trained)
+    def predict(idx: list[int]) -> None:
+        probs, ok, bad = predict_paths(model, [paths[i] for i in idx], size, resize, batch_size, media, spectrogram)
+        skips.extend(bad)
+        rows.update({idx[j]: p for j, p in zip(ok, probs)})
+
+    summary = by_group(model, groups, readable, predict, MIN_IMAGES if min_images is None else min_images)
     ok_all = sorted(rows)
     out = np.stack([rows[i] for i in ok_all]) if ok_all else np.zeros((0, model.output_shape[-1]))
-    return out, ok_all, skips, {"batchnorm_layers": len(layers), "adapted_groups": adapted, "kept_groups": kept,
-                                "min_images": min_images}
+    return out, ok_all, skips, summary
 
 
 # --------------------------------------------------------------------------- evaluate + register
