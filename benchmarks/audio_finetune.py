@@ -179,7 +179,7 @@ def augmenter(size: int, variant: str, warp: float, seed: int, strength: float =
 
 
 def fine_tune(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray], variant: str, args,
-              curve: bool, seed: int) -> dict:
+              curve: bool, seed: int, tag: str) -> dict:
     import keras
     import tensorflow as tf
 
@@ -214,13 +214,22 @@ def fine_tune(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.n
                 accs.append(round(float(np.mean(p.argmax(1) == yt)), 4))
 
     t = time.perf_counter()
-    if variant == "lpft":  # the head alone first (the flow's --head-epochs: Adam at the head rate, constant)
+    saved = trained_path(args, variant, seed, tag)
+    if saved.exists():  # the same network was trained before: its weights, not a second training
+        model.load_weights(saved)
+        p = last["probs"] = model.predict(xt, batch_size=100, verbose=0)
+        accs.append(round(float(np.mean(p.argmax(1) == yt)), 4))
+        curve = False
+    elif variant == "lpft":  # the head alone first (the flow's --head-epochs: Adam at the head rate, constant)
         base.trainable = False
         model.compile(keras.optimizers.Adam(1e-3), "categorical_crossentropy", metrics=["accuracy"])
         model.fit(ds, epochs=args.head_epochs, verbose=0)
         base.trainable = True
-    model.compile(keras.optimizers.Adam(lr), "categorical_crossentropy", metrics=["accuracy"])
-    model.fit(ds, epochs=args.epochs, verbose=0, callbacks=[Curve()])
+    if not saved.exists():
+        model.compile(keras.optimizers.Adam(lr), "categorical_crossentropy", metrics=["accuracy"])
+        model.fit(ds, epochs=args.epochs, verbose=0, callbacks=[Curve()])
+        saved.parent.mkdir(parents=True, exist_ok=True)
+        model.save_weights(saved)
     out = {"accuracy": accs[-1], "curve": accs if curve else None, "seconds": round(time.perf_counter() - t, 1),
            "train_images": int(len(x)), "probs": last["probs"]}
     if args.adapt_bn:  # AdaBN: every BatchNormalization's statistics re-estimated on the held-out voice, no label
@@ -235,6 +244,75 @@ def fine_tune(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.n
             xw = warped(xt, f)
             model(xw, training=True)
             out["warp_probs"][f] = model.predict(xw, batch_size=100, verbose=0)
+        if args.self_train:
+            out["model"] = model
+    return out
+
+
+def trained_path(args, variant: str, seed: int, tag: str) -> Path:
+    """Where a trained network's weights are kept: the world (``tag``) and every setting that shapes the training
+    are in the name."""
+    key = (f"{tag}-{variant}-seed{seed}-size{args.size}-e{args.epochs}-b{args.batch}-lr{args.lr:g}"
+           f"-d{args.dropout:g}-w{args.warp:g}-st{args.strength:g}-sp{'_'.join(f'{a:g}' for a in args.speeds)}"
+           f"-{args.normalise}")
+    return Path(args.cache) / "networks" / f"{key}.weights.h5"
+
+
+def pseudo_labels(probs: np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """The most confident ``fraction`` of the images predicted as each class (at least one per class predicted):
+    their indices and predicted classes. Class by class, so that no digit is drowned by the easy ones."""
+    pred, conf = probs.argmax(1), probs.max(1)
+    keep = []
+    for c in np.unique(pred):
+        idx = np.flatnonzero(pred == c)
+        keep.extend(idx[np.argsort(-conf[idx])][:max(1, int(round(fraction * len(idx))))])
+    keep = np.sort(np.array(keep))
+    return keep, pred[keep]
+
+
+def self_training(runs: list[dict], train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray],
+                  mode: str, args, seed: int) -> dict:
+    """Two-pass unsupervised adaptation to the held-out voice: the adapted ensemble's most confident predictions
+    (``--self-fraction`` per predicted class) become labels; every network trains on them for ``--self-epochs``
+    epochs (``group``: those images only; ``group+train``: with the training voices' recordings too, for
+    ``--self-epochs`` / 3 epochs) with the masks and time shift (no mixup), Adam at ``--self-lr``; then AdaBN on the
+    voice again and a new prediction. ``--self-rounds`` repeats it from the new ensemble's predictions, each round
+    from the trained networks. No label of the held-out voice is used. The networks are put back afterwards."""
+    import keras
+    import tensorflow as tf
+
+    xt, yt = test
+    acc = lambda p: round(float(np.mean(p.argmax(1) == yt)), 4)  # noqa: E731
+    start = [r["model"].get_weights() for r in runs]  # as trained, with the voice's AdaBN statistics
+    probs = np.mean([r["adapted_probs"] for r in runs], axis=0)
+    out: dict = {"rounds": []}
+    t = time.perf_counter()
+    for k in range(args.self_rounds):
+        idx, labels = pseudo_labels(probs, args.self_fraction[min(k, len(args.self_fraction) - 1)])
+        x, y = xt[idx], labels
+        epochs = args.self_epochs
+        if mode == "group+train":
+            x, y = np.concatenate([x, train[0]]), np.concatenate([y, train[1]])
+            epochs = max(1, args.self_epochs // 3)
+        each = []
+        for j, (r, w) in enumerate(zip(runs, start)):
+            model = r["model"]
+            model.set_weights(w)
+            keras.utils.set_random_seed(seed + 1000 * (k + 1) + j)
+            ds = tf.data.Dataset.from_tensor_slices((x, tf.one_hot(y, 10))).shuffle(len(x), seed=seed + j)
+            ds = ds.batch(args.batch).map(lambda a, b: (tf.cast(a, tf.float32), b))
+            ds = ds.map(augmenter(args.size, "base", args.warp, seed + 7919 * (k + 1) + j, args.strength))
+            model.compile(keras.optimizers.Adam(args.self_lr), "categorical_crossentropy")
+            model.fit(ds.prefetch(2), epochs=epochs, verbose=0)
+            model(tf.cast(xt, tf.float32), training=True)  # AdaBN on the voice again (momentum 0)
+            each.append(model.predict(xt, batch_size=100, verbose=0))
+        probs = np.mean(each, axis=0)
+        out["rounds"].append({"pseudo_labels": int(len(idx)), "pseudo_label_accuracy": round(float(np.mean(
+            labels == yt[idx])), 4), "seed_accuracies": [acc(p) for p in each], "ensemble_accuracy": acc(probs)})
+    for r, w in zip(runs, start):
+        r["model"].set_weights(w)
+    out["ensemble_accuracy"] = out["rounds"][-1]["ensemble_accuracy"]
+    out["seconds"] = round(time.perf_counter() - t, 1)
     return out
 
 
@@ -284,12 +362,20 @@ def world(arrays, speakers, variants, args, curve: bool, held_out=None) -> dict:
         for v in variants:
             runs = []
             for seed in range(args.seed, args.seed + args.seeds):
-                r = fine_tune((tx, ty), (arrays[held]["x"], arrays[held]["y"]), v, args, curve, seed)
+                r = fine_tune((tx, ty), (arrays[held]["x"], arrays[held]["y"]), v, args, curve, seed,
+                              f"{held}-from-{'+'.join(train)}")
                 adapted = f" adapted {r['adapted_accuracy']:.3f}" if args.adapt_bn else ""
                 print(f"  {held:8s} {v:11s} seed {seed} {r['accuracy']:.3f}{adapted}  ({r['seconds']} s) "
                       f"{r['curve'] or ''}", file=sys.stderr)
                 runs.append(r)
-            r = {k: val for k, val in runs[0].items() if not k.endswith("probs")}
+            r = {k: val for k, val in runs[0].items() if not k.endswith("probs") and k != "model"}
+            for mode in args.self_train:
+                st = r.setdefault("self_training", {})[mode] = self_training(
+                    runs, (tx, ty), (arrays[held]["x"], arrays[held]["y"]), mode, args, args.seed)
+                print(f"  {held:8s} {v:11s} self-training ({mode}): " + "; ".join(
+                    f"round {i + 1}: {rd['pseudo_labels']} pseudo-labels ({rd['pseudo_label_accuracy']:.3f} right), "
+                    f"networks {rd['seed_accuracies']}, ensemble {rd['ensemble_accuracy']:.3f}"
+                    for i, rd in enumerate(st["rounds"])) + f"  ({st['seconds']} s)", file=sys.stderr)
             if args.tta_warps:
                 r.update(warp_choices(runs, arrays[held]["y"]))
                 print(f"  {held:8s} {v:11s} warp by least entropy: networks {r['vtln_seed_accuracies']} at "
@@ -312,6 +398,11 @@ def world(arrays, speakers, variants, args, curve: bool, held_out=None) -> dict:
                     out[v]["mean_" + k] = round(float(np.mean([out[v][h][k] for h in held_out])), 4)
                 out[v]["mean_vtln_of_seeds"] = round(float(np.mean([out[v][h]["vtln_seed_accuracies"]
                                                                     for h in held_out])), 4)
+            if args.seeds > 1 and pre and args.self_train:
+                for mode in args.self_train:
+                    out[v]["mean_self_training_" + mode] = [round(float(np.mean(
+                        [out[v][h]["self_training"][mode]["rounds"][k]["ensemble_accuracy"] for h in held_out])), 4)
+                        for k in range(args.self_rounds)]
             if args.seeds > 1:
                 out[v][pre + "mean_ensemble"] = round(float(np.mean([out[v][h][pre + "ensemble_accuracy"]
                                                                      for h in held_out])), 4)
@@ -348,6 +439,14 @@ def main() -> int:
                     help="with --adapt-bn: factors (e.g. 0.88,0.94,1,1.06,1.12) the held-out voice's images are also "
                          "warped by (rows about 0 Hz), each adapted and predicted; the factor of least entropy is "
                          "chosen per network and per ensemble (no label), and all are averaged")
+    ap.add_argument("--self-train", type=lambda t: t.split(",") if t else [], default=[],
+                    help="with --adapt-bn and --seeds > 1: self-training on the held-out voice's pseudo-labels, modes "
+                         "group (its images only) and/or group+train (with the training voices')")
+    ap.add_argument("--self-fraction", type=lambda t: [float(f) for f in t.split(",")], default=[0.5],
+                    help="the most confident fraction of each predicted class kept as pseudo-labels, per round")
+    ap.add_argument("--self-epochs", type=int, default=10)
+    ap.add_argument("--self-lr", type=float, default=1e-4)
+    ap.add_argument("--self-rounds", type=int, default=1)
     ap.add_argument("--final-speakers", default=",".join(SPEAKERS), help="held-out speakers of the final world")
     ap.add_argument("--no-develop", action="store_true")
     ap.add_argument("--final", default="", help="variant for the final world (default: the development's choice)")
@@ -356,6 +455,8 @@ def main() -> int:
     args = ap.parse_args()
     if args.tta_warps and not args.adapt_bn:
         ap.error("--tta-warps needs --adapt-bn")
+    if args.self_train and (not args.adapt_bn or args.seeds < 2 or set(args.self_train) - {"group", "group+train"}):
+        ap.error("--self-train takes group and/or group+train, with --adapt-bn and --seeds 2 or more")
     found = shared_inputs("fsdd")
     if found is None:
         return 0
