@@ -155,7 +155,7 @@ def _predict_finetuned(source, reg: ModelRegistry, record, output: Path, options
     """A fine-tuned ``.keras`` model takes pixels: decode as in training, predict (group by group after AdaBN
     when the model was trained with ``adapt_batchnorm``), write the table."""
     from .finetune import load_finetuned, predict_paths
-    from .finetune.evaluation import predict_paths_by_group
+    from .finetune.evaluation import predict_paths_by_group, self_training_for
 
     meta = record.metadata
     path, record = reg.load(record.name, record.version)  # verifies the file's sha256 first
@@ -174,7 +174,9 @@ def _predict_finetuned(source, reg: ModelRegistry, record, output: Path, options
             groups = [named.get(p, "(all)") for p in paths]
         else:  # a CSV's group column, else all the files are one group
             groups = [manifest.groups.get(s.path, "(all)") for s in manifest.samples]
-        probs, ok, skips, adaptation = predict_paths_by_group(model, paths, groups, *how)
+        probs, ok, skips, adaptation = predict_paths_by_group(model, paths, groups, *how,
+                                                              self_training=self_training_for(meta["config"],
+                                                                                              manifest.media))
     else:
         if group_by:
             log.warning("--group-by %r does nothing: model %s v%s was not trained with --adapt-batchnorm, so it "

@@ -260,12 +260,15 @@ def evaluate_champion(registry: str, name: str, version: int, kind: str, store: 
 
     rec = ModelRegistry(registry).record(name, version)
     path, rec = ModelRegistry(registry).load(name, version)
-    metrics, _ = finetune.evaluate_finetuned(path, Manifest.load(manifest_path), int(rec.metadata["input_size"]),
+    manifest = Manifest.load(manifest_path)
+    metrics, _ = finetune.evaluate_finetuned(path, manifest, int(rec.metadata["input_size"]),
                                              rec.metadata.get("resize") or "stretch",
                                              int(rec.metadata["config"]["batch_size"]),
                                              outcomes_prefix=Path(report_dir) / f"{name}-v{version}",
                                              spectrogram=BackboneSpec.model_validate(rec.metadata["spec"]).spectrogram,
-                                             adapt=bool(rec.metadata["config"].get("adapt_batchnorm")))
+                                             adapt=bool(rec.metadata["config"].get("adapt_batchnorm")),
+                                             self_training=finetune.self_training_for(rec.metadata["config"],
+                                                                                      manifest.media))
     return metrics
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tasks.finetune.adapt import adapt_batchnorm, batchnorm_layers, chunks, predict_adapted, statistics
+from tasks.finetune.adapt import (SelfTraining, adapt_batchnorm, batchnorm_layers, chunks, networks, predict_adapted,
+                                  pseudo_labels, statistics)
 
 
 def _model(seed: int = 0):
@@ -131,3 +132,81 @@ def test_a_batchnorm_layer_frozen_in_training_keeps_its_statistics_and_the_setti
     with pytest.raises(ParameterError, match="--train-batchnorm"):
         FineTuneConfig(adapt_batchnorm=True)
     assert FineTuneConfig(adapt_batchnorm=True, freeze_batchnorm=False).adapt_batchnorm
+
+
+def test_pseudo_labels_are_the_most_confident_share_of_each_predicted_class():
+    conf0 = [0.9, 0.5, 0.8, 0.6, 0.95, 0.7]  # rows 0-5 predicted class 0
+    conf1 = [0.55, 0.99, 0.6, 0.7]  # rows 6-9 predicted class 1; class 2 never predicted
+    probs = np.zeros((10, 3))
+    for i, c in enumerate(conf0):
+        probs[i] = [c, 1 - c, 0.0]
+    for i, c in enumerate(conf1, 6):
+        probs[i] = [0.0, c, 1 - c]
+    idx, labels = pseudo_labels(probs, 0.5)
+    assert idx.tolist() == [0, 2, 4, 7, 9] and labels.tolist() == [0, 0, 0, 1, 1]
+    idx, labels = pseudo_labels(probs, 0.01)  # at least one of each class predicted
+    assert idx.tolist() == [4, 7] and labels.tolist() == [0, 1]
+    assert pseudo_labels(probs, 1.0)[0].tolist() == list(range(10))
+
+
+def _entropy(p):
+    return float(np.mean(-np.sum(p * np.log(np.clip(p, 1e-12, 1.0)), axis=1)))
+
+
+def test_self_training_sharpens_each_group_on_its_own_predictions_and_the_trained_weights_come_back():
+    model = _model()
+    rng = np.random.default_rng(6)
+    a = rng.normal(size=(32, 8, 8, 3)).astype("float32")
+    images = np.concatenate([a, 2.0 * rng.normal(size=(32, 8, 8, 3)).astype("float32") + 1.0,
+                             rng.normal(size=(5, 8, 8, 3)).astype("float32")])
+    groups = ["a"] * 32 + ["b"] * 32 + ["few"] * 5
+    weights = model.get_weights()
+    adabn, _ = predict_adapted(model, images, groups)
+    how = SelfTraining(rounds=2, epochs=5, fraction=0.5, learning_rate=1e-2, batch_size=8, seed=3)
+    probs, summary = predict_adapted(model, images, groups, self_training=how)
+    for part in (slice(0, 32), slice(32, 64)):  # it learnt its own confident predictions: surer of each group
+        assert _entropy(probs[part]) < _entropy(adabn[part]) - 0.05
+    np.testing.assert_allclose(probs[64:], adabn[64:], atol=1e-6)  # too few to adapt: neither adapted nor trained
+    st = summary["self_training"]
+    assert set(st["groups"]) == {"a", "b"} and st["rounds"] == 2 and st["epochs"] == 5
+    for g in ("a", "b"):
+        rounds = st["groups"][g]["rounds"]
+        assert len(rounds) == 2 and all(12 <= r["pseudo_labels"] <= 19 for r in rounds)
+    for w0, w1 in zip(weights, model.get_weights()):  # every weight and statistic as trained
+        np.testing.assert_array_equal(w0, w1)
+    again, _ = predict_adapted(model, images, groups)
+    np.testing.assert_allclose(again, adabn, atol=1e-6)
+
+
+def test_the_networks_of_an_ensemble_train_one_by_one_on_its_own_weights():
+    import keras
+
+    inp = keras.Input((8, 8, 3))
+    x = keras.layers.Rescaling(0.5)(inp)
+    outs = []
+    for k in (1, 2):
+        sub_in = keras.Input((8, 8, 3))
+        h = keras.layers.GlobalAveragePooling2D()(keras.layers.BatchNormalization()(sub_in))
+        outs.append(keras.Model(sub_in, keras.layers.Dense(3, activation="softmax")(h), name=f"network_{k}")(x))
+    ens = keras.Model(inp, keras.layers.Average(name="ensemble_average")(outs), name="cnncodes_ensemble")
+    nets = networks(ens)
+    assert len(nets) == 2
+    for k, net in enumerate(nets, 1):
+        own = ens.get_layer(f"network_{k}").trainable_weights
+        assert len(net.trainable_weights) == len(own) and all(a is b for a, b in zip(net.trainable_weights, own))
+    assert networks(_model())[0].name != "cnncodes_ensemble" and len(networks(_model())) == 1
+
+
+def test_self_training_settings_are_checked():
+    from storage.errors import ParameterError
+    from tasks.finetune import FineTuneConfig
+
+    with pytest.raises(ParameterError, match="--adapt-batchnorm"):
+        FineTuneConfig(self_train=1, freeze_batchnorm=False)
+    ok = dict(adapt_batchnorm=True, freeze_batchnorm=False)
+    for bad in ({"self_train": -1}, {"self_train": 1, "self_train_fraction": 0.0},
+                {"self_train": 1, "self_train_fraction": 1.5}, {"self_train": 1, "self_train_epochs": 0},
+                {"self_train": 1, "self_train_learning_rate": 0.0}):
+        with pytest.raises(ParameterError, match=next(iter(bad if len(bad) == 1 else list(bad)[1:]))):
+            FineTuneConfig(**ok, **bad)
+    assert FineTuneConfig(**ok, self_train=2).self_train == 2

@@ -571,3 +571,51 @@ def test_adapt_batchnorm_evaluates_each_test_speaker_adapted_and_predict_adapts_
     card = (tmp_path / "export" / "MODEL_CARD.md").read_text()
     unadapted = res["metrics"]["test"]["adaptation"]["unadapted_accuracy"]
     assert "carries the trained statistics" in card and f"{100 * unadapted:.1f}%" in card
+
+
+def test_self_training_evaluates_each_test_speaker_self_trained_and_predict_serves_the_same(
+        spoken, tmp_path, small_cnn, monkeypatch):
+    """--self-train on an ensemble: each val/test speaker is adapted (AdaBN), then every network trains on that
+    speaker's own confident predictions; the metrics record it beside AdaBN alone, the reports say so, and
+    `predict` grouped alike reproduces the evaluation's predictions."""
+    import pandas as pd
+
+    from tasks.backbones import BackboneSpec
+    from tasks.data.datasets import scan_dataset
+    from tasks.export import export_model
+    from tasks.finetune import FineTuneConfig, evaluate_register_report, evaluation, fine_tune
+    from tasks.predict import predict_images
+    from tasks.settings import ExportOptions
+
+    monkeypatch.setattr(evaluation, "MIN_IMAGES", 4)
+    by_speaker = r"^\d+_([a-z]+)_"
+    m = scan_dataset(spoken, val_fraction=0.2, test_fraction=0.4, seed=0, group_by=by_speaker)
+    spec = BackboneSpec(small_cnn, weights="file", preprocessing="scale01",
+                        spectrogram={"sample_rate": RATE, "n_mels": 32, "colormap": "gray", "duration": None})
+    cfg = FineTuneConfig(dense=[], batch_size=6, epochs=2, monitor="none", optimizer="adam", learning_rate=3e-3,
+                         freeze_batchnorm=False, adapt_batchnorm=True, ensemble=2, self_train=1, self_train_epochs=2,
+                         self_train_learning_rate=1e-3)
+    r = fine_tune(m, spec, cfg, tmp_path / "run")
+    trained = {"model_path": r.model_path, "history": r.history, "phases": r.phases, "counts": r.counts,
+               "skipped": r.skipped, "seconds": r.seconds, "input_size": r.input_size, "precision": r.precision}
+    reg = tmp_path / "registry"
+    res = evaluate_register_report(trained, m, spec, cfg, "stretch", reg, "tones", tmp_path / "reports")
+    test_speakers = {s.path: _speaker(s.path) for s in m.samples if s.split == "test"}
+    a = res["metrics"]["test"]["adaptation"]
+    assert set(a["self_training"]["groups"]) == set(test_speakers.values()) == set(a["adapted_groups"])
+    assert all(len(g["rounds"]) == 1 and 1 <= g["rounds"][0]["pseudo_labels"] < g["images"]
+               for g in a["self_training"]["groups"].values())
+    assert 0 <= a["adabn_accuracy"] <= 1 and 0 <= a["unadapted_accuracy"] <= 1
+    assert "self-trained on each adapted group" in Path(res["report"]).read_text()
+    listing = tmp_path / "test.txt"
+    listing.write_text("\n".join(m.abspath(s) for s in m.samples if s.split == "test"))
+    got = predict_images(listing, reg, "tones", None, tmp_path / "grouped.csv", group_by=by_speaker)
+    assert set(got["adaptation"]["self_training"]["groups"]) == set(test_speakers.values())
+    outcomes = pd.read_csv(res["metrics"]["test"]["outcomes"])
+    table = pd.read_csv(tmp_path / "grouped.csv")
+    merged = outcomes.assign(name=outcomes["path"].map(lambda p: Path(p).name)).merge(
+        table.assign(name=table["path"].map(lambda p: Path(p).name)), on="name", suffixes=("_eval", "_pred"))
+    assert len(merged) == len(test_speakers)
+    assert (merged["predicted_eval"].astype(str) == merged["predicted_pred"].astype(str)).all()
+    export_model(reg, "tones", None, tmp_path / "export", ExportOptions(format="keras"))
+    assert "--self-train 1" in (tmp_path / "export" / "MODEL_CARD.md").read_text()

@@ -290,7 +290,10 @@ def decision_markdown(d: dict[str, Any]) -> str:
                   "label): " + "; ".join(
                       f"{s}: {len(a['adapted_groups'])} group(s) adapted, {len(a['kept_groups'])} kept the trained "
                       f"statistics (fewer than {a['min_images']} files), accuracy with the trained statistics "
-                      f"{_pct(a['unadapted_accuracy'])}" for s, a in adapted.items()) + "."]
+                      f"{_pct(a['unadapted_accuracy'])}"
+                      + (f", then self-trained on each adapted group's own confident predictions (`--self-train "
+                         f"{a['self_training']['rounds']}`), AdaBN alone {_pct(a['adabn_accuracy'])}"
+                         if a.get("self_training") else "") for s, a in adapted.items()) + "."]
     g = d["gate"]
     lines += ["", "## Champion", "", f"**{g['promoted']}** is the champion: {g['reason']}.", "",
               f"Decided on the **{g['split']}** split. Margin: `--gate-margin {g['margin']:g}`; promotion also needs "

@@ -89,7 +89,11 @@ def model_card(info: dict[str, Any]) -> str:
             lines += [f"- measured the way `cnncodes predict` serves it: BatchNormalization statistics adapted to each "
                       f"of {len(a['adapted_groups'])} group(s) of the {test['split']} split (AdaBN, "
                       "`--adapt-batchnorm`). **This exported file carries the trained statistics** and predicts every "
-                      f"input alike; so measured, the {test['split']} accuracy was {_pct(a['unadapted_accuracy'])}"]
+                      f"input alike; so measured, the {test['split']} accuracy was {_pct(a['unadapted_accuracy'])}"
+                      + ("" if not a.get("self_training") else
+                         f". `cnncodes predict` also self-trains the network on each group's own confident predictions "
+                         f"(`--self-train {a['self_training']['rounds']}`); with AdaBN alone it was "
+                         f"{_pct(a['adabn_accuracy'])}")]
         if test.get("per_class"):
             lines += ["", "| class | recall | precision | images |", "|---|---|---|---|"]
             lines += [f"| {c['class']} | {_pct(c.get('recall'))} | {_pct(c.get('precision'))} | {c.get('support')} |"

@@ -11,7 +11,7 @@
 from .config import AUGMENTATIONS, OPTIMIZERS, SCHEDULES, FineTuneConfig, precision_of
 from .data import SkipLog, augmentation, make_dataset, split_arrays
 from .evaluation import (evaluate_finetuned, load_finetuned, plot_learning_curves, predict_images_array,
-                         predict_paths)
+                         predict_paths, self_training_for)
 from .network import Network, apply_freezing, build_network, keras_pieces, make_optimizer
 from .report import evaluate_register_report, register_finetuned
 from .training import FineTuneResult, default_strategy, fine_tune
@@ -20,4 +20,4 @@ __all__ = ["AUGMENTATIONS", "OPTIMIZERS", "SCHEDULES", "FineTuneConfig", "FineTu
            "apply_freezing", "augmentation", "build_network", "default_strategy", "evaluate_finetuned",
            "evaluate_register_report", "fine_tune", "keras_pieces", "load_finetuned", "make_dataset",
            "make_optimizer", "plot_learning_curves", "precision_of", "predict_images_array", "predict_paths",
-           "register_finetuned", "split_arrays"]
+           "register_finetuned", "self_training_for", "split_arrays"]

@@ -17,6 +17,7 @@ data adapt (:func:`batchnorm_layers`): fine-tune with ``--train-batchnorm``.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -136,21 +137,122 @@ def adapt_batchnorm(model, batches: Iterable[np.ndarray], layers: Sequence | Non
     return seen
 
 
+@dataclass(frozen=True)
+class SelfTraining:
+    """Test-time self-training on a group, after AdaBN: the two-pass unsupervised adaptation of speech
+    recognisers. The adapted model's most confident predictions on the group (``fraction`` of the images
+    predicted as each class, class by class so that no class is drowned by the easy ones) become labels; every
+    network (each of an ensemble's) trains on those images for ``epochs`` epochs, Adam at ``learning_rate``,
+    ``augment(seed)`` applied (a function that makes a Keras layer, called with ``training=True``; None: none);
+    then AdaBN on the group again. Each of ``rounds`` starts from the trained (adapted) network with the previous
+    round's predictions. No label is used. Every random draw (order, dropout, augmentation) is seeded from ``seed``
+    alone, so a group self-trains alike whatever was predicted before it."""
+
+    rounds: int = 1
+    epochs: int = 10
+    fraction: float = 0.5
+    learning_rate: float = 1e-4
+    batch_size: int = 32
+    seed: int = 0
+    augment: Any = None
+
+
+def pseudo_labels(probs: np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """The indices (ascending) and predicted classes of the most confident ``fraction`` of the rows predicted as
+    each class (rounded, at least one per class predicted)."""
+    pred, conf = probs.argmax(axis=1), probs.max(axis=1)
+    keep: list[int] = []
+    for c in np.unique(pred):
+        idx = np.flatnonzero(pred == c)
+        keep.extend(idx[np.argsort(-conf[idx], kind="stable")][:max(1, int(round(fraction * len(idx))))])
+    out = np.sort(np.asarray(keep, dtype=np.int64))
+    return out, pred[out]
+
+
+def networks(model) -> list:
+    """The networks that train one by one: each member of an ensemble (``network_K``, seen from the ensemble's
+    input, so the shared preprocessing comes first), else the model itself."""
+    from .. import tf_runtime
+
+    keras = tf_runtime.keras()
+    subs = [la for la in model.layers if la.name.startswith("network_") and isinstance(la, keras.Model)]
+    if model.name != "cnncodes_ensemble" or not subs:
+        return [model]
+    shared = [la for la in model.layers if not isinstance(la, keras.layers.InputLayer) and la not in subs
+              and la.name != "ensemble_average"]  # the preprocessing before the members
+
+    def alone(member):
+        inp = keras.Input(model.input_shape[1:])
+        h = inp
+        for la in shared:
+            h = la(h)
+        return keras.Model(inp, member(h), name=f"{member.name}_alone")
+
+    return [alone(la) for la in subs]
+
+
+def _reseed(model, seed: int) -> None:
+    """Every random-number state of ``model``'s layers (dropout's, say) set from ``seed``: they are not weights, so
+    loading a model leaves them drawn at random, and each use moves them on."""
+    for i, v in enumerate(v for v in model.variables if v.name.endswith("seed_generator_state")):
+        v.assign(np.array([seed, 1 + i], dtype=v.dtype))
+
+
+def self_train(model, images: np.ndarray, how: SelfTraining, layers: Sequence | None = None) -> dict[str, Any]:
+    """:class:`SelfTraining` on one group's ``images`` (uint8 or float, as the model takes them); ``model`` is
+    adapted to them already. The model is left self-trained and adapted (:func:`by_group` puts the trained
+    weights back). Returns per round the pseudo-labels' count and how many predictions the round changed."""
+    from .. import tf_runtime
+
+    keras, tf = tf_runtime.keras(), tf_runtime.tensorflow()
+    layers = batchnorm_layers(model) if layers is None else layers
+    n_classes = int(model.output_shape[-1])
+    start = model.get_weights()
+    predict = lambda: np.asarray(model.predict(images.astype(np.float32), batch_size=how.batch_size,  # noqa: E731
+                                               verbose=0))
+    probs = predict()
+    rounds = []
+    for k in range(how.rounds):
+        keep, labels = pseudo_labels(probs, how.fraction)
+        model.set_weights(start)
+        for j, net in enumerate(networks(model)):
+            seed = how.seed + 1000 * (k + 1) + j
+            keras.utils.set_random_seed(seed)
+            _reseed(net, seed)
+            ds = tf.data.Dataset.from_tensor_slices((images[keep], tf.one_hot(labels, n_classes)))
+            ds = ds.shuffle(len(keep), seed=seed).batch(how.batch_size).map(lambda x, y: (tf.cast(x, tf.float32), y))
+            if how.augment is not None:
+                augment = how.augment(seed)
+                ds = ds.map(lambda x, y: (augment(x, training=True), y))
+            net.compile(optimizer=keras.optimizers.Adam(how.learning_rate), loss="categorical_crossentropy")
+            net.fit(ds.prefetch(2), epochs=how.epochs, verbose=0, shuffle=False)
+        adapt_batchnorm(model, chunks(images), layers)
+        before, probs = probs.argmax(axis=1), predict()
+        rounds.append({"pseudo_labels": int(len(keep)), "changed": int(np.sum(probs.argmax(axis=1) != before))})
+    return {"images": int(len(images)), "rounds": rounds}
+
+
 def by_group(model, groups: Sequence[Any], batches: Callable[[list[int]], Iterable[np.ndarray]],
-             predict: Callable[[list[int]], None], min_images: int = MIN_IMAGES) -> dict[str, Any]:
+             predict: Callable[[list[int]], None], min_images: int = MIN_IMAGES,
+             self_training: SelfTraining | None = None) -> dict[str, Any]:
     """The loop of adapted prediction, whatever holds the images: for each group (``groups[i]`` names item i's),
     the trained statistics, then AdaBN on ``batches(indices)`` when the group has at least ``min_images`` items
-    (and that many were seen), then ``predict(indices)``. The trained statistics are back on return. Returns a
-    summary: layers, groups adapted and groups kept, with their sizes."""
+    (and that many were seen), with ``self_training`` then :func:`self_train` on the group's images (held in memory
+    for it), then ``predict(indices)``. The trained statistics (and weights) are back on return. Returns a summary:
+    layers, groups adapted and groups kept, with their sizes, and each self-trained group's rounds."""
     layers = batchnorm_layers(model)
     trained = statistics(layers)
+    weights = model.get_weights() if self_training is not None else None
     members: dict[str, list[int]] = {}
     for i, g in enumerate(groups):
         members.setdefault(str(g), []).append(i)
     adapted: dict[str, int] = {}
     kept: dict[str, int] = {}
+    trained_on: dict[str, Any] = {}
     try:
         for g, idx in members.items():
+            if weights is not None:
+                model.set_weights(weights)
             set_statistics(layers, trained)
             seen = adapt_batchnorm(model, batches(idx), layers) if layers and len(idx) >= min_images else 0
             if seen < min_images:
@@ -158,17 +260,29 @@ def by_group(model, groups: Sequence[Any], batches: Callable[[list[int]], Iterab
                 kept[g] = seen or len(idx)
             else:
                 adapted[g] = seen
+                if self_training is not None:
+                    trained_on[g] = self_train(model, np.concatenate([b for b in batches(idx) if len(b)]),
+                                               self_training, layers)
             predict(idx)
     finally:
+        if weights is not None:
+            model.set_weights(weights)
         set_statistics(layers, trained)
-    return {"batchnorm_layers": len(layers), "adapted_groups": adapted, "kept_groups": kept, "min_images": min_images}
+    summary = {"batchnorm_layers": len(layers), "adapted_groups": adapted, "kept_groups": kept,
+               "min_images": min_images}
+    if self_training is not None:
+        summary["self_training"] = {"rounds": self_training.rounds, "epochs": self_training.epochs,
+                                    "fraction": self_training.fraction,
+                                    "learning_rate": self_training.learning_rate, "groups": trained_on}
+    return summary
 
 
 def predict_adapted(model, images: np.ndarray, groups: Sequence[Any], batch_size: int = 32,
-                    min_images: int = MIN_IMAGES) -> tuple[np.ndarray, dict[str, Any]]:
+                    min_images: int = MIN_IMAGES, self_training: SelfTraining | None = None
+                    ) -> tuple[np.ndarray, dict[str, Any]]:
     """Class probabilities of ``images``, each group (``groups[i]`` names image i's) predicted after the
-    network's BatchNormalization statistics were adapted to that group's images (:func:`by_group`). Returns
-    (probabilities, the summary)."""
+    network's BatchNormalization statistics were adapted to that group's images, and with ``self_training``
+    the network self-trained on them (:func:`by_group`). Returns (probabilities, the summary)."""
     if len(groups) != len(images):
         raise ValueError(f"{len(images)} images but {len(groups)} group names")
     probs = np.zeros((len(images), int(model.output_shape[-1])), dtype=np.float32)
@@ -176,5 +290,5 @@ def predict_adapted(model, images: np.ndarray, groups: Sequence[Any], batch_size
     def predict(idx: list[int]) -> None:
         probs[idx] = model.predict(images[idx].astype(np.float32), batch_size=batch_size, verbose=0)
 
-    summary = by_group(model, groups, lambda idx: chunks(images[idx]), predict, min_images)
+    summary = by_group(model, groups, lambda idx: chunks(images[idx]), predict, min_images, self_training)
     return probs, summary

@@ -63,6 +63,15 @@ class FineTuneConfig(Settings):
                                                      "group's own images (a speaker's, the CSV's group column or "
                                                      "--group-by; else each split or predict call is one group), "
                                                      "no label used")
+    self_train: int = Field(0, description="rounds of test-time self-training on each group, after AdaBN (needs "
+                                           "adapt_batchnorm): the model's most confident predictions on the group "
+                                           "become labels, every network trains on them, and the group is adapted "
+                                           "and predicted again; no label used, the trained weights come back "
+                                           "afterwards; 0: off")
+    self_train_fraction: float = Field(0.5, description="self-training: the most confident share of the images "
+                                                        "predicted as each class that becomes labels, in (0, 1]")
+    self_train_epochs: int = Field(10, description="self-training: epochs over the pseudo-labelled images per round")
+    self_train_learning_rate: float = Field(1e-4, description="self-training: Adam's rate")
 
     @model_validator(mode="before")
     @classmethod
@@ -102,6 +111,18 @@ class FineTuneConfig(Settings):
                                  "network learnt on its training data; with freeze_batchnorm (the default) they stay "
                                  "ImageNet's and there is nothing to adapt. Add --train-batchnorm, or leave "
                                  "--adapt-batchnorm out.")
+        if self.self_train < 0:
+            bad("self_train", "an integer >= 0 (0: off)")
+        if self.self_train_epochs < 1:
+            bad("self_train_epochs", "a positive integer")
+        if not 0.0 < self.self_train_fraction <= 1.0:
+            bad("self_train_fraction", "in (0, 1]")
+        if not self.self_train_learning_rate > 0:
+            bad("self_train_learning_rate", "a positive number")
+        if self.self_train and not self.adapt_batchnorm:
+            raise ParameterError("self_train trains the model on each group's own images after AdaBN has adapted it "
+                                 "to the group; add --adapt-batchnorm (with --train-batchnorm), or leave --self-train "
+                                 "out.")
         if self.schedule == "plateau" and self.monitor == "none":
             raise ParameterError("schedule 'plateau' lowers the rate when the monitored metric stops improving; "
                                  "with monitor 'none' there is none: choose a monitor, or schedule cosine or step.")

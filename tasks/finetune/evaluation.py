@@ -12,8 +12,9 @@ from storage.manifest import Manifest, Skip
 from .. import tf_runtime
 from ..data.audio import Spectrogram
 from ..data.inputs import InputError, input_loader
-from .adapt import MIN_IMAGES, PASS_BATCH, by_group
-from .data import split_arrays
+from .adapt import MIN_IMAGES, PASS_BATCH, SelfTraining, by_group
+from .config import FineTuneConfig
+from .data import augmentation, augmentations_for, split_arrays
 from .network import keras_pieces
 
 
@@ -72,13 +73,29 @@ def predict_paths(model, paths: Sequence[str], size: int, resize: str, batch_siz
     return out, ok, skips
 
 
+def self_training_for(config: FineTuneConfig | dict[str, Any] | None, media: str) -> SelfTraining | None:
+    """The test-time self-training a model was trained to use (its config's ``self_train``), with its training
+    augmentation for ``media``; None when off (or for a config from before the option)."""
+    if config is None:
+        return None
+    cfg = config if isinstance(config, FineTuneConfig) else FineTuneConfig.from_dict(config)
+    if not cfg.self_train:
+        return None
+    return SelfTraining(rounds=cfg.self_train, epochs=cfg.self_train_epochs, fraction=cfg.self_train_fraction,
+                        learning_rate=cfg.self_train_learning_rate, batch_size=cfg.batch_size, seed=cfg.seed,
+                        augment=(lambda seed: augmentation(cfg.model_copy(update={"seed": seed}), media))
+                        if augmentations_for(cfg, media) else None)
+
+
 def predict_paths_by_group(model, paths: Sequence[str], groups: Sequence[str], size: int, resize: str,
                            batch_size: int = 32, media: str = "image", spectrogram: Spectrogram | None = None,
-                           min_images: int | None = None) -> tuple[np.ndarray, list[int], list[Skip], dict[str, Any]]:
+                           min_images: int | None = None, self_training: SelfTraining | None = None
+                           ) -> tuple[np.ndarray, list[int], list[Skip], dict[str, Any]]:
     """:func:`predict_paths`, each group (``groups[i]`` names file i's) after AdaBN on that group's own files
-    (:mod:`.adapt`; files are decoded twice, so memory holds one batch, not a group). Groups of fewer than
-    ``min_images`` readable files (default :data:`.adapt.MIN_IMAGES`) keep the trained statistics, which are back
-    in the model on return. Returns (probs, ok indices, skips, a summary of the adaptation)."""
+    (:mod:`.adapt`; files are decoded twice, so memory holds one batch, not a group; with ``self_training``, the
+    group's images are held for it and the network self-trains on them). Groups of fewer than ``min_images``
+    readable files (default :data:`.adapt.MIN_IMAGES`) keep the trained statistics, which are back in the model on
+    return, as are its weights. Returns (probs, ok indices, skips, a summary of the adaptation)."""
     load = input_loader(media, size, resize, spectrogram=spectrogram)
     rows: dict[int, np.ndarray] = {}
     skips: list[Skip] = []
@@ -98,7 +115,8 @@ def predict_paths_by_group(model, paths: Sequence[str], groups: Sequence[str], s
         skips.extend(bad)
         rows.update({idx[j]: p for j, p in zip(ok, probs)})
 
-    summary = by_group(model, groups, readable, predict, MIN_IMAGES if min_images is None else min_images)
+    summary = by_group(model, groups, readable, predict, MIN_IMAGES if min_images is None else min_images,
+                       self_training)
     ok_all = sorted(rows)
     out = np.stack([rows[i] for i in ok_all]) if ok_all else np.zeros((0, model.output_shape[-1]))
     return out, ok_all, skips, summary
@@ -107,14 +125,15 @@ def predict_paths_by_group(model, paths: Sequence[str], groups: Sequence[str], s
 # --------------------------------------------------------------------------- evaluate + register
 def evaluate_finetuned(model_path: str | Path, manifest: Manifest, size: int, resize: str, batch_size: int,
                        splits: Sequence[str] = ("train", "val", "test"), outcomes_prefix: str | Path | None = None,
-                       spectrogram: Spectrogram | None = None, adapt: bool = False
-                       ) -> tuple[dict[str, Any], list[dict]]:
+                       spectrogram: Spectrogram | None = None, adapt: bool = False,
+                       self_training: SelfTraining | None = None) -> tuple[dict[str, Any], list[dict]]:
     """Metrics per split of a saved fine-tuned model (images decoded as in training, no augmentation).
     With ``outcomes_prefix``, each val/test split's per-image outcomes go to
     ``<prefix>.outcomes-<split>.csv`` and ``metrics[split]["outcomes"]`` names the file. With ``adapt``, val
     and test are predicted group by group after AdaBN (the manifest's groups; files of no group form one group
-    per split); their metrics then say so (``adaptation``, with the trained statistics' accuracy as
-    ``unadapted_accuracy``). Train keeps the trained statistics: they are its own."""
+    per split), and with ``self_training`` after self-training on each group too; their metrics then say so
+    (``adaptation``, with the trained statistics' accuracy as ``unadapted_accuracy`` and, with self-training,
+    AdaBN's alone as ``adabn_accuracy``). Train keeps the trained statistics: they are its own."""
     from ..reports.evaluate import evaluate_scores, predicted, write_outcomes
 
     model = load_finetuned(model_path)
@@ -129,9 +148,14 @@ def evaluate_finetuned(model_path: str | Path, manifest: Manifest, size: int, re
         if adapt and split != "train" and ok:
             unadapted = float(np.mean(np.argmax(probs, axis=1) == labels[ok]))
             groups = [manifest.groups.get(r, f"({split})") for r in rel]
-            probs, ok, _, adaptation = predict_paths_by_group(model, paths, groups, size, resize, batch_size,
-                                                              manifest.media, spectrogram)
+            how = (size, resize, batch_size, manifest.media, spectrogram)
+            if self_training is not None:  # AdaBN alone first, for the record
+                alone, ok_alone, _, _ = predict_paths_by_group(model, paths, groups, *how)
+                adabn = float(np.mean(np.argmax(alone, axis=1) == labels[ok_alone]))
+            probs, ok, _, adaptation = predict_paths_by_group(model, paths, groups, *how, self_training=self_training)
             adaptation["unadapted_accuracy"] = unadapted
+            if self_training is not None:
+                adaptation["adabn_accuracy"] = adabn
         if ok:
             metrics[split] = evaluate_scores(probs, labels[ok], manifest.class_names)
             if adaptation is not None:

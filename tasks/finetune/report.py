@@ -14,7 +14,7 @@ from ..backbones import BackboneSpec, preprocess_mode
 from ..probe import metrics_markdown
 from .config import FineTuneConfig
 from .data import augmentations_for
-from .evaluation import evaluate_finetuned, load_finetuned, plot_learning_curves
+from .evaluation import evaluate_finetuned, load_finetuned, plot_learning_curves, self_training_for
 from .training import FineTuneResult
 
 
@@ -26,7 +26,8 @@ def evaluate_register_report(trained: dict[str, Any], manifest: Manifest, spec: 
     pending = report_dir / f".{name}-unregistered"
     metrics, skipped = evaluate_finetuned(trained["model_path"], manifest, size, resize, cfg.batch_size,
                                           outcomes_prefix=pending, spectrogram=spec.spectrogram,
-                                          adapt=cfg.adapt_batchnorm)
+                                          adapt=cfg.adapt_batchnorm,
+                                          self_training=self_training_for(cfg, manifest.media))
     result_obj = FineTuneResult(trained["model_path"], trained["history"], trained["phases"], trained["counts"],
                                 trained["skipped"], trained["seconds"], trained.get("resumed_from_epoch", {}),
                                 trained.get("stopped_early", False), size, trained.get("precision"),
@@ -88,8 +89,13 @@ def adaptation_lines(metrics: dict[str, Any]) -> list[str]:
         if a:
             kept = f", {len(a['kept_groups'])} kept the trained statistics (fewer than {a['min_images']} files)" \
                 if a["kept_groups"] else ""
+            st = a.get("self_training")
+            trained = (f"; self-trained on each adapted group ({st['rounds']} round(s) of {st['epochs']} epochs on the "
+                       f"most confident {st['fraction']:g} of each predicted class, no label): accuracy "
+                       f"{m['accuracy']:.3f}, with AdaBN alone {a['adabn_accuracy']:.3f}") if st else \
+                f"; accuracy {m['accuracy']:.3f}"
             out.append(f"- {split}: BatchNormalization statistics adapted to each of {len(a['adapted_groups'])} "
-                       f"group(s) (AdaBN, {a['batchnorm_layers']} layers){kept}; accuracy {m['accuracy']:.3f}, "
+                       f"group(s) (AdaBN, {a['batchnorm_layers']} layers){kept}{trained}, "
                        f"with the trained statistics {a['unadapted_accuracy']:.3f}")
     return out
 
