@@ -140,8 +140,9 @@ def adapt_batchnorm(model, batches: Iterable[np.ndarray], layers: Sequence | Non
 @dataclass(frozen=True)
 class SelfTraining:
     """Test-time self-training on a group, after AdaBN: the two-pass unsupervised adaptation of speech
-    recognisers. The adapted model's most confident predictions on the group (``fraction`` of the images
-    predicted as each class, class by class so that no class is drowned by the easy ones) become labels; every
+    recognisers. The adapted model's most confident predictions on the group (``fractions[k]`` of the images
+    predicted as each class in round k, the last share for any further round; class by class, so that no class
+    is drowned by the easy ones) become labels; every
     network (each of an ensemble's) trains on those images for ``epochs`` epochs, Adam at ``learning_rate``,
     ``augment(seed)`` applied (a function that makes a Keras layer, called with ``training=True``; None: none);
     then AdaBN on the group again. Each of ``rounds`` starts from the trained (adapted) network with the previous
@@ -150,7 +151,7 @@ class SelfTraining:
 
     rounds: int = 1
     epochs: int = 10
-    fraction: float = 0.5
+    fractions: tuple[float, ...] = (0.5,)
     learning_rate: float = 1e-4
     batch_size: int = 32
     seed: int = 0
@@ -213,7 +214,7 @@ def self_train(model, images: np.ndarray, how: SelfTraining, layers: Sequence | 
     probs = predict()
     rounds = []
     for k in range(how.rounds):
-        keep, labels = pseudo_labels(probs, how.fraction)
+        keep, labels = pseudo_labels(probs, how.fractions[min(k, len(how.fractions) - 1)])
         model.set_weights(start)
         for j, net in enumerate(networks(model)):
             seed = how.seed + 1000 * (k + 1) + j
@@ -272,7 +273,7 @@ def by_group(model, groups: Sequence[Any], batches: Callable[[list[int]], Iterab
                "min_images": min_images}
     if self_training is not None:
         summary["self_training"] = {"rounds": self_training.rounds, "epochs": self_training.epochs,
-                                    "fraction": self_training.fraction,
+                                    "fractions": list(self_training.fractions),
                                     "learning_rate": self_training.learning_rate, "groups": trained_on}
     return summary
 

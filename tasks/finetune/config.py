@@ -68,8 +68,10 @@ class FineTuneConfig(Settings):
                                            "become labels, every network trains on them, and the group is adapted "
                                            "and predicted again; no label used, the trained weights come back "
                                            "afterwards; 0: off")
-    self_train_fraction: float = Field(0.5, description="self-training: the most confident share of the images "
-                                                        "predicted as each class that becomes labels, in (0, 1]")
+    self_train_fraction: tuple[float, ...] = Field((0.5,), description="self-training: the most confident share of "
+                                                                      "the images predicted as each class that becomes "
+                                                                      "labels, in (0, 1]; one per round (the last "
+                                                                      "serves any further round)")
     self_train_epochs: int = Field(10, description="self-training: epochs over the pseudo-labelled images per round")
     self_train_learning_rate: float = Field(1e-4, description="self-training: Adam's rate")
 
@@ -115,8 +117,8 @@ class FineTuneConfig(Settings):
             bad("self_train", "an integer >= 0 (0: off)")
         if self.self_train_epochs < 1:
             bad("self_train_epochs", "a positive integer")
-        if not 0.0 < self.self_train_fraction <= 1.0:
-            bad("self_train_fraction", "in (0, 1]")
+        if not self.self_train_fraction or not all(0.0 < f <= 1.0 for f in self.self_train_fraction):
+            bad("self_train_fraction", "one or more shares in (0, 1]")
         if not self.self_train_learning_rate > 0:
             bad("self_train_learning_rate", "a positive number")
         if self.self_train and not self.adapt_batchnorm:

@@ -81,7 +81,7 @@ def self_training_for(config: FineTuneConfig | dict[str, Any] | None, media: str
     cfg = config if isinstance(config, FineTuneConfig) else FineTuneConfig.from_dict(config)
     if not cfg.self_train:
         return None
-    return SelfTraining(rounds=cfg.self_train, epochs=cfg.self_train_epochs, fraction=cfg.self_train_fraction,
+    return SelfTraining(rounds=cfg.self_train, epochs=cfg.self_train_epochs, fractions=tuple(cfg.self_train_fraction),
                         learning_rate=cfg.self_train_learning_rate, batch_size=cfg.batch_size, seed=cfg.seed,
                         augment=(lambda seed: augmentation(cfg.model_copy(update={"seed": seed}), media))
                         if augmentations_for(cfg, media) else None)

@@ -90,10 +90,10 @@ def adaptation_lines(metrics: dict[str, Any]) -> list[str]:
             kept = f", {len(a['kept_groups'])} kept the trained statistics (fewer than {a['min_images']} files)" \
                 if a["kept_groups"] else ""
             st = a.get("self_training")
+            shares = ", ".join(f"{f:g}" for f in st["fractions"]) if st else ""
             trained = (f"; self-trained on each adapted group ({st['rounds']} round(s) of {st['epochs']} epochs on the "
-                       f"most confident {st['fraction']:g} of each predicted class, no label): accuracy "
-                       f"{m['accuracy']:.3f}, with AdaBN alone {a['adabn_accuracy']:.3f}") if st else \
-                f"; accuracy {m['accuracy']:.3f}"
+                       f"most confident {shares} of each predicted class, no label): accuracy {m['accuracy']:.3f}, "
+                       f"with AdaBN alone {a['adabn_accuracy']:.3f}") if st else f"; accuracy {m['accuracy']:.3f}"
             out.append(f"- {split}: BatchNormalization statistics adapted to each of {len(a['adapted_groups'])} "
                        f"group(s) (AdaBN, {a['batchnorm_layers']} layers){kept}{trained}, "
                        f"with the trained statistics {a['unadapted_accuracy']:.3f}")
