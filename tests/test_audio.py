@@ -505,6 +505,29 @@ def test_a_lineage_remembers_its_grouping_and_retrain_uses_it(spoken, tmp_path, 
         assert seen.pop() == expected
 
 
+BY_SPEAKER = r"^\d+_([a-z]+)_"
+
+
+def _grouped_finetune(spoken, tmp_path, small_cnn, monkeypatch, **settings):
+    """Fine-tune on the tiny spoken digits, speakers kept apart by split, with ``settings`` (AdaBN on), then
+    evaluate, register (model ``tones``) and report: (manifest, registry, the result)."""
+    from tasks.backbones import BackboneSpec
+    from tasks.data.datasets import scan_dataset
+    from tasks.finetune import FineTuneConfig, evaluate_register_report, evaluation, fine_tune
+
+    monkeypatch.setattr(evaluation, "MIN_IMAGES", 4)  # a tiny speaker has 6 recordings
+    m = scan_dataset(spoken, val_fraction=0.2, test_fraction=0.4, seed=0, group_by=BY_SPEAKER)
+    spec = BackboneSpec(small_cnn, weights="file", preprocessing="scale01",
+                        spectrogram={"sample_rate": RATE, "n_mels": 32, "colormap": "gray", "duration": None})
+    cfg = FineTuneConfig(**{"dense": [], "batch_size": 6, "monitor": "none", "optimizer": "adam",
+                            "learning_rate": 3e-3, "freeze_batchnorm": False, "adapt_batchnorm": True, **settings})
+    r = fine_tune(m, spec, cfg, tmp_path / "run")
+    trained = {"model_path": r.model_path, "history": r.history, "phases": r.phases, "counts": r.counts,
+               "skipped": r.skipped, "seconds": r.seconds, "input_size": r.input_size, "precision": r.precision}
+    reg = tmp_path / "registry"
+    return m, reg, evaluate_register_report(trained, m, spec, cfg, "stretch", reg, "tones", tmp_path / "reports")
+
+
 def test_adapt_batchnorm_evaluates_each_test_speaker_adapted_and_predict_adapts_the_same_groups(
         spoken, tmp_path, small_cnn, monkeypatch):
     """--adapt-batchnorm: the registered model's val and test metrics come from predictions made speaker by
@@ -512,23 +535,9 @@ def test_adapt_batchnorm_evaluates_each_test_speaker_adapted_and_predict_adapts_
     same grouping of file names reproduces those predictions; with every file as one group it does not."""
     import pandas as pd
 
-    from tasks.backbones import BackboneSpec
-    from tasks.data.datasets import scan_dataset
-    from tasks.finetune import FineTuneConfig, evaluate_register_report, evaluation, fine_tune
     from tasks.predict import predict_images
 
-    monkeypatch.setattr(evaluation, "MIN_IMAGES", 4)  # a tiny speaker has 6 recordings
-    by_speaker = r"^\d+_([a-z]+)_"
-    m = scan_dataset(spoken, val_fraction=0.2, test_fraction=0.4, seed=0, group_by=by_speaker)
-    spec = BackboneSpec(small_cnn, weights="file", preprocessing="scale01",
-                        spectrogram={"sample_rate": RATE, "n_mels": 32, "colormap": "gray", "duration": None})
-    cfg = FineTuneConfig(dense=[], batch_size=6, augment=[], epochs=3, monitor="none", optimizer="adam",
-                         learning_rate=3e-3, freeze_batchnorm=False, adapt_batchnorm=True)
-    r = fine_tune(m, spec, cfg, tmp_path / "run")
-    trained = {"model_path": r.model_path, "history": r.history, "phases": r.phases, "counts": r.counts,
-               "skipped": r.skipped, "seconds": r.seconds, "input_size": r.input_size, "precision": r.precision}
-    reg = tmp_path / "registry"
-    res = evaluate_register_report(trained, m, spec, cfg, "stretch", reg, "tones", tmp_path / "reports")
+    m, reg, res = _grouped_finetune(spoken, tmp_path, small_cnn, monkeypatch, augment=[], epochs=3)
     test_speakers = {s.path: _speaker(s.path) for s in m.samples if s.split == "test"}
     assert len(set(test_speakers.values())) >= 2
     for split in ("val", "test"):
@@ -541,7 +550,7 @@ def test_adapt_batchnorm_evaluates_each_test_speaker_adapted_and_predict_adapts_
     # predict, grouped by the same pattern, gives the evaluation's predictions, file by file
     listing = tmp_path / "test.txt"
     listing.write_text("\n".join(m.abspath(s) for s in m.samples if s.split == "test"))
-    grouped = predict_images(listing, reg, "tones", None, tmp_path / "grouped.csv", group_by=by_speaker)
+    grouped = predict_images(listing, reg, "tones", None, tmp_path / "grouped.csv", group_by=BY_SPEAKER)
     assert grouped["adaptation"]["adapted_groups"] == pd.Series(list(test_speakers.values())).value_counts().to_dict()
     outcomes = pd.read_csv(res["metrics"]["test"]["outcomes"])
     got = pd.read_csv(tmp_path / "grouped.csv")
@@ -580,26 +589,12 @@ def test_self_training_evaluates_each_test_speaker_self_trained_and_predict_serv
     `predict` grouped alike reproduces the evaluation's predictions."""
     import pandas as pd
 
-    from tasks.backbones import BackboneSpec
-    from tasks.data.datasets import scan_dataset
     from tasks.export import export_model
-    from tasks.finetune import FineTuneConfig, evaluate_register_report, evaluation, fine_tune
     from tasks.predict import predict_images
     from tasks.settings import ExportOptions
 
-    monkeypatch.setattr(evaluation, "MIN_IMAGES", 4)
-    by_speaker = r"^\d+_([a-z]+)_"
-    m = scan_dataset(spoken, val_fraction=0.2, test_fraction=0.4, seed=0, group_by=by_speaker)
-    spec = BackboneSpec(small_cnn, weights="file", preprocessing="scale01",
-                        spectrogram={"sample_rate": RATE, "n_mels": 32, "colormap": "gray", "duration": None})
-    cfg = FineTuneConfig(dense=[], batch_size=6, epochs=2, monitor="none", optimizer="adam", learning_rate=3e-3,
-                         freeze_batchnorm=False, adapt_batchnorm=True, ensemble=2, self_train=1, self_train_epochs=2,
-                         self_train_learning_rate=1e-3)
-    r = fine_tune(m, spec, cfg, tmp_path / "run")
-    trained = {"model_path": r.model_path, "history": r.history, "phases": r.phases, "counts": r.counts,
-               "skipped": r.skipped, "seconds": r.seconds, "input_size": r.input_size, "precision": r.precision}
-    reg = tmp_path / "registry"
-    res = evaluate_register_report(trained, m, spec, cfg, "stretch", reg, "tones", tmp_path / "reports")
+    m, reg, res = _grouped_finetune(spoken, tmp_path, small_cnn, monkeypatch, epochs=2, ensemble=2, self_train=1,
+                                    self_train_epochs=2, self_train_learning_rate=1e-3)
     test_speakers = {s.path: _speaker(s.path) for s in m.samples if s.split == "test"}
     a = res["metrics"]["test"]["adaptation"]
     assert set(a["self_training"]["groups"]) == set(test_speakers.values()) == set(a["adapted_groups"])
@@ -609,7 +604,7 @@ def test_self_training_evaluates_each_test_speaker_self_trained_and_predict_serv
     assert "self-trained on each adapted group" in Path(res["report"]).read_text()
     listing = tmp_path / "test.txt"
     listing.write_text("\n".join(m.abspath(s) for s in m.samples if s.split == "test"))
-    got = predict_images(listing, reg, "tones", None, tmp_path / "grouped.csv", group_by=by_speaker)
+    got = predict_images(listing, reg, "tones", None, tmp_path / "grouped.csv", group_by=BY_SPEAKER)
     assert set(got["adaptation"]["self_training"]["groups"]) == set(test_speakers.values())
     outcomes = pd.read_csv(res["metrics"]["test"]["outcomes"])
     table = pd.read_csv(tmp_path / "grouped.csv")
