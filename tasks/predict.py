@@ -50,7 +50,8 @@ def _spec_from(meta: dict[str, Any], store_prov: dict[str, Any]) -> BackboneSpec
 def predict_images(source: str | Path, registry: str | Path, name: str, version: int | str | None,
                    output: str | Path, options: ExtractOptions | None = None,
                    progress: Callable[[int, int], None] | None = None, reuse: bool = True,
-                   group_by: str | None = None) -> dict[str, Any]:
+                   group_by: str | None = None,
+                   self_train_progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Predict every image of ``source`` with model ``name`` (``version``: number, alias or latest).
 
     Writes ``output`` (.csv or .parquet) with columns path, sha256, predicted, confidence and
@@ -58,7 +59,8 @@ def predict_images(source: str | Path, registry: str | Path, name: str, version:
     every image's codes instead of reading those the training store holds. A fine-tuned model trained with
     ``adapt_batchnorm`` predicts each group after AdaBN on the group's own files: the groups are drawn from
     file names by ``group_by`` (a regular expression, as ``extract --group-by``), else from a CSV's ``group``
-    column, else all files are one."""
+    column, else all files are one; one trained with ``self_train`` also trains on each group's confident
+    predictions first (``self_train_progress``: its epochs)."""
     output = Path(output)
     if output.suffix.lower() not in OUTPUT_SUFFIXES:
         raise ParameterError(f"output must end in .csv or .parquet; got {output.name!r}.")
@@ -66,7 +68,7 @@ def predict_images(source: str | Path, registry: str | Path, name: str, version:
     record = reg.record(name, version)
     meta = record.metadata
     if meta.get("kind") == "fine-tuned":
-        return _predict_finetuned(source, reg, record, output, options, group_by)
+        return _predict_finetuned(source, reg, record, output, options, group_by, self_train_progress)
     if meta.get("kind") != "linear-probe":
         raise ParameterError(f"model {record.name} v{record.version} is of kind {meta.get('kind')!r}, which "
                              "predict does not know; it serves linear probes and fine-tuned models.")
@@ -151,7 +153,8 @@ def _write_table(df, output: Path) -> None:
 
 
 def _predict_finetuned(source, reg: ModelRegistry, record, output: Path, options: ExtractOptions | None,
-                       group_by: str | None = None) -> dict[str, Any]:
+                       group_by: str | None = None, progress: Callable[[int, int], None] | None = None
+                       ) -> dict[str, Any]:
     """A fine-tuned ``.keras`` model takes pixels: decode as in training, predict (group by group after AdaBN
     when the model was trained with ``adapt_batchnorm``), write the table."""
     from .finetune import load_finetuned, predict_paths
@@ -175,8 +178,8 @@ def _predict_finetuned(source, reg: ModelRegistry, record, output: Path, options
         else:  # a CSV's group column, else all the files are one group
             groups = [manifest.groups.get(s.path, "(all)") for s in manifest.samples]
         probs, ok, skips, adaptation = predict_paths_by_group(model, paths, groups, *how,
-                                                              self_training=self_training_for(meta["config"],
-                                                                                              manifest.media))
+                                                              self_training=self_training_for(
+                                                                  meta["config"], manifest.media, progress))
     else:
         if group_by:
             log.warning("--group-by %r does nothing: model %s v%s was not trained with --adapt-batchnorm, so it "

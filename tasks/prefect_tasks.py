@@ -147,11 +147,14 @@ def sweep_layers(store: str, layers: list[str] | None, pooling: str | None, conf
 def predict_images(source: str, registry: str, name: str, version: int | str | None, output: str,
                    options: dict[str, Any] | None, group_by: str | None = None) -> dict:
     bar = Progress("extracting codes", unit="img", key="predict-codes")
+    trained = Progress("self-training per group", unit="epoch", key="predict-self-training")  # shown once told
     try:
         opts = extract.ExtractOptions.model_validate(options) if options else None
-        result = predict.predict_images(source, registry, name, version, output, opts, progress=bar, group_by=group_by)
+        result = predict.predict_images(source, registry, name, version, output, opts, progress=bar, group_by=group_by,
+                                        self_train_progress=trained)
     finally:
         bar.close()
+        trained.close()
     create_table_artifact([{"class": c, "images": n} for c, n in result["class_counts"].items()],
                           key="predictions", description=f"Predictions of {name} v{result['version']}: "
                           f"{result['predictions']}")
@@ -181,9 +184,14 @@ def fine_tune_network(manifest_path: str, spec: dict[str, Any], config: dict[str
 def register_finetuned(trained: dict, manifest_path: str, spec: dict[str, Any], config: dict[str, Any],
                        resize: str, registry: str, name: str, report_dir: str) -> dict:
     """Register the trained model with its metrics on every split and write its report (learning curves)."""
-    result = finetune.evaluate_register_report(trained, Manifest.load(manifest_path), BackboneSpec.model_validate(spec),
-                                               finetune.FineTuneConfig.from_dict(config), resize, registry, name,
-                                               report_dir)
+    bar = Progress("self-training per group", unit="epoch", key="evaluate-self-training")  # shown once told
+    try:
+        result = finetune.evaluate_register_report(trained, Manifest.load(manifest_path),
+                                                   BackboneSpec.model_validate(spec),
+                                                   finetune.FineTuneConfig.from_dict(config), resize, registry, name,
+                                                   report_dir, progress=bar)
+    finally:
+        bar.close()
     create_markdown_artifact(Path(result["report"]).read_text(), key="finetune-report",
                              description=f"Fine-tuned {name} v{result['version']}")
     _metrics_artifact(result["metrics"], "finetune-metrics")
@@ -261,14 +269,16 @@ def evaluate_champion(registry: str, name: str, version: int, kind: str, store: 
     rec = ModelRegistry(registry).record(name, version)
     path, rec = ModelRegistry(registry).load(name, version)
     manifest = Manifest.load(manifest_path)
-    metrics, _ = finetune.evaluate_finetuned(path, manifest, int(rec.metadata["input_size"]),
-                                             rec.metadata.get("resize") or "stretch",
-                                             int(rec.metadata["config"]["batch_size"]),
-                                             outcomes_prefix=Path(report_dir) / f"{name}-v{version}",
-                                             spectrogram=BackboneSpec.model_validate(rec.metadata["spec"]).spectrogram,
-                                             adapt=bool(rec.metadata["config"].get("adapt_batchnorm")),
-                                             self_training=finetune.self_training_for(rec.metadata["config"],
-                                                                                      manifest.media))
+    bar = Progress("self-training per group", unit="epoch", key="champion-self-training")  # shown once told
+    try:
+        cfg = rec.metadata["config"]
+        metrics, _ = finetune.evaluate_finetuned(
+            path, manifest, int(rec.metadata["input_size"]), rec.metadata.get("resize") or "stretch",
+            int(cfg["batch_size"]), outcomes_prefix=Path(report_dir) / f"{name}-v{version}",
+            spectrogram=BackboneSpec.model_validate(rec.metadata["spec"]).spectrogram,
+            adapt=bool(cfg.get("adapt_batchnorm")), self_training=finetune.self_training_for(cfg, manifest.media, bar))
+    finally:
+        bar.close()
     return metrics
 
 

@@ -162,8 +162,11 @@ def test_self_training_sharpens_each_group_on_its_own_predictions_and_the_traine
     groups = ["a"] * 32 + ["b"] * 32 + ["few"] * 5
     weights = model.get_weights()
     adabn, _ = predict_adapted(model, images, groups)
-    how = SelfTraining(rounds=2, epochs=5, fractions=(0.5, 0.75), learning_rate=1e-2, batch_size=8, seed=3)
+    told = []
+    how = SelfTraining(rounds=2, epochs=5, fractions=(0.5, 0.75), learning_rate=1e-2, batch_size=8, seed=3,
+                       progress=lambda done, total: told.append((done, total)))
     probs, summary = predict_adapted(model, images, groups, self_training=how)
+    assert told == [(i, 20) for i in range(1, 21)]  # 2 groups x 2 rounds x 1 network x 5 epochs
     for part in (slice(0, 32), slice(32, 64)):  # it learnt its own confident predictions: surer of each group
         assert _entropy(probs[part]) < _entropy(adabn[part]) - 0.05
     np.testing.assert_allclose(probs[64:], adabn[64:], atol=1e-6)  # too few to adapt: neither adapted nor trained

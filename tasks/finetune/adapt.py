@@ -16,6 +16,8 @@ data adapt (:func:`batchnorm_layers`): fine-tune with ``--train-batchnorm``.
 """
 from __future__ import annotations
 
+import logging
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -24,6 +26,7 @@ import numpy as np
 
 MIN_IMAGES = 16
 PASS_BATCH = 64
+log = logging.getLogger(__name__)
 
 
 def batchnorm_layers(model, learnt: bool = True) -> list:
@@ -147,7 +150,8 @@ class SelfTraining:
     ``augment(seed)`` applied (a function that makes a Keras layer, called with ``training=True``; None: none);
     then AdaBN on the group again. Each of ``rounds`` starts from the trained (adapted) network with the previous
     round's predictions. No label is used. Every random draw (order, dropout, augmentation) is seeded from ``seed``
-    alone, so a group self-trains alike whatever was predicted before it."""
+    alone, so a group self-trains alike whatever was predicted before it. ``progress(done, total)``, if given, is
+    told after every epoch (the total counts every group large enough to adapt)."""
 
     rounds: int = 1
     epochs: int = 10
@@ -156,6 +160,7 @@ class SelfTraining:
     batch_size: int = 32
     seed: int = 0
     augment: Any = None
+    progress: Callable[[int, int], None] | None = None
 
 
 def pseudo_labels(probs: np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndarray]:
@@ -199,7 +204,8 @@ def _reseed(model, seed: int) -> None:
         v.assign(np.array([seed, 1 + i], dtype=v.dtype))
 
 
-def self_train(model, images: np.ndarray, how: SelfTraining, layers: Sequence | None = None) -> dict[str, Any]:
+def self_train(model, images: np.ndarray, how: SelfTraining, layers: Sequence | None = None,
+               name: str = "", epoch_done: Callable[[], None] | None = None) -> dict[str, Any]:
     """:class:`SelfTraining` on one group's ``images`` (uint8 or float, as the model takes them); ``model`` is
     adapted to them already. The model is left self-trained and adapted (:func:`by_group` puts the trained
     weights back). Returns per round the pseudo-labels' count and how many predictions the round changed."""
@@ -216,7 +222,11 @@ def self_train(model, images: np.ndarray, how: SelfTraining, layers: Sequence | 
     for k in range(how.rounds):
         keep, labels = pseudo_labels(probs, how.fractions[min(k, len(how.fractions) - 1)])
         model.set_weights(start)
-        for j, net in enumerate(networks(model)):
+        nets = networks(model)
+        t = time.perf_counter()
+        for j, net in enumerate(nets):
+            log.info("self-training on group %s: round %d of %d, network %d of %d, %d of %d images pseudo-labelled, "
+                     "%d epochs", name, k + 1, how.rounds, j + 1, len(nets), len(keep), len(images), how.epochs)
             seed = how.seed + 1000 * (k + 1) + j
             keras.utils.set_random_seed(seed)
             _reseed(net, seed)
@@ -226,11 +236,23 @@ def self_train(model, images: np.ndarray, how: SelfTraining, layers: Sequence | 
                 augment = how.augment(seed)
                 ds = ds.map(lambda x, y: (augment(x, training=True), y))
             net.compile(optimizer=keras.optimizers.Adam(how.learning_rate), loss="categorical_crossentropy")
-            net.fit(ds.prefetch(2), epochs=how.epochs, verbose=0, shuffle=False)
+            done = [keras.callbacks.LambdaCallback(on_epoch_end=lambda *_: epoch_done())] if epoch_done else []
+            net.fit(ds.prefetch(2), epochs=how.epochs, verbose=0, shuffle=False, callbacks=done)
         adapt_batchnorm(model, chunks(images), layers)
         before, probs = probs.argmax(axis=1), predict()
-        rounds.append({"pseudo_labels": int(len(keep)), "changed": int(np.sum(probs.argmax(axis=1) != before))})
+        rounds.append({"pseudo_labels": int(len(keep)), "changed": int(np.sum(probs.argmax(axis=1) != before)),
+                       "seconds": round(time.perf_counter() - t, 1)})
     return {"images": int(len(images)), "rounds": rounds}
+
+
+def _counter(progress: Callable[[int, int], None], total: int) -> Callable[[], None]:
+    count = [0]
+
+    def tick() -> None:
+        count[0] += 1
+        progress(min(count[0], total), total)
+
+    return tick
 
 
 def by_group(model, groups: Sequence[Any], batches: Callable[[list[int]], Iterable[np.ndarray]],
@@ -250,6 +272,10 @@ def by_group(model, groups: Sequence[Any], batches: Callable[[list[int]], Iterab
     adapted: dict[str, int] = {}
     kept: dict[str, int] = {}
     trained_on: dict[str, Any] = {}
+    tick = None
+    if self_training is not None and self_training.progress is not None:
+        tick = _counter(self_training.progress, (sum(len(idx) >= min_images for idx in members.values())
+                                                 * self_training.rounds * len(networks(model)) * self_training.epochs))
     try:
         for g, idx in members.items():
             if weights is not None:
@@ -263,7 +289,7 @@ def by_group(model, groups: Sequence[Any], batches: Callable[[list[int]], Iterab
                 adapted[g] = seen
                 if self_training is not None:
                     trained_on[g] = self_train(model, np.concatenate([b for b in batches(idx) if len(b)]),
-                                               self_training, layers)
+                                               self_training, layers, name=g, epoch_done=tick)
             predict(idx)
     finally:
         if weights is not None:

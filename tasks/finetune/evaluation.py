@@ -3,7 +3,7 @@ split, learning curves."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -73,9 +73,11 @@ def predict_paths(model, paths: Sequence[str], size: int, resize: str, batch_siz
     return out, ok, skips
 
 
-def self_training_for(config: FineTuneConfig | dict[str, Any] | None, media: str) -> SelfTraining | None:
+def self_training_for(config: FineTuneConfig | dict[str, Any] | None, media: str,
+                      progress: Callable[[int, int], None] | None = None) -> SelfTraining | None:
     """The test-time self-training a model was trained to use (its config's ``self_train``), with its training
-    augmentation for ``media``; None when off (or for a config from before the option)."""
+    augmentation for ``media`` and ``progress`` told after every epoch; None when off (or for a config from before
+    the option)."""
     if config is None:
         return None
     cfg = config if isinstance(config, FineTuneConfig) else FineTuneConfig.from_dict(config)
@@ -84,7 +86,7 @@ def self_training_for(config: FineTuneConfig | dict[str, Any] | None, media: str
     return SelfTraining(rounds=cfg.self_train, epochs=cfg.self_train_epochs, fractions=tuple(cfg.self_train_fraction),
                         learning_rate=cfg.self_train_learning_rate, batch_size=cfg.batch_size, seed=cfg.seed,
                         augment=(lambda seed: augmentation(cfg.model_copy(update={"seed": seed}), media))
-                        if augmentations_for(cfg, media) else None)
+                        if augmentations_for(cfg, media) else None, progress=progress)
 
 
 def predict_paths_by_group(model, paths: Sequence[str], groups: Sequence[str], size: int, resize: str,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from storage.files import atomic_write
 from storage.manifest import Manifest
@@ -19,7 +19,10 @@ from .training import FineTuneResult
 
 
 def evaluate_register_report(trained: dict[str, Any], manifest: Manifest, spec: BackboneSpec, cfg: FineTuneConfig,
-                             resize: str, registry: str | Path, name: str, report_dir: str | Path) -> dict[str, Any]:
+                             resize: str, registry: str | Path, name: str, report_dir: str | Path,
+                             progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Evaluate the trained model on every split (``progress``: of its self-training, if it has any), register
+    it, and write its report."""
     # trained records the input size; older records only have the model file to ask
     size = int(trained.get("input_size") or load_finetuned(trained["model_path"]).input_shape[1])
     report_dir = Path(report_dir)
@@ -27,7 +30,7 @@ def evaluate_register_report(trained: dict[str, Any], manifest: Manifest, spec: 
     metrics, skipped = evaluate_finetuned(trained["model_path"], manifest, size, resize, cfg.batch_size,
                                           outcomes_prefix=pending, spectrogram=spec.spectrogram,
                                           adapt=cfg.adapt_batchnorm,
-                                          self_training=self_training_for(cfg, manifest.media))
+                                          self_training=self_training_for(cfg, manifest.media, progress))
     result_obj = FineTuneResult(trained["model_path"], trained["history"], trained["phases"], trained["counts"],
                                 trained["skipped"], trained["seconds"], trained.get("resumed_from_epoch", {}),
                                 trained.get("stopped_early", False), size, trained.get("precision"),
