@@ -219,10 +219,10 @@ def self_train(model, images: np.ndarray, how: SelfTraining, layers: Sequence | 
                                                verbose=0))
     probs = predict()
     rounds = []
+    nets = networks(model)  # they share the model's variables: set_weights below resets them too
     for k in range(how.rounds):
         keep, labels = pseudo_labels(probs, how.fractions[min(k, len(how.fractions) - 1)])
         model.set_weights(start)
-        nets = networks(model)
         t = time.perf_counter()
         for j, net in enumerate(nets):
             log.info("self-training on group %s: round %d of %d, network %d of %d, %d of %d images pseudo-labelled, "
