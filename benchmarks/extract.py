@@ -39,7 +39,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 
-from tasks import tf_runtime  # noqa: E402
+from tasks import runtime  # noqa: E402
 from tasks.data.synthetic import CLASSES, make_dataset  # noqa: E402
 from report import emit  # noqa: E402  benchmarks/ is the script's folder
 
@@ -64,7 +64,7 @@ def rate(n: int, seconds: float) -> float:
 
 def bench_raw(model_fn, arrays: np.ndarray) -> float:
     """Images/s of the compiled forward pass on pre-processed float32 tensors."""
-    tf = tf_runtime.tensorflow()
+    tf = runtime.tensorflow()
     batches = [tf.constant(arrays[i:i + BATCH]) for i in range(0, len(arrays), BATCH)]
     model_fn(batches[0])  # trace + warm up
     t = time.perf_counter()
@@ -117,8 +117,8 @@ def bench_cnncodes(spec, data: Path, store: Path, layer: str) -> tuple[float, di
 
 def raw_model(spec, layer: str):
     """The backbone cut at ``layer`` with average pooling, compiled, on float32 input."""
-    tf = tf_runtime.tensorflow()
-    keras = tf_runtime.keras()
+    tf = runtime.tensorflow()
+    keras = runtime.keras()
     from tasks.backbones import build_backbone
 
     bb = build_backbone(spec)
@@ -132,7 +132,7 @@ def raw_model(spec, layer: str):
 
 
 def decoded(files: list[Path], size: int, module: str) -> np.ndarray:
-    keras = tf_runtime.keras()
+    keras = runtime.keras()
     from tasks.data.images import load_image
 
     x = np.stack([load_image(p, size) for p in files]).astype(np.float32)
@@ -287,8 +287,8 @@ def main() -> None:
     work = Path(args.work or tempfile.mkdtemp(prefix="cnncodes-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     n_resnet, n_mobile = (64, 128) if args.quick else (256, 512)
-    bf16 = tf_runtime.cpu_supports_bfloat16() or bool(tf_runtime.gpus())
-    results: dict = {"device": tf_runtime.device_name(), "cpu_bf16": tf_runtime.cpu_supports_bfloat16(),
+    bf16 = runtime.cpu_supports_bfloat16() or bool(runtime.gpus())
+    results: dict = {"device": runtime.device_name(), "cpu_bf16": runtime.cpu_supports_bfloat16(),
                      "cores": os.cpu_count(), "batch_size": BATCH}
     if "throughput" in only:
         results["throughput"] = [throughput("resnet50", "conv5_block3_out", n_resnet, work, bf16),

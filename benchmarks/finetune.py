@@ -40,7 +40,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 
-from tasks import tf_runtime  # noqa: E402
+from tasks import runtime  # noqa: E402
 from tasks.data.synthetic import CLASSES, make_dataset  # noqa: E402
 from report import emit  # noqa: E402  benchmarks/ is the script's folder
 
@@ -48,8 +48,8 @@ from report import emit  # noqa: E402  benchmarks/ is the script's folder
 def plain_fit(spec, cfg, manifest, epochs: int) -> tuple[list[float], list[float]]:
     """Seconds and CPU seconds per epoch of a plain model.fit on pre-decoded arrays (augmentation in
     tf.data if asked)."""
-    tf = tf_runtime.tensorflow()
-    keras = tf_runtime.keras()
+    tf = runtime.tensorflow()
+    keras = runtime.keras()
     from tasks.finetune import apply_freezing, augmentation, build_network, make_optimizer, split_arrays
     from tasks.finetune.training import EpochClock
     from tasks.data.images import load_image
@@ -137,7 +137,7 @@ def main() -> None:
     from tasks.finetune import FineTuneConfig
 
     per_class, epochs = (24, 3) if args.quick else (48, 6)
-    results = {"device": tf_runtime.device_name(), "cores": os.cpu_count(), "epochs": epochs,
+    results = {"device": runtime.device_name(), "cores": os.cpu_count(), "epochs": epochs,
                "repeats": args.repeats, "runs": []}
     with tempfile.TemporaryDirectory(prefix="cnncodes-ft-") as tmp:
         data = make_dataset(Path(tmp) / "data", CLASSES[:4], per_class=per_class, size=(375, 500), seed=3)

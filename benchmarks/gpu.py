@@ -51,9 +51,9 @@ GOALS = {"extract_over_raw_float16_resnet50": 0.80, "float16_over_float32_raw_re
 
 
 def device_info() -> dict:
-    from tasks import tf_runtime
+    from tasks import runtime
 
-    tf = tf_runtime.tensorflow()
+    tf = runtime.tensorflow()
     gpus = tf.config.list_physical_devices("GPU")
     names = []
     for g in gpus:
@@ -102,10 +102,10 @@ def photos(root: Path, n: int) -> Path:
 
 def raw_rate(spec, batch: int, seconds: float) -> float:
     """Images/s of the compiled forward pass on a decoded batch already on the device."""
-    from tasks import tf_runtime
+    from tasks import runtime
     from tasks.backbones import Extractor, build_backbone
 
-    tf = tf_runtime.tensorflow()
+    tf = runtime.tensorflow()
     bb = build_backbone(spec)
     _LAST[spec.name] = bb.model.layers[-1].name  # extract_rate cuts there too, without building again
     ex = Extractor(bb, [(_LAST[spec.name], "avg")])
@@ -163,13 +163,13 @@ def decode_rates(data: Path, size: int) -> dict:
 
 def finetune_rates(data: Path, size: int, epochs: int, batch: int, out: Path) -> dict:
     """Whole wall time of fine_tune() against build + fit + save of the same network, same data."""
-    from tasks import tf_runtime
+    from tasks import runtime
     from tasks.backbones import BackboneSpec
     from tasks.data.datasets import scan_dataset
     from tasks.finetune import (FineTuneConfig, SkipLog, apply_freezing, build_network, fine_tune, make_dataset,
                                 make_optimizer, split_arrays)
 
-    keras = tf_runtime.keras()
+    keras = runtime.keras()
     m = scan_dataset(data, val_fraction=0.2)
     spec = BackboneSpec("mobilenet_v2", weights="none", input_size=size, precision="auto")
     cfg = FineTuneConfig(dense=[256], dropout=0.2, batch_size=batch, augment=[], epochs=epochs, patience=epochs)
@@ -240,7 +240,7 @@ def main() -> int:
         return 0
     if a.dry_run:
         a.images, a.batch, a.size, a.seconds = 32, 8, 96, 1.0
-    from tasks import tf_runtime
+    from tasks import runtime
     from tasks.backbones import BackboneSpec
 
     t0 = time.perf_counter()
@@ -274,7 +274,7 @@ def main() -> int:
         "float16_over_float32_raw_resnet50": res["raw"]["float16"] / res["raw"]["float32"],
         "finetune_over_fit": results["finetune"]["finetune_over_fit"]}
     results["seconds"] = round(time.perf_counter() - t0, 1)
-    results["tensorflow_gpus_visible"] = len(tf_runtime.gpus())
+    results["tensorflow_gpus_visible"] = len(runtime.gpus())
     emit(results, a.json)
     return 0 if tests.get("exit") in (0, 5, None) or not dev["gpus"] else 1
 

@@ -79,7 +79,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=512)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    from tasks import tf_runtime
+    from tasks import runtime
     from tasks.backbones import BackboneSpec
     from tasks.data.datasets import scan_dataset
     from tasks.data.synthetic import CLASSES, make_dataset
@@ -91,7 +91,7 @@ def main() -> None:
         manifest = scan_dataset(data)
         runs = [run_cluster(n, manifest, Path(tmp) / f"store-{n}.h5", spec, cuts) for n in (1, 2)]
         costs = per_image_costs(manifest, spec, cuts)
-    result = {"device": tf_runtime.device_name(), "cores": os.cpu_count(), "backbone": "mobilenet_v2 224px",
+    result = {"device": runtime.device_name(), "cores": os.cpu_count(), "backbone": "mobilenet_v2 224px",
               "runs": runs, "per_image": costs,
               "speedup_2_workers_steady": round(runs[1]["steady_images_per_s"] / runs[0]["steady_images_per_s"], 3),
               "speedup_2_workers_wall": round(runs[1]["wall_images_per_s"] / runs[0]["wall_images_per_s"], 3)}

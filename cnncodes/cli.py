@@ -572,9 +572,9 @@ def _prepare(command: str):
     warm = Warmup()
     try:
         if command in TF_COMMANDS:
-            from tasks import tf_runtime
+            from tasks import runtime
 
-            tf_runtime.tensorflow()
+            runtime.tensorflow()
         importlib.import_module(FLOW_MODULES[command])
     except BaseException:
         warm.close()

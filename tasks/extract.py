@@ -22,7 +22,7 @@ from storage.errors import ParameterError, StoreError
 from storage.manifest import Manifest, Skip
 from storage.store import COMPRESSIONS, DTYPES, GroupSpec, StoreWriter, group_name, store_is_current
 
-from . import tf_runtime
+from . import runtime
 from .backbones import POOLINGS, BackboneSpec, Extractor, build_backbone
 from .data.images import DEFAULT_MAX_PIXELS, RESIZE_MODES
 from .data.audio import Spectrogram
@@ -125,12 +125,26 @@ class ExtractOptions(Settings):
 
 
 def _versions() -> dict[str, str]:
+    """The libraries that computed the codes: the Keras backend by name and version, Keras, h5py, NumPy."""
     import h5py
-    import keras
-    import tensorflow as tf
 
-    return {"cnncodes_extractor": EXTRACTOR_VERSION, "tensorflow": tf.__version__, "keras": keras.__version__,
-            "h5py": h5py.__version__, "numpy": np.__version__}
+    return {"cnncodes_extractor": EXTRACTOR_VERSION, **runtime.library_versions(), "h5py": h5py.__version__,
+            "numpy": np.__version__}
+
+
+def _backends(store: Path, backend: str) -> list[str]:
+    """Every backend that has computed codes of ``store``, this run's included. Codes of one network, weights and
+    precision agree across backends (float32: within 1e-4, ``tests/test_backends.py``), so one store may hold
+    rows from several; seeded random weights differ by backend, and their digest keeps such stores apart."""
+    seen: list[str] = []
+    if store.exists():
+        from storage.store import open_store
+
+        try:
+            seen = list(open_store(store).provenance.get("backends") or [])
+        except (StoreError, OSError):
+            seen = []
+    return sorted(set(seen) | {backend})
 
 
 def decode_workers(options: ExtractOptions) -> int:
@@ -138,12 +152,12 @@ def decode_workers(options: ExtractOptions) -> int:
     if options.decode_workers:
         return options.decode_workers
     cores = os.cpu_count() or 1
-    return max(1, cores if tf_runtime.gpus() else min(4, cores))
+    return max(1, cores if runtime.gpus() else min(4, cores))
 
 
 def decode_mode(options: ExtractOptions, inputs: int) -> str:
     """``threads`` or ``processes`` for ``inputs`` files (see :func:`tasks.data.decode_pool.choose`)."""
-    return choose_decoding(options.decode_in, decode_workers(options), inputs, bool(tf_runtime.gpus()))
+    return choose_decoding(options.decode_in, decode_workers(options), inputs, bool(runtime.gpus()))
 
 
 def decoded_batches(manifest: Manifest, todo: Sequence[int], size: int, options: ExtractOptions,
@@ -157,7 +171,7 @@ def decoded_batches(manifest: Manifest, todo: Sequence[int], size: int, options:
     batch is decoded (still in parallel) only when the caller asks for it."""
     ahead = options.prefetch_batches
     if ahead is None:
-        ahead = 2 if tf_runtime.gpus() or (os.cpu_count() or 1) > 4 else 0
+        ahead = 2 if runtime.gpus() or (os.cpu_count() or 1) > 4 else 0
     batches = iter([list(todo[i:i + options.batch_size]) for i in range(0, len(todo), options.batch_size)])
     with DecodePool(manifest.media, size, options.resize, options.max_pixels, spectrogram,
                     workers=decode_workers(options), mode=decode_mode(options, len(todo))) as pool:
@@ -222,6 +236,7 @@ def extract_to_store(manifest: Manifest, store: str | os.PathLike, spec: Backbon
              for (layer, pooling), shape in zip(cuts, extractor.shapes)]
     meta = {"spec": spec_dict(spec), "dataset": manifest.root, "layout": manifest.layout, "split_seed": manifest.split_seed,
             "split_fractions": manifest.split_fractions, "split_group_by": manifest.group_by, "versions": _versions(),
+            "backend": extractor.backend, "backends": _backends(store, extractor.backend),
             "backbone_layers": len(backbone.model.layers), "media": manifest.media}
     if manifest.media == AUDIO:
         meta["spectrogram"] = spec.spectrogram.as_dict()
@@ -266,7 +281,8 @@ def extract_to_store(manifest: Manifest, store: str | os.PathLike, spec: Backbon
     out["recovered_after_crash"] = recovered
     out["relabelled"] = max(plan.relabelled.values(), default=0)
     out["weights_digest"] = identity["weights_digest"]
-    out["device"] = tf_runtime.device_name()
+    out["device"] = runtime.device_name()
+    out["backend"] = extractor.backend
     out["precision"] = spec.precision
     out["decode_workers"] = decode_workers(options)
     out["decode_in"] = decode_mode(options, len(todo))
@@ -307,9 +323,9 @@ def _resolve_for_store(spec: BackboneSpec, store: Path) -> BackboneSpec:
             recorded = open_store(store).provenance.get("precision")
         except (StoreError, OSError):  # a damaged store is reported by the writer, with its own message
             recorded = None
-        if recorded in tf_runtime.CONCRETE_PRECISIONS:
+        if recorded in runtime.CONCRETE_PRECISIONS:
             try:
-                tf_runtime.check_precision(recorded)
+                runtime.check_precision(recorded)
                 return spec.model_copy(update={"precision": recorded})
             except ParameterError:
                 pass
@@ -370,7 +386,7 @@ def shard_manifest(manifest: Manifest, index: int, shards: int) -> Manifest:
 
 def require_gpus(n: int) -> None:
     """ParameterError unless TensorFlow sees at least ``n`` GPUs in this process."""
-    seen = len(tf_runtime.gpus())
+    seen = len(runtime.gpus())
     if seen < n:
         raise ParameterError(f"--gpus {n} was given but TensorFlow sees {seen} GPU(s) here. Install "
                              "tensorflow[and-cuda] (pip install 'cnncodes[gpu]') and check nvidia-smi, or run "
@@ -381,8 +397,8 @@ def gpu_for_shard(index: int, gpus: int) -> int:
     """The GPU a shard runs on: this worker's own (a Dask worker of a local cluster is named 0..n-1,
     and worker k takes GPU k % gpus, so two workers never share one by chance and a worker never has
     to move); the one this process is already pinned to; else shard ``index`` % ``gpus``."""
-    if tf_runtime.pinned_gpu() is not None:
-        return tf_runtime.pinned_gpu()
+    if runtime.pinned_gpu() is not None:
+        return runtime.pinned_gpu()
     try:
         from distributed import get_worker
 
@@ -408,8 +424,8 @@ def extract_shard(manifest: Manifest, store: str | os.PathLike, index: int, shar
         os.environ["TF_NUM_INTEROP_THREADS"] = "1"
     pinned = None
     if gpu is not None:
-        tf_runtime.pin_gpu(gpu)                # a clear error where this worker cannot be pinned
-        pinned = tf_runtime.check_pinned(gpu)  # and one where TensorFlow then sees not exactly that GPU
+        runtime.pin_gpu(gpu)                # a clear error where this worker cannot be pinned
+        pinned = runtime.check_pinned(gpu)  # and one where TensorFlow then sees not exactly that GPU
     path = shard_store_paths(store, shards)[index]
     out = extract_to_store(shard_manifest(manifest, index, shards), path, spec, cuts, options, progress)
     out["shard"] = index

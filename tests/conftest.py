@@ -54,9 +54,9 @@ def small_cnn(tmp_path_factory):
 
 
 def _gpu_visible() -> bool:
-    from tasks import tf_runtime
+    from tasks import runtime
 
-    return tf_runtime.gpu_hardware_present() and bool(tf_runtime.gpus())
+    return runtime.gpu_hardware_present() and bool(runtime.gpus())
 
 
 def pytest_collection_modifyitems(config, items):

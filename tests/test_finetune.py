@@ -366,10 +366,10 @@ def test_a_resumed_phase_remembers_its_best_epoch_before_the_kill(tmp_path):
     """The best-weights checkpoint and early stopping carry the epochs logged before a resume: a worse
     first resumed epoch neither overwrites best.weights.h5 nor becomes the weights restored at the end,
     and patience counts the epochs without improvement from before the kill."""
-    from tasks import tf_runtime
+    from tasks import runtime
     from tasks.finetune.resume import best_prior, prior_values, resumable_early_stopping
 
-    keras = tf_runtime.keras()
+    keras = runtime.keras()
     log = tmp_path / "history-finetune.csv"
     # epochs 0-2 finished before the kill; epoch 3 was logged but its backup never committed: it runs again
     log.write_text("epoch,accuracy,loss,val_accuracy,val_loss\n0,0.5,1.0,0.50,0.9\n1,0.8,0.5,0.90,0.3\n"

@@ -54,26 +54,26 @@ def test_float16_fine_tuning_trains_with_loss_scaling(tmp_path, texture_data, sm
 
 
 def test_mirrored_strategy_on_every_gpu_trains_like_one(small_cnn):
-    from tasks import tf_runtime
+    from tasks import runtime
 
     r = run_mirrored(small_cnn, "gpu")
-    assert r["replicas"] == len(tf_runtime.gpus())
+    assert r["replicas"] == len(runtime.gpus())
     assert_mirrored_matches(r)
 
 
 PINNED = textwrap.dedent("""
     import json, sys
     sys.path.insert(0, {root!r})
-    from tasks import tf_runtime
-    tf_runtime.pin_gpu({index})
-    print(json.dumps(tf_runtime.check_pinned({index})))
+    from tasks import runtime
+    runtime.pin_gpu({index})
+    print(json.dumps(runtime.check_pinned({index})))
 """)
 
 
 def test_each_worker_sees_exactly_the_gpu_it_was_pinned_to():
-    from tasks import tf_runtime
+    from tasks import runtime
 
-    n = len(tf_runtime.gpus())
+    n = len(runtime.gpus())
     for index in sorted({0, n - 1}):
         env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
         proc = subprocess.run([sys.executable, "-c", PINNED.format(root=str(ROOT), index=index)],
@@ -84,17 +84,17 @@ def test_each_worker_sees_exactly_the_gpu_it_was_pinned_to():
 
 
 def test_a_started_worker_cannot_be_moved_to_another_gpu():
-    from tasks import tf_runtime
+    from tasks import runtime
 
-    if len(tf_runtime.gpus()) < 2:
+    if len(runtime.gpus()) < 2:
         pytest.skip("needs two GPUs")
     script = textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {str(ROOT)!r})
-        from tasks import tf_runtime
-        tf = tf_runtime.tensorflow()
+        from tasks import runtime
+        tf = runtime.tensorflow()
         tf.constant(1.0) + 1  # devices initialised: every GPU in use
-        tf_runtime.pin_gpu(1)
+        runtime.pin_gpu(1)
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180)
     assert proc.returncode != 0 and "TensorFlow already initialised its devices" in proc.stderr

@@ -92,11 +92,11 @@ def test_a_saved_model_file_is_recast_with_its_weights_kept(small_cnn):
 
 def test_fine_tuning_in_bfloat16_registers_a_model_whose_every_convolution_is_bfloat16(tmp_path, texture_data):
     """The bug of issue 12: `--mixed-precision bfloat16` gave a model whose convolutions all ran in float32."""
-    from tasks import tf_runtime
+    from tasks import runtime
     from tasks.data.datasets import scan_dataset
     from tasks.finetune import FineTuneConfig, fine_tune
 
-    if not tf_runtime.cpu_supports_bfloat16() and not tf_runtime.gpus():
+    if not runtime.cpu_supports_bfloat16() and not runtime.gpus():
         pytest.skip("this CPU has no bfloat16 units (AVX512-BF16/AMX), so bfloat16 is refused here")
     spec = BackboneSpec(**dict(TINY, precision="bfloat16"))
     res = fine_tune(scan_dataset(texture_data), spec, FineTuneConfig(dense=[8], dropout=0.0, batch_size=8,
@@ -110,11 +110,11 @@ def test_float16_fine_tuning_scales_the_loss(tmp_path, texture_data, small_cnn, 
     """Loss scaling is what keeps float16 gradients from underflowing; run on the CPU with the speed check off."""
     import keras
 
-    from tasks import tf_runtime
+    from tasks import runtime
     from tasks.data.datasets import scan_dataset
     from tasks.finetune import FineTuneConfig, fine_tune
 
-    monkeypatch.setattr(tf_runtime, "check_precision", lambda p: None)
+    monkeypatch.setattr(runtime, "check_precision", lambda p: None)
     wrapped = []
     real = keras.optimizers.LossScaleOptimizer
 
@@ -138,9 +138,9 @@ def test_auto_precision_is_float32_on_a_cpu_and_one_option_serves_every_flow():
     from flows.extract_features import extract_features
     from flows.fine_tune import fine_tune
     from flows.transfer import transfer
-    from tasks import tf_runtime
+    from tasks import runtime
 
-    if tf_runtime.gpus():
+    if runtime.gpus():
         pytest.skip("a GPU is visible: auto means float16 here")
     assert BackboneSpec(**dict(TINY, precision="auto")).validate().resolved().precision == "float32"
     for f in (extract_features, fine_tune, transfer):
@@ -149,7 +149,7 @@ def test_auto_precision_is_float32_on_a_cpu_and_one_option_serves_every_flow():
     with pytest.raises(ParameterError, match="precision must be one of float32, float16, bfloat16, auto"):
         BackboneSpec(**dict(TINY, precision="half")).validate()
     with pytest.raises(ParameterError, match="needs a GPU"):
-        tf_runtime.check_precision("float16")
+        runtime.check_precision("float16")
 
 
 def test_cli_fine_tune_takes_precision_and_still_the_old_mixed_precision():
@@ -164,7 +164,7 @@ def test_cli_fine_tune_takes_precision_and_still_the_old_mixed_precision():
 
 def test_an_extraction_store_records_the_precision_that_ran(tmp_path, texture_data, small_cnn):
     from storage import FeatureStore
-    from tasks import tf_runtime
+    from tasks import runtime
     from tasks.data.datasets import scan_dataset
     from tasks.extract import extract_to_store
 
@@ -172,7 +172,7 @@ def test_an_extraction_store_records_the_precision_that_ran(tmp_path, texture_da
     spec = BackboneSpec(small_cnn, weights="file", preprocessing="scale01", precision="auto")
     out = extract_to_store(m, tmp_path / "a.h5", spec, [("relu2", "avg")])
     assert FeatureStore(tmp_path / "a.h5").provenance["precision"] == out["precision"] == "float32"
-    if not tf_runtime.cpu_supports_bfloat16():
+    if not runtime.cpu_supports_bfloat16():
         return
     bf = extract_to_store(m, tmp_path / "b.h5", BackboneSpec(small_cnn, weights="file", preprocessing="scale01",
                                                              precision="bfloat16"), [("relu2", "avg")])
@@ -294,18 +294,18 @@ PIN = textwrap.dedent("""
     import json, os, sys
     sys.path.insert(0, {root!r})
     from storage.errors import ParameterError
-    from tasks import tf_runtime
+    from tasks import runtime
     out = {{}}
-    tf_runtime.pin_gpu({index})
+    runtime.pin_gpu({index})
     out["env"] = os.environ.get("CUDA_VISIBLE_DEVICES")
     out["tf_imported"] = "tensorflow" in sys.modules
-    tf_runtime.pin_gpu({index})  # the same GPU again: a worker running a second shard
+    runtime.pin_gpu({index})  # the same GPU again: a worker running a second shard
     try:
-        tf_runtime.pin_gpu({index} + 1)
+        runtime.pin_gpu({index} + 1)
     except ParameterError as exc:
         out["move"] = str(exc)
     try:
-        tf_runtime.check_pinned({index})
+        runtime.check_pinned({index})
     except ParameterError as exc:
         out["check"] = str(exc)
     print(json.dumps(out))
@@ -333,11 +333,11 @@ def test_a_fresh_worker_is_pinned_before_tensorflow_starts_and_cannot_move():
 
 def test_a_worker_whose_tensorflow_is_initialised_fails_clearly_instead_of_sharing_gpu_0(monkeypatch):
     """What TensorFlow does on a GPU machine once its devices run: set_visible_devices raises RuntimeError."""
-    from tasks import tf_runtime
+    from tasks import runtime
 
-    tf = tf_runtime.tensorflow()
+    tf = runtime.tensorflow()
     fake = [tf.config.PhysicalDevice(f"/physical_device:GPU:{i}", "GPU") for i in range(2)]
-    monkeypatch.setattr(tf_runtime, "_pinned_gpu", None)
+    monkeypatch.setattr(runtime, "_pinned_gpu", None)
     monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: fake if kind == "GPU" else [])
 
     def initialised(devices, kind=None):
@@ -345,27 +345,27 @@ def test_a_worker_whose_tensorflow_is_initialised_fails_clearly_instead_of_shari
 
     monkeypatch.setattr(tf.config, "set_visible_devices", initialised)
     with pytest.raises(ParameterError, match="cannot pin this worker to GPU 1: TensorFlow already initialised"):
-        tf_runtime.pin_gpu(1)
+        runtime.pin_gpu(1)
     with pytest.raises(ParameterError, match="TensorFlow sees 2 GPU"):
-        tf_runtime.pin_gpu(5)
-    assert tf_runtime.pinned_gpu() is None
+        runtime.pin_gpu(5)
+    assert runtime.pinned_gpu() is None
 
 
 def test_shards_take_their_workers_gpu(monkeypatch):
-    from tasks import extract, tf_runtime
+    from tasks import extract, runtime
 
-    monkeypatch.setattr(tf_runtime, "_pinned_gpu", None)
+    monkeypatch.setattr(runtime, "_pinned_gpu", None)
     assert [extract.gpu_for_shard(i, 2) for i in range(4)] == [0, 1, 0, 1]  # outside Dask: by shard
-    monkeypatch.setattr(tf_runtime, "_pinned_gpu", 1)
+    monkeypatch.setattr(runtime, "_pinned_gpu", 1)
     assert [extract.gpu_for_shard(i, 2) for i in range(3)] == [1, 1, 1]  # a pinned worker keeps its GPU
 
 
 def test_asking_for_gpus_on_a_machine_without_one_is_a_clear_error(tmp_path, texture_data):
-    from tasks import tf_runtime
+    from tasks import runtime
     from tasks.data.datasets import scan_dataset
     from tasks.extract import extract_shard
 
-    if tf_runtime.gpus():
+    if runtime.gpus():
         pytest.skip("this machine has a GPU")
     with pytest.raises(ParameterError, match="GPU|gpu"):
         extract_shard(scan_dataset(texture_data), tmp_path / "s.h5", 0, 2, BackboneSpec(**TINY),
@@ -374,10 +374,10 @@ def test_asking_for_gpus_on_a_machine_without_one_is_a_clear_error(tmp_path, tex
 
 
 def test_one_gpu_asked_for_on_the_single_process_path_is_an_error_without_one():
-    from tasks import tf_runtime
+    from tasks import runtime
     from tasks.prefect_tasks import extract_codes
 
-    if tf_runtime.gpus():
+    if runtime.gpus():
         pytest.skip("this machine has a GPU")
     with pytest.raises(ParameterError, match="--gpus 1 was given but TensorFlow sees 0 GPU"):
         extract_codes.fn("unused.manifest.json", "unused.h5", {}, [], {}, gpus=1)

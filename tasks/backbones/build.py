@@ -38,7 +38,7 @@ def segment_bounds(width: int, k: int) -> list[tuple[int, int]]:
     edges = np.cumsum([0] + [width // k + (i < width % k) for i in range(k)])
     return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
 
-from .. import tf_runtime
+from .. import runtime
 from .catalog import suggest, backbone_info, is_model_file, preprocessing_of
 from .spec import BackboneSpec
 
@@ -142,7 +142,7 @@ def _preprocess_fn(spec: BackboneSpec):
         from keras.applications import imagenet_utils
 
         return lambda x: imagenet_utils.preprocess_input(x, mode=what)
-    return getattr(tf_runtime.keras().applications, what).preprocess_input
+    return getattr(runtime.keras().applications, what).preprocess_input
 
 
 def build_backbone(spec: BackboneSpec, check_device: bool = True) -> Backbone:
@@ -152,10 +152,10 @@ def build_backbone(spec: BackboneSpec, check_device: bool = True) -> Backbone:
     ``check_device=False`` skips the check that the precision runs fast here (tests build
     float16 models on CPUs to inspect them)."""
     spec = spec.resolved()
-    keras = tf_runtime.keras()
+    keras = runtime.keras()
     if check_device:
-        tf_runtime.check_precision(spec.precision)
-    with tf_runtime.precision_policy(spec.precision):
+        runtime.check_precision(spec.precision)
+    with runtime.precision_policy(spec.precision):
         if is_model_file(spec.name):
             model, size = _load_model_file(spec, keras)
         else:
@@ -217,7 +217,7 @@ def _seeded_init(seed: int | None):
     if seed is None:
         yield
         return
-    keras = tf_runtime.keras()
+    keras = runtime.keras()
     from keras.src.random import seed_generator
 
     keras.utils.set_random_seed(seed)

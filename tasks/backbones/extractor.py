@@ -6,7 +6,7 @@ from typing import Sequence
 import numpy as np
 
 
-from .. import tf_runtime
+from .. import runtime
 from .build import TIME_POOLINGS, Backbone, _preprocess_fn, pooled_shape, segment_bounds, time_segments
 
 
@@ -21,8 +21,8 @@ class Extractor:
     """
 
     def __init__(self, backbone: Backbone, cuts: Sequence[tuple[str, str]], xla: bool = False):
-        tf = tf_runtime.tensorflow()
-        keras = tf_runtime.keras()
+        keras = runtime.keras()
+        ops = keras.ops
         self.backbone = backbone
         self.cuts = list(cuts)
         backbone.check_layers([layer for layer, _ in self.cuts])
@@ -35,40 +35,76 @@ class Extractor:
         pre = _preprocess_fn(backbone.spec)
         cuts_ = self.cuts
         self.images_seen = 0  # rows that went through the backbone: what incremental runs are judged by
+        self.backend = runtime.backend()
 
-        # jit_compile: XLA fuses the pooling and casts into the network's kernels (GPUs gain most).
-        @tf.function(input_signature=[tf.TensorSpec([None, backbone.size, backbone.size, 3], tf.uint8)],
-                     jit_compile=bool(xla))
-        def forward(x):
-            x = tf.cast(x, tf.float32)
-            if pre is not None:
-                x = pre(x)
-            outs = cut(x, training=False)
+        def pooled(outs):
+            """Each cut's output pooled, in keras.ops: the same arithmetic on every backend."""
             if not isinstance(outs, (list, tuple)):
                 outs = [outs]
             res = []
             for layer, pooling in cuts_:
-                y = tf.cast(outs[where[layer]], tf.float32)
+                y = ops.cast(outs[where[layer]], "float32")
                 if pooling == "avg":
-                    y = tf.reduce_mean(y, axis=[1, 2])
+                    y = ops.mean(y, axis=(1, 2))
                 elif pooling == "max":
-                    y = tf.reduce_max(y, axis=[1, 2])
+                    y = ops.max(y, axis=(1, 2))
                 elif pooling in TIME_POOLINGS:  # over the width (time); rows (frequency) kept
-                    reduce = tf.reduce_max if pooling == "time-max" else tf.reduce_mean
+                    reduce = ops.max if pooling == "time-max" else ops.mean
                     parts = [reduce(y[:, :, a:b, :], axis=2)
                              for a, b in segment_bounds(int(y.shape[2]), time_segments(pooling))]
-                    y = parts[0] if len(parts) == 1 else tf.stack(parts, axis=2)
-                    y = tf.reshape(y, [tf.shape(y)[0], -1])
+                    y = parts[0] if len(parts) == 1 else ops.stack(parts, axis=2)
+                    y = ops.reshape(y, (ops.shape(y)[0], -1))
                 elif pooling == "flatten":
-                    y = tf.reshape(y, [tf.shape(y)[0], -1])
+                    y = ops.reshape(y, (ops.shape(y)[0], -1))
                 res.append(y)
             return res
 
-        self._forward = forward
+        def inputs(x):
+            x = ops.cast(x, "float32")
+            return pre(x) if pre is not None else x
+
+        self._forward = _compiled(self.backend, cut, inputs, pooled, bool(xla), backbone.size)
         # Trace and optimise the graph now, on one image, so that the cost lands in the build
         # and the first real batch runs at full speed.
-        forward(tf.zeros([1, backbone.size, backbone.size, 3], tf.uint8))
+        self._forward(np.zeros([1, backbone.size, backbone.size, 3], np.uint8))
 
     def __call__(self, batch: np.ndarray) -> list[np.ndarray]:
         self.images_seen += int(batch.shape[0])
-        return [o.numpy() for o in self._forward(batch)]
+        return [np.asarray(o) for o in self._forward(batch)]
+
+
+def _compiled(backend: str, cut, inputs, pooled, xla: bool, size: int):
+    """``uint8 batch -> [numpy codes]``, compiled the backend's way: a ``tf.function`` (XLA on request) on
+    TensorFlow, ``jax.jit`` over the model's stateless call on JAX (XLA always), eager under ``no_grad`` on
+    PyTorch. The graph is the same Keras model and the same pooling arithmetic on each."""
+    if backend == "tensorflow":
+        tf = runtime.tensorflow()
+
+        # jit_compile: XLA fuses the pooling and casts into the network's kernels (GPUs gain most).
+        @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.uint8)], jit_compile=xla)
+        def forward(x):
+            return pooled(cut(inputs(x), training=False))
+
+        return lambda batch: [o.numpy() for o in forward(batch)]
+    if backend == "jax":
+        import jax
+
+        trainable = [v.value for v in cut.trainable_variables]
+        non_trainable = [v.value for v in cut.non_trainable_variables]
+
+        @jax.jit
+        def forward(tv, ntv, x):
+            outs, _ = cut.stateless_call(tv, ntv, inputs(x), training=False)
+            return pooled(outs)
+
+        # one compilation per batch shape (the last, shorter batch of a run compiles once more)
+        return lambda batch: [np.asarray(o) for o in forward(trainable, non_trainable, batch)]
+    import torch
+    from keras import ops
+
+    def forward(batch):
+        with torch.no_grad():
+            return [ops.convert_to_numpy(o) for o in pooled(cut(inputs(ops.convert_to_tensor(batch)),
+                                                                training=False))]
+
+    return forward

@@ -9,7 +9,7 @@ from pydantic import Field, model_validator
 from storage.errors import BackboneError, ParameterError
 from storage.hashing import file_sha256
 
-from .. import tf_runtime
+from .. import runtime
 from ..data.audio import Spectrogram
 from ..settings import Settings
 from .catalog import (PREPROCESSING_MODES, REGISTRY, backbone_info, is_model_file, preprocessing_of)
@@ -95,7 +95,7 @@ class BackboneSpec(Settings):
         TensorFlow only then): stores and models record the precision that actually ran."""
         if self.precision != "auto":
             return self
-        return self.model_copy(update={"precision": tf_runtime.resolve_precision(self.precision)})
+        return self.model_copy(update={"precision": runtime.resolve_precision(self.precision)})
 
     @property
     def size(self) -> int | None:

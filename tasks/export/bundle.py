@@ -21,7 +21,7 @@ from storage import ModelRegistry, open_store
 from storage.files import fsync_dir, now_iso, temp_beside
 from storage.hashing import file_sha256
 
-from .. import tf_runtime
+from .. import runtime
 from ..settings import ExportOptions
 from .card import model_card
 from .fold import ExportError
@@ -91,7 +91,7 @@ def _decode(paths: list[str], size: int, resize: str) -> tuple[np.ndarray, list[
 
 # ----------------------------------------------------------------------------- writers
 def _tflite_bytes(saved_model: Path, int8: bool) -> bytes:
-    tf = tf_runtime.tensorflow()
+    tf = runtime.tensorflow()
     converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model))
     if int8:  # dynamic range: int8 weights, float activations; no calibration data needed
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
@@ -103,7 +103,7 @@ def tflite_predict(path: str | Path, images: np.ndarray, delegates: bool = False
     TFLite's reference kernels, or with its default delegates (XNNPACK on CPUs) when ``delegates``."""
     import warnings
 
-    tf = tf_runtime.tensorflow()
+    tf = runtime.tensorflow()
     kinds = tf.lite.experimental.OpResolverType
     with warnings.catch_warnings():  # tf.lite.Interpreter's deprecation notice: it still runs the file
         warnings.simplefilter("ignore")
@@ -120,7 +120,7 @@ def tflite_predict(path: str | Path, images: np.ndarray, delegates: bool = False
 
 
 def _saved_model_predict(path: Path, images: np.ndarray) -> np.ndarray:
-    tf = tf_runtime.tensorflow()
+    tf = runtime.tensorflow()
     loaded = tf.saved_model.load(str(path))
     fn = loaded.signatures["serving_default"]
     out = fn(tf.constant(images))
@@ -149,7 +149,7 @@ def _write(built: Built, fmt: str, tmp: Path, int8: bool) -> dict[str, Path]:
 
 def _run_file(fmt: str, path: Path, images: np.ndarray) -> np.ndarray:
     if fmt == "keras":
-        keras = tf_runtime.keras()
+        keras = runtime.keras()
         return np.asarray(keras.saving.load_model(path, compile=False).predict(images, verbose=0))
     if fmt == "savedmodel":
         return _saved_model_predict(path, images)
@@ -344,5 +344,5 @@ def _info(built: Built, options: ExportOptions, files: dict[str, Path], tmp: Pat
         "int8": int8,
         "checks": {"fold": built.self_check, "reload": reload},
         "files": hashes,
-        "libraries": {"tensorflow": tf_runtime.tensorflow().__version__, "keras": tf_runtime.keras().__version__},
+        "libraries": {"tensorflow": runtime.tensorflow().__version__, "keras": runtime.keras().__version__},
     }

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import tf_runtime
+from .. import runtime
 from ..backbones import TIME_POOLINGS, segment_bounds, time_segments
 from .fold import Affine, ExportError, Head, L2
 
@@ -50,7 +50,7 @@ def preprocess_affine(mode: str) -> tuple[np.ndarray, np.ndarray] | None:
 
 def preprocess_layer(mode: str, name: str = "preprocess"):
     """The mode as a frozen 1x1 Conv2D, or None for 'none'. Call it on a float32 image tensor."""
-    keras = tf_runtime.keras()
+    keras = runtime.keras()
     aff = preprocess_affine(mode)
     if aff is None:
         return None
@@ -63,7 +63,7 @@ def preprocess_layer(mode: str, name: str = "preprocess"):
 
 def pooling_layer(pooling: str, name: str = "pool"):
     """The store's pooling of a layer output as a standard layer; ExportError for an unknown one."""
-    keras = tf_runtime.keras()
+    keras = runtime.keras()
     if pooling == "avg":
         return keras.layers.GlobalAveragePooling2D(dtype="float32", name=name)
     if pooling == "max":
@@ -80,7 +80,7 @@ def pooling_layer(pooling: str, name: str = "pool"):
 def _time_pooling(t, pooling: str, k: int, name: str):
     """Pooling over time only, as the extractor does it, from standard layers: per time segment a crop and
     a (1, width) average (or max) pooling, side by side, flattened row by row."""
-    keras = tf_runtime.keras()
+    keras = runtime.keras()
     width = int(t.shape[2])
     pool = keras.layers.MaxPooling2D if pooling == "time-max" else keras.layers.AveragePooling2D
     parts = []
@@ -93,7 +93,7 @@ def _time_pooling(t, pooling: str, k: int, name: str):
 
 
 def _dense(affine: Affine, name: str):
-    keras = tf_runtime.keras()
+    keras = runtime.keras()
     n_in, n_out = affine.kernel.shape
     layer = keras.layers.Dense(n_out, trainable=False, dtype="float32", name=name)
     layer.build((None, n_in))
@@ -104,7 +104,7 @@ def _dense(affine: Affine, name: str):
 def head_layers(head: Head, n_classes: int):
     """A function ``x -> scores`` applying the folded probe to pooled codes with standard layers; the
     output has one column per class of the model (``n_classes``), zero for classes the probe never saw."""
-    keras = tf_runtime.keras()
+    keras = runtime.keras()
     branch_layers = []
     for b, steps in enumerate(head.branches):
         tag = f"_{b}" if len(head.branches) > 1 else ""
@@ -160,7 +160,7 @@ def head_layers(head: Head, n_classes: int):
 def standard_only(model) -> list[str]:
     """Names of the objects in ``model``'s serialised form that plain Keras would not know (registered
     custom objects, Lambda layers); empty when it loads anywhere Keras is installed."""
-    keras = tf_runtime.keras()
+    keras = runtime.keras()
     found: list[str] = []
 
     def walk(obj: Any) -> None:
@@ -184,7 +184,7 @@ def standard_only(model) -> list[str]:
 def float32_copy(model):
     """``model`` rebuilt with every layer computing in float32 (mixed-precision policies dropped), with
     the same weights: a serving model that runs anywhere, and converts to TFLite."""
-    tf_runtime.keras()  # TensorFlow initialised before the config is rebuilt
+    runtime.keras()  # TensorFlow initialised before the config is rebuilt
     config = model.get_config()
     changed = [False]
 

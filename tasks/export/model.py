@@ -22,7 +22,7 @@ import numpy as np
 from storage import ModelRegistry, open_store
 from storage.registry import ModelRecord
 
-from .. import tf_runtime
+from .. import runtime
 from .fold import ExportError, fold_pipeline
 from .layers import (PREPROCESSING_TEXT, float32_copy, head_layers, pooling_layer, preprocess_layer,
                      standard_only)
@@ -85,7 +85,7 @@ def _build_probe(registry: str | Path, record: ModelRecord) -> Built:
     from ..backbones import BackboneSpec, build_backbone, preprocess_mode
     from ..reports.evaluate import scores_of
 
-    keras = tf_runtime.keras()
+    keras = runtime.keras()
     meta = record.metadata
     store = Path(meta["store"])
     if not store.exists():
@@ -160,7 +160,7 @@ def _build_finetuned(registry: str | Path, record: ModelRecord) -> Built:
     from ..finetune import load_finetuned
     from ..finetune.network import preprocess_positions
 
-    keras = tf_runtime.keras()
+    keras = runtime.keras()
     meta = record.metadata
     path, record = ModelRegistry(registry).load(record.name, record.version)  # checks the file's sha256
     original = load_finetuned(path)

@@ -34,9 +34,9 @@ def batchnorm_layers(model, learnt: bool = True) -> list:
     only those whose statistics were learnt on the training data (``trainable``). A layer frozen in training
     kept its pretrained (ImageNet) statistics and the layers after it learnt against those: re-estimating them
     on a group would normalise that group unlike the training data, so they stay."""
-    from .. import tf_runtime
+    from .. import runtime
 
-    bn_type = tf_runtime.keras().layers.BatchNormalization
+    bn_type = runtime.keras().layers.BatchNormalization
     out, seen = [], set()
 
     def walk(layer) -> None:
@@ -87,9 +87,9 @@ class _Moments:
 def _batch_statistics(layers: Sequence) -> Iterator[list[_Moments]]:
     """Within: each layer normalises with its batch's own statistics (whatever ``training`` says) and
     records its inputs' moments. The layers' own ``call`` comes back on exit."""
-    from .. import tf_runtime
+    from .. import runtime
 
-    ops = tf_runtime.keras().ops
+    ops = runtime.keras().ops
     moments = [_Moments() for _ in layers]
 
     def patched(layer, acc: _Moments):
@@ -178,9 +178,9 @@ def pseudo_labels(probs: np.ndarray, fraction: float) -> tuple[np.ndarray, np.nd
 def networks(model) -> list:
     """The networks that train one by one: each member of an ensemble (``network_K``, seen from the ensemble's
     input, so the shared preprocessing comes first), else the model itself."""
-    from .. import tf_runtime
+    from .. import runtime
 
-    keras = tf_runtime.keras()
+    keras = runtime.keras()
     subs = [la for la in model.layers if la.name.startswith("network_") and isinstance(la, keras.Model)]
     if model.name != "cnncodes_ensemble" or not subs:
         return [model]
@@ -209,9 +209,9 @@ def self_train(model, images: np.ndarray, how: SelfTraining, layers: Sequence | 
     """:class:`SelfTraining` on one group's ``images`` (uint8 or float, as the model takes them); ``model`` is
     adapted to them already. The model is left self-trained and adapted (:func:`by_group` puts the trained
     weights back). Returns per round the pseudo-labels' count and how many predictions the round changed."""
-    from .. import tf_runtime
+    from .. import runtime
 
-    keras, tf = tf_runtime.keras(), tf_runtime.tensorflow()
+    keras, tf = runtime.keras(), runtime.tensorflow()
     layers = batchnorm_layers(model) if layers is None else layers
     n_classes = int(model.output_shape[-1])
     start = model.get_weights()

@@ -30,7 +30,7 @@ import numpy as np
 from storage.errors import CnncodesError
 from storage.files import INCOMPLETE, atomic_path, atomic_write_json
 
-from .. import tf_runtime
+from .. import runtime
 
 METADATA = "training_metadata.json"
 KERAS_WEIGHTS = "latest.weights.h5"  # what keras.callbacks.BackupAndRestore wrote
@@ -109,7 +109,7 @@ class EpochBackup:
             self._error = exc
 
     def callback(self):
-        keras = tf_runtime.keras()
+        keras = runtime.keras()
         outer = self
 
         class Backup(keras.callbacks.Callback):

@@ -15,7 +15,7 @@ import numpy as np
 
 from storage.manifest import Manifest
 
-from .. import tf_runtime
+from .. import runtime
 from ..data.images import ImageError, load_image
 from ..data.inputs import InputError
 from .config import FineTuneConfig
@@ -49,7 +49,7 @@ def parallel_calls(share: float = 1.0) -> int:
 def pipeline_options():
     """``tf.data`` options of the fine-tuning pipelines: autotuning off (see the module's doc); the
     parallelism and buffer sizes are set in :func:`make_dataset` instead."""
-    tf = tf_runtime.tensorflow()
+    tf = runtime.tensorflow()
     options = tf.data.Options()
     options.autotune.enabled = False
     return options
@@ -68,7 +68,7 @@ def make_dataset(paths: Sequence[str], labels: np.ndarray, rel: Sequence[str], s
 
     With ``n_classes`` the labels are one-hot rows (for a categorical loss), and with ``mixup`` > 0 as well, each
     training batch is mixed after augmentation (:func:`mixup_batch`); the image dtype is then float32."""
-    tf = tf_runtime.tensorflow()
+    tf = runtime.tensorflow()
     rel_of = dict(zip(paths, rel))
     read = load if load is not None else (lambda path: load_image(path, size, resize))
 
@@ -126,7 +126,7 @@ def mixup_batch(x, y, seed, alpha: float):
     """mixup (Zhang et al., 2018): image ``i`` of the batch becomes ``lam_i * x_i + (1 - lam_i) * x_j`` and its
     one-hot label likewise, ``j`` a random permutation of the batch and ``lam_i ~ Beta(alpha, alpha)`` (as the
     ratio of two gamma draws); ``seed`` is a stateless seed pair."""
-    tf = tf_runtime.tensorflow()
+    tf = runtime.tensorflow()
     x = tf.cast(x, tf.float32)
     n = tf.shape(x)[0]
     seed = tf.cast(seed, tf.int64)
@@ -156,8 +156,8 @@ def augmentations_for(cfg: FineTuneConfig, media: str) -> tuple[str, ...]:
 def _band_mask(axis: int, strength: float, seed: int):
     """A Keras layer that blacks out (0) one random band of rows (axis 1: frequency) or columns (axis 2: time)
     per image, up to ``2 * strength`` of that axis wide (SpecAugment); training only."""
-    keras = tf_runtime.keras()
-    tf = tf_runtime.tensorflow()
+    keras = runtime.keras()
+    tf = runtime.tensorflow()
 
     class BandMask(keras.layers.Layer):
         def __init__(self, **kw):
@@ -184,7 +184,7 @@ def augmentation(cfg: FineTuneConfig, media: str = "image"):
     chosen = augmentations_for(cfg, media)
     if not chosen:
         return None
-    keras = tf_runtime.keras()
+    keras = runtime.keras()
     s, layers = cfg.augment_strength, []
     if "time-mask" in chosen:
         layers.append(_band_mask(2, s, cfg.seed + 5))

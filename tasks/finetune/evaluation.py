@@ -9,7 +9,7 @@ import numpy as np
 
 from storage.manifest import Manifest, Skip
 
-from .. import tf_runtime
+from .. import runtime
 from ..data.audio import Spectrogram
 from ..data.inputs import InputError, input_loader
 from .adapt import MIN_IMAGES, PASS_BATCH, SelfTraining, by_group
@@ -42,7 +42,7 @@ def plot_learning_curves(history: list[dict[str, Any]], path: str | Path) -> Pat
 
 
 def load_finetuned(path: str | Path):
-    keras = tf_runtime.keras()
+    keras = runtime.keras()
     keras_pieces()
     return keras.models.load_model(path, compile=False)
 

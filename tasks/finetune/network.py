@@ -9,7 +9,7 @@ import numpy as np
 
 from storage.errors import ParameterError
 
-from .. import tf_runtime
+from .. import runtime
 from ..backbones import BackboneSpec, build_backbone, preprocess_mode
 from .config import FineTuneConfig
 
@@ -22,7 +22,7 @@ def keras_pieces() -> dict[str, Any]:
     """Classes that need Keras to be defined: built once, registered for (de)serialisation."""
     if _KERAS_PIECES:
         return _KERAS_PIECES
-    keras = tf_runtime.keras()
+    keras = runtime.keras()
     from keras import ops
 
     @keras.saving.register_keras_serializable(package="cnncodes")
@@ -123,12 +123,12 @@ def build_network(spec: BackboneSpec, n_classes: int, cfg: FineTuneConfig, check
     Every layer computes in ``spec.precision`` (mixed: float32 variables) except the last Dense and its
     softmax, which stay float32 so probabilities and the loss keep their precision."""
     spec = spec.resolved()
-    with tf_runtime.precision_policy(spec.precision):
+    with runtime.precision_policy(spec.precision):
         return _build_network(spec, n_classes, cfg, check_device)
 
 
 def _build_network(spec: BackboneSpec, n_classes: int, cfg: FineTuneConfig, check_device: bool) -> Network:
-    keras = tf_runtime.keras()
+    keras = runtime.keras()
     pieces = keras_pieces()
     backbone = build_backbone(spec, check_device=check_device)
     base = backbone.model
@@ -162,7 +162,7 @@ def _build_network(spec: BackboneSpec, n_classes: int, cfg: FineTuneConfig, chec
 def apply_freezing(net: Network, freeze: str, freeze_batchnorm: bool) -> None:
     """Set ``trainable`` on the body's layers: everything ("all"), nothing ("none"), the first N layers
     ("first:N"), or every layer up to and including a named one ("until:NAME")."""
-    keras = tf_runtime.keras()
+    keras = runtime.keras()
     layers = net.body.layers
     if freeze == "all":
         cutoff = len(layers)
@@ -190,7 +190,7 @@ def apply_freezing(net: Network, freeze: str, freeze_batchnorm: bool) -> None:
 
 
 def make_optimizer(cfg: FineTuneConfig, steps_per_epoch: int, phase: str):
-    keras = tf_runtime.keras()
+    keras = runtime.keras()
     pieces = keras_pieces()
     if phase == "head":
         return keras.optimizers.Adam(cfg.head_learning_rate)

@@ -35,7 +35,7 @@ from storage.errors import DatasetError
 from storage.files import atomic_path, atomic_write
 from storage.manifest import Manifest
 
-from .. import tf_runtime
+from .. import runtime
 from ..backbones import BackboneSpec
 from .backup import EpochBackup, restore
 from .resume import best_prior, maximised, prior_values, resumable_early_stopping
@@ -94,7 +94,7 @@ class EpochClock:
         return time.perf_counter(), time.process_time()
 
     def callback(self):
-        keras = tf_runtime.keras()
+        keras = runtime.keras()
         outer = self
 
         class CB(keras.callbacks.Callback):
@@ -112,7 +112,7 @@ class EpochClock:
         return CB()
 
     def closing(self):
-        keras = tf_runtime.keras()
+        keras = runtime.keras()
         outer = self
         outer._closing = True
 
@@ -125,8 +125,8 @@ class EpochClock:
 
 def default_strategy():
     """MirroredStrategy (one replica per GPU) where TensorFlow sees several GPUs; else None."""
-    tf = tf_runtime.tensorflow()
-    return tf.distribute.MirroredStrategy() if len(tf_runtime.gpus()) > 1 else None
+    tf = runtime.tensorflow()
+    return tf.distribute.MirroredStrategy() if len(runtime.gpus()) > 1 else None
 
 
 def fine_tune(manifest: Manifest, spec: BackboneSpec, cfg: FineTuneConfig, workdir: str | Path,
@@ -187,7 +187,7 @@ def ensemble_model(paths: list[str]):
     model ``network_K``, then the mean of their class probabilities (layer ``ensemble_average``)."""
     from .evaluation import load_finetuned
 
-    keras = tf_runtime.keras()
+    keras = runtime.keras()
     members = [load_finetuned(p) for p in paths]
     cut = [preprocess_positions(m)[0] for m in members]
     inp = keras.Input(members[0].input_shape[1:], name="image")
@@ -206,7 +206,7 @@ def ensemble_model(paths: list[str]):
 def _fine_tune_one(manifest: Manifest, spec: BackboneSpec, cfg: FineTuneConfig, workdir: str | Path,
                    resize: str, progress: Callable[[int, int], None] | None, stop_after_epochs: int | None,
                    strategy) -> FineTuneResult:
-    keras = tf_runtime.keras()
+    keras = runtime.keras()
     t0 = time.perf_counter()
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -224,7 +224,7 @@ def _fine_tune_one(manifest: Manifest, spec: BackboneSpec, cfg: FineTuneConfig, 
                            "> 0 or a dataset with val/, or --monitor none to train exactly --epochs epochs and keep "
                            "the last.")
     spec = spec.resolved()
-    tf_runtime.check_precision(spec.precision)
+    runtime.check_precision(spec.precision)
     if strategy is None:
         strategy = default_strategy()
     scope = strategy.scope if strategy else contextlib.nullcontext

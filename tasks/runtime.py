@@ -1,14 +1,21 @@
-"""Importing TensorFlow quietly, and what the machine offers it.
+"""The Keras backend this process computes on (TensorFlow, JAX or PyTorch), imported quietly, and what the
+machine offers it: GPUs, precisions, pinning.
 
-TensorFlow 2.21 prints several lines to stderr on import (oneDNN notice,
-"Could not find cuda drivers", a cuInit error on machines without a GPU)
-before its logging is set up, so ``TF_CPP_MIN_LOG_LEVEL`` cannot silence them.
-:func:`tensorflow` captures stderr at the file-descriptor level while TF
-imports and initialises its devices, drops the lines known to be noise, and
-writes every other line back: real errors are never hidden.
+The backend is chosen by Keras's own convention: ``KERAS_BACKEND``, else the ``backend`` of ``keras.json`` (in
+``KERAS_HOME``, default ``~/.keras``), else TensorFlow. Every command's ``--backend`` sets ``KERAS_BACKEND``
+before Keras is imported (:func:`use_backend`); once Keras is imported the backend is fixed for the process,
+and asking for another is an error that says so. Nothing here imports TensorFlow unless the backend is
+TensorFlow or a caller asks for it by name (:func:`tensorflow`: SavedModel and TFLite exports).
+
+TensorFlow 2.21 prints several lines to stderr on import (oneDNN notice, "Could not find cuda drivers", a
+cuInit error on machines without a GPU) before its logging is set up, so ``TF_CPP_MIN_LOG_LEVEL`` cannot
+silence them. :func:`tensorflow` captures stderr at the file-descriptor level while TF imports and initialises
+its devices, drops the lines known to be noise, and writes every other line back: real errors are never hidden.
 """
 from __future__ import annotations
 
+import importlib.util
+import json
 import logging
 import os
 import re
@@ -34,7 +41,11 @@ _NOISE = [re.compile(p) for p in (
 _NO_GPU_NOISE = re.compile(r"failed call to cuInit")
 
 _tf = None
-# One precision vocabulary for every flow. "auto": mixed float16 where TensorFlow sees a GPU, float32 elsewhere.
+# The Keras backends cnncodes runs on, and the module each needs (the name pip installs it by).
+BACKENDS = ("tensorflow", "jax", "torch")
+DEFAULT_BACKEND = "tensorflow"
+_BACKEND_MODULE = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}
+# One precision vocabulary for every flow. "auto": mixed float16 where the backend sees a GPU, float32 elsewhere.
 PRECISIONS = ("float32", "float16", "bfloat16", "auto")
 CONCRETE_PRECISIONS = ("float32", "float16", "bfloat16")
 _pinned_gpu: int | None = None
@@ -42,6 +53,60 @@ _pinned_gpu: int | None = None
 
 def gpu_hardware_present() -> bool:
     return Path("/dev/nvidiactl").exists() or Path("/dev/nvidia0").exists()
+
+
+def _keras_json_backend() -> str | None:
+    home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+    try:
+        return json.loads(Path(home, "keras.json").read_text()).get("backend")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def configured_backend() -> str:
+    """The backend Keras will use (or uses): ``KERAS_BACKEND``, else keras.json's, else TensorFlow."""
+    if "keras" in sys.modules:
+        return sys.modules["keras"].backend.backend()
+    return os.environ.get("KERAS_BACKEND") or _keras_json_backend() or DEFAULT_BACKEND
+
+
+def check_backend_name(name: str) -> str:
+    if name not in BACKENDS:
+        raise ParameterError(f"backend must be one of {', '.join(BACKENDS)}; got {name!r}.")
+    return name
+
+
+def use_backend(name: str | None) -> str:
+    """Make ``name`` this process's Keras backend (None: keep the configured one); returns the backend.
+
+    Before Keras is imported this sets ``KERAS_BACKEND``. After, the backend is fixed: asking for another
+    raises ParameterError, since one process computes on one backend (start another process, e.g. a
+    Prefect worker or a Dask worker with ``KERAS_BACKEND`` set)."""
+    if name is None:
+        return check_backend_name(configured_backend())
+    check_backend_name(name)
+    if "keras" in sys.modules:
+        current = sys.modules["keras"].backend.backend()
+        if current != name:
+            raise ParameterError(
+                f"this process already computes on the {current} backend and cannot switch to {name}: Keras picks "
+                f"its backend once per process. Run the command in a new process with --backend {name} (or "
+                f"KERAS_BACKEND={name}), or start the worker that runs it with KERAS_BACKEND={name}.")
+        return name
+    os.environ["KERAS_BACKEND"] = name
+    return name
+
+
+def backend_installed(name: str) -> bool:
+    return importlib.util.find_spec(_BACKEND_MODULE[check_backend_name(name)]) is not None
+
+
+def _missing_backend(name: str, why: str = "") -> ParameterError:
+    others = [b for b in BACKENDS if b != name and backend_installed(b)]
+    return ParameterError(
+        f"the {name} backend is not installed{why}: pip install 'cnncodes[{name}]'"
+        + (f", or use one that is installed: --backend {' or --backend '.join(others)} (or KERAS_BACKEND)."
+           if others else "."))
 
 
 @contextmanager
@@ -67,11 +132,18 @@ def _is_noise(line: str) -> bool:
     return bool(_NO_GPU_NOISE.search(line)) and not gpu_hardware_present()
 
 
-def tensorflow():
-    """Import TensorFlow (once), quietly, with its devices initialised; returns the module."""
+def tensorflow(needed_for: str = ""):
+    """Import TensorFlow (once), quietly, with its devices initialised; returns the module.
+
+    ``needed_for`` names what needs it (e.g. "a SavedModel export"): where TensorFlow is not installed the
+    error says so and how to get it."""
     global _tf
     if _tf is not None:
         return _tf
+    if not backend_installed("tensorflow"):
+        raise ParameterError(f"{needed_for or 'this'} needs TensorFlow, which is not installed here: pip install "
+                             "'cnncodes[tensorflow]' (it runs on any backend's machine beside JAX or PyTorch), or "
+                             "do it on a machine that has TensorFlow.")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     ok = False
     captured: list[str] = []
@@ -92,14 +164,49 @@ def tensorflow():
 
 
 def keras():
-    tensorflow()
+    """Import Keras on the configured backend (TensorFlow quietly first when that is the backend)."""
+    if "keras" in sys.modules:
+        import keras as _keras
+
+        return _keras
+    name = check_backend_name(configured_backend())
+    if not backend_installed(name):
+        raise _missing_backend(name, " (KERAS_BACKEND, keras.json or --backend chose it)")
+    if name == "tensorflow":
+        tensorflow()
+    os.environ["KERAS_BACKEND"] = name
     import keras as _keras
 
     return _keras
 
 
+def backend() -> str:
+    """The backend this process computes on (Keras imported on it)."""
+    return keras().backend.backend()
+
+
+def library_versions() -> dict[str, str]:
+    """The backend this process computes on and the versions of it and of Keras (for provenance)."""
+    name = backend()
+    module = sys.modules.get(_BACKEND_MODULE[name]) or importlib.import_module(_BACKEND_MODULE[name])
+    return {"backend": name, name: getattr(module, "__version__", "unknown"), "keras": keras().__version__}
+
+
 def gpus() -> list:
-    return tensorflow().config.list_physical_devices("GPU")
+    """The GPUs the backend sees in this process (names; empty on a CPU)."""
+    name = backend()
+    if name == "tensorflow":
+        return [d.name for d in tensorflow().config.list_physical_devices("GPU")]
+    if name == "jax":
+        import jax
+
+        try:
+            return [str(d) for d in jax.devices("gpu")]
+        except RuntimeError:  # no GPU platform in this jaxlib
+            return []
+    import torch
+
+    return [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
 
 
 def cpu_supports_bfloat16() -> bool:
@@ -112,7 +219,7 @@ def cpu_supports_bfloat16() -> bool:
 
 
 def resolve_precision(precision: str) -> str:
-    """``auto`` -> ``float16`` where TensorFlow sees a GPU, ``float32`` elsewhere; others unchanged."""
+    """``auto`` -> ``float16`` where the backend sees a GPU, ``float32`` elsewhere; others unchanged."""
     if precision not in PRECISIONS:
         raise ParameterError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}.")
     if precision == "auto":
@@ -152,7 +259,8 @@ def precision_policy(precision: str):
 def pin_gpu(index: int) -> None:
     """Make GPU ``index`` of this machine the only one this process uses, or raise a clear error.
 
-    Before TensorFlow is imported this sets ``CUDA_VISIBLE_DEVICES``. After, it asks TensorFlow to
+    Before TensorFlow is imported this sets ``CUDA_VISIBLE_DEVICES``, which every backend honours (JAX and
+    PyTorch read it when they first touch CUDA; :func:`check_pinned` verifies). After, it asks TensorFlow to
     hide the other GPUs, which works only until TensorFlow has initialised its devices: a worker
     whose TensorFlow already runs (it ran another task first) cannot move to another GPU, and
     sharing GPU 0 silently would halve every shard's speed, so that is an error. Pinning the same
@@ -164,10 +272,10 @@ def pin_gpu(index: int) -> None:
         if _pinned_gpu != index:
             raise ParameterError(
                 f"this worker process is already pinned to GPU {_pinned_gpu} and cannot move to GPU {index}: "
-                "TensorFlow picks its devices once per process. Start one worker per GPU (--workers equal to "
+                "A backend picks its devices once per process. Start one worker per GPU (--workers equal to "
                 "--gpus, the default), or start each Dask worker with its own CUDA_VISIBLE_DEVICES.")
         return
-    if "tensorflow" not in sys.modules:
+    if "tensorflow" not in sys.modules or configured_backend() != "tensorflow":
         # Indices count the GPUs this process may see: within a CUDA_VISIBLE_DEVICES the user set, if any.
         allowed = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
         if allowed and index >= len(allowed):
@@ -198,18 +306,19 @@ def pinned_gpu() -> int | None:
 
 
 def check_pinned(index: int) -> dict:
-    """After :func:`pin_gpu`: assert that TensorFlow sees exactly one GPU; returns what it sees."""
-    tf = tensorflow()
-    visible = tf.config.get_visible_devices("GPU")
+    """After :func:`pin_gpu`: assert that the backend sees exactly one GPU; returns what it sees."""
+    name = backend()
+    visible = ([d.name for d in tensorflow().config.get_visible_devices("GPU")] if name == "tensorflow"
+               else gpus())
     if len(visible) != 1:
         raise ParameterError(
-            f"this worker was pinned to GPU {index} but TensorFlow sees {len(visible)} GPU(s) "
+            f"this worker was pinned to GPU {index} but {name} sees {len(visible)} GPU(s) "
             f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}). "
-            + ("No GPU is visible: install tensorflow[and-cuda] (pip install 'cnncodes[gpu]') and check "
-               "nvidia-smi, or run without --gpus." if not visible else
+            + (f"No GPU is visible: install the CUDA build of {name} (for TensorFlow: pip install "
+               "'cnncodes[gpu]') and check nvidia-smi, or run without --gpus." if not visible else
                "Set CUDA_VISIBLE_DEVICES per worker, or let cnncodes start the workers (--gpus without "
                "--dask-address)."))
-    return {"gpu": index, "visible": [d.name for d in visible],
+    return {"gpu": index, "visible": visible,
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
 
 
