@@ -18,7 +18,7 @@ GPU_STAMP := $(VENV)/.installed-gpu
 install-gpu: $(GPU_STAMP)
 
 $(GPU_STAMP): $(STAMP)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev,gpu]" \
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[tensorflow,dev,gpu]" \
 		--config-settings editable_mode=compat
 	@touch $@
 
@@ -27,7 +27,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade "pip>=24"
 	# editable_mode=compat puts the checkout on sys.path: a Dask worker puts its own folder, which holds
 	# a "storage" spill directory, first on sys.path, and a path-less editable finder would lose to it.
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev]" \
+	# every Keras backend, TensorFlow the default: the tests compare them (torch is the CPU build, 2.13.0)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[tensorflow,jax,torch,dev]" \
 		--config-settings editable_mode=compat
 	@touch $(STAMP)
 

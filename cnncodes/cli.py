@@ -35,6 +35,9 @@ def _parents() -> dict[str, argparse.ArgumentParser]:
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    common.add_argument("--backend", default=None, choices=["tensorflow", "jax", "torch"],
+                        help="Keras backend to compute on (default: KERAS_BACKEND, else keras.json's, else "
+                             "tensorflow)")
     seed = argparse.ArgumentParser(add_help=False)
     seed.add_argument("--seed", type=int, default=0,
                       help="seed of the drawn split, of random weights and of training (default: %(default)s)")
@@ -552,16 +555,16 @@ COMMANDS = {"retrain": cmd_retrain, "backbones": cmd_backbones, "layers": cmd_la
             "sweep": cmd_sweep, "predict": cmd_predict, "export": cmd_export, "fine-tune": cmd_fine_tune,
             "transfer": cmd_transfer, "demo": cmd_demo, "store": cmd_store, "server": cmd_server,
             "spectrogram": cmd_spectrogram, "watch": cmd_watch}
-# Commands that run a flow (they need the Prefect API) and, of those, the ones that import TensorFlow:
-# the API comes up in the background while TensorFlow and the flow's modules import.
+# Commands that run a flow (they need the Prefect API) and, of those, the ones that import Keras and its backend:
+# the API comes up in the background while the backend and the flow's modules import.
 FLOW_MODULES = {"extract": "flows.extract_features", "train-linear": "flows.train_linear", "sweep": "flows.sweep",
                 "predict": "flows.predict", "export": "flows.export", "fine-tune": "flows.fine_tune", "transfer": "flows.transfer",
                 "retrain": "flows.retrain", "demo": "flows.demo"}
-TF_COMMANDS = ("extract", "fine-tune", "transfer", "retrain", "demo", "export")
+KERAS_COMMANDS = ("extract", "fine-tune", "transfer", "retrain", "demo", "export")
 
 
 def _prepare(command: str):
-    """Start the Prefect API (or find a running one) while TensorFlow and the flow import; returns the
+    """Start the Prefect API (or find a running one) while Keras, its backend and the flow import; returns the
     :class:`~cnncodes.server.Warmup` (None for commands that run no flow)."""
     if command not in FLOW_MODULES:
         return None
@@ -571,10 +574,10 @@ def _prepare(command: str):
 
     warm = Warmup()
     try:
-        if command in TF_COMMANDS:
+        if command in KERAS_COMMANDS:
             from tasks import runtime
 
-            runtime.tensorflow()
+            runtime.keras()
         importlib.import_module(FLOW_MODULES[command])
     except BaseException:
         warm.close()
@@ -675,6 +678,10 @@ def _main(argv: Sequence[str] | None) -> int:
 
     warm = None
     try:
+        if getattr(args, "backend", None):
+            from tasks import runtime
+
+            runtime.use_backend(args.backend)  # before anything imports Keras
         warm = _prepare(args.command)
         with _run_settings(warm):
             return COMMANDS[args.command](args)

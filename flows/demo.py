@@ -9,6 +9,7 @@ from tasks.backbones import BackboneSpec, imagenet_weights_available
 from tasks.results import DemoResult
 from tasks.settings import Output
 from tasks.data.synthetic import CLASSES, make_dataset
+from tasks.runtime import Backend, use_backend
 
 from flows.predict import predict
 from flows.transfer import transfer
@@ -28,9 +29,10 @@ def check_imagenet_weights() -> bool:
 
 
 @flow(name="demo", log_prints=True)
-def demo(out: str = "cnncodes-out", images_per_class: int = 40) -> DemoResult:
+def demo(out: str = "cnncodes-out", images_per_class: int = 40, backend: Backend | None = None) -> DemoResult:
     """Generate a 4-class texture dataset, run the `transfer` flow on it (MobileNet 0.25: ImageNet weights
     when Keras can load them, random weights otherwise), then predict a folder of images with the champion."""
+    use_backend(backend)  # Keras's backend for this process: before anything imports Keras
     data = generate_demo_dataset(str(Path(out) / "demo-data"), images_per_class)
     weights = "imagenet" if check_imagenet_weights() else "none"
     if weights == "none":

@@ -19,6 +19,7 @@ from tasks.extract import ExtractOptions, options_dict, spec_dict
 from tasks.results import ExtractResult
 from tasks.settings import Output, ScaleOut, SplitConfig
 from tasks.prefect_tasks import extract_codes, extract_codes_shard, extract_report, index_shards, scan_dataset
+from tasks.runtime import Backend, configured_backend, use_backend
 
 
 def _slug(text: str) -> str:
@@ -49,8 +50,9 @@ def extract_shards(manifest_path: str, store: str, shards: int, spec: dict[str, 
                    options: dict[str, Any], threads: int | None, gpus: int = 0) -> ExtractResult:
     """Each shard by its own worker, side by side (with ``gpus``, each worker pinned to its own GPU);
     then the index that reads them as one store."""
-    futures = [extract_codes_shard.submit(manifest_path, store, i, shards, spec, cuts, options, threads, gpus)
-               for i in range(shards)]
+    backend = configured_backend()  # each worker computes on the flow's backend (or says why it cannot)
+    futures = [extract_codes_shard.submit(manifest_path, store, i, shards, spec, cuts, options, threads, gpus,
+                                          backend) for i in range(shards)]
     parts = [f.result() for f in futures]
     return ExtractResult(**index_shards(store, shards, manifest_path, parts))
 
@@ -63,6 +65,7 @@ def extract_features(
     split: SplitConfig = SplitConfig(),
     output: Output = Output(),
     scale: ScaleOut = ScaleOut(),
+    backend: Backend | None = None,
 ) -> ExtractResult:
     """Extract CNN codes of ``data`` at ``extract.layers`` of ``backbone`` into ``extract.store``.
 
@@ -75,6 +78,7 @@ def extract_features(
     compiles the forward pass. Returns the extraction summary (counts, skips, timings, store and
     report paths).
     """
+    use_backend(backend)  # Keras's backend for this process: before anything imports Keras
     if not extract.layers:
         raise ParameterError("give at least one layer (--layer NAME); `cnncodes layers "
                              f"{backbone.name}` lists the layers of {backbone.name}.")

@@ -73,7 +73,8 @@ RESERVED_KEYS = ("registry_format", "name", "version", "created", "model_file", 
 COMPAT_KEYS = ("class_names", "feature_dim", "backbone", "layer", "pooling", "weights_digest", "preprocessing",
                "input_size")
 # Libraries whose version is recorded only when the process already imported them (never imported here).
-_OPTIONAL_LIBRARIES = (("sklearn", "sklearn"), ("tensorflow", "tensorflow"), ("keras", "keras"))
+_OPTIONAL_LIBRARIES = (("sklearn", "sklearn"), ("tensorflow", "tensorflow"), ("keras", "keras"), ("jax", "jax"),
+                       ("torch", "torch"))
 
 
 class RegistryError(CnncodesError):
@@ -145,13 +146,18 @@ def _normalise(value: Any) -> Any:
 
 
 def _library_versions() -> dict[str, str]:
-    """Versions of python, numpy and joblib, and of sklearn/tensorflow/keras only if already imported."""
+    """Versions of python, numpy and joblib, and of sklearn/tensorflow/keras/jax/torch only if already imported;
+    with Keras imported, ``keras_backend`` names the backend that computed (tensorflow, jax or torch)."""
     out = {"python": platform.python_version(), "numpy": np.__version__, "joblib": joblib.__version__}
     for key, module in _OPTIONAL_LIBRARIES:
         mod = sys.modules.get(module)
         version = getattr(mod, "__version__", None) if mod is not None else None
         if version is not None:
             out[key] = str(version)
+    keras = sys.modules.get("keras")
+    backend = getattr(getattr(keras, "backend", None), "backend", None)
+    if callable(backend):
+        out["keras_backend"] = str(backend())
     return out
 
 
@@ -432,8 +438,8 @@ class ModelRegistry:
         be JSON serialisable; NumPy scalars and arrays are converted) plus name,
         version, created (UTC ISO), model_file, model_sha256 (of the file as
         written), model_kind ("joblib" or the file's suffix) and libraries
-        (python, numpy, joblib; sklearn, tensorflow, keras only if already
-        imported). Nothing is visible under ``v<N>`` until all of it is written;
+        (python, numpy, joblib; sklearn, tensorflow, keras, jax, torch only if
+        already imported, and keras_backend where Keras is). Nothing is visible under ``v<N>`` until all of it is written;
         a failed save leaves no trace but a skipped version number at worst.
         """
         _check_name(name)

@@ -12,13 +12,14 @@ import os
 import sys
 import time
 from collections import deque
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Sequence
 
 import numpy as np
 from pydantic import Field, model_validator
 
-from storage.errors import ParameterError, StoreError
+from storage.errors import ParameterError, StoreError, StoreMismatchError
 from storage.manifest import Manifest, Skip
 from storage.store import COMPRESSIONS, DTYPES, GroupSpec, StoreWriter, group_name, store_is_current
 
@@ -147,6 +148,24 @@ def _backends(store: Path, backend: str) -> list[str]:
     return sorted(set(seen) | {backend})
 
 
+@contextmanager
+def _explained_mismatch(store: Path, spec: BackboneSpec, backends: list[str], backend: str) -> Iterator[None]:
+    """A store of seeded random weights refused because its weights differ: say why, where the store was made
+    on another backend (each backend draws random weights with its own generator, so one seed gives other
+    weights on each; the weights digest keeps their codes apart)."""
+    try:
+        yield
+    except StoreMismatchError as exc:
+        others = [b for b in backends if b != backend]
+        if spec.weights != "none" or not others or "weights_digest" not in str(exc):
+            raise
+        raise StoreMismatchError(
+            f"{exc} The store's codes come from seeded random weights drawn on the {' and '.join(others)} "
+            f"backend; each backend draws its own random weights from the same seed, so this {backend} run's "
+            f"differ. Extend it with --backend {others[0]}, or save the weights once to a file (--weights FILE) "
+            "to share them across backends.") from exc
+
+
 def decode_workers(options: ExtractOptions) -> int:
     """Decoding threads or processes: as set, else every core beside a GPU, at most 4 on a CPU."""
     if options.decode_workers:
@@ -243,7 +262,8 @@ def extract_to_store(manifest: Manifest, store: str | os.PathLike, spec: Backbon
 
     decode_skips: list[Skip] = []
     timings = {"build": build_s, "forward": 0.0, "write": 0.0}
-    with StoreWriter(store, identity, specs, meta) as writer:
+    with _explained_mismatch(store, spec, meta["backends"], extractor.backend), \
+            StoreWriter(store, identity, specs, meta) as writer:
         plan = writer.plan(manifest)
         todo = plan.union()
         need = {s.name: set(plan.todo[s.name]) for s in specs}

@@ -17,7 +17,7 @@ from prefect.cache_policies import NO_CACHE
 from storage.errors import CnncodesError
 from storage.manifest import Manifest
 
-from . import extract, finetune, predict, probe, reports
+from . import extract, finetune, predict, probe, reports, runtime
 from .data import datasets, incremental
 from .decide import retrain, transfer
 from .backbones import BackboneSpec
@@ -300,9 +300,11 @@ def promote_or_keep(registry: str, name: str, champion_version: int, challenger_
       cache_policy=NO_CACHE, task_run_name="extract shard {index} of {shards}")
 def extract_codes_shard(manifest_path: str, store: str, index: int, shards: int, spec: dict[str, Any],
                         cuts: list[list[str]], options: dict[str, Any], threads: int | None,
-                        gpus: int = 0) -> dict:
+                        gpus: int = 0, backend: str | None = None) -> dict:
     """One shard of a sharded extraction, into its own store file (one writer per shard); with ``gpus``
-    the worker is pinned to one of them."""
+    the worker is pinned to one of them. ``backend``: the Keras backend the flow computes on; a worker
+    whose Keras already runs on another one refuses the shard with a message that says so."""
+    runtime.use_backend(backend)
     manifest = Manifest.load(manifest_path)
     gpu = extract.gpu_for_shard(index, gpus) if gpus else None
     bar = Progress(f"shard {index}", unit="img", key=f"extract-shard-{index}")

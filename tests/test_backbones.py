@@ -176,3 +176,21 @@ def test_imagenet_mobilenet_loads_offline_from_shared_keras_home(tmp_path):
     assert res["input_size"] == 224 and res["layers"][-1]["name"] == "conv_pw_13_relu"
     assert res["layers"][-1]["output_shape"] == [None, 7, 7, 256]
     assert backbone_info("mobilenet").default_size == 224
+
+
+def test_weights_digest_does_not_depend_on_what_the_process_built_before(tmp_path):
+    """Keras numbers the names it gives layers across the process (``normalization``, then ``normalization_1``):
+    the digest of the same weights must not change with it, or a store extended by a long-lived worker (or by
+    the transfer flow, which builds the backbone before extracting) would be refused as another extraction."""
+    from tasks.backbones import BackboneSpec, build_backbone
+
+    spec = BackboneSpec(name="efficientnet_b0", weights="none", input_size=32, seed=1, precision="float32")
+    first = build_backbone(spec)
+    again = build_backbone(spec)
+    auto = [la.name for la in again.model.layers if la.name.startswith("normalization")]
+    assert auto and all(name != "normalization" for name in auto)  # Keras did number them anew
+    assert again.weights_digest == first.weights_digest
+    # the digest still sees the weights
+    first.model.layers[-3].weights[0].assign(first.model.layers[-3].weights[0].numpy() + 1.0)
+    first._digest = None
+    assert first.weights_digest != again.weights_digest

@@ -67,11 +67,17 @@ class Backbone:
 
     @property
     def weights_digest(self) -> str:
-        """sha256 over the backbone's weight tensors (names and bytes, in order)."""
+        """sha256 over the backbone's weight tensors (names and bytes, in order), the same on every backend and
+        in every process: layers Keras named itself are named as a fresh process names them (the k-th
+        ``Normalization`` of the model is ``normalization`` then ``normalization_1``, ...), whatever models the
+        process built before (Keras numbers its own names across the process)."""
         if self._digest is None:
+            canonical = _canonical_names(self.model)
             h = hashlib.sha256()
             for w in self.model.weights:
-                h.update(w.path.encode() if hasattr(w, "path") else w.name.encode())
+                path = w.path if hasattr(w, "path") else w.name
+                layer, _, rest = path.partition("/")
+                h.update((f"{canonical.get(layer, layer)}/{rest}" if rest else path).encode())
                 h.update(np.ascontiguousarray(np.asarray(w.numpy(), dtype=np.float32)).tobytes())
             self._digest = h.hexdigest()
         return self._digest
@@ -105,6 +111,31 @@ class Backbone:
 
     def output_shape(self, layer: str) -> tuple:
         return tuple(self.model.get_layer(layer).output.shape)
+
+
+def _snake(name: str) -> str:
+    """A class name as Keras makes a layer's own name of it (``BatchNormalization`` -> ``batch_normalization``)."""
+    import re
+
+    name = re.sub(r"\W+", "", name)
+    name = re.sub("(.)([A-Z][a-z]+)", r"\1_\2", name)
+    return re.sub("([a-z])([A-Z])", r"\1_\2", name).lower()
+
+
+def _canonical_names(model) -> dict[str, str]:
+    """Layers that Keras named itself (``<class>`` or ``<class>_<n>``), renamed as a fresh process would name them
+    in this model: the first of a class keeps the bare name, the next ``_1``, and so on."""
+    import re
+
+    seen: dict[str, int] = {}
+    out = {}
+    for layer in model.layers:
+        base = _snake(type(layer).__name__)
+        if re.fullmatch(rf"{re.escape(base)}(_\d+)?", layer.name):
+            k = seen.get(base, 0)
+            seen[base] = k + 1
+            out[layer.name] = base if k == 0 else f"{base}_{k}"
+    return out
 
 
 def pooled_shape(shape: tuple, pooling: str, layer: str) -> tuple[int, ...]:

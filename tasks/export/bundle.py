@@ -218,6 +218,10 @@ def export_model(registry: str | Path, name: str, version: int | str | None, out
     _check_output(output, options.force)
     if options.int8 and options.format != "tflite":
         raise ExportError("--int8 quantises a TFLite model; use it with --format tflite.")
+    if options.format in ("savedmodel", "tflite") and runtime.backend() != "tensorflow":
+        raise ExportError(f"--format {options.format} is written by TensorFlow, and this process computes on the "
+                          f"{runtime.backend()} backend: export it with --backend tensorflow (a model trained on any "
+                          "backend exports there), or use --format keras, which every backend reads.")
     record = resolve(registry, name, version)
     say(f"building {record.name} v{record.version}")
     built = build(registry, record)
@@ -344,5 +348,5 @@ def _info(built: Built, options: ExportOptions, files: dict[str, Path], tmp: Pat
         "int8": int8,
         "checks": {"fold": built.self_check, "reload": reload},
         "files": hashes,
-        "libraries": {"tensorflow": runtime.tensorflow().__version__, "keras": runtime.keras().__version__},
+        "libraries": runtime.library_versions(),
     }
