@@ -248,7 +248,7 @@ def extract_to_store(manifest: Manifest, store: str | os.PathLike, spec: Backbon
 
     t_build = time.perf_counter()
     backbone = build_backbone(spec)
-    extractor = Extractor(backbone, cuts, xla=options.xla)
+    extractor = Extractor(backbone, cuts, xla=options.xla, batch_size=options.batch_size)
     identity = input_identity(dict(backbone.identity(), resize=options.resize), manifest.media, spec.spectrogram)
     build_s = time.perf_counter() - t_build
     specs = [GroupSpec(layer, pooling, shape, options.dtype, options.compression)
@@ -405,12 +405,12 @@ def shard_manifest(manifest: Manifest, index: int, shards: int) -> Manifest:
 
 
 def require_gpus(n: int) -> None:
-    """ParameterError unless TensorFlow sees at least ``n`` GPUs in this process."""
+    """ParameterError unless the backend sees at least ``n`` GPUs in this process."""
     seen = len(runtime.gpus())
     if seen < n:
-        raise ParameterError(f"--gpus {n} was given but TensorFlow sees {seen} GPU(s) here. Install "
-                             "tensorflow[and-cuda] (pip install 'cnncodes[gpu]') and check nvidia-smi, or run "
-                             "without --gpus.")
+        name = runtime.backend()
+        raise ParameterError(f"--gpus {n} was given but {runtime.DISPLAY[name]} sees {seen} GPU(s) here. Install "
+                             f"{runtime.CUDA_BUILD[name]} and check nvidia-smi, or run without --gpus.")
 
 
 def gpu_for_shard(index: int, gpus: int) -> int:

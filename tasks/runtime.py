@@ -47,6 +47,9 @@ BACKENDS = ("tensorflow", "jax", "torch")
 Backend = Literal["tensorflow", "jax", "torch"]  # a flow parameter: "Keras backend to compute on"
 DEFAULT_BACKEND = "tensorflow"
 _BACKEND_MODULE = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}
+DISPLAY = {"tensorflow": "TensorFlow", "jax": "JAX", "torch": "PyTorch"}
+CUDA_BUILD = {"tensorflow": "tensorflow[and-cuda] (pip install 'cnncodes[gpu]')", "jax": "jax[cuda12] or jax[cuda13]",
+              "torch": "a CUDA build of torch"}
 # One precision vocabulary for every flow. "auto": mixed float16 where the backend sees a GPU, float32 elsewhere.
 PRECISIONS = ("float32", "float16", "bfloat16", "auto")
 CONCRETE_PRECISIONS = ("float32", "float16", "bfloat16")
@@ -314,10 +317,10 @@ def check_pinned(index: int) -> dict:
                else gpus())
     if len(visible) != 1:
         raise ParameterError(
-            f"this worker was pinned to GPU {index} but {name} sees {len(visible)} GPU(s) "
+            f"this worker was pinned to GPU {index} but {DISPLAY[name]} sees {len(visible)} GPU(s) "
             f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}). "
-            + (f"No GPU is visible: install the CUDA build of {name} (for TensorFlow: pip install "
-               "'cnncodes[gpu]') and check nvidia-smi, or run without --gpus." if not visible else
+            + (f"No GPU is visible: install {CUDA_BUILD[name]} and check nvidia-smi, or run without --gpus."
+               if not visible else
                "Set CUDA_VISIBLE_DEVICES per worker, or let cnncodes start the workers (--gpus without "
                "--dask-address)."))
     return {"gpu": index, "visible": visible,

@@ -1,8 +1,8 @@
 """Running cnncodes on another Keras backend, in its own process (Keras fixes its backend when it is imported).
 
 :func:`run_on` runs a Python script with ``KERAS_BACKEND`` set and returns the JSON object its last line prints;
-with ``without_tensorflow`` the process cannot import TensorFlow (as on a GPU node that has only JAX or
-PyTorch): a ``sitecustomize`` on its path refuses ``import tensorflow`` and every submodule."""
+with ``without_tensorflow`` the process cannot see TensorFlow (as on a GPU node that has only JAX or PyTorch): a
+``sitecustomize`` on its path makes sys.path's finder blind to ``tensorflow`` and its submodules."""
 from __future__ import annotations
 
 import json
@@ -16,18 +16,23 @@ ROOT = Path(__file__).resolve().parents[1]
 OTHER_BACKENDS = ("jax", "torch")
 
 BLOCK_TENSORFLOW = textwrap.dedent('''
-    import importlib.abc
+    import importlib.machinery
     import sys
 
 
-    class _NoTensorFlow(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name == "tensorflow" or name.startswith("tensorflow."):
-                raise ImportError(f"{name} is blocked: this process stands for a machine without TensorFlow")
-            return None
+    class _PathFinderWithoutTensorFlow(importlib.machinery.PathFinder):
+        """sys.path's finder, blind to TensorFlow: `import tensorflow` fails and find_spec finds nothing, as on a
+        machine where it is not installed."""
+
+        @classmethod
+        def find_spec(cls, fullname, path=None, target=None):
+            if fullname == "tensorflow" or fullname.startswith("tensorflow."):
+                return None
+            return super().find_spec(fullname, path, target)
 
 
-    sys.meta_path.insert(0, _NoTensorFlow())
+    sys.meta_path[:] = [_PathFinderWithoutTensorFlow if f is importlib.machinery.PathFinder else f
+                        for f in sys.meta_path]
 ''')
 
 

@@ -20,7 +20,8 @@ class Extractor:
     (``(n, height * K * channels)``), ``flatten``, ``none``.
     """
 
-    def __init__(self, backbone: Backbone, cuts: Sequence[tuple[str, str]], xla: bool = False):
+    def __init__(self, backbone: Backbone, cuts: Sequence[tuple[str, str]], xla: bool = False,
+                 batch_size: int = 1):
         keras = runtime.keras()
         ops = keras.ops
         self.backbone = backbone
@@ -64,9 +65,11 @@ class Extractor:
             return pre(x) if pre is not None else x
 
         self._forward = _compiled(self.backend, cut, inputs, pooled, bool(xla), backbone.size)
-        # Trace and optimise the graph now, on one image, so that the cost lands in the build
-        # and the first real batch runs at full speed.
-        self._forward(np.zeros([1, backbone.size, backbone.size, 3], np.uint8))
+        # Trace and optimise the graph now, so that the cost lands in the build and the first real batch runs at
+        # full speed: on one image (TensorFlow traces one graph for every batch size), or on a batch of the size
+        # to come where XLA compiles per shape (JAX).
+        warm = batch_size if self.backend == "jax" else 1
+        self._forward(np.zeros([warm, backbone.size, backbone.size, 3], np.uint8))
 
     def __call__(self, batch: np.ndarray) -> list[np.ndarray]:
         self.images_seen += int(batch.shape[0])
@@ -97,8 +100,18 @@ def _compiled(backend: str, cut, inputs, pooled, xla: bool, size: int):
             outs, _ = cut.stateless_call(tv, ntv, inputs(x), training=False)
             return pooled(outs)
 
-        # one compilation per batch shape (the last, shorter batch of a run compiles once more)
-        return lambda batch: [np.asarray(o) for o in forward(trainable, non_trainable, batch)]
+        # XLA compiles once per batch shape: a shorter batch (a run's last) is padded to the widest one seen,
+        # which costs a part of one batch's arithmetic instead of a second compilation.
+        width = [0]
+
+        def padded(batch):
+            n = len(batch)
+            width[0] = max(width[0], n)
+            if n < width[0]:
+                batch = np.concatenate([batch, np.zeros((width[0] - n, *batch.shape[1:]), batch.dtype)])
+            return [np.asarray(o)[:n] for o in forward(trainable, non_trainable, batch)]
+
+        return padded
     import torch
     from keras import ops
 
