@@ -60,10 +60,10 @@ def _gpu_visible() -> bool:
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked ``gpu`` run only where TensorFlow sees a GPU (benchmarks/gpu.sh runs them there)."""
+    """Tests marked ``gpu`` run only where the Keras backend sees a GPU (benchmarks/gpu.sh runs them there)."""
     marked = [item for item in items if "gpu" in item.keywords]
     if marked and not _gpu_visible():
-        skip = pytest.mark.skip(reason="needs a GPU that TensorFlow sees (run benchmarks/gpu.sh on a GPU machine)")
+        skip = pytest.mark.skip(reason="needs a GPU that the Keras backend sees (run benchmarks/gpu.sh on a GPU machine)")
         for item in marked:
             item.add_marker(skip)
 
