@@ -3,7 +3,8 @@
 - :mod:`.config`: :class:`FineTuneConfig`, the settings;
 - :mod:`.network`: the network (backbone + preprocessing layer + new head), freezing, the optimizer
   with the head's learning-rate multiplier;
-- :mod:`.data`: the ``tf.data`` input pipeline and augmentation;
+- :mod:`.data`: the input pipeline (``tf.data`` on TensorFlow, a ``keras.utils.PyDataset`` on JAX and
+  PyTorch) and augmentation;
 - :mod:`.training`: :func:`fine_tune`, the training phases with checkpoints, resume and early stopping;
 - :mod:`.evaluation`: loading a fine-tuned model, predicting, metrics per split, learning curves;
 - :mod:`.report`: registering the model and writing its report.

@@ -96,7 +96,7 @@ def _batch_statistics(layers: Sequence) -> Iterator[list[_Moments]]:
         def call(inputs, training=None, mask=None):
             x = ops.cast(inputs, "float32")
             axes = tuple(layer._reduction_axes)
-            acc.add(np.asarray(x), axes)
+            acc.add(ops.convert_to_numpy(x), axes)
             mean, var = ops.moments(x, axes=axes)
             out = ops.batch_normalization(x, mean, var, axis=layer.axis,
                                           offset=None if layer.beta is None else ops.cast(layer.beta, "float32"),
@@ -210,8 +210,10 @@ def self_train(model, images: np.ndarray, how: SelfTraining, layers: Sequence | 
     adapted to them already. The model is left self-trained and adapted (:func:`by_group` puts the trained
     weights back). Returns per round the pseudo-labels' count and how many predictions the round changed."""
     from .. import runtime
+    from .data import batches_class, set_seed
 
-    keras, tf = runtime.keras(), runtime.tensorflow()
+    keras = runtime.keras()
+    tf = runtime.tensorflow() if runtime.backend() == "tensorflow" else None
     layers = batchnorm_layers(model) if layers is None else layers
     n_classes = int(model.output_shape[-1])
     start = model.get_weights()
@@ -228,16 +230,22 @@ def self_train(model, images: np.ndarray, how: SelfTraining, layers: Sequence | 
             log.info("self-training on group %s: round %d of %d, network %d of %d, %d of %d images pseudo-labelled, "
                      "%d epochs", name, k + 1, how.rounds, j + 1, len(nets), len(keep), len(images), how.epochs)
             seed = how.seed + 1000 * (k + 1) + j
-            keras.utils.set_random_seed(seed)
+            set_seed(seed)
             _reseed(net, seed)
-            ds = tf.data.Dataset.from_tensor_slices((images[keep], tf.one_hot(labels, n_classes)))
-            ds = ds.shuffle(len(keep), seed=seed).batch(how.batch_size).map(lambda x, y: (tf.cast(x, tf.float32), y))
-            if how.augment is not None:
-                augment = how.augment(seed)
-                ds = ds.map(lambda x, y: (augment(x, training=True), y))
+            augment = how.augment(seed) if how.augment is not None else None
+            if tf is not None:
+                ds = tf.data.Dataset.from_tensor_slices((images[keep], tf.one_hot(labels, n_classes)))
+                ds = ds.shuffle(len(keep), seed=seed).batch(how.batch_size).map(
+                    lambda x, y: (tf.cast(x, tf.float32), y))
+                if augment is not None:
+                    ds = ds.map(lambda x, y: (augment(x, training=True), y))
+                ds = ds.prefetch(2)
+            else:  # JAX, PyTorch: the batches of fine-tuning's PyDataset (shuffled, augmented, one-hot; seeded)
+                ds = batches_class()(images[keep].astype(np.float32), labels, how.batch_size, training=True,
+                                     augment=augment, seed=seed, n_classes=n_classes)
             net.compile(optimizer=keras.optimizers.Adam(how.learning_rate), loss="categorical_crossentropy")
             done = [keras.callbacks.LambdaCallback(on_epoch_end=lambda *_: epoch_done())] if epoch_done else []
-            net.fit(ds.prefetch(2), epochs=how.epochs, verbose=0, shuffle=False, callbacks=done)
+            net.fit(ds, epochs=how.epochs, verbose=0, shuffle=False, callbacks=done)
         adapt_batchnorm(model, chunks(images), layers)
         before, probs = probs.argmax(axis=1), predict()
         rounds.append({"pseudo_labels": int(len(keep)), "changed": int(np.sum(probs.argmax(axis=1) != before)),

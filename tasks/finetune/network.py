@@ -51,8 +51,16 @@ def keras_pieces() -> dict[str, Any]:
         def get_config(self):
             return {**super().get_config(), "mode": self.mode}
 
+    tensorflow_backend = keras.backend.backend() == "tensorflow"
+
     def _tf_variable(v):
         return v.value if isinstance(v, keras.Variable) else v
+
+    def _key(v):
+        """What identifies a variable in ``update_step``: TensorFlow hands it the ``tf.Variable`` inside each Keras
+        variable (under MirroredStrategy each GPU's copy), keyed by ``ref()``; JAX and PyTorch hand it the Keras
+        variable itself (also inside JAX's traced, stateless step), keyed by its identity."""
+        return _tf_variable(v).ref() if tensorflow_backend else id(v)
 
     def with_head_multiplier(base):
         class HeadMultiplier(base):
@@ -66,15 +74,13 @@ def keras_pieces() -> dict[str, Any]:
             def set_head_variables(self, variables) -> None:
                 refs = set()
                 for v in variables:
-                    tv = _tf_variable(v)
-                    refs.add(tv.ref())
-                    # under MirroredStrategy the update sees each GPU's copy
-                    refs.update(x.ref() for x in getattr(tv, "values", ()) or ())
+                    refs.add(_key(v))
+                    if tensorflow_backend:  # under MirroredStrategy the update sees each GPU's copy
+                        refs.update(x.ref() for x in getattr(_tf_variable(v), "values", ()) or ())
                 self._head_refs = refs
 
             def update_step(self, gradient, variable, learning_rate):
-                # The TensorFlow backend hands tf.Variables to update_step, Keras variables elsewhere.
-                if _tf_variable(variable).ref() in self._head_refs:
+                if _key(variable) in self._head_refs:
                     learning_rate = learning_rate * self.head_multiplier
                 return super().update_step(gradient, variable, learning_rate)
 

@@ -13,9 +13,10 @@ The known traps are handled here rather than left to the user:
 * Preprocessing is a layer of the saved model: the ``.keras`` file takes RGB
   pixels in [0, 255] and nothing about it can be forgotten at prediction time.
 
-Data comes from the same manifest as extraction, through ``tf.data``: decoded
-once with the same decoder (bad files skipped and reported), cached, shuffled,
-augmented with Keras preprocessing layers (training only), prefetched.
+Data comes from the same manifest as extraction, through ``tf.data`` on the
+TensorFlow backend and a ``keras.utils.PyDataset`` on JAX and PyTorch (:mod:`.data`):
+decoded once with the same decoder (bad files skipped and reported), cached,
+shuffled, augmented with Keras preprocessing layers (training only).
 A killed run resumes from its last epoch (weights, optimizer state, epoch)
 through the backup of :mod:`.backup`, written after every epoch.
 """
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -31,7 +33,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from storage.errors import DatasetError
+from storage.errors import DatasetError, ParameterError
 from storage.files import atomic_path, atomic_write
 from storage.manifest import Manifest
 
@@ -41,8 +43,10 @@ from .backup import EpochBackup, restore
 from .resume import best_prior, maximised, prior_values, resumable_early_stopping
 from .config import FineTuneConfig
 from ..data.inputs import input_loader
-from .data import SkipLog, augmentation, make_dataset, split_arrays
+from .data import SkipLog, at_epoch, augmentation, batch_count, make_dataset, set_seed, split_arrays
 from .network import apply_freezing, build_network, make_optimizer, preprocess_positions
+
+log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- training
@@ -124,9 +128,66 @@ class EpochClock:
 
 
 def default_strategy():
-    """MirroredStrategy (one replica per GPU) where TensorFlow sees several GPUs; else None."""
-    tf = runtime.tensorflow()
-    return tf.distribute.MirroredStrategy() if len(runtime.gpus()) > 1 else None
+    """On TensorFlow: MirroredStrategy (one replica per GPU) where TensorFlow sees several GPUs; else None.
+
+    On the other backends None: no ``tf.distribute``. On JAX with several GPUs, Keras' own data parallelism
+    is switched on instead (``keras.distribution.DataParallel``: each batch split over every GPU, the
+    variables replicated); on PyTorch one process trains on one device."""
+    if runtime.backend() == "tensorflow":
+        tf = runtime.tensorflow()
+        return tf.distribute.MirroredStrategy() if len(runtime.gpus()) > 1 else None
+    gpus = runtime.gpus()
+    if runtime.backend() == "jax" and len(gpus) > 1:
+        keras = runtime.keras()
+        if keras.distribution.distribution() is None:
+            keras.distribution.set_distribution(keras.distribution.DataParallel())
+            log.info("fine-tuning on %d GPUs with keras.distribution.DataParallel (JAX)", len(gpus))
+    elif len(gpus) > 1:
+        log.info("the %s backend trains on one device per process: %d GPUs seen, one used", runtime.backend(),
+                 len(gpus))
+    return None
+
+
+def _replicas(strategy) -> int:
+    """Devices that share each batch: the strategy's replicas (TensorFlow), Keras' distribution's devices (JAX)."""
+    if strategy is not None:
+        return strategy.num_replicas_in_sync
+    if runtime.backend() == "jax":
+        distribution = runtime.keras().distribution.distribution()
+        if distribution is not None:
+            return int(np.prod(distribution.device_mesh.shape))
+    return 1
+
+
+def _jit_compile(cfg: FineTuneConfig):
+    """``compile``'s ``jit_compile``: on TensorFlow XLA as ``cfg.xla`` says; JAX always compiles with XLA
+    ("auto"); PyTorch runs eagerly ("auto": ``torch.compile`` is not used)."""
+    if runtime.backend() == "tensorflow":
+        return bool(cfg.xla)
+    if cfg.xla and runtime.backend() == "torch":
+        log.info("--xla has no effect on the torch backend (the training step runs eagerly)")
+    return "auto"
+
+
+_NO_TENSORBOARD_SAID: list[bool] = []
+
+
+def tensorboard_callback(keras, log_dir: Path):
+    """Keras' TensorBoard callback, which writes with TensorFlow's summary writer (also on JAX and PyTorch, where
+    TensorFlow is imported for it and kept off the GPUs, whose memory it would take); None where TensorFlow
+    cannot be imported (a JAX or PyTorch install without it), said once per process in the log."""
+    if runtime.backend() != "tensorflow":
+        try:
+            tf = runtime.tensorflow("TensorBoard logs")
+            with contextlib.suppress(RuntimeError):  # too late once TensorFlow has set up its devices
+                tf.config.set_visible_devices([], "GPU")
+        except (ImportError, ParameterError) as exc:
+            if not _NO_TENSORBOARD_SAID:
+                _NO_TENSORBOARD_SAID.append(True)
+                log.info("no TensorBoard logs: Keras' TensorBoard callback writes with TensorFlow, which cannot be "
+                         "imported here (%s); history.csv has every epoch's metrics", str(exc).splitlines()[0][:160])
+            return None
+    return keras.callbacks.TensorBoard(str(log_dir), histogram_freq=0, write_graph=False)
 
 
 def fine_tune(manifest: Manifest, spec: BackboneSpec, cfg: FineTuneConfig, workdir: str | Path,
@@ -138,8 +199,9 @@ def fine_tune(manifest: Manifest, spec: BackboneSpec, cfg: FineTuneConfig, workd
     killed run resumes each unfinished phase from its last finished epoch.
 
     ``spec.precision`` applies to the whole network ('auto': mixed float16 on a GPU, float32 on a
-    CPU), with dynamic loss scaling under float16. ``strategy`` (a ``tf.distribute`` strategy)
-    defaults to MirroredStrategy over every GPU when there are several.
+    CPU), with dynamic loss scaling under float16. ``strategy`` (a ``tf.distribute`` strategy, TensorFlow
+    only) defaults to MirroredStrategy over every GPU when there are several (:func:`default_strategy`:
+    on JAX, Keras' DataParallel instead; on PyTorch, one device).
 
     ``cfg.ensemble`` > 1: that many networks, trained one after the other in ``workdir/network-K``
     (seeds ``cfg.seed + K - 1``; each resumes on its own), and ``model.keras`` averages their class
@@ -210,7 +272,7 @@ def _fine_tune_one(manifest: Manifest, spec: BackboneSpec, cfg: FineTuneConfig, 
     t0 = time.perf_counter()
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    keras.utils.set_random_seed(cfg.seed)
+    set_seed(cfg.seed)
     n_classes = len(manifest.class_names)
     tr_paths, tr_labels, tr_rel = split_arrays(manifest, "train")
     # early stopping and the best checkpoint watch val; test is never shown to a selection step
@@ -239,10 +301,11 @@ def _fine_tune_one(manifest: Manifest, spec: BackboneSpec, cfg: FineTuneConfig, 
     val_ds = make_dataset(va_paths, va_labels, va_rel, net.size, resize, cfg.batch_size, skips, training=False,
                           load=load, n_classes=one_hot) if va_paths else None
     # batches of the images that decoded (make_dataset decodes them now, into its cache)
-    known = int(train_ds.cardinality()) >= 0
-    steps = int(train_ds.cardinality()) if known else max(1, int(np.ceil(len(tr_paths) / cfg.batch_size)))
+    n_batches = batch_count(train_ds)
+    known = n_batches is not None
+    steps = n_batches if known else max(1, int(np.ceil(len(tr_paths) / cfg.batch_size)))
     for split, ds in (("train", train_ds), ("val", val_ds)):
-        if ds is not None and int(ds.cardinality()) == 0:
+        if ds is not None and batch_count(ds) == 0:
             raise DatasetError(f"no image of the {split} split could be decoded (see the skipped files: "
                                f"{skips.as_list()[:3]}...).")
     net.model(np.zeros((1, net.size, net.size, 3), np.float32))  # built, for a backup to be restored
@@ -270,7 +333,7 @@ def _fine_tune_one(manifest: Manifest, spec: BackboneSpec, cfg: FineTuneConfig, 
                 opt = keras.optimizers.LossScaleOptimizer(opt)
             loss = "categorical_crossentropy" if one_hot else "sparse_categorical_crossentropy"
             net.model.compile(optimizer=opt, loss=loss, metrics=["accuracy"],
-                              jit_compile=bool(cfg.xla))
+                              jit_compile=_jit_compile(cfg))
         backup = workdir / f"backup-{phase}"
         with scope():
             start_epoch = restore(net.model, backup)  # weights, optimizer state: 0 when there is no backup
@@ -284,11 +347,12 @@ def _fine_tune_one(manifest: Manifest, spec: BackboneSpec, cfg: FineTuneConfig, 
         clock = EpochClock(progress, total_epochs, offset)
         # kept until the phase is recorded as done below, so no moment exists without a checkpoint
         backups = EpochBackup(backup)
+        board = tensorboard_callback(keras, workdir / "tensorboard" / phase)
         callbacks = [
             clock.callback(),
             backups.callback(),
             keras.callbacks.CSVLogger(str(workdir / f"history-{phase}.csv"), append=True),
-            keras.callbacks.TensorBoard(str(workdir / "tensorboard" / phase), histogram_freq=0, write_graph=False),
+            *([board] if board is not None else []),
         ]
         if monitor:
             callbacks.append(keras.callbacks.ModelCheckpoint(
@@ -306,6 +370,7 @@ def _fine_tune_one(manifest: Manifest, spec: BackboneSpec, cfg: FineTuneConfig, 
         if budget is not None:
             run_epochs = min(epochs, start_epoch + budget)
         before = net.counts()
+        at_epoch(train_ds, offset + start_epoch)  # a resumed phase draws as the uninterrupted run would have
         with backups:  # the last backup's write is finished, also when fit raises
             # steps_per_epoch given: Keras keeps the iterator it makes at an epoch's end (prefetching
             # while validation runs) for the next epoch instead of making another one
@@ -341,7 +406,7 @@ def _fine_tune_one(manifest: Manifest, spec: BackboneSpec, cfg: FineTuneConfig, 
     _write_history(workdir, history)
     return FineTuneResult(str(model_path), history, phase_info, net.counts(), skips.as_list(),
                           time.perf_counter() - t0, resumed, stopped_early, net.size, spec.precision,
-                          strategy.num_replicas_in_sync if strategy else 1, this_call)
+                          _replicas(strategy), this_call)
 
 
 def _write_history(workdir: Path, history: list[dict[str, Any]]) -> None:
