@@ -289,6 +289,9 @@ def main() -> int:
     results = {"command": f"KERAS_BACKEND={dev['backend']} bash benchmarks/gpu.sh" + (" --dry-run" if a.dry_run else ""),
                "dry_run": a.dry_run, "device": dev, "tests": tests, "images": a.images, "batch": a.batch,
                "size": a.size, "extraction": {}}
+    if os.environ.get("GPU_CHECK_CARRIED_BYTES"):  # set by gpu.sh: what travels to the node, repository + wheels
+        results["carried_mib"] = int(os.environ["GPU_CHECK_CARRIED_BYTES"]) / 2**20
+        results["wheels"] = int(os.environ.get("GPU_CHECK_WHEELS", 0))
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         jpegs = photos(tmp / "photos", a.images)

@@ -43,6 +43,7 @@ dry)
     size=$(carried_size)
     echo "repository + wheels: $((size / 1048576)) MiB of the 64 MiB a call may carry" >&2
     [ "$size" -le $((64 * 1048576)) ] || { echo "too large to carry to the GPU node" >&2; exit 1; }
+    export GPU_CHECK_CARRIED_BYTES=$size GPU_CHECK_WHEELS=$(ls .whl/*.whl | wc -l)
     block=$(mktemp -d)
     trap 'rm -rf "$block"' EXIT
     .venv/bin/python -c "import sys; sys.path.insert(0, '.'); from tests.backends import BLOCK_TENSORFLOW; print(BLOCK_TENSORFLOW)" \

@@ -44,7 +44,7 @@ def _parents() -> dict[str, argparse.ArgumentParser]:
     out = argparse.ArgumentParser(add_help=False)
     add_settings(out, "output", Output, only=["out"], title="output")
     registry = argparse.ArgumentParser(add_help=False)
-    add_settings(registry, "output", Output, title="output")
+    add_settings(registry, "output", Output, only=["out", "registry"], title="output")
     named = argparse.ArgumentParser(add_help=False)
     named.add_argument("--model-name", default=None,
                        help="registry name of the model; each run adds a version (default: derived from the data "
@@ -301,7 +301,7 @@ def _split(args):
 def _output(args):
     from tasks.settings import Output
 
-    return settings_from(args, "output", Output)
+    return settings_from(args, "output", Output, backend=args.backend)
 
 
 def _extract_text(s) -> str:
@@ -455,7 +455,7 @@ def cmd_spectrogram(args) -> int:
 def cmd_demo(args) -> int:
     from flows.demo import demo
 
-    r = demo(out=_output(args).out, images_per_class=args.images_per_class)
+    r = demo(out=_output(args).out, images_per_class=args.images_per_class, backend=args.backend)
     text = "\n".join([f"dataset:     {r.dataset}", _transfer_text(r.transfer),
                       f"predictions: {r.predict['predictions']}"])
     result = r

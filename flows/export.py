@@ -7,15 +7,15 @@ from prefect import flow
 from tasks.prefect_tasks import export_model
 from tasks.results import ExportResult
 from tasks.settings import ExportOptions, Output
-from tasks.runtime import Backend, use_backend
+from tasks.runtime import use_backend
 
 
 @flow(name="export", log_prints=True, flow_run_name="export {model} as {options.format}")
 def export(model: str, path: str, version: str | None = None, options: ExportOptions = ExportOptions(),
-           output: Output = Output(), backend: Backend | None = None) -> ExportResult:
+           output: Output = Output()) -> ExportResult:
     """Export registered ``model`` (``version``: a number or an alias; default the champion, else the
     latest) from ``output.registry`` into the folder ``path``."""
-    use_backend(backend)  # Keras's backend for this process: before anything imports Keras
+    use_backend(output.backend)  # Keras's backend for this process: before anything imports Keras
     result = ExportResult(**export_model(output.registry_path, model, version, path, options.as_dict()))
     print(f"exported {result.model} v{result.version} as {result.format}: {result.output}")
     return result

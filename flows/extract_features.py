@@ -19,7 +19,7 @@ from tasks.extract import ExtractOptions, options_dict, spec_dict
 from tasks.results import ExtractResult
 from tasks.settings import Output, ScaleOut, SplitConfig
 from tasks.prefect_tasks import extract_codes, extract_codes_shard, extract_report, index_shards, scan_dataset
-from tasks.runtime import Backend, configured_backend, use_backend
+from tasks.runtime import configured_backend, use_backend
 
 
 def _slug(text: str) -> str:
@@ -65,7 +65,6 @@ def extract_features(
     split: SplitConfig = SplitConfig(),
     output: Output = Output(),
     scale: ScaleOut = ScaleOut(),
-    backend: Backend | None = None,
 ) -> ExtractResult:
     """Extract CNN codes of ``data`` at ``extract.layers`` of ``backbone`` into ``extract.store``.
 
@@ -78,7 +77,7 @@ def extract_features(
     compiles the forward pass. Returns the extraction summary (counts, skips, timings, store and
     report paths).
     """
-    use_backend(backend)  # Keras's backend for this process: before anything imports Keras
+    use_backend(output.backend)  # Keras's backend for this process: before anything imports Keras
     if not extract.layers:
         raise ParameterError("give at least one layer (--layer NAME); `cnncodes layers "
                              f"{backbone.name}` lists the layers of {backbone.name}.")

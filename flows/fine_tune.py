@@ -20,7 +20,7 @@ from tasks.finetune import FineTuneConfig
 from tasks.prefect_tasks import fine_tune_network, register_finetuned, scan_dataset
 from tasks.results import FineTuneRunResult
 from tasks.settings import Output, SplitConfig
-from tasks.runtime import Backend, use_backend
+from tasks.runtime import use_backend
 
 
 def run_dir(out: str, name: str, key: dict[str, Any]) -> Path:
@@ -40,13 +40,12 @@ def fine_tune(
     split: SplitConfig = SplitConfig(),
     model_name: str | None = None,
     output: Output = Output(),
-    backend: Backend | None = None,
 ) -> FineTuneRunResult:
     """Fine-tune ``backbone`` on ``data``; returns model name and version, metrics per split, report path.
 
     ``backbone.precision`` (float32, float16, bfloat16, auto) applies to the whole network: 'auto' is
     mixed float16 on a GPU (with loss scaling), float32 on a CPU; the last Dense and softmax stay float32."""
-    use_backend(backend)  # Keras's backend for this process: before anything imports Keras
+    use_backend(output.backend)  # Keras's backend for this process: before anything imports Keras
     registry = output.registry_path
     data_name = Path(data).stem if Path(data).is_file() else Path(data).resolve().name
     name = model_name or f"{data_name}-{Path(backbone.name).stem if is_model_file(backbone.name) else backbone.name}" \

@@ -13,7 +13,7 @@ from tasks.prefect_tasks import (evaluate_champion, promote_or_keep, retrain_pla
                                   scan_dataset)
 from tasks.results import RetrainResult
 from tasks.settings import Output, SplitConfig
-from tasks.runtime import Backend, use_backend
+from tasks.runtime import use_backend
 
 from flows.extract_features import extract_features
 from flows.fine_tune import fine_tune
@@ -22,8 +22,7 @@ from flows.train_linear import train_linear
 
 @flow(name="retrain", log_prints=True, flow_run_name="retrain {model}")
 def retrain(data: str, model: str, output: Output = Output(), margin: float = 0.0,
-            force: bool = False, rehash: bool = False, group_by: str | None = None,
-            backend: Backend | None = None) -> RetrainResult:
+            force: bool = False, rehash: bool = False, group_by: str | None = None) -> RetrainResult:
     """Retrain lineage ``model`` (a registry name in ``output.registry``) on ``data`` if the data changed
     (or ``force``), with the champion's own settings, rebuilt from its metadata.
 
@@ -33,7 +32,7 @@ def retrain(data: str, model: str, output: Output = Output(), margin: float = 0.
     champion's by more than ``margin`` on the same images, with a paired bootstrap interval of the
     difference above zero; images the lineage trained on are never judged on. ``rehash``: read and hash
     every file again instead of trusting the stat cache of the last scan."""
-    use_backend(backend)  # Keras's backend for this process: before anything imports Keras
+    use_backend(output.backend)  # Keras's backend for this process: before anything imports Keras
     registry = output.registry_path
     output = output.model_copy(update={"registry": registry})
     manifest_path = str(output.runs / f"retrain-{model}.manifest.json")

@@ -15,7 +15,7 @@ from tasks.prefect_tasks import champion_gate, dataset_media, decide_case, decis
 from tasks.results import TransferResult
 from tasks.settings import Output, SplitConfig
 from tasks.decide.transfer import Thresholds, candidate_codes, candidate_layers, top_freeze_for
-from tasks.runtime import Backend, use_backend
+from tasks.runtime import use_backend
 
 from flows.extract_features import extract_features
 from flows.fine_tune import fine_tune
@@ -36,7 +36,6 @@ def transfer(
     split: SplitConfig = SplitConfig(),
     model_name: str | None = None,
     output: Output = Output(),
-    backend: Backend | None = None,
 ) -> TransferResult:
     """Decide the case for ``data`` and ``backbone`` from measurements, train, gate, report.
 
@@ -44,7 +43,7 @@ def transfer(
     ``probe`` trains the linear probe (always); ``finetune`` the fine-tuned model of cases 3 and 4,
     whose freezing, optimizer and weights the decision sets. Extraction uses ``finetune.batch_size``.
     Returns the case, the measurements behind it, the champion (name, version, metrics) and paths."""
-    use_backend(backend)  # Keras's backend for this process: before anything imports Keras
+    use_backend(output.backend)  # Keras's backend for this process: before anything imports Keras
     registry = output.registry_path
     output = output.model_copy(update={"registry": registry})
     data_name = Path(data).stem if Path(data).is_file() else Path(data).resolve().name

@@ -23,7 +23,6 @@ import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Literal
 
 from storage.errors import ParameterError
 
@@ -44,7 +43,6 @@ _NO_GPU_NOISE = re.compile(r"failed call to cuInit")
 _tf = None
 # The Keras backends cnncodes runs on, and the module each needs (the name pip installs it by).
 BACKENDS = ("tensorflow", "jax", "torch")
-Backend = Literal["tensorflow", "jax", "torch"]  # a flow parameter: "Keras backend to compute on"
 DEFAULT_BACKEND = "tensorflow"
 _BACKEND_MODULE = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}
 DISPLAY = {"tensorflow": "TensorFlow", "jax": "JAX", "torch": "PyTorch"}

@@ -152,10 +152,14 @@ class SplitConfig(Settings):
 
 
 class Output(Settings):
-    """Where results go: stores, manifests, reports and runs under ``out``; models in ``registry``."""
+    """Where results go (stores, manifests, reports and runs under ``out``; models in ``registry``) and the Keras
+    backend that computes them. Every flow takes it, so a deployment chooses its backend here."""
 
     out: str = Field("cnncodes-out", description="folder for stores, manifests, runs and reports")
     registry: str | None = Field(None, description="model registry folder (default: OUT/registry)")
+    backend: Literal["tensorflow", "jax", "torch"] | None = Field(
+        None, description="Keras backend to compute on (default: KERAS_BACKEND, else keras.json's, else tensorflow); "
+                          "one per process")
 
     @property
     def registry_path(self) -> str:

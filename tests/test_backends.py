@@ -132,3 +132,90 @@ def test_a_short_last_batch_on_jax_is_padded_and_trimmed(tmp_path):
     got = run_on("jax", PADDED_SCRIPT, tmp_path)
     assert got["rows"] == [3, 3] and got["seen"] == 14
     assert got["diff"] <= 1e-5
+
+
+PIPELINE_SCRIPT = """
+    import json
+    import sys
+    from pathlib import Path
+
+    from flows.export import export
+    from flows.extract_features import extract_features
+    from flows.fine_tune import fine_tune
+    from flows.predict import predict
+    from flows.train_linear import train_linear
+    from tasks.backbones import BackboneSpec
+    from tasks.extract import ExtractOptions
+    from tasks.finetune import FineTuneConfig
+    from tasks.settings import Output
+
+    args = json.load(open("args.json"))
+    out = Output(out="out", backend="jax")
+    spec = BackboneSpec(args["model"], weights="file", preprocessing="scale01")
+    extracted = extract_features(args["data"], spec, ExtractOptions(layers=["relu2"]), output=out)
+    probe = train_linear(extracted.store, "relu2", output=out)
+    # tests/test_finetune_backends.py's settings that learn on JAX (seed 3), fewer epochs
+    tuned = fine_tune(args["data"], spec, FineTuneConfig(dense=[16], dropout=0.0, batch_size=8, augment=[], epochs=6,
+                                                         optimizer="adam", learning_rate=3e-3, patience=6, seed=3),
+                      model_name="stripes-ft", output=out)
+    predicted = predict(args["images"], "stripes-ft", output=out, predictions="jax-predictions.csv")
+    exported = export("stripes-ft", "exported", output=out)
+    print(json.dumps({"store": extracted.store, "computed": extracted.computed, "probe_test": probe.metrics["test"]["accuracy"],
+                      "tuned_test": tuned.metrics["test"]["accuracy"], "predicted": predicted.images,
+                      "export_files": exported.files, "reload": exported.reload_check,
+                      "tensorflow_imported": "tensorflow" in sys.modules}))
+"""
+
+
+@pytest.mark.slow
+def test_without_tensorflow_jax_runs_extract_probe_fine_tune_predict_export_and_tensorflow_carries_on(
+        tmp_path, oriented_data, small_cnn):
+    """A process in which TensorFlow cannot be imported (a GPU node with JAX alone) runs the whole chain on JAX;
+    then this process, on TensorFlow, reads what it made: it extends and probes the JAX store, predicts with the
+    JAX-trained network (the same probabilities) and retrains its lineage."""
+    from flows.extract_features import extract_features
+    from flows.predict import predict
+    from flows.retrain import retrain
+    from flows.train_linear import train_linear
+    from storage.store import open_store
+    from tasks.backbones import BackboneSpec
+    from tasks.extract import ExtractOptions
+    from tasks.settings import Output
+
+    images = oriented_data / "test"
+    (tmp_path / "args.json").write_text(json.dumps({"data": str(oriented_data), "model": small_cnn,
+                                                    "images": str(images)}))
+    got = run_on("jax", PIPELINE_SCRIPT, tmp_path, without_tensorflow=True)
+    assert got["tensorflow_imported"] is False
+    # (that fine-tuning learns on JAX is tests/test_finetune_backends.py's; here it must run, register and serve)
+    assert got["computed"] == 165 and got["probe_test"] > 0.45 and got["tuned_test"] is not None, got
+    assert got["predicted"] == 45 and any(f.endswith(".keras") for f in got["export_files"])
+    assert got["reload"]["max_abs_difference"] <= 1e-5
+
+    out = Output(out=str(tmp_path / "out"))
+    store = got["store"]
+    assert open_store(store).provenance["backends"] == ["jax"]
+    # more images: TensorFlow extends the store JAX made (same weights file, same codes within 1e-4)
+    extra = oriented_data / "train" / next(p.name for p in (oriented_data / "train").iterdir())
+    from PIL import Image
+
+    for k, src in enumerate(sorted(extra.iterdir())[:3]):  # mirrored: other files, the same class
+        Image.open(src).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(extra / f"again-{k}{src.suffix}")
+    spec = BackboneSpec(small_cnn, weights="file", preprocessing="scale01")
+    more = extract_features(str(oriented_data), spec, ExtractOptions(layers=["relu2"], store=store), output=out)
+    assert more.computed == 3 and more.reused == 165
+    assert open_store(store).provenance["backends"] == ["jax", "tensorflow"]
+    assert train_linear(store, "relu2", output=out).metrics["test"]["accuracy"] > 0.45  # chance: 1/3
+
+    on_tf = predict(str(images), "stripes-ft", output=out, predictions=str(tmp_path / "tf-predictions.csv"))
+    import pandas as pd
+
+    a, b = pd.read_csv(tmp_path / "jax-predictions.csv"), pd.read_csv(tmp_path / "tf-predictions.csv")
+    assert list(a.path) == list(b.path) and list(a.predicted) == list(b.predicted)
+    probs = [c for c in a.columns if c.startswith("p_")]
+    assert probs and float(a[probs].std().max()) > 1e-3  # the images get different probabilities ...
+    assert float((a[probs] - b[probs]).abs().max().max()) <= 1e-4  # ... and each the same on both backends
+    assert on_tf.images == 45
+
+    again = retrain(str(oriented_data), "stripes-ft", output=out, force=True)
+    assert again.retrained and again.challenger == 2
