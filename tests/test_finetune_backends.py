@@ -131,6 +131,8 @@ def test_fine_tuning_learns_oriented_stripes(backend, tmp_path, oriented_data, s
     losses = out["losses"]
     assert out["backend"] == backend and len(losses) == 20 and losses[-1] <= losses[0] / 3, losses
     assert out["test"] == 45 and out["accuracy"] >= 1 / out["classes"] + 0.4, out
+    if importlib.util.find_spec("tensorflow") is not None:  # TensorBoard's writer is TensorFlow's, here too
+        assert out["tensorflow_imported"] and list((tmp_path / "run" / "tensorboard").rglob("events.out.tfevents.*"))
 
 
 MULTIPLIER = '''
@@ -182,6 +184,11 @@ EVERYTHING = '''
     from tasks.finetune import evaluate_finetuned, evaluation, self_training_for
     from tasks.finetune.data import SkipLog, augmentation, make_dataset, split_arrays
 
+    try:
+        import tensorflow  # noqa: F401
+        blocked = False
+    except ImportError:
+        blocked = True
     evaluation.MIN_IMAGES = 4  # a split of these data has 6 images
     m = scan_dataset(ARGS["data"])
     cfg = FineTuneConfig(dense=[16], dropout=0.0, pool_dropout=0.2, batch_size=8, head_epochs=1, epochs=2,
@@ -222,7 +229,7 @@ EVERYTHING = '''
                                            zip(body.get_layer(name).weights, initial.get_layer(name).weights))
     metrics, _ = evaluate_finetuned(res.model_path, m, res.input_size, "stretch", cfg.batch_size, adapt=True,
                                     self_training=self_training_for(cfg, m.media))
-    done(batches=batches, unchanged=unchanged,
+    done(blocked=blocked, batches=batches, unchanged=unchanged,
          phases=[[p["network"], p["phase"], p["epochs_run"], p["counts"]["body_trainable_layers"]]
                  for p in res.phases],
          history=[[h["network"], h["phase"], h["epoch"], h["loss"]] for h in res.history],
@@ -236,12 +243,17 @@ EVERYTHING = '''
 @pytest.mark.skipif("jax" not in OTHER_BACKENDS, reason="JAX is not installed")
 def test_two_phases_freezing_augmentation_mixup_ensemble_adabn_and_self_training_on_jax(tmp_path, texture_data,
                                                                                         small_cnn):
-    """On JAX, end to end: the training batches (the PyDataset) are augmented and mixed, and each is a function of
-    the seed, its epoch and its index; an ensemble of two networks trains in two phases (the head alone with the
-    body frozen, then with the body's first 4 layers frozen: their weights stay bit-identical, the next ones and
-    the trained BatchNormalization layers change); the saved model averages its networks; evaluation with AdaBN
-    and a round of self-training adapts and self-trains each split's group."""
-    out, _ = _run("jax", EVERYTHING, tmp_path, data=str(texture_data), model=small_cnn, run=str(tmp_path / "run"))
+    """On JAX, end to end, in a process where TensorFlow cannot be imported (as where it is not installed): the
+    training batches (the PyDataset) are augmented and mixed, and each is a function of the seed, its epoch and its
+    index; an ensemble of two networks trains in two phases (the head alone with the body frozen, then with the
+    body's first 4 layers frozen: their weights stay bit-identical, the next ones and the trained
+    BatchNormalization layers change); the saved model averages its networks; evaluation with AdaBN and a round of
+    self-training adapts and self-trains each split's group. TensorBoard's logs are left out, said once in the log;
+    TensorFlow was never imported."""
+    out, stderr = _run("jax", EVERYTHING, tmp_path, block_tensorflow=True, data=str(texture_data), model=small_cnn,
+                       run=str(tmp_path / "run"))
+    assert out["blocked"] and not out["tensorflow_imported"]
+    assert stderr.count("no TensorBoard logs") == 1 and not list((tmp_path / "run").rglob("events.out.tfevents.*"))
     b = out["batches"]
     assert b["count"] == -(-b["images"] // 8) and b["dtype"] == "float32" and b["shape"][1:] == [32, 32, 3]
     assert b["rows_sum_to_one"] and b["mixed_rows"] >= 1, b
@@ -262,8 +274,6 @@ def test_two_phases_freezing_augmentation_mixup_ensemble_adabn_and_self_training
         rounds = a["self_training"]["groups"][f"({split})"]["rounds"]
         assert len(rounds) == 1 and 1 <= rounds[0]["pseudo_labels"] < 6
         assert 0 <= a["unadapted_accuracy"] <= 1 and 0 <= a["adabn_accuracy"] <= 1
-    if importlib.util.find_spec("tensorflow") is not None:  # TensorBoard's writer is TensorFlow's, on JAX too
-        assert list((tmp_path / "run" / "network-1" / "tensorboard" / "finetune").rglob("events.out.tfevents.*"))
 
 
 RESUME = '''
@@ -275,8 +285,9 @@ RESUME = '''
     meta = json.loads(open(ARGS["run"] + "/backup-finetune/training_metadata.json").read())
     second = fine_tune(m, SPEC, cfg, ARGS["run"])
     a, b = load_finetuned(whole.model_path), load_finetuned(second.model_path)
-    done(first_model=first.model_path, first=[[h["phase"], h["epoch"]] for h in first.history], backup_epoch=meta["epoch"],
-         resumed=second.resumed_from_epoch, second=[[h["phase"], h["epoch"]] for h in second.history],
+    done(first_model=first.model_path, first=[[h["phase"], h["epoch"]] for h in first.history],
+         backup_epoch=meta["epoch"], resumed=second.resumed_from_epoch,
+         second=[[h["phase"], h["epoch"]] for h in second.history],
          whole_losses=[h["loss"] for h in whole.history], resumed_losses=[h["loss"] for h in second.history],
          weights_differ=max(float(np.abs(x - y).max()) for x, y in zip(a.get_weights(), b.get_weights())))
 '''
@@ -284,10 +295,11 @@ RESUME = '''
 
 @pytest.mark.parametrize("backend", OTHER_BACKENDS)
 def test_a_stopped_run_resumes_and_ends_as_the_uninterrupted_run(backend, tmp_path, texture_data, small_cnn):
-    """On JAX and PyTorch, a run stopped after its head phase and one fine-tuning epoch leaves the phase's backup (epoch 1) and
-    no model; the next call resumes from it and finishes the model. With no dropout, the resumed epochs train on
-    the batches the uninterrupted run drew (order, augmentation, mixup) from the restored weights and optimizer
-    state: the same losses and the same final weights."""
+    """On JAX and PyTorch, a run stopped after its head phase and one fine-tuning epoch leaves the phase's backup
+    (epoch 1) and no model; the next call resumes from it and finishes the model. With no dropout, the resumed
+    epochs train on the batches the uninterrupted run drew (order, augmentation, mixup) from the restored weights
+    and optimizer state: the same losses and the same final weights. (Dropout's random state is not in the
+    backup, on TensorFlow neither: with dropout a resumed run draws other masks.)"""
     out, _ = _run(backend, RESUME, tmp_path, data=str(texture_data), model=small_cnn, run=str(tmp_path / "run"))
     assert out["first_model"] == "" and out["first"] == [["head", 1], ["finetune", 1]] and out["backup_epoch"] == 1
     assert out["resumed"] == {"finetune": 1}
@@ -330,13 +342,15 @@ NO_TF = '''
 '''
 
 
-@pytest.mark.parametrize("backend", OTHER_BACKENDS)
-def test_fine_tuning_needs_no_tensorflow_on_jax_or_torch(backend, tmp_path, texture_data, small_cnn):
-    """Where TensorFlow cannot be imported, fine-tuning on JAX or PyTorch runs as usual: two phases with
-    augmentation (Keras layers and the SpecAugment mask) and mixup, a file that no longer decodes skipped and
-    reported, evaluation with AdaBN and self-training; TensorBoard's logs are left out, said once in the log; a
-    val split of which nothing decodes is refused as on TensorFlow. TensorFlow was never imported."""
-    out, stderr = _run(backend, NO_TF, tmp_path, block_tensorflow=True, data=str(texture_data), model=small_cnn,
+@pytest.mark.skipif("torch" not in OTHER_BACKENDS, reason="PyTorch is not installed")
+def test_fine_tuning_on_torch_needs_no_tensorflow_skips_what_no_longer_decodes_and_refuses_an_empty_split(
+        tmp_path, texture_data, small_cnn):
+    """Where TensorFlow cannot be imported, fine-tuning on PyTorch runs as usual (JAX's is the end-to-end test
+    above): two phases with augmentation (Keras layers and the SpecAugment mask) and mixup, a file that no longer
+    decodes skipped and reported, evaluation with AdaBN and self-training; TensorBoard's logs are left out, said
+    once in the log; a val split of which nothing decodes is refused as on TensorFlow. TensorFlow was never
+    imported."""
+    out, stderr = _run("torch", NO_TF, tmp_path, block_tensorflow=True, data=str(texture_data), model=small_cnn,
                        run=str(tmp_path / "run"))
     assert out["blocked"] and not out["tensorflow_imported"]
     assert out["history"] == [["head", 1], ["finetune", 1]]

@@ -132,7 +132,8 @@ def default_strategy():
 
     On the other backends None: no ``tf.distribute``. On JAX with several GPUs, Keras' own data parallelism
     is switched on instead (``keras.distribution.DataParallel``: each batch split over every GPU, the
-    variables replicated); on PyTorch one process trains on one device."""
+    variables replicated; batches, the last short one too, must divide evenly among the GPUs; not yet run
+    on a machine with several GPUs); on PyTorch one process trains on one device."""
     if runtime.backend() == "tensorflow":
         tf = runtime.tensorflow()
         return tf.distribute.MirroredStrategy() if len(runtime.gpus()) > 1 else None
