@@ -219,3 +219,30 @@ def test_without_tensorflow_jax_runs_extract_probe_fine_tune_predict_export_and_
 
     again = retrain(str(oriented_data), "stripes-ft", output=out, force=True)
     assert again.retrained and again.challenger == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", OTHER_BACKENDS)
+def test_the_transfer_command_runs_on_each_backend(backend, tmp_path, texture_data):
+    """`cnncodes transfer --backend B` end to end, as a user types it: measured large (so case 4: codes, sweep,
+    probe, fine-tuning from the first layer, gate, report), the backend recorded with the store and the models."""
+    import os
+    import subprocess
+    import sys
+
+    from storage.registry import ModelRegistry
+    from storage.store import open_store
+
+    cmd = [sys.executable, "-m", "cnncodes.program", "transfer", str(texture_data), "--backend", backend,
+           "--backbone", "mobilenet_v2", "--weights", "none", "--input-size", "96", "--backbone-arg", "alpha=0.35",
+           "--large-per-class", "5", "--epochs", "1", "--head-epochs", "1", "--batch-size", "8", "--augment", "flip",
+           "--out", str(tmp_path / "out"), "--json"]
+    env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}  # --backend alone chooses
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**env, "CNNCODES_RUNNER": "0"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    r = json.loads(done.stdout.strip().splitlines()[-1])
+    assert r["case"] == 4 and r["finetuned"] is not None
+    assert open_store(r["store"]).provenance["backend"] == backend
+    reg = ModelRegistry(r["registry"])
+    for model in (r["probe"], r["finetuned"]):
+        assert reg.record(model["name"], model["version"]).metadata["libraries"]["keras_backend"] == backend
