@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, SHARED
+from tests.backends import BLOCK_TENSORFLOW
 
 pytestmark = pytest.mark.slow
 OTHER_BACKENDS = [b for b in ("jax", "torch") if importlib.util.find_spec(b) is not None]
@@ -39,28 +40,6 @@ HEADER = textwrap.dedent('''
         print("RESULT " + json.dumps(out), flush=True)
 ''')
 
-# A sitecustomize under which every import of tensorflow fails, as where it is not installed. Its spec is found
-# (with no origin, so that e.g. torch._dynamo, which asks find_spec about it, passes it by), its loading fails.
-NO_TENSORFLOW = textwrap.dedent('''
-    import importlib.abc
-    import importlib.machinery
-    import sys
-
-    class _Blocked(importlib.abc.Loader):
-        def create_module(self, spec):
-            raise ModuleNotFoundError(f"No module named {spec.name!r} (blocked by the test)", name=spec.name)
-
-        def exec_module(self, module):
-            raise ModuleNotFoundError(f"No module named {module.__name__!r} (blocked by the test)")
-
-    class _NoTensorFlow(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name == "tensorflow" or name.startswith("tensorflow."):
-                return importlib.machinery.ModuleSpec(name, _Blocked())
-            return None
-
-    sys.meta_path.insert(0, _NoTensorFlow())
-''')
 
 
 def _run(backend: str, body: str, tmp_path: Path, *, block_tensorflow: bool = False, timeout: int = 300,
@@ -73,7 +52,7 @@ def _run(backend: str, body: str, tmp_path: Path, *, block_tensorflow: bool = Fa
     if block_tensorflow:
         site = tmp_path / "no-tensorflow"
         site.mkdir(exist_ok=True)
-        (site / "sitecustomize.py").write_text(NO_TENSORFLOW)
+        (site / "sitecustomize.py").write_text(BLOCK_TENSORFLOW)
         env["PYTHONPATH"] = os.pathsep.join([str(site), *filter(None, [env.get("PYTHONPATH")])])
     proc = subprocess.run([sys.executable, str(script), json.dumps(dict(args, root=str(ROOT), backend=backend))],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
