@@ -63,29 +63,12 @@ def _nets(tmp_path) -> dict:
 
 @pytest.fixture(scope="module")
 def codes_on_tensorflow(tmp_path_factory):
-    """The reference: every network's codes computed here, on TensorFlow, by the same script."""
-    from tasks import runtime
-
+    """The reference: every network's codes computed on TensorFlow, by the same script in its own process."""
     tmp = tmp_path_factory.mktemp("codes")
     nets = _nets(tmp)
-    assert runtime.backend() == "tensorflow"
-    import os
-
-    here = os.getcwd()
-    os.chdir(tmp)
-    try:
-        from tasks.backbones import BackboneSpec, Extractor, build_backbone
-
-        digests = {}
-        for key, net in nets.items():
-            backbone = build_backbone(BackboneSpec(**net["spec"]))
-            images = np.load(f"{key}.npy")
-            for (layer, pooling), codes in zip(net["cuts"], Extractor(backbone, net["cuts"])(images)):
-                np.save(f"{key}.{layer}.{pooling}.tensorflow.npy", codes)
-            digests[key] = backbone.weights_digest
-    finally:
-        os.chdir(here)
-    return tmp, nets, digests
+    got = run_on("tensorflow", CODES_SCRIPT, tmp)
+    assert got["backend"] == "tensorflow"
+    return tmp, nets, got["digests"]
 
 
 @pytest.mark.slow
@@ -160,7 +143,15 @@ PIPELINE_SCRIPT = """
                       model_name="stripes-ft", output=out)
     predicted = predict(args["images"], "stripes-ft", output=out, predictions="jax-predictions.csv")
     exported = export("stripes-ft", "exported", output=out)
-    print(json.dumps({"store": extracted.store, "computed": extracted.computed, "probe_test": probe.metrics["test"]["accuracy"],
+    from storage.errors import CnncodesError
+    from tasks.settings import ExportOptions
+    try:
+        export("stripes-ft", "exported-tflite", options=ExportOptions(format="tflite"), output=out)
+        refused = None
+    except CnncodesError as exc:  # TensorFlow's format: refused by name, not a failed import
+        refused = str(exc)
+    print(json.dumps({"tflite_refused": refused, "store": extracted.store, "computed": extracted.computed,
+                      "probe_test": probe.metrics["test"]["accuracy"],
                       "tuned_test": tuned.metrics["test"]["accuracy"], "predicted": predicted.images,
                       "export_files": exported.files, "reload": exported.reload_check,
                       "tensorflow_imported": "tensorflow" in sys.modules}))
@@ -191,6 +182,8 @@ def test_without_tensorflow_jax_runs_extract_probe_fine_tune_predict_export_and_
     assert got["computed"] == 165 and got["probe_test"] > 0.45 and got["tuned_test"] is not None, got
     assert got["predicted"] == 45 and any(f.endswith(".keras") for f in got["export_files"])
     assert got["reload"]["max_abs_difference"] <= 1e-5
+    assert "--format tflite is written by TensorFlow" in got["tflite_refused"]
+    assert "--backend tensorflow" in got["tflite_refused"] and "jax" in got["tflite_refused"]
 
     out = Output(out=str(tmp_path / "out"))
     store = got["store"]
