@@ -185,9 +185,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_settings(p, "spectrogram", Spectrogram, title=SOUND_TITLE)
     add_settings(p, "finetune", FineTuneConfig, exclude=("seed",))
     add_settings(p, "split", SplitConfig, exclude=("seed",))
-    # Before --precision covered fine-tuning too: kept so that existing scripts run; off means float32.
-    p.add_argument("--mixed-precision", default=None, choices=["auto", "off", "float16", "bfloat16"],
-                   help=argparse.SUPPRESS)
 
     p = sub.add_parser("transfer", parents=[common, seed, registry, named],
                        help="flow transfer: measure size and similarity, pick the case, train, gate")
@@ -283,8 +280,6 @@ def _backbone(args):
     from tasks.backbones import BackboneSpec
 
     fixed = {"seed": args.seed}
-    if getattr(args, "mixed_precision", None) is not None:  # the older fine-tune option; off = float32
-        fixed["precision"] = {"off": "float32"}.get(args.mixed_precision, args.mixed_precision)
     if any(k.startswith("spectrogram.") for k in vars(args)):
         from tasks.data.audio import Spectrogram
 

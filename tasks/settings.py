@@ -104,10 +104,6 @@ class Settings(BaseModel):
         except ValidationError as exc:
             raise settings_error(cls, exc) from None
 
-    def validate(self):  # type: ignore[override]
-        """Validation happens at construction; kept so that callers of the older API still work."""
-        return self
-
     def as_dict(self) -> dict[str, Any]:
         """Plain JSON-ready values (for Prefect task inputs, metadata and reports)."""
         return self.model_dump(mode="json")

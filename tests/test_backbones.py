@@ -55,16 +55,16 @@ def test_layers_listing_has_shapes_strides_and_params():
 
 def test_unknown_names_fail_up_front_with_the_choices():
     with pytest.raises(BackboneError, match=r"unknown backbone 'resnet5'.*Did you mean 'resnet50'"):
-        BackboneSpec("resnet5").validate()
+        BackboneSpec("resnet5")
     bb = build_backbone(BackboneSpec(**TINY))
     with pytest.raises(BackboneError, match=r"unknown layer 'out_rel'.*Did you mean 'out_relu'.*cnncodes layers"):
         Extractor(bb, [("out_rel", "avg")])
     with pytest.raises(ParameterError, match=r"does not take backbone argument\(s\) \['depth'\]; it takes: alpha"):
-        BackboneSpec("mobilenet_v2", backbone_args={"depth": 2}).validate()
+        BackboneSpec("mobilenet_v2", backbone_args={"depth": 2})
     with pytest.raises(BackboneError, match="smallest it accepts is 75"):
-        BackboneSpec("inception_v3", weights="none", input_size=40).validate()
+        BackboneSpec("inception_v3", weights="none", input_size=40)
     with pytest.raises(ParameterError, match="weights must be"):
-        BackboneSpec("resnet50", weights="/no/such/file.h5").validate()
+        BackboneSpec("resnet50", weights="/no/such/file.h5")
 
 
 def test_input_size_override_and_keras_refusal_are_clear():
@@ -122,7 +122,7 @@ def test_user_model_file_is_a_backbone(tmp_path):
     x = keras.layers.Conv2D(4, 3, strides=2, name="c2")(x)
     path = tmp_path / "mine.keras"
     keras.Model(inp, x).save(path)
-    spec = BackboneSpec(str(path), weights="imagenet").validate()
+    spec = BackboneSpec(str(path), weights="imagenet")
     assert spec.weights == "file" and spec.preprocessing_name() == "none"
     bb = build_backbone(spec)
     assert bb.size == 32 and [layer.name for layer in bb.layers()][-2:] == ["c1", "c2"]

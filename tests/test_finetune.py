@@ -54,7 +54,7 @@ def test_freezing_modes_set_trainable_and_frozen_layer_counts():
     with pytest.raises(ParameterError, match="did you mean"):
         apply_freezing(net, "until:block_3_project_B", False)
     with pytest.raises(ParameterError, match="freeze must be"):
-        FineTuneConfig(freeze="some").validate()
+        FineTuneConfig(freeze="some")
 
 
 def test_head_learns_at_multiplier_times_the_body_rate_under_sgd_and_adam(small_cnn):

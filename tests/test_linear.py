@@ -283,11 +283,11 @@ def test_chunked_sgd_learns_from_a_class_sorted_store(tmp_path, monkeypatch):
 
 def test_bad_inputs_are_clear_errors(tmp_path):
     with pytest.raises(ParameterError, match="classifier must be one of svm, softmax, sgd"):
-        LinearConfig(classifier="tree").validate()
+        LinearConfig(classifier="tree")
     with pytest.raises(ParameterError, match="C must be a positive number"):
-        LinearConfig(C=-1).validate()
+        LinearConfig(C=-1)
     with pytest.raises(ParameterError, match="pca"):
-        LinearConfig(pca=1.5).validate()
+        LinearConfig(pca=1.5)
     store = make_store(tmp_path / "one.h5", per_class=(30,), classes=["only"])
     with pytest.raises(DatasetError, match="needs at least two"):
         fit_probe(store, "signal", "avg", LinearConfig(n_jobs=1), tmp_path / "r")

@@ -142,22 +142,23 @@ def test_auto_precision_is_float32_on_a_cpu_and_one_option_serves_every_flow():
 
     if runtime.gpus():
         pytest.skip("a GPU is visible: auto means float16 here")
-    assert BackboneSpec(**dict(TINY, precision="auto")).validate().resolved().precision == "float32"
+    assert BackboneSpec(**dict(TINY, precision="auto")).resolved().precision == "float32"
     for f in (extract_features, fine_tune, transfer):
         params = inspect.signature(f.fn).parameters
         assert params["backbone"].default.precision == "auto" and "mixed_precision" not in params
     with pytest.raises(ParameterError, match="precision must be one of float32, float16, bfloat16, auto"):
-        BackboneSpec(**dict(TINY, precision="half")).validate()
+        BackboneSpec(**dict(TINY, precision="half"))
     with pytest.raises(ParameterError, match="needs a GPU"):
         runtime.check_precision("float16")
 
 
-def test_cli_fine_tune_takes_precision_and_still_the_old_mixed_precision():
+def test_cli_fine_tune_takes_precision():
     from cnncodes.cli import _backbone, build_parser
 
     parser = build_parser()
     assert _backbone(parser.parse_args(["fine-tune", "data", "--precision", "bfloat16"])).precision == "bfloat16"
-    assert _backbone(parser.parse_args(["fine-tune", "data", "--mixed-precision", "off"])).precision == "float32"
+    with pytest.raises(SystemExit):  # the option that --precision replaced is gone
+        parser.parse_args(["fine-tune", "data", "--mixed-precision", "off"])
     assert _backbone(parser.parse_args(["fine-tune", "data"])).precision == "auto"
     assert parser.parse_args(["extract", "data", "--xla"]).__dict__["extract.xla"] is True
 
