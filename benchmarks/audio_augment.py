@@ -4,7 +4,7 @@ An experiment for issue 17, outside the flow (nothing in the product changes). O
 (2,000 recordings, 10 digits, 4 speakers, 8 kHz) each speaker is held out in turn, as in
 ``benchmarks/audio_shared.py``, with the product's spectrogram recipe (``--sample-rate 8000 --n-mels 32
 --trim-db 30 --duration none --top-db 60 --colormap viridis``, 224 px) and the product's backbone and extractor
-(``BackboneSpec("mobilenet", weights="imagenet", backbone_args={"alpha": 0.25})``, ``build_backbone``,
+(``BackboneSpec(name="mobilenet", weights="imagenet", backbone_args={"alpha": 0.25})``, ``build_backbone``,
 ``Extractor``; ImageNet weights offline from ``../shared/keras``). Images come from ``tasks.data.audio``
 (``load_audio``, ``spectrogram_image``, which trims and stretches each recording to the image width).
 

@@ -9,7 +9,7 @@ feature map is pooled and how the pooled code is normalised.
 Same images, backbone and probe as ``benchmarks/audio_augment.py``: ``../shared/data/fsdd`` (2,000
 recordings, 10 digits, 4 speakers), the product's spectrogram recipe (``--sample-rate 8000 --n-mels 32
 --trim-db 30 --duration none --top-db 60 --colormap viridis``, 224 px, through its ``image()`` with version
-'orig'), ``BackboneSpec("mobilenet", weights="imagenet", backbone_args={"alpha": 0.25})``, ``build_backbone``
+'orig'), ``BackboneSpec(name="mobilenet", weights="imagenet", backbone_args={"alpha": 0.25})``, ``build_backbone``
 and ``Extractor`` (ImageNet weights offline from ``../shared/keras``). The raw feature maps of the flow's three
 candidate cuts (``conv_pw_5_relu`` 28x28x64, ``conv_pw_11_relu`` 14x14x128, ``conv_pw_13_relu`` 7x7x256:
 height = frequency, low at the bottom; width = time, each recording trimmed and stretched to the width) are

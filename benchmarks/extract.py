@@ -147,14 +147,14 @@ def throughput(name: str, layer: str, n: int, work: Path, bf16: bool) -> dict:
     data = photos(work / f"photos-{n}", n)
     files = files_of(data)
     arrays = decoded(files, size, info.module)
-    spec32 = BackboneSpec(name, weights="none", input_size=size)
+    spec32 = BackboneSpec(name=name, weights="none", input_size=size)
     res = {"backbone": name, "images": len(files), "input_size": size}
     res["raw_float32"] = bench_raw(raw_model(spec32, layer), arrays)
     res["script"] = bench_script(name, files, size, work / f"script-{name}.h5")
     res["cnncodes_float32"], s = bench_cnncodes(spec32, data, work / f"c-{name}.h5", layer)
     res["cnncodes_timings"] = s["timings"]
     if bf16:
-        spec16 = BackboneSpec(name, weights="none", input_size=size, precision="bfloat16")
+        spec16 = BackboneSpec(name=name, weights="none", input_size=size, precision="bfloat16")
         res["raw_bfloat16"] = bench_raw(raw_model(spec16, layer), arrays)
         res["cnncodes_bfloat16"], _ = bench_cnncodes(spec16, data, work / f"c16-{name}.h5", layer)
     del arrays
@@ -251,7 +251,7 @@ def progress(done, total):  # called after every batch: the resident set while e
 
 m = scan_dataset({data!r})
 t = time.perf_counter()
-s = extract_to_store(m, {store!r}, BackboneSpec("mobilenet_v2", weights="none", input_size=96,
+s = extract_to_store(m, {store!r}, BackboneSpec(name="mobilenet_v2", weights="none", input_size=96,
                      backbone_args={{"alpha": 0.35}}), [("out_relu", "avg"), ("block_6_expand_relu", "avg")],
                      progress=progress)
 print(json.dumps({{"images": s["computed"], "seconds": time.perf_counter() - t,

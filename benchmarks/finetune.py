@@ -143,7 +143,7 @@ def main() -> None:
         data = make_dataset(Path(tmp) / "data", CLASSES[:4], per_class=per_class, size=(375, 500), seed=3)
         manifest = scan_dataset(data, val_fraction=0.25)
         n_train = sum(1 for s in manifest.samples if s.split == "train")
-        spec = BackboneSpec("mobilenet_v2", weights="none", input_size=224, precision="float32")
+        spec = BackboneSpec(name="mobilenet_v2", weights="none", input_size=224, precision="float32")
         results["backup"] = backup_cost(spec, FineTuneConfig(freeze="none", dense=[256], dropout=0.5, augment=[]),
                                         len(manifest.class_names), Path(tmp) / "backup-cost")
         print(json.dumps(results["backup"]), flush=True)

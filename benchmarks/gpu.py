@@ -122,7 +122,7 @@ def decoded(jpegs: Path, root: Path, size: int) -> Path:
 def last_layer(name: str, size: int) -> str:
     from tasks.backbones import BackboneSpec, build_backbone
 
-    return build_backbone(BackboneSpec(name, weights="none", input_size=size, precision="float32"),
+    return build_backbone(BackboneSpec(name=name, weights="none", input_size=size, precision="float32"),
                           check_device=False).model.layers[-1].name
 
 
@@ -130,7 +130,7 @@ def raw_rate(name: str, precision: str, layer: str, batch: int, size: int, secon
     """Images/s of cnncodes' compiled forward pass on a decoded uint8 batch (codes back on the host)."""
     from tasks.backbones import BackboneSpec, Extractor, build_backbone
 
-    ex = Extractor(build_backbone(BackboneSpec(name, weights="none", input_size=size, precision=precision)),
+    ex = Extractor(build_backbone(BackboneSpec(name=name, weights="none", input_size=size, precision=precision)),
                    [(layer, "avg")])
     x = np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
     for _ in range(3):
@@ -195,7 +195,7 @@ def finetune_rates(data: Path, size: int, epochs: int, batch: int, precision: st
 
     keras = runtime.keras()
     m = scan_dataset(data, val_fraction=0.2)
-    spec = BackboneSpec("mobilenet_v2", weights="none", input_size=size, precision=precision)
+    spec = BackboneSpec(name="mobilenet_v2", weights="none", input_size=size, precision=precision)
     cfg = FineTuneConfig(dense=[256], dropout=0.2, batch_size=batch, augment=[], epochs=epochs, patience=epochs)
     t = time.perf_counter()
     res = fine_tune(m, spec, cfg, out / "ft-run")

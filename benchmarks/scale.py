@@ -84,7 +84,7 @@ def main() -> None:
     from tasks.data.datasets import scan_dataset
     from tasks.data.synthetic import CLASSES, make_dataset
 
-    spec = BackboneSpec("mobilenet_v2", weights="none", input_size=224)
+    spec = BackboneSpec(name="mobilenet_v2", weights="none", input_size=224)
     cuts = [("out_relu", "avg")]
     with tempfile.TemporaryDirectory(prefix="cnncodes-scale-") as tmp:
         data = make_dataset(Path(tmp) / "data", CLASSES[:4], per_class=args.images // 4, size=(375, 500), seed=5)

@@ -51,7 +51,7 @@ from .files import FileLock, atomic_write_json, fsync_dir, now_iso
 from .hashing import file_sha256, fingerprint
 
 REGISTRY_FORMAT = "cnncodes-registry/2"  # /2: metadata.json carries its own checksum (/1 did not)
-UNCHECKED_FORMAT = "cnncodes-registry/1"
+UNCHECKED_FORMAT = "cnncodes-registry/1"  # never released: refused with how to write it anew
 METADATA_SUM = "metadata_sha256"  # metadata.json: sha256 of its other keys (storage.hashing.fingerprint)
 ALIASES_SUM = "_sha256"  # aliases.json: the same over the aliases (no alias can start with "_")
 SPLITS_SUM = "sha256"  # splits.json (format 2 on) and each line of history.jsonl
@@ -358,8 +358,11 @@ class ModelRegistry:
             if summed is False:
                 problems.append(f"its {METADATA_SUM} is not the checksum of its contents (the file was damaged or "
                                 "edited after the save)")
-            elif summed is None and (meta.get("registry_format") != UNCHECKED_FORMAT
-                                     or any(_near(k, METADATA_SUM) for k in meta)):
+            elif summed is None and meta.get("registry_format") == UNCHECKED_FORMAT:
+                problems.append(f"it is in registry format 1, written before metadata carried a checksum by a "
+                                "cnncodes that was never released; save the model again (train-linear, fine-tune "
+                                "or transfer on its data) to write it in the current format")
+            elif summed is None:
                 problems.append(f"its checksum ({METADATA_SUM}) is missing although its format "
                                 f"{meta.get('registry_format')!r} writes one")
             if meta.get("name") != name or meta.get("version") != n:

@@ -86,12 +86,7 @@ class Settings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=(), validate_default=False)
 
-    def __init__(self, *args: Any, **data: Any) -> None:
-        if args:  # positional construction in field order, as the dataclasses this replaces allowed
-            names = list(type(self).model_fields)
-            if len(args) > len(names):
-                raise ParameterError(f"{type(self).__name__} takes at most {len(names)} positional settings.")
-            data = {**dict(zip(names, args)), **data}
+    def __init__(self, **data: Any) -> None:
         try:
             super().__init__(**data)
         except ValidationError as exc:

@@ -411,7 +411,7 @@ def test_fine_tuning_learns_tones_from_spectrograms_with_their_augmentations(spo
     from tasks.finetune.evaluation import predict_paths
 
     m = scan_dataset(spoken, val_fraction=0.2, test_fraction=0.2, seed=0, group_by=r"^\d+_([a-z]+)_")
-    spec = BackboneSpec(small_cnn, weights="file", preprocessing="scale01",
+    spec = BackboneSpec(name=small_cnn, weights="file", preprocessing="scale01",
                         spectrogram={"sample_rate": RATE, "n_mels": 32, "colormap": "gray", "duration": None})
     cfg = FineTuneConfig(dense=[16], dropout=0.0, batch_size=6, augment=["flip", "time-mask"], epochs=30,
                          patience=30, optimizer="adam", learning_rate=3e-3, head_pooling="time-avg")
@@ -517,7 +517,7 @@ def _grouped_finetune(spoken, tmp_path, small_cnn, monkeypatch, **settings):
 
     monkeypatch.setattr(evaluation, "MIN_IMAGES", 4)  # a tiny speaker has 6 recordings
     m = scan_dataset(spoken, val_fraction=0.2, test_fraction=0.4, seed=0, group_by=BY_SPEAKER)
-    spec = BackboneSpec(small_cnn, weights="file", preprocessing="scale01",
+    spec = BackboneSpec(name=small_cnn, weights="file", preprocessing="scale01",
                         spectrogram={"sample_rate": RATE, "n_mels": 32, "colormap": "gray", "duration": None})
     cfg = FineTuneConfig(**{"dense": [], "batch_size": 6, "monitor": "none", "optimizer": "adam",
                             "learning_rate": 3e-3, "freeze_batchnorm": False, "adapt_batchnorm": True, **settings})

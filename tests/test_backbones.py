@@ -30,7 +30,7 @@ def test_representatives_cover_every_family():
 def test_every_registered_backbone_builds_cuts_and_extracts(name):
     info = REGISTRY[name]
     size = max(info.min_size, 75 if name.startswith(("inception", "xception")) else 64)
-    bb = build_backbone(BackboneSpec(name, weights="none", input_size=size))
+    bb = build_backbone(BackboneSpec(name=name, weights="none", input_size=size))
     layers = bb.layers()
     spatial = [layer for layer in layers if len(layer.output_shape) == 4 and layer.output_shape[1]]
     last, middle = layers[-1].name, spatial[len(spatial) // 2].name
@@ -55,23 +55,23 @@ def test_layers_listing_has_shapes_strides_and_params():
 
 def test_unknown_names_fail_up_front_with_the_choices():
     with pytest.raises(BackboneError, match=r"unknown backbone 'resnet5'.*Did you mean 'resnet50'"):
-        BackboneSpec("resnet5")
+        BackboneSpec(name="resnet5")
     bb = build_backbone(BackboneSpec(**TINY))
     with pytest.raises(BackboneError, match=r"unknown layer 'out_rel'.*Did you mean 'out_relu'.*cnncodes layers"):
         Extractor(bb, [("out_rel", "avg")])
     with pytest.raises(ParameterError, match=r"does not take backbone argument\(s\) \['depth'\]; it takes: alpha"):
-        BackboneSpec("mobilenet_v2", backbone_args={"depth": 2})
+        BackboneSpec(name="mobilenet_v2", backbone_args={"depth": 2})
     with pytest.raises(BackboneError, match="smallest it accepts is 75"):
-        BackboneSpec("inception_v3", weights="none", input_size=40)
+        BackboneSpec(name="inception_v3", weights="none", input_size=40)
     with pytest.raises(ParameterError, match="weights must be"):
-        BackboneSpec("resnet50", weights="/no/such/file.h5")
+        BackboneSpec(name="resnet50", weights="/no/such/file.h5")
 
 
 def test_input_size_override_and_keras_refusal_are_clear():
-    bb = build_backbone(BackboneSpec("vgg16", weights="none", input_size=80))
+    bb = build_backbone(BackboneSpec(name="vgg16", weights="none", input_size=80))
     assert bb.size == 80 and bb.model.input_shape == (None, 80, 80, 3)
     with pytest.raises(BackboneError, match="resnet50 cannot take input size 20: the smallest it accepts is 32"):
-        build_backbone(BackboneSpec("resnet50", weights="none", input_size=20))
+        build_backbone(BackboneSpec(name="resnet50", weights="none", input_size=20))
 
 
 def test_pooling_shapes_and_errors():
@@ -96,7 +96,7 @@ def test_pooling_values_match_numpy():
 def test_preprocessing_is_the_familys_own_and_is_applied():
     spec = BackboneSpec(**TINY)
     assert spec.preprocessing_name() == "keras.applications.mobilenet_v2.preprocess_input"
-    assert "built into the model" in BackboneSpec("efficientnet_b0").preprocessing_name()
+    assert "built into the model" in BackboneSpec(name="efficientnet_b0").preprocessing_name()
     assert BackboneSpec(**dict(TINY, preprocessing="caffe")).identity()["preprocessing"] != spec.identity()["preprocessing"]
     bb = build_backbone(spec)
     x = np.random.default_rng(2).integers(0, 255, (2, 96, 96, 3), dtype=np.uint8)
@@ -122,7 +122,7 @@ def test_user_model_file_is_a_backbone(tmp_path):
     x = keras.layers.Conv2D(4, 3, strides=2, name="c2")(x)
     path = tmp_path / "mine.keras"
     keras.Model(inp, x).save(path)
-    spec = BackboneSpec(str(path), weights="imagenet")
+    spec = BackboneSpec(name=str(path), weights="imagenet")
     assert spec.weights == "file" and spec.preprocessing_name() == "none"
     bb = build_backbone(spec)
     assert bb.size == 32 and [layer.name for layer in bb.layers()][-2:] == ["c1", "c2"]
@@ -130,7 +130,7 @@ def test_user_model_file_is_a_backbone(tmp_path):
     assert out.shape == (1, 4)
     assert spec.identity()["backbone"].startswith("model-file:")
     with pytest.raises(BackboneError, match="takes 32x32 inputs"):
-        build_backbone(BackboneSpec(str(path), input_size=64))
+        build_backbone(BackboneSpec(name=str(path), input_size=64))
 
 
 def test_parse_backbone_args():

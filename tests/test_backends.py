@@ -134,7 +134,7 @@ PIPELINE_SCRIPT = """
 
     args = json.load(open("args.json"))
     out = Output(out="out", backend="jax")
-    spec = BackboneSpec(args["model"], weights="file", preprocessing="scale01")
+    spec = BackboneSpec(name=args["model"], weights="file", preprocessing="scale01")
     extracted = extract_features(args["data"], spec, ExtractOptions(layers=["relu2"]), output=out)
     probe = train_linear(extracted.store, "relu2", output=out)
     # tests/test_finetune_backends.py's settings that learn on JAX (seed 3), fewer epochs
@@ -194,7 +194,7 @@ def test_without_tensorflow_jax_runs_extract_probe_fine_tune_predict_export_and_
 
     for k, src in enumerate(sorted(extra.iterdir())[:3]):  # mirrored: other files, the same class
         Image.open(src).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(extra / f"again-{k}{src.suffix}")
-    spec = BackboneSpec(small_cnn, weights="file", preprocessing="scale01")
+    spec = BackboneSpec(name=small_cnn, weights="file", preprocessing="scale01")
     more = extract_features(str(oriented_data), spec, ExtractOptions(layers=["relu2"], store=store), output=out)
     assert more.computed == 3 and more.reused == 165
     assert open_store(store).provenance["backends"] == ["jax", "tensorflow"]

@@ -146,8 +146,8 @@ def registry(tmp_path_factory):
     cnn = _cnn(tmp / "cnn224.keras")
     data = {"three": _png_dataset(tmp / "three", CLASSES, 1), "two": _png_dataset(tmp / "two", CLASSES[:2], 2)}
     reg = tmp / "registry"
-    specs = {"three": BackboneSpec(cnn, weights="file", preprocessing="caffe", precision="float32"),
-             "two": BackboneSpec(cnn, weights="file", preprocessing="torch", precision="float32")}
+    specs = {"three": BackboneSpec(name=cnn, weights="file", preprocessing="caffe", precision="float32"),
+             "two": BackboneSpec(name=cnn, weights="file", preprocessing="torch", precision="float32")}
     stores = {}
     for key, root in data.items():
         stores[key] = tmp / f"{key}.h5"
@@ -161,7 +161,7 @@ def registry(tmp_path_factory):
         predictions[name] = pd.read_csv(out)
     # fine-tuned: the same CNN at 224 px, 'tf' preprocessing, one epoch of head and one of the whole
     manifest = scan_dataset(data["three"])
-    spec = BackboneSpec(cnn, weights="file", preprocessing="tf", precision="float32")
+    spec = BackboneSpec(name=cnn, weights="file", preprocessing="tf", precision="float32")
     cfg = FineTuneConfig(dense=[8], dropout=0.0, batch_size=8, augment=[], epochs=1, head_epochs=1)
     r = fine_tune(manifest, spec, cfg, tmp / "ft-run", resize="stretch")
     trained = {"model_path": r.model_path, "history": r.history, "phases": r.phases, "counts": r.counts,

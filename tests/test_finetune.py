@@ -25,7 +25,7 @@ SMALL = dict(dense=[16], dropout=0.0, batch_size=8, augment=[], epochs=2, patien
 
 
 def _spec(small_cnn):
-    return BackboneSpec(small_cnn, weights="file", preprocessing="scale01")
+    return BackboneSpec(name=small_cnn, weights="file", preprocessing="scale01")
 
 
 def _net(small_cnn, cfg=None, n=3):
@@ -295,7 +295,7 @@ KILL = textwrap.dedent("""
     from tasks.backbones import BackboneSpec
     from tasks.data.datasets import scan_dataset
     from tasks.finetune import FineTuneConfig, fine_tune
-    fine_tune(scan_dataset({data!r}), BackboneSpec({model!r}, weights="file", preprocessing="scale01"),
+    fine_tune(scan_dataset({data!r}), BackboneSpec(name={model!r}, weights="file", preprocessing="scale01"),
               FineTuneConfig(**{cfg!r}), {run!r})
 """)
 

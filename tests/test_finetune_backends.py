@@ -33,7 +33,7 @@ HEADER = textwrap.dedent('''
     from tasks.backbones import BackboneSpec
     from tasks.data.datasets import scan_dataset
     from tasks.finetune import FineTuneConfig, fine_tune, load_finetuned
-    SPEC = BackboneSpec(ARGS["model"], weights="file", preprocessing="scale01")
+    SPEC = BackboneSpec(name=ARGS["model"], weights="file", preprocessing="scale01")
 
     def done(**out):
         out.update(backend=runtime.backend(), tensorflow_imported="tensorflow" in sys.modules)

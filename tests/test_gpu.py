@@ -55,7 +55,7 @@ def test_float16_fine_tuning_trains_with_loss_scaling(tmp_path, texture_data, sm
     from tasks.data.datasets import scan_dataset
     from tasks.finetune import FineTuneConfig, fine_tune
 
-    spec = BackboneSpec(small_cnn, weights="file", preprocessing="scale01", precision="auto")
+    spec = BackboneSpec(name=small_cnn, weights="file", preprocessing="scale01", precision="auto")
     res = fine_tune(scan_dataset(texture_data), spec, FineTuneConfig(dense=[16], dropout=0.0, batch_size=8,
                                                                       augment=[], epochs=3, learning_rate=0.05,
                                                                       patience=5), tmp_path / "run")

@@ -54,7 +54,7 @@ def test_extraction_model_computes_every_layer_in_the_requested_precision(tmp_pa
     from tasks.backbones import Extractor, build_backbone
 
     for spec in (BackboneSpec(**dict(TINY, precision=precision)),
-                 BackboneSpec(small_cnn, weights="file", preprocessing="scale01", precision=precision)):
+                 BackboneSpec(name=small_cnn, weights="file", preprocessing="scale01", precision=precision)):
         ex = Extractor(build_backbone(spec, check_device=False), [(build_backbone(
             spec, check_device=False).model.layers[-1].name, "avg")])
         path = tmp_path / f"{Path(spec.name).stem}-{precision}.keras"
@@ -80,8 +80,8 @@ def test_finetuning_network_computes_in_the_requested_precision_but_its_softmax(
 def test_a_saved_model_file_is_recast_with_its_weights_kept(small_cnn):
     from tasks.backbones import build_backbone
 
-    f32 = build_backbone(BackboneSpec(small_cnn, weights="file", preprocessing="scale01"))
-    bf16 = build_backbone(BackboneSpec(small_cnn, weights="file", preprocessing="scale01", precision="bfloat16"),
+    f32 = build_backbone(BackboneSpec(name=small_cnn, weights="file", preprocessing="scale01"))
+    bf16 = build_backbone(BackboneSpec(name=small_cnn, weights="file", preprocessing="scale01", precision="bfloat16"),
                           check_device=False)
     assert bf16.weights_digest == f32.weights_digest  # variables stay float32 and identical
     x = np.random.default_rng(0).uniform(0, 1, (2, 32, 32, 3)).astype("float32")
@@ -123,7 +123,7 @@ def test_float16_fine_tuning_scales_the_loss(tmp_path, texture_data, small_cnn, 
         return real(opt, *a, **k)
 
     monkeypatch.setattr(keras.optimizers, "LossScaleOptimizer", spy)
-    spec = BackboneSpec(small_cnn, weights="file", preprocessing="scale01", precision="float16")
+    spec = BackboneSpec(name=small_cnn, weights="file", preprocessing="scale01", precision="float16")
     res = fine_tune(scan_dataset(texture_data), spec, FineTuneConfig(dense=[8], dropout=0.0, batch_size=8, augment=[],
                                                                       epochs=1, learning_rate=0.01),
                     tmp_path / "run")
@@ -170,19 +170,19 @@ def test_an_extraction_store_records_the_precision_that_ran(tmp_path, texture_da
     from tasks.extract import extract_to_store
 
     m = scan_dataset(texture_data)
-    spec = BackboneSpec(small_cnn, weights="file", preprocessing="scale01", precision="auto")
+    spec = BackboneSpec(name=small_cnn, weights="file", preprocessing="scale01", precision="auto")
     out = extract_to_store(m, tmp_path / "a.h5", spec, [("relu2", "avg")])
     assert FeatureStore(tmp_path / "a.h5").provenance["precision"] == out["precision"] == "float32"
     if not runtime.cpu_supports_bfloat16():
         return
-    bf = extract_to_store(m, tmp_path / "b.h5", BackboneSpec(small_cnn, weights="file", preprocessing="scale01",
+    bf = extract_to_store(m, tmp_path / "b.h5", BackboneSpec(name=small_cnn, weights="file", preprocessing="scale01",
                                                              precision="bfloat16"), [("relu2", "avg")])
     assert FeatureStore(tmp_path / "b.h5").provenance["precision"] == bf["precision"] == "bfloat16"
     a = FeatureStore(tmp_path / "a.h5").read_features("relu2", "avg")
     b = FeatureStore(tmp_path / "b.h5").read_features("relu2", "avg")
     assert np.abs(a - b).max() <= 0.05 * np.abs(a).max() and not np.array_equal(a, b)
     # auto on an existing bfloat16 store keeps its precision where it runs, rather than refusing the store
-    again = extract_to_store(m, tmp_path / "b.h5", BackboneSpec(small_cnn, weights="file", preprocessing="scale01",
+    again = extract_to_store(m, tmp_path / "b.h5", BackboneSpec(name=small_cnn, weights="file", preprocessing="scale01",
                                                                 precision="auto"), [("relu2", "avg")])
     assert again["computed"] == 0 and again["precision"] == "bfloat16"
 
@@ -212,7 +212,7 @@ MIRRORED = textwrap.dedent("""
     from tasks.backbones import BackboneSpec
     from tasks.finetune import FineTuneConfig, apply_freezing, build_network, make_optimizer
 
-    spec = BackboneSpec({model!r}, weights="file", preprocessing="scale01")
+    spec = BackboneSpec(name={model!r}, weights="file", preprocessing="scale01")
     cfg = FineTuneConfig(dense=[8], dropout=0.0, optimizer="sgd", learning_rate=0.01, momentum=0.0,
                          head_lr_multiplier=10.0, augment=[])
     rng = np.random.default_rng(0)

@@ -170,6 +170,18 @@ def test_tampered_file_is_refused_and_never_unpickled(reg, tmp_path):
     assert not marker.exists()
 
 
+def test_registry_format_1_is_refused_with_what_to_do(reg):
+    """Format 1 (metadata without its own checksum) never shipped: it is refused, saying how to write it anew."""
+    rec = reg.save("old", {"x": 1})
+    meta_path = rec.path / "metadata.json"
+    meta = json.loads(meta_path.read_text())
+    meta.pop("metadata_sha256")
+    meta["registry_format"] = "cnncodes-registry/1"
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(TamperedModelError, match="registry format 1.*save the model again"):
+        reg.load("old")
+
+
 def test_appended_byte_missing_file_and_bad_metadata(reg):
     rec = reg.save("a", {"x": 1})
     good = rec.model_path.read_bytes()

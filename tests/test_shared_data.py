@@ -35,7 +35,7 @@ def test_hymenoptera_imagenet_codes_transfer_and_random_codes_do_not(tmp_path):
     assert m.layout == "split-folders" and m.class_names == ["ants", "bees"]
     assert {k: sum(v.values()) for k, v in m.counts().items()} == {"train": 245, "val": 153}
     layer = "conv_pw_13_relu"
-    s = extract_to_store(m, tmp_path / "hym.h5", BackboneSpec("mobilenet", weights="imagenet",
+    s = extract_to_store(m, tmp_path / "hym.h5", BackboneSpec(name="mobilenet", weights="imagenet",
                          backbone_args={"alpha": 0.25}), [(layer, "avg"), ("conv_pw_7_relu", "avg")])
     assert s["computed"] == 398 and s["skipped"] == []  # the GIF placeholder decodes, so it is used
     assert "train/ants/imageNotFound.gif" in set(FeatureStore(tmp_path / "hym.h5").read(layer).paths)
@@ -51,7 +51,7 @@ def test_hymenoptera_imagenet_codes_transfer_and_random_codes_do_not(tmp_path):
     assert res["metrics"]["val"]["accuracy"] >= 0.80, res["metrics"]["val"]
     assert res["metrics"]["val"]["images"] == 153
 
-    extract_to_store(m, tmp_path / "rnd.h5", BackboneSpec("mobilenet", weights="none",
+    extract_to_store(m, tmp_path / "rnd.h5", BackboneSpec(name="mobilenet", weights="none",
                      backbone_args={"alpha": 0.25}), [(layer, "avg")])
     random = _probe(tmp_path / "rnd.h5", layer)
     assert random < pretrained - 0.08, (random, pretrained)  # documented: 0.627 for random weights
@@ -66,7 +66,7 @@ def test_hymenoptera_fine_tuning_with_the_classic_recipe(tmp_path):
     from tasks.finetune import FineTuneConfig, evaluate_finetuned, fine_tune
 
     m = scan_dataset(data)
-    spec = BackboneSpec("mobilenet", weights="imagenet", backbone_args={"alpha": 0.25})
+    spec = BackboneSpec(name="mobilenet", weights="imagenet", backbone_args={"alpha": 0.25})
     cfg = FineTuneConfig(head_epochs=5, head_learning_rate=1e-3, freeze="until:conv_pw_11_relu", epochs=10,
                          optimizer="sgd", learning_rate=1e-4, momentum=0.9, dense=[1024], dropout=0.5,
                          augment=["flip", "rotation", "zoom"], patience=3, batch_size=32)

@@ -242,7 +242,7 @@ def test_fine_tuning_never_shows_test_images_to_training_or_early_stopping(tmp_p
     monkeypatch.setattr(training, "make_dataset", spy)
     m = scan_dataset(texture_data, seed=2)
     split_of = {m.abspath(s): s.split for s in m.samples}
-    spec = BackboneSpec(small_cnn, weights="file", preprocessing="scale01")
+    spec = BackboneSpec(name=small_cnn, weights="file", preprocessing="scale01")
     cfg = FineTuneConfig(dense=[8], dropout=0.0, batch_size=8, augment=[], epochs=1)
     fine_tune(m, spec, cfg, tmp_path / "run")
     assert built and {split_of[p] for p in built} == {"train", "val"}

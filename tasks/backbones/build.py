@@ -300,7 +300,8 @@ def _build_application(spec: BackboneSpec, keras):
 def imagenet_weights_available(spec: BackboneSpec) -> bool:
     """Whether ``spec`` builds with ImageNet weights here (cached under KERAS_HOME, or downloadable)."""
     try:
-        build_backbone(BackboneSpec(spec.name, "imagenet", spec.input_size, dict(spec.backbone_args)))
+        build_backbone(BackboneSpec(name=spec.name, weights="imagenet", input_size=spec.input_size,
+                                    backbone_args=dict(spec.backbone_args)))
         return True
     except BackboneError:
         return False
