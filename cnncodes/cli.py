@@ -35,12 +35,15 @@ def _parents() -> dict[str, argparse.ArgumentParser]:
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    common.add_argument("--config", default=None, metavar="FILE",
+                        help="settings from a YAML or JSON file in the shape of the flow's parameters (backbone:, "
+                             "finetune:, ...); options given here override it")
     common.add_argument("--backend", default=None, choices=["tensorflow", "jax", "torch"],
                         help="Keras backend to compute on (default: KERAS_BACKEND, else keras.json's, else "
                              "tensorflow)")
     seed = argparse.ArgumentParser(add_help=False)
-    seed.add_argument("--seed", type=int, default=0,
-                      help="seed of the drawn split, of random weights and of training (default: %(default)s)")
+    seed.add_argument("--seed", type=int, default=None,
+                      help="seed of the drawn split, of random weights and of training (default: 0)")
     out = argparse.ArgumentParser(add_help=False)
     add_settings(out, "output", Output, only=["out"], title="output")
     registry = argparse.ArgumentParser(add_help=False)
@@ -280,7 +283,8 @@ def _backbone(args):
     from tasks.backbones import BackboneSpec
 
     fixed = {"seed": args.seed}
-    if any(k.startswith("spectrogram.") for k in vars(args)):
+    in_file = "spectrogram" in (getattr(args, "config_settings", None) or {}).get("backbone", {})
+    if in_file or any(k.startswith("spectrogram.") for k in vars(args)):
         from tasks.data.audio import Spectrogram
 
         fixed["spectrogram"] = settings_from(args, "spectrogram", Spectrogram)
@@ -667,12 +671,23 @@ def main(argv: Sequence[str] | None = None, try_runner: bool = True) -> int:
     return _main(argv)
 
 
+def apply_config(args: argparse.Namespace) -> None:
+    """Read ``--config FILE`` into ``args.config_settings`` (what :func:`settings_from` starts from); the file's
+    ``output.backend`` chooses the backend where ``--backend`` does not."""
+    if getattr(args, "config", None):
+        from cnncodes.options import load_config
+
+        args.config_settings = load_config(args.config, getattr(args, "settings_groups", ()))
+        args.backend = args.backend or args.config_settings.get("output", {}).get("backend")
+
+
 def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     from storage.errors import CnncodesError
 
     warm = None
     try:
+        apply_config(args)
         if getattr(args, "backend", None):
             from tasks import runtime
 

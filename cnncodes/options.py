@@ -103,6 +103,8 @@ def add_settings(parser: argparse.ArgumentParser, group: str, model: type[BaseMo
     """Add one option per field of ``model`` to an argument group of ``parser``; defaults from ``base``;
     ``choices`` and ``helps`` narrow or reword a field for this command."""
     base = base if base is not None else model()
+    # the settings groups this command takes: what a --config file may hold for it
+    parser.set_defaults(settings_groups=tuple(parser.get_default("settings_groups") or ()) + (group,))
     g = parser.add_argument_group(title or f"{group} ({model.__name__})",
                                   (model.__doc__ or "").split("\n\n")[0].replace("``", "").replace("\n", " "))
     names = only if only is not None else [n for n in model.model_fields if n not in set(exclude)]
@@ -146,10 +148,59 @@ def add_settings(parser: argparse.ArgumentParser, group: str, model: type[BaseMo
                            metavar=metavar, default=argparse.SUPPRESS, help=help_text)
 
 
+# A command's option group -> where a settings file (or a deployment's parameters) holds it: the flows' parameter
+# names, with the spectrogram inside the backbone, as in a flow's parameters.
+FILE_KEYS = {"export": ("options",), "spectrogram": ("backbone", "spectrogram")}
+
+
+def load_config(path: str, groups: Sequence[str]) -> dict[str, Any]:
+    """The settings of a ``--config`` file (YAML or JSON): ``{group: {setting: value}}`` in the shape of the flow's
+    parameters (``backbone``, ``extract``, ``split``, ``output``, ...). Raises ParameterError for a file that cannot
+    be read, is not a mapping of mappings, or names a group this command does not take (``groups``)."""
+    import json
+    from pathlib import Path
+
+    import yaml
+
+    from storage.errors import ParameterError
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ParameterError(f"cannot read the settings file {path}: {exc}.") from exc
+    try:
+        data = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as exc:
+        raise ParameterError(f"the settings file {path} is not valid {'JSON' if path.endswith('.json') else 'YAML'}: "
+                             f"{exc}") from exc
+    known = sorted({FILE_KEYS.get(g, (g,))[0] for g in groups})
+    if data is None:
+        return {}
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise ParameterError(f"the settings file {path} must map settings groups to their settings, e.g. "
+                             "'finetune: {epochs: 20}'; this command's groups: " + ", ".join(known) + ".")
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ParameterError(f"the settings file {path} has group(s) {', '.join(unknown)} that this command does not "
+                             f"take; its groups: {', '.join(known)}.")
+    return data
+
+
+def _from_file(args: argparse.Namespace, group: str) -> dict[str, Any]:
+    values: Any = getattr(args, "config_settings", None) or {}
+    for key in FILE_KEYS.get(group, (group,)):
+        values = values.get(key) if isinstance(values, dict) else None
+    values = dict(values or {})
+    if group == "backbone":
+        values.pop("spectrogram", None)  # its own group on the command line
+    return values
+
+
 def settings_from(args: argparse.Namespace, group: str, model: type[BaseModel], base: BaseModel | None = None,
                   **fixed: Any):
-    """The ``model`` a command's options describe: ``base`` (or the defaults), the options given, then
-    ``fixed`` values (``seed`` from ``--seed``, say); validated, with the project's error messages."""
+    """The ``model`` a command's options describe: ``base`` (or the defaults), then the ``--config`` file's values,
+    the options given, then ``fixed`` values that are set (``seed`` from ``--seed``, say); validated, with the
+    project's error messages."""
     from tasks.backbones import parse_backbone_args
 
     given: dict[str, Any] = {}
@@ -166,6 +217,6 @@ def settings_from(args: argparse.Namespace, group: str, model: type[BaseModel], 
         elif kind == "widths":
             value = [v for v in value if v > 0]
         given[name] = value
-    data = {**(base.model_dump() if base is not None else {}), **given,
-            **{k: v for k, v in fixed.items() if k in model.model_fields}}
+    data = {**(base.model_dump() if base is not None else {}), **_from_file(args, group), **given,
+            **{k: v for k, v in fixed.items() if k in model.model_fields and v is not None}}
     return model.model_validate(data)
