@@ -27,9 +27,9 @@ from typing import Any, Sequence
 # command's whole environment.)
 IMPORT_TIME_ENV = ("PREFECT_", "CNNCODES_", "OMP_", "MKL_", "OPENBLAS_", "BLIS_", "NUMEXPR_", "MPL", "PYTHON",
                    "VIRTUAL_ENV", "DASK_", "HDF5_", "LANG", "LC_", "HOME", "TMPDIR", "TZ")
-# Read by TensorFlow, Keras and JAX when they are imported: in a command's child, after its environment
+# Read by TensorFlow, Keras, JAX and PyTorch when they are imported: in a command's child, after its environment
 # is in place (the runner never imports them), so they need not match.
-FRAMEWORK_ENV = ("TF_", "KERAS_", "CUDA_", "XLA_", "JAX_", "NVIDIA_")
+FRAMEWORK_ENV = ("TF_", "KERAS_", "CUDA_", "XLA_", "JAX_", "NVIDIA_", "TORCH", "PYTORCH_")
 # Read while a command runs; PREFECT_API_URL is compared on its own (the runner checks that the API it
 # was started for is the one the command would use, and answers).
 RUNTIME_ONLY = ("CNNCODES_RUNNER", "CNNCODES_PROGRESS", "PREFECT_API_URL")

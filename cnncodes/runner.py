@@ -98,7 +98,7 @@ def serve(path: Path | None = None) -> None:
     if api:
         os.environ["PREFECT_API_URL"] = api
     _preload()
-    frameworks = any(m in sys.modules for m in ("tensorflow", "keras", "jax"))
+    frameworks = any(m in sys.modules for m in ("tensorflow", "keras", "jax", "torch"))
     started_env = import_time_env(started, frameworks)
     state = _code_state()
     path.parent.mkdir(parents=True, exist_ok=True)
