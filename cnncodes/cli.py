@@ -29,12 +29,13 @@ EXIT_USER_ERROR = 2
 from cnncodes.options import add_settings, settings_from  # noqa: E402
 
 
-def _parents() -> dict[str, argparse.ArgumentParser]:
+def _parents(show_all: bool = True) -> dict[str, argparse.ArgumentParser]:
     """Options shared by the flow commands, declared once: --json, --seed, --out, --registry."""
     from tasks.settings import Output
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    common.add_argument("--help-all", action="store_true", help="show every option, not only the everyday ones")
     common.add_argument("--config", default=None, metavar="FILE",
                         help="settings from a YAML or JSON file in the shape of the flow's parameters (backbone:, "
                              "finetune:, ...); options given here override it")
@@ -47,7 +48,8 @@ def _parents() -> dict[str, argparse.ArgumentParser]:
     out = argparse.ArgumentParser(add_help=False)
     add_settings(out, "output", Output, only=["out"], title="output")
     registry = argparse.ArgumentParser(add_help=False)
-    add_settings(registry, "output", Output, only=["out", "registry"], title="output")
+    add_settings(registry, "output", Output, only=["out", "registry"], title="output",
+                 everyday=None if show_all else ["out"])
     named = argparse.ArgumentParser(add_help=False)
     named.add_argument("--model-name", default=None,
                        help="registry name of the model; each run adds a version (default: derived from the data "
@@ -101,7 +103,21 @@ def _add_store_parser(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("store", help="feature store (HDF5) written by `cnncodes extract`")
 
 
-def build_parser() -> argparse.ArgumentParser:
+# The settings each command shows in --help (field names); the others are listed by --help-all. Options that are
+# not settings (--json, --config, --backend, --seed, --out, --model-name, ...) always show.
+EVERYDAY = {
+    "extract": {"name", "weights", "backbone_args", "layers", "pooling", "store", "batch_size"},
+    "train-linear": {"classifier", "C"},
+    "sweep": {"classifier"},
+    "fine-tune": {"name", "weights", "backbone_args", "epochs", "learning_rate", "freeze", "augment"},
+    "transfer": {"name", "weights", "backbone_args", "case", "epochs", "test_fraction"},
+    "spectrogram": {"name", "input_size", "n_mels"},
+}
+
+
+def build_parser(show_all: bool = False) -> argparse.ArgumentParser:
+    """The ``cnncodes`` parser; ``show_all``: every option in each command's help (``--help-all``), else the
+    everyday ones (:data:`EVERYDAY`) and a line that points to ``--help-all``."""
     parser = argparse.ArgumentParser(prog="cnncodes", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -118,7 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
     from tasks.probe.linear import SWEEP_PROBE
 
     layers_backbone = BackboneSpec(weights="none")  # listing layers needs no weights
-    par = _parents()
+
+    def everyday(command: str):
+        return None if show_all else EVERYDAY.get(command)
+
+    par = _parents(show_all)
     common, seed, out, registry, named, group = (par[k] for k in ("common", "seed", "out", "registry", "named",
                                                                    "group"))
 
@@ -127,22 +147,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("layers", parents=[common, seed],
                        help="list a backbone's layers with output shape, stride and parameters")
     p.add_argument("backbone", help="registered name (e.g. resnet50) or a .keras/.h5 model file")
-    add_settings(p, "backbone", BackboneSpec, layers_backbone, exclude=("name", "seed", "spectrogram"))
+    add_settings(p, "backbone", BackboneSpec, layers_backbone, exclude=("name", "seed", "spectrogram"),
+                 everyday=everyday("layers"))
 
     p = sub.add_parser("extract", parents=[common, seed, out],
                        help="flow extract-features: images -> CNN codes in an HDF5 store")
     p.add_argument("data", help=DATA_HELP)
-    add_settings(p, "backbone", BackboneSpec, exclude=("seed", "spectrogram"))
-    add_settings(p, "spectrogram", Spectrogram, title=SOUND_TITLE)
-    add_settings(p, "extract", ExtractOptions)
-    add_settings(p, "split", SplitConfig, exclude=("seed",))
-    add_settings(p, "scale", ScaleOut)
+    add_settings(p, "backbone", BackboneSpec, exclude=("seed", "spectrogram"), everyday=everyday("extract"))
+    add_settings(p, "spectrogram", Spectrogram, title=SOUND_TITLE, everyday=everyday("extract"))
+    add_settings(p, "extract", ExtractOptions, everyday=everyday("extract"))
+    add_settings(p, "split", SplitConfig, exclude=("seed",), everyday=everyday("extract"))
+    add_settings(p, "scale", ScaleOut, everyday=everyday("extract"))
 
     p = sub.add_parser("train-linear", parents=[common, seed, registry, named, group],
                        help="flow train-linear: linear SVM/softmax/SGD on a store's codes")
     p.add_argument("store", help="feature store (HDF5) written by `cnncodes extract`")
     p.add_argument("--layer", required=True, help="layer group to train on (`cnncodes extract` --layer)")
-    add_settings(p, "linear", LinearConfig, exclude=("seed",))
+    add_settings(p, "linear", LinearConfig, exclude=("seed",), everyday=everyday("train-linear"))
 
     p = sub.add_parser("sweep", parents=[common, seed, out, group],
                        help="flow sweep: cross-validate a probe on each layer of a store")
@@ -155,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
                  helps={"classifier": "linear SVM or multinomial logistic regression",
                         "cv_folds": "folds of the cross-validation that scores each layer",
                         "C": "inverse regularisation strength, the same for every layer (a search per layer would "
-                             "compare searches, not layers)"})
+                             "compare searches, not layers)"}, everyday=everyday("sweep"))
 
     p = sub.add_parser("predict", parents=[common, registry],
                        help="flow predict: classify new images with a registered model")
@@ -179,27 +200,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True,
                    help="folder to write (refused if it exists, unless --force): the model file, model.json "
                         "(classes, input, provenance) and MODEL_CARD.md")
-    add_settings(p, "export", ExportOptions)
+    add_settings(p, "export", ExportOptions, everyday=everyday("export"))
 
     p = sub.add_parser("fine-tune", parents=[common, seed, registry, named],
                        help="flow fine-tune: train the backbone itself with a new head (large data)")
     p.add_argument("data", help=DATA_HELP)
-    add_settings(p, "backbone", BackboneSpec, exclude=("seed", "spectrogram"))
-    add_settings(p, "spectrogram", Spectrogram, title=SOUND_TITLE)
-    add_settings(p, "finetune", FineTuneConfig, exclude=("seed",))
-    add_settings(p, "split", SplitConfig, exclude=("seed",))
+    add_settings(p, "backbone", BackboneSpec, exclude=("seed", "spectrogram"), everyday=everyday("fine-tune"))
+    add_settings(p, "spectrogram", Spectrogram, title=SOUND_TITLE, everyday=everyday("fine-tune"))
+    add_settings(p, "finetune", FineTuneConfig, exclude=("seed",), everyday=everyday("fine-tune"))
+    add_settings(p, "split", SplitConfig, exclude=("seed",), everyday=everyday("fine-tune"))
 
     p = sub.add_parser("transfer", parents=[common, seed, registry, named],
                        help="flow transfer: measure size and similarity, pick the case, train, gate")
     p.add_argument("data", help=DATA_HELP)
-    add_settings(p, "backbone", BackboneSpec, exclude=("seed", "spectrogram"))
-    add_settings(p, "spectrogram", Spectrogram, title=SOUND_TITLE)
-    add_settings(p, "thresholds", Thresholds)
+    add_settings(p, "backbone", BackboneSpec, exclude=("seed", "spectrogram"), everyday=everyday("transfer"))
+    add_settings(p, "spectrogram", Spectrogram, title=SOUND_TITLE, everyday=everyday("transfer"))
+    add_settings(p, "thresholds", Thresholds, everyday=everyday("transfer"))
     add_settings(p, "probe", LinearConfig, only=["classifier", "C", "cv_folds", "class_weight", "l2_normalize",
-                                                 "pca", "calibrate"], title="probe (LinearConfig)")
+                                                 "pca", "calibrate"], title="probe (LinearConfig)",
+                 everyday=everyday("transfer"))
     add_settings(p, "finetune", FineTuneConfig, TRANSFER_FINETUNE,
-                 exclude=("seed", "freeze"), title="fine-tuning, cases 3 and 4 (FineTuneConfig)")
-    add_settings(p, "split", SplitConfig, exclude=("seed",))
+                 exclude=("seed", "freeze"), title="fine-tuning, cases 3 and 4 (FineTuneConfig)",
+                 everyday=everyday("transfer"))
+    add_settings(p, "split", SplitConfig, exclude=("seed",), everyday=everyday("transfer"))
 
     p = sub.add_parser("retrain", parents=[common, registry],
                        help="flow retrain: if the data changed, train a challenger the champion's way; "
@@ -209,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--margin", type=float, default=0.0,
                    help="the challenger must beat the champion's accuracy by more than this (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="train a challenger even if the data did not change")
-    add_settings(p, "split", SplitConfig, only=("rehash",), title="scanning")
+    add_settings(p, "split", SplitConfig, only=("rehash",), title="scanning", everyday=everyday("retrain"))
     p.add_argument("--group-by", default=None, metavar="REGEX",
                    help="the grouping of file names (as `extract --group-by`): new files of a group join it in "
                         "one split; a CSV's group column is read without it (default: the lineage's own, "
@@ -220,8 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", help="a sound recording (WAV, FLAC, OGG, ...)")
     p.add_argument("--output", "-o", required=True, help="PNG file to write")
     add_settings(p, "backbone", BackboneSpec, only=["name", "input_size", "backbone_args"],
-                 title="input size (BackboneSpec): the image is rendered at this backbone's input size")
-    add_settings(p, "spectrogram", Spectrogram, title=SOUND_TITLE)
+                 title="input size (BackboneSpec): the image is rendered at this backbone's input size",
+                 everyday=everyday("spectrogram"))
+    add_settings(p, "spectrogram", Spectrogram, title=SOUND_TITLE, everyday=everyday("spectrogram"))
 
     _add_store_parser(sub, common)
 
@@ -240,6 +264,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", parents=[common, out],
                        help="generate a small dataset and run the pipeline on it end to end")
     p.add_argument("--images-per-class", type=int, default=40, help="generated images per class (default: %(default)s)")
+    for name, command in sub.choices.items():
+        hidden = command.get_default("hidden_options")
+        if hidden:
+            command.epilog = (f"{hidden} more options: cnncodes {name} --help-all. Any of them can also come from a "
+                              "file (--config FILE).")
     return parser
 
 
@@ -682,6 +711,9 @@ def apply_config(args: argparse.Namespace) -> None:
 
 
 def _main(argv: Sequence[str] | None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--help-all" in argv:  # the same help, every option listed
+        build_parser(show_all=True).parse_args([a if a != "--help-all" else "--help" for a in argv])
     args = build_parser().parse_args(argv)
     from storage.errors import CnncodesError
 

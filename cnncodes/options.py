@@ -12,7 +12,7 @@ import argparse
 import types
 import typing
 from dataclasses import dataclass
-from typing import Any, Iterable, Literal, Sequence
+from typing import Any, Collection, Iterable, Literal, Sequence
 
 from pydantic import BaseModel
 
@@ -99,15 +99,18 @@ def _show(value: Any) -> str:
 def add_settings(parser: argparse.ArgumentParser, group: str, model: type[BaseModel], base: BaseModel | None = None,
                  *, exclude: Iterable[str] = (), only: Sequence[str] | None = None,
                  choices: dict[str, tuple] | None = None, helps: dict[str, str] | None = None,
-                 title: str | None = None) -> None:
+                 title: str | None = None, everyday: Collection[str] | None = None) -> None:
     """Add one option per field of ``model`` to an argument group of ``parser``; defaults from ``base``;
-    ``choices`` and ``helps`` narrow or reword a field for this command."""
+    ``choices`` and ``helps`` narrow or reword a field for this command. With ``everyday``, only those fields show
+    in ``--help``; the others work the same and are counted in the parser's default ``hidden_options``."""
     base = base if base is not None else model()
     # the settings groups this command takes: what a --config file may hold for it
     parser.set_defaults(settings_groups=tuple(parser.get_default("settings_groups") or ()) + (group,))
-    g = parser.add_argument_group(title or f"{group} ({model.__name__})",
-                                  (model.__doc__ or "").split("\n\n")[0].replace("``", "").replace("\n", " "))
     names = only if only is not None else [n for n in model.model_fields if n not in set(exclude)]
+    shown = everyday is None or any(n in everyday for n in names)  # a group with nothing to show: no heading
+    g = parser.add_argument_group(title or f"{group} ({model.__name__})",
+                                  (model.__doc__ or "").split("\n\n")[0].replace("``", "").replace("\n", " ")
+                                  ) if shown else parser.add_argument_group()
     for name in names:
         info = model.model_fields[name]
         ov = OVERRIDES.get((model.__name__, name), Override())
@@ -119,6 +122,10 @@ def add_settings(parser: argparse.ArgumentParser, group: str, model: type[BaseMo
         help_text = (helps or {}).get(name) or ov.help or info.description or ""
         if "(default" not in help_text and scalar is not bool:  # a flag's help says what it changes
             help_text += f" (default: {_show(default)})"
+        hidden = everyday is not None and name not in everyday
+        if hidden:
+            help_text = argparse.SUPPRESS
+            parser.set_defaults(hidden_options=(parser.get_default("hidden_options") or 0) + 1)
         metavar = "{" + ",".join(str(c) for c in allowed) + "}" if allowed else \
             (name[:-1] if is_list and name.endswith("s") else name).upper()
         kind = ov.kind
@@ -138,7 +145,7 @@ def add_settings(parser: argparse.ArgumentParser, group: str, model: type[BaseMo
         elif is_list or kind == "append":
             g.add_argument(flag, dest=dest, type=scalar if scalar in (int, float) else str, action="append",
                            choices=allowed, metavar=metavar,
-                           default=argparse.SUPPRESS, help=help_text + "; repeatable")
+                           default=argparse.SUPPRESS, help=help_text if hidden else help_text + "; repeatable")
         else:
             kind_of = scalar if scalar in (int, float) else str
             if kind_of is not str and type(None) in typing.get_args(info.annotation):

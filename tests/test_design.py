@@ -61,7 +61,7 @@ def test_every_setting_of_a_command_is_an_option_with_its_description(command, m
     classes = {c.__name__: c for c in (backbones.BackboneSpec, extract.ExtractOptions, settings.SplitConfig,
                                         settings.ScaleOut, finetune.FineTuneConfig, linear.LinearConfig,
                                         settings.ExportOptions)}
-    sub = next(a for a in build_parser()._actions if a.dest == "command").choices[command]
+    sub = next(a for a in build_parser(show_all=True)._actions if a.dest == "command").choices[command]
     by_dest = {a.dest: a for a in sub._actions}
     models = list(models)
     for model in models:
@@ -79,6 +79,34 @@ def test_every_setting_of_a_command_is_an_option_with_its_description(command, m
             action = by_dest[f"{group}.{name}"]
             override = OVERRIDES.get((model, name))
             assert (override and override.help) or field.description.split(" (")[0][:30] in action.help, name
+
+
+@pytest.mark.parametrize("command", ["extract", "train-linear", "sweep", "predict", "export", "fine-tune", "transfer",
+                                     "retrain"])
+def test_everyday_help_fits_a_screen_and_help_all_lists_every_option(command, capsys):
+    """`--help` shows a command's everyday options (about a dozen) and points to `--help-all`, which shows every
+    option; a hidden option still works."""
+    from cnncodes.cli import _main
+
+    def options(flag: str) -> list[str]:
+        with pytest.raises(SystemExit):
+            _main([command, flag])
+        text = capsys.readouterr().out
+        return [line.split()[0].rstrip(",") for line in text.splitlines() if line.startswith("  -")], text
+
+    everyday, text = options("--help")
+    every, _ = options("--help-all")
+    assert len(everyday) <= 15, (len(everyday), everyday)
+    assert set(everyday) <= set(every) and "--config" in everyday and "--backend" in everyday
+    hidden = len(every) - len(everyday)
+    assert (f"{hidden} more options: cnncodes {command} --help-all" in " ".join(text.split())) == (hidden > 0)
+
+
+def test_a_hidden_option_still_parses():
+    from cnncodes.cli import build_parser
+
+    args = build_parser().parse_args(["transfer", "data", "--mixup", "0.2", "--large-per-class", "50"])
+    assert vars(args)["finetune.mixup"] == 0.2 and vars(args)["thresholds.large_per_class"] == 50
 
 
 def test_retrain_has_a_command():
