@@ -9,7 +9,7 @@ OUT    ?= cnncodes-out
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: run test test-all install install-gpu bench clean
+.PHONY: run test test-fast test-all install install-gpu bench clean
 
 install: $(STAMP)
 
@@ -40,6 +40,10 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# the edit-test loop: every test not marked slow
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/extract.py
