@@ -248,7 +248,7 @@ def extract_to_store(manifest: Manifest, store: str | os.PathLike, spec: Backbon
 
     t_build = time.perf_counter()
     backbone = build_backbone(spec)
-    extractor = Extractor(backbone, cuts, xla=options.xla, batch_size=options.batch_size)
+    extractor = Extractor(backbone, cuts, xla=options.xla)
     identity = input_identity(dict(backbone.identity(), resize=options.resize), manifest.media, spec.spectrogram)
     build_s = time.perf_counter() - t_build
     specs = [GroupSpec(layer, pooling, shape, options.dtype, options.compression)

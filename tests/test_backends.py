@@ -91,32 +91,6 @@ def test_codes_equal_tensorflows_on_every_backend(backend, codes_on_tensorflow):
             assert float(np.abs(want).max()) > 0  # a network that outputs zeros would agree trivially
 
 
-PADDED_SCRIPT = """
-    import json
-    import numpy as np
-    from tasks.backbones import BackboneSpec, Extractor, build_backbone
-
-    bb = build_backbone(BackboneSpec(name="mobilenet_v2", weights="none", input_size=64, backbone_args={"alpha": 0.35}))
-    ex = Extractor(bb, [("out_relu", "avg"), ("block_3_expand_relu", "time-avg2")], batch_size=8)
-    x = np.random.default_rng(0).integers(0, 256, (11, 64, 64, 3), dtype=np.uint8)
-    ex(x[:8])
-    short = ex(x[8:])  # padded to the 8 rows XLA compiled for
-    alone = [ex(x[i:i + 1]) for i in range(8, 11)]
-    print(json.dumps({"rows": [len(c) for c in short], "seen": ex.images_seen,
-                      "diff": max(float(np.abs(short[k] - np.concatenate([a[k] for a in alone])).max())
-                                  for k in range(2))}))
-"""
-
-
-@pytest.mark.slow
-def test_a_short_last_batch_on_jax_is_padded_and_trimmed(tmp_path):
-    """XLA compiles per batch shape: a run's shorter last batch is padded to the compiled width (no second
-    compilation), and only its own rows come back, with the codes each image gets alone."""
-    got = run_on("jax", PADDED_SCRIPT, tmp_path)
-    assert got["rows"] == [3, 3] and got["seen"] == 14
-    assert got["diff"] <= 1e-5
-
-
 PIPELINE_SCRIPT = """
     import json
     import sys

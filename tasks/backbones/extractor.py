@@ -20,8 +20,7 @@ class Extractor:
     (``(n, height * K * channels)``), ``flatten``, ``none``.
     """
 
-    def __init__(self, backbone: Backbone, cuts: Sequence[tuple[str, str]], xla: bool = False,
-                 batch_size: int = 1):
+    def __init__(self, backbone: Backbone, cuts: Sequence[tuple[str, str]], xla: bool = False):
         keras = runtime.keras()
         ops = keras.ops
         self.backbone = backbone
@@ -65,11 +64,11 @@ class Extractor:
             return pre(x) if pre is not None else x
 
         self._forward = _compiled(self.backend, cut, inputs, pooled, bool(xla), backbone.size)
-        # Trace and optimise the graph now, so that the cost lands in the build and the first real batch runs at
-        # full speed: on one image (TensorFlow traces one graph for every batch size), or on a batch of the size
-        # to come where XLA compiles per shape (JAX).
-        warm = batch_size if self.backend == "jax" else 1
-        self._forward(np.zeros([warm, backbone.size, backbone.size, 3], np.uint8))
+        # Trace and optimise the graph now, on one image, so that the cost lands in the build and the first real
+        # batch runs at full speed (TensorFlow traces one graph for every batch size). Not on JAX: XLA compiles once
+        # per batch shape, so a one-image shape would be compiled for nothing; each shape compiles when first used.
+        if self.backend != "jax":
+            self._forward(np.zeros([1, backbone.size, backbone.size, 3], np.uint8))
 
     def __call__(self, batch: np.ndarray) -> list[np.ndarray]:
         self.images_seen += int(batch.shape[0])
@@ -100,18 +99,9 @@ def _compiled(backend: str, cut, inputs, pooled, xla: bool, size: int):
             outs, _ = cut.stateless_call(tv, ntv, inputs(x), training=False)
             return pooled(outs)
 
-        # XLA compiles once per batch shape: a shorter batch (a run's last) is padded to the widest one seen,
-        # which costs a part of one batch's arithmetic instead of a second compilation.
-        width = [0]
-
-        def padded(batch):
-            n = len(batch)
-            width[0] = max(width[0], n)
-            if n < width[0]:
-                batch = np.concatenate([batch, np.zeros((width[0] - n, *batch.shape[1:]), batch.dtype)])
-            return [np.asarray(o)[:n] for o in forward(trainable, non_trainable, batch)]
-
-        return padded
+        # One compilation per batch shape: a run's shorter last batch compiles once more. Padding it to the full
+        # batch instead lost on a CPU (benchmarks/jax_last_batch.py): the padded rows cost more than the compilation.
+        return lambda batch: [np.asarray(o) for o in forward(trainable, non_trainable, batch)]
     import torch
     from keras import ops
 
