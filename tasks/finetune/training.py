@@ -130,21 +130,16 @@ class EpochClock:
 def default_strategy():
     """On TensorFlow: MirroredStrategy (one replica per GPU) where TensorFlow sees several GPUs; else None.
 
-    On the other backends None: no ``tf.distribute``. On JAX with several GPUs, Keras' own data parallelism
-    is switched on instead (``keras.distribution.DataParallel``: each batch split over every GPU, the
-    variables replicated; batches, the last short one too, must divide evenly among the GPUs; not yet run
-    on a machine with several GPUs); on PyTorch one process trains on one device."""
+    On the other backends None: one process trains on one device. Keras' own data parallelism on JAX
+    (``keras.distribution.DataParallel``) is not switched on: it has not run on a machine with several GPUs yet,
+    and it needs every batch, an epoch's short last one too, to divide evenly among the GPUs. Several GPUs serve
+    JAX and PyTorch through one worker per GPU (extraction's ``--gpus``)."""
     if runtime.backend() == "tensorflow":
         tf = runtime.tensorflow()
         return tf.distribute.MirroredStrategy() if len(runtime.gpus()) > 1 else None
     gpus = runtime.gpus()
-    if runtime.backend() == "jax" and len(gpus) > 1:
-        keras = runtime.keras()
-        if keras.distribution.distribution() is None:
-            keras.distribution.set_distribution(keras.distribution.DataParallel())
-            log.info("fine-tuning on %d GPUs with keras.distribution.DataParallel (JAX)", len(gpus))
-    elif len(gpus) > 1:
-        log.info("the %s backend trains on one device per process: %d GPUs seen, one used", runtime.backend(),
+    if len(gpus) > 1:
+        log.info("the %s backend fine-tunes on one device per process: %d GPUs seen, one used", runtime.backend(),
                  len(gpus))
     return None
 
