@@ -165,7 +165,9 @@ def test_transfer_flow_routes_gates_and_reports(harness, tmp_path, texture_data,
     assert f"**{promoted}** is the champion" in report and "## How to override" in report
     if r["finetuned"] is not None:  # the case sets the freezing; the optimizer asked for is kept
         config = reg.record(r["finetuned"]["name"], r["finetuned"]["version"]).metadata["config"]
-        assert config["optimizer"] == "adam" and config["freeze"] == ("none" if case == 4 else config["freeze"])
+        assert config["optimizer"] == "adam"
+        # case 4 trains everything; case 3 freezes up to the end of the stride-16 stage (top_freeze_for)
+        assert config["freeze"] == "none" if case == 4 else config["freeze"].startswith("until:block_")
     if case == 4:
         adaptation = r["finetuned"]["metrics"]["test"]["adaptation"]
         assert adaptation["adapted_groups"] == {} and adaptation["kept_groups"] == {"(test)": 6}
