@@ -41,10 +41,9 @@ _NOISE = [re.compile(p) for p in (
 _NO_GPU_NOISE = re.compile(r"failed call to cuInit")
 
 _tf = None
-# The Keras backends cnncodes runs on, and the module each needs (the name pip installs it by).
+# The Keras backends cnncodes runs on; each is also the name of the module it needs.
 BACKENDS = ("tensorflow", "jax", "torch")
 DEFAULT_BACKEND = "tensorflow"
-_BACKEND_MODULE = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}
 DISPLAY = {"tensorflow": "TensorFlow", "jax": "JAX", "torch": "PyTorch"}
 CUDA_BUILD = {"tensorflow": "tensorflow[and-cuda] (pip install 'cnncodes[gpu]')", "jax": "jax[cuda12] or jax[cuda13]",
               "torch": "a CUDA build of torch"}
@@ -101,7 +100,7 @@ def use_backend(name: str | None) -> str:
 
 
 def backend_installed(name: str) -> bool:
-    return importlib.util.find_spec(_BACKEND_MODULE[check_backend_name(name)]) is not None
+    return importlib.util.find_spec(check_backend_name(name)) is not None
 
 
 def _missing_backend(name: str, why: str = "") -> ParameterError:
@@ -191,7 +190,7 @@ def backend() -> str:
 def library_versions() -> dict[str, str]:
     """The backend this process computes on and the versions of it and of Keras (for provenance)."""
     name = backend()
-    module = sys.modules.get(_BACKEND_MODULE[name]) or importlib.import_module(_BACKEND_MODULE[name])
+    module = sys.modules.get(name) or importlib.import_module(name)
     return {"backend": name, name: getattr(module, "__version__", "unknown"), "keras": keras().__version__}
 
 
