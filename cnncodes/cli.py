@@ -27,6 +27,7 @@ apply_env_defaults()
 EXIT_USER_ERROR = 2
 
 from cnncodes.options import add_settings, settings_from  # noqa: E402
+from tasks import internals  # noqa: E402
 
 
 def _parents(show_all: bool = True) -> dict[str, argparse.ArgumentParser]:
@@ -634,45 +635,33 @@ def _run_settings(warm):
     return temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})
 
 
-def _hand_over_prefect_queues() -> None:
-    """Send the logs and events Prefect still queues to its API (best effort, at most 5 s; nothing when
-    this process never imported Prefect)."""
-    if "prefect" in sys.modules:
-        from prefect._internal.concurrency.services import QueueService
-
-        try:
-            QueueService.drain_all(timeout=5)
-        except Exception:  # noqa: BLE001  best effort, as at a normal exit
-            pass
-
-
 def _stop_temporary_server(warm) -> None:
     """Hand the runs' last logs and events to the temporary Prefect server, then tell it to stop
     without waiting for it: the user does not wait for work at exit. Every other exit hook (joblib's
     worker and temporary-file cleanup) runs as usual."""
-    _hand_over_prefect_queues()
+    internals.drain_prefect_queues()
     warm.close()
 
 
-def _finish() -> None:
+def _finish() -> bool:
     """What ends a ``cnncodes`` process, short of ending it: Prefect's queued logs and events are handed
-    over, every exit hook runs (joblib's worker and temporary-file cleanup, ...), output is flushed."""
-    import atexit
-
-    _hand_over_prefect_queues()
-    import threading
-
-    threading._shutdown()  # what the interpreter does first at exit: join threads, run their exit hooks
-    atexit._run_exitfuncs()
+    over, every exit hook runs (joblib's worker and temporary-file cleanup, ...), output is flushed.
+    False, having done nothing, where that cannot be done here (:mod:`tasks.internals`): the process
+    must then end the normal way."""
+    if not internals.drain_prefect_queues() or not internals.run_exit_work():
+        return False
     sys.stdout.flush()
     sys.stderr.flush()
+    return True
 
 
 def _exit_fast(code: int) -> None:
     """End a ``cnncodes`` process (:func:`_finish`) without the interpreter's module teardown, which only
-    frees memory the process gives back anyway (seconds with TensorFlow, scikit-learn and Prefect loaded)."""
-    _finish()
-    os._exit(code)
+    frees memory the process gives back anyway (seconds with TensorFlow, scikit-learn and Prefect loaded);
+    the normal way where :func:`_finish` cannot."""
+    if _finish():
+        os._exit(code)
+    sys.exit(code)
 
 
 def run_program(argv: Sequence[str]) -> int:

@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tasks import internals
 from cnncodes.handoff import PACKAGES, import_time_env, recv_message, send_message, socket_path
 
 # What commands import, once. Never TensorFlow: a fork of a process that started its threads would copy
@@ -98,6 +99,9 @@ def serve(path: Path | None = None) -> None:
     if api:
         os.environ["PREFECT_API_URL"] = api
     _preload()
+    if not internals.can_end_early():
+        raise SystemExit("this Python or Prefect lacks what the warm runner needs to end a command as the program "
+                         "does (tasks/internals.py): not started; commands run in their own process.")
     frameworks = any(m in sys.modules for m in ("tensorflow", "keras", "jax", "torch"))
     started_env = import_time_env(started, frameworks)
     state = _code_state()

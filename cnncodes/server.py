@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from cnncodes import handoff
+from tasks import internals
 from cnncodes.handoff import home  # where the server's record lives (re-exported)
 
 DEFAULT_PORT = 4200
@@ -263,7 +264,7 @@ class Warmup:
         with socket.socket() as sock:  # a free port, as the OS hands them out
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
-        env = dict(os.environ, PREFECT_UI_ENABLED="0", PREFECT__SERVER_EPHEMERAL="1", PREFECT__SERVER_FINAL="1")
+        env = dict(os.environ, PREFECT_UI_ENABLED="0", **internals.TEMPORARY_SERVER_ENV)
         self._log = tempfile.TemporaryFile()
         app_dir = Path(list(spec.submodule_search_locations)[0]).parent
         self._proc = subprocess.Popen(

@@ -3,12 +3,9 @@ in the requested precision, with seeded random weights or ImageNet weights from 
 from __future__ import annotations
 
 import hashlib
-import os
-import random
 import socket
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -38,7 +35,7 @@ def segment_bounds(width: int, k: int) -> list[tuple[int, int]]:
     edges = np.cumsum([0] + [width // k + (i < width % k) for i in range(k)])
     return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
 
-from .. import runtime
+from .. import internals, runtime
 from .catalog import suggest, backbone_info, is_model_file, preprocessing_of
 from .spec import BackboneSpec
 
@@ -244,30 +241,14 @@ def _recast(model, keras):
 def _seeded_init(seed: int | None):
     """Random initialisation that depends on ``seed`` alone. Keras draws each initializer's seed from
     Python's global ``random``, which other threads (Prefect, Dask) also consume: the same seed then
-    gives other weights in a worker than in the main process. A private generator fixes that."""
+    gives other weights in a worker than in the main process. A private generator fixes that
+    (:func:`tasks.internals.keras_python_random`)."""
     if seed is None:
         yield
         return
-    keras = runtime.keras()
-    from keras.src.random import seed_generator
-
-    keras.utils.set_random_seed(seed)
-    shared = seed_generator.python_random
-    seed_generator.python_random = random.Random(seed)
-    try:
+    runtime.keras().utils.set_random_seed(seed)
+    with internals.keras_python_random(seed):
         yield
-    finally:
-        seed_generator.python_random = shared
-
-
-def _keras_home() -> str:
-    """The folder Keras caches weights in (read from KERAS_HOME when Keras was imported)."""
-    try:
-        from keras.src.backend import config
-
-        return str(config.keras_home())
-    except (ImportError, AttributeError):
-        return os.environ.get("KERAS_HOME", str(Path.home() / ".keras"))
 
 
 def _build_application(spec: BackboneSpec, keras):
@@ -285,7 +266,7 @@ def _build_application(spec: BackboneSpec, keras):
                             f"arguments {spec.backbone_args}: {exc}") from exc
     except Exception as exc:  # noqa: BLE001 - a failed download surfaces as a bare Exception
         if spec.weights == "imagenet":
-            home = _keras_home()
+            home = internals.keras_home()
             raise BackboneError(
                 f"the ImageNet weights of {spec.name} (input {size}, {spec.backbone_args or 'default arguments'}) "
                 f"are not in Keras's cache ({home}/models) and could not be downloaded: {exc}. "
