@@ -14,7 +14,6 @@ margin (accept ``b`` unless it is worse by more than that) needs the lower end a
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, Collection
 
@@ -48,13 +47,13 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, resamples: int = DEFAULT_RESA
 
 
 def mcnemar_exact(b_only: int, a_only: int) -> float:
-    """Two-sided exact McNemar p-value from the discordant counts (binomial, p = 1/2)."""
+    """Two-sided exact McNemar p-value from the discordant counts: scipy's exact binomial test, p = 1/2."""
     n = b_only + a_only
     if n == 0:
         return 1.0
-    k = min(b_only, a_only)
-    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n
-    return float(min(1.0, 2 * tail))
+    from scipy.stats import binomtest
+
+    return float(binomtest(b_only, n, 0.5).pvalue)
 
 
 def compare(a_outcomes: str | Path, b_outcomes: str | Path, *, exclude: Collection[str] = (),
