@@ -366,7 +366,7 @@ def cmd_train_linear(args) -> int:
 
     r = train_linear(args.store, args.layer, args.pooling, settings_from(args, "linear", LinearConfig, seed=args.seed),
                      model_name=args.model_name, output=_output(args))
-    text = [f"model:  {r.model} v{r.version} (C={r['C']:g}) in {r.registry}", f"report: {r.report}"]
+    text = [f"model:  {r.model} v{r.version} (C={r.C:g}) in {r.registry}", f"report: {r.report}"]
     _emit(r, args.json, "\n".join(text + _metrics_text(r.metrics)))
     return 0
 

@@ -44,7 +44,7 @@ def demo(out: str = "cnncodes-out", images_per_class: int = 40,
     output = Output(out=out, backend=backend)
     result = transfer(data, DEMO_BACKBONE.model_copy(update={"weights": weights}), model_name="demo-textures",
                       output=output)
-    champion = result["champion"]
+    champion = result.champion
     predicted = predict(str(Path(data) / "stripes"), champion["name"], version="champion", output=output,
                         predictions=str(Path(out) / "predictions" / "demo-stripes.csv"))
     return DemoResult(dataset=data, transfer=result, predict=predicted)

@@ -22,8 +22,8 @@ def predict(images: str, model: str, version: str | None = None, output: Output 
     path = predictions or str(Path(output.out) / "predictions" / f"{model}.csv")
     result = PredictResult(**predict_images(images, output.registry_path, model, version, path,
                                             {"batch_size": batch_size}, group_by))
-    print(f"{result['images']} images predicted ({result['reused']} codes reused from the training store, "
-          f"{result['computed']} computed, {len(result['skipped'])} skipped): {result['predictions']}")
+    print(f"{result.images} images predicted ({result.reused} codes reused from the training store, "
+          f"{result.computed} computed, {len(result.skipped)} skipped): {result.predictions}")
     if result.adaptation:
         a = result.adaptation
         print(f"BatchNormalization statistics adapted to {len(a['adapted_groups'])} group(s) (AdaBN); "

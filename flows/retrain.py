@@ -55,11 +55,11 @@ def retrain(data: str, model: str, output: Output = Output(), margin: float = 0.
             data, BackboneSpec.model_validate(st["spec"]),
             ExtractOptions(layers=[st["layer"]], pooling=st["pooling"], store=st["store"], resize=st["resize"]),
             split_cfg, output)
-        print(f"extracted {extracted['computed']} new or changed images ({extracted['reused']} reused)")
+        print(f"extracted {extracted.computed} new or changed images ({extracted.reused} reused)")
         challenger = train_linear(st["store"], st["layer"], st["pooling"], LinearConfig.model_validate(st["config"]),
                                   model_name=model, output=output)
         store = st["store"]
-        extracted_new = extracted["computed"]
+        extracted_new = extracted.computed
     else:
         finetune = FineTuneConfig.model_validate({**st["config"], "resize": st["resize"]})
         spec = BackboneSpec.model_validate({**st["spec"], "precision": precision_of(st["spec"], st["config"])})
@@ -68,12 +68,12 @@ def retrain(data: str, model: str, output: Output = Output(), margin: float = 0.
         extracted_new = None
     champion_metrics = evaluate_champion(registry, model, champion_version, plan["kind"], store, manifest_path,
                                          output.reports)
-    event = promote_or_keep(registry, model, champion_version, challenger["version"], champion_metrics,
-                            challenger["metrics"], margin)
-    print(event["reason"] + (f": v{challenger['version']} is the new champion" if event["promote"]
+    event = promote_or_keep(registry, model, champion_version, challenger.version, champion_metrics,
+                            challenger.metrics, margin)
+    print(event["reason"] + (f": v{challenger.version} is the new champion" if event["promote"]
                              else f": v{champion_version} stays champion"))
     create_markdown_artifact(f"**{'Promoted' if event['promote'] else 'Kept'}**: {event['reason']}.",
                              key="retrain-result")
     return RetrainResult(retrained=True, reason=plan["reason"], promoted=event["promote"],
-                         champion=event["champion_after"], challenger=challenger["version"], decision=event,
-                         challenger_report=challenger["report"], extracted=extracted_new, images=scanned["images"])
+                         champion=event["champion_after"], challenger=challenger.version, decision=event,
+                         challenger_report=challenger.report, extracted=extracted_new, images=scanned["images"])

@@ -23,7 +23,7 @@ def sweep(store: str, layers: list[str] | None = None, pooling: str | None = Non
     if linear.C is None:
         linear = linear.model_copy(update={"C": SWEEP_PROBE.C})
     result = SweepResult(**sweep_layers(store, layers, pooling, linear.as_dict(), output.reports, max_images))
-    for r in result["rows"]:
+    for r in result.rows:
         print(f"{r['layer']}/{r['pooling']}: {r['mean']:.3f} ± {r['std']:.3f}")
-    print(f"best: {result['best']['layer']}/{result['best']['pooling']}; report: {result['report']}")
+    print(f"best: {result.best['layer']}/{result.best['pooling']}; report: {result.report}")
     return result

@@ -58,16 +58,16 @@ def transfer(
     print(f"candidate layers: {', '.join(cands)}; poolings: {', '.join(poolings)}")
     extracted = extract_features(data, backbone, ExtractOptions(layers=[f"{c}:{p}" for c, p in codes],
                                                                 batch_size=finetune.batch_size), split, output)
-    swept = sweep(extracted["store"], layers=cands, pooling="avg" if poolings == ["avg"] else None,
+    swept = sweep(extracted.store, layers=cands, pooling="avg" if poolings == ["avg"] else None,
                   linear=SWEEP_PROBE.model_copy(update={"classifier": probe.classifier, "seed": probe.seed}),
                   output=output, max_images=thresholds.max_similarity_images)
-    decision = decide_case(extracted["manifest"], swept["rows"], late, thresholds.as_dict(),
+    decision = decide_case(extracted.manifest, swept.rows, late, thresholds.as_dict(),
                            pretrained=backbone.weights != "none", force_case=thresholds.case,
                            force_layer=thresholds.layer, top_freeze=top_freeze_for(listing),
                            from_scratch=thresholds.from_scratch)
     print(f"case {decision['case']}: {decision['description']}. {decision['reason']}")
 
-    probe_result = train_linear(extracted["store"], decision["probe_layer"], decision["probe_pooling"], linear=probe,
+    probe_result = train_linear(extracted.store, decision["probe_layer"], decision["probe_pooling"], linear=probe,
                                 model_name=f"{name}-probe", output=output)
     finetuned = None
     if decision["finetune"]:
@@ -80,17 +80,17 @@ def transfer(
                                   else finetune.learning_rate,
                                   "optimizer": "adam" if scratch else finetune.optimizer}),
                               split, model_name=f"{name}-finetuned", output=output)
-    gate = champion_gate(finetuned, probe_result, thresholds.gate_margin, registry)
+    gate = champion_gate(None if finetuned is None else finetuned.as_dict(), probe_result.as_dict(), thresholds.gate_margin, registry)
     champion = finetuned if gate["promoted"] == "finetuned" else probe_result
     result = {"case": decision["case"], "description": decision["description"], "decision": decision,
-              "gate": gate, "champion": {"name": champion["model"], "version": champion["version"],
-                                         "metrics": champion["metrics"]},
-              "probe": {"name": probe_result["model"], "version": probe_result["version"],
-                        "metrics": probe_result["metrics"], "report": probe_result["report"]},
+              "gate": gate, "champion": {"name": champion.model, "version": champion.version,
+                                         "metrics": champion.metrics},
+              "probe": {"name": probe_result.model, "version": probe_result.version,
+                        "metrics": probe_result.metrics, "report": probe_result.report},
               "finetuned": None if finetuned is None else {
-                  "name": finetuned["model"], "version": finetuned["version"], "metrics": finetuned["metrics"],
-                  "report": finetuned["report"]},
-              "store": extracted["store"], "sweep_plot": swept["plot"], "registry": str(Path(registry).resolve())}
+                  "name": finetuned.model, "version": finetuned.version, "metrics": finetuned.metrics,
+                  "report": finetuned.report},
+              "store": extracted.store, "sweep_plot": swept.plot, "registry": str(Path(registry).resolve())}
     result["report"] = decision_report(result, str(Path(output.reports) / f"{name}.transfer.md"))
-    print(f"champion: {champion['model']} v{champion['version']} ({gate['reason']}); report: {result['report']}")
+    print(f"champion: {champion.model} v{champion.version} ({gate['reason']}); report: {result['report']}")
     return TransferResult(**result)

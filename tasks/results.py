@@ -1,36 +1,22 @@
 """What each flow returns: typed, documented results.
 
 Each result is a pydantic model: fields with types that the CLI prints and ``--json`` dumps, that a
-notebook reads as attributes (``result.store``), and that Prefect shows as a flow run's result. For
-code written when flows returned plain dicts, a result also reads as a mapping (``result["store"]``).
+notebook reads as attributes (``result.store``), and that Prefect shows as a flow run's result;
+``result.as_dict()`` gives the JSON-ready values.
 Nested details (metrics per split, per-class tables, timings) stay plain dicts: they are reports.
 """
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
 
 class Result(BaseModel):
-    """Base of every flow result: attributes, plus read-only mapping access for older callers."""
+    """Base of every flow result: attributes, and :meth:`as_dict` for the JSON-ready values."""
 
     # extra keys are kept (optional details such as per-shard timings), never dropped
     model_config = ConfigDict(extra="allow", protected_namespaces=())
-
-    def __getitem__(self, key: str) -> Any:
-        if key in type(self).model_fields or key in (self.model_extra or {}):
-            return getattr(self, key)
-        raise KeyError(key)
-
-    def __contains__(self, key: object) -> bool:
-        return key in type(self).model_fields or key in (self.model_extra or {})
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return self[key] if key in self else default
-
-    def keys(self) -> Iterator[str]:
-        return iter(self.as_dict())
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready values (what ``--json`` prints)."""

@@ -342,10 +342,10 @@ def test_flow_reports_registers_and_predict_serves_the_model(tmp_path, texture_d
         r = flow(str(texture_data), _spec(small_cnn),
                  FineTuneConfig(dense=[16], dropout=0.0, batch_size=8, augment=["flip"], epochs=2, head_epochs=1),
                  model_name="tex-ft", output=Output(out=str(tmp_path / "out"), registry=str(tmp_path / "reg")))
-    assert r["model"] == "tex-ft" and r["version"] == 1
-    report = Path(r["report"]).read_text()
+    assert r.model == "tex-ft" and r.version == 1
+    report = Path(r.report).read_text()
     assert "## Phases" in report and "| head | all |" in report and "| finetune | none |" in report
-    assert "## Per class (val)" in report and Path(r["learning_curves"]).read_bytes()[:4] == b"\x89PNG"
+    assert "## Per class (val)" in report and Path(r.learning_curves).read_bytes()[:4] == b"\x89PNG"
     rec = ModelRegistry(tmp_path / "reg").record("tex-ft")
     assert rec.metadata["kind"] == "fine-tuned" and rec.model_path.suffix == ".keras"
     val_acc = rec.metadata["metrics"]["val"]["accuracy"]

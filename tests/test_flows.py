@@ -38,13 +38,13 @@ def test_extract_flow_end_to_end_with_report_and_artifacts(prefect_harness, tmp_
     s = extract_features(str(texture_data), TINY_FLOW,
                          ExtractOptions(layers=[TINY_LAST, TINY_EARLY], pooling=["avg", "max"]),
                          output=Output(out=str(out)))
-    assert s["computed"] == 36 and len(s["skipped"]) == 1
-    store = Path(s["store"])
+    assert s.computed == 36 and len(s.skipped) == 1
+    store = Path(s.store)
     assert store.parent == (out / "stores").resolve() and store.name == "data__mobilenet_v2-alpha0.35__none.h5"
     assert {g["group"] for g in FeatureStore(store).groups()} == {f"{TINY_LAST}/avg", f"{TINY_EARLY}/max"}
-    report = Path(s["report"]).read_text()
+    report = Path(s.report).read_text()
     assert "broken.jpg" in report and "| 37 | 36 | 0 | 0 | 1 |" in report
-    assert json.loads(Path(s["report"]).with_suffix(".json").read_text())["computed"] == 36
+    assert json.loads(Path(s.report).with_suffix(".json").read_text())["computed"] == 36
     with get_client(sync_client=True) as client:
         keys = {a.key for a in client.read_artifacts()}
     assert {"extract-report", "extract-counts", "extract-skipped", "extract-codes"} <= keys
@@ -52,7 +52,7 @@ def test_extract_flow_end_to_end_with_report_and_artifacts(prefect_harness, tmp_
     again = extract_features(str(texture_data), TINY_FLOW,
                              ExtractOptions(layers=[TINY_LAST, TINY_EARLY], pooling=["avg", "max"]),
                              output=Output(out=str(out)))
-    assert again["up_to_date"] and again["computed"] == 0 and len(again["skipped"]) == 1
+    assert again.up_to_date and again.computed == 0 and len(again.skipped) == 1
 
 
 def test_extract_flow_validates_parameters_before_any_work(prefect_harness, tmp_path, texture_data):
@@ -137,9 +137,9 @@ def test_train_linear_flow_publishes_report_metrics_and_confusion(prefect_harnes
     store = make_store(tmp_path / "s.h5", hard=True)
     r = train_linear(str(store), "signal", linear=LinearConfig(classifier="softmax", C=0.1),
                      output=Output(out=str(tmp_path / "o"), registry=str(tmp_path / "o" / "registry")))
-    assert r["model"] == "s-signal-softmax" and r["C"] == 0.1 and r["metrics"]["test"]["images"] == 30
+    assert r.model == "s-signal-softmax" and r.C == 0.1 and r.metrics["test"]["images"] == 30
     # scikit-learn's scaler + logistic regression at C 0.1: the same test accuracy within one image
-    assert_matches_reference(r["metrics"]["test"]["accuracy"], store, "signal", "test", "softmax", 0.1, 30)
+    assert_matches_reference(r.metrics["test"]["accuracy"], store, "signal", "test", "softmax", 0.1, 30)
     with get_client(sync_client=True) as client:
         arts = {a.key: a for a in client.read_artifacts()}
     assert {"probe-report", "probe-metrics", "probe-confusion-val", "probe-confusion-test"} <= set(arts)

@@ -110,30 +110,30 @@ def test_retrain_flow_pinned_holdout_and_both_decisions(tmp_path):
     output = Output(out=out, registry=reg)
     with prefect_test_harness(server_startup_timeout=90):
         s = extract_features(str(data), tiny, ExtractOptions(layers=["block_3_expand_relu"]), output=Output(out=out))
-        train_linear(s["store"], "block_3_expand_relu", linear=LinearConfig(C=1.0), model_name="tex", output=output)
+        train_linear(s.store, "block_3_expand_relu", linear=LinearConfig(C=1.0), model_name="tex", output=output)
         first = dict(ModelRegistry(reg).splits("tex")["samples"])
         assert sorted(set(first.values())) == ["test", "train", "val"]
         assert ModelRegistry(reg).splits("tex")["fractions"] == {"val": 0.2, "test": 0.15}
 
         same = retrain(str(data), "tex", output)
-        assert same["retrained"] is False and "no data change" in same["reason"]
+        assert same.retrained is False and "no data change" in same.reason
 
         _swap(data, "stripes", "checks")                                # the labels are fixed ...
         for i, cls in enumerate(["stripes", "checks", "rings"] * 7):     # ... and the data grows
             make_image(cls, (50, 60), 900 + i).save(data / cls / f"grown_{i}.jpg")
         fixed = retrain(str(data), "tex", output)
-        assert fixed["retrained"] and fixed["extracted"] >= 21 and fixed["challenger"] == 2
-        now = FeatureStore(s["store"]).row_splits("block_3_expand_relu", "avg")
+        assert fixed.retrained and fixed.extracted >= 21 and fixed.challenger == 2
+        now = FeatureStore(s.store).row_splits("block_3_expand_relu", "avg")
         # the first training's images kept their split; new test images come only from new data
         assert all(now[h] == sp for h, sp in first.items())
         assert any(sp == "test" for h, sp in now.items() if h not in first)
-        assert _check_decision(reg, s["store"], fixed["decision"], 1, 2) is True   # the promoted outcome
+        assert _check_decision(reg, s.store, fixed.decision, 1, 2) is True   # the promoted outcome
         r = ModelRegistry(reg)
-        assert fixed["promoted"] and r.aliases("tex")["champion"] == 2 == fixed["champion"]
+        assert fixed.promoted and r.aliases("tex")["champion"] == 2 == fixed.champion
 
         strict = retrain(str(data), "tex", output, force=True, margin=0.5)
-        assert _check_decision(reg, s["store"], strict["decision"], 2, 3) is False  # the kept outcome
-        assert not strict["promoted"] and r.aliases("tex")["champion"] == 2
+        assert _check_decision(reg, s.store, strict.decision, 2, 3) is False  # the kept outcome
+        assert not strict.promoted and r.aliases("tex")["champion"] == 2
         assert [e["champion_after"] for e in r.history("tex")] == [2, 2]
 
 
@@ -157,9 +157,9 @@ def test_retrain_a_fine_tuned_lineage(tmp_path, texture_data):
                   FineTuneConfig(dense=[8], dropout=0.0, epochs=1, augment=[], batch_size=8, ensemble=2),
                   model_name="ft", output=output)
         same = retrain(str(texture_data), "ft", output)
-        assert same["retrained"] is False
+        assert same.retrained is False
         forced = retrain(str(texture_data), "ft", output, force=True)
-    assert forced["retrained"] and forced["challenger"] == 2 and forced["extracted"] is None
+    assert forced.retrained and forced.challenger == 2 and forced.extracted is None
     r = ModelRegistry(reg)
     assert r.versions("ft") == [1, 2] and r.record("ft", 2).metadata["config"]["dense"] == [8]
     # an ensemble lineage retrains as an ensemble: one model file holding both networks
@@ -168,7 +168,7 @@ def test_retrain_a_fine_tuned_lineage(tmp_path, texture_data):
 
     layers = [layer.name for layer in load_finetuned(r.load("ft", 2)[0]).layers]
     assert layers[-3:] == ["network_1", "network_2", "ensemble_average"]
-    assert r.aliases("ft")["champion"] == forced["champion"] and r.history("ft")[-1]["challenger"] == 2
+    assert r.aliases("ft")["champion"] == forced.champion and r.history("ft")[-1]["challenger"] == 2
 
 
 def test_retrain_rehash_reaches_the_scan(tmp_path, monkeypatch):

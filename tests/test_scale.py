@@ -35,8 +35,8 @@ def test_two_dask_workers_give_the_single_process_features_and_stay_incremental(
                                   output=Output(out=str(tmp_path / "o1")))
         sharded = extract_features(str(texture_data), TINY_FLOW, _cut(tmp_path / "sharded.h5"),
                                    output=Output(out=str(tmp_path / "o2")), scale=TWO_WORKERS)
-        assert sharded["computed"] == single["computed"] == 36
-        per_shard = {p["shard"]: p["computed"] for p in sharded["per_shard"]}
+        assert sharded.computed == single.computed == 36
+        per_shard = {p["shard"]: p["computed"] for p in sharded.per_shard}
         assert set(per_shard) == {0, 1} and all(n > 0 for n in per_shard.values())  # both workers worked
         a, b = FeatureStore(tmp_path / "single.h5"), open_store(tmp_path / "sharded.h5")
         assert type(b).__name__ == "ShardedStore" and len(b.shards) == 2
@@ -51,11 +51,11 @@ def test_two_dask_workers_give_the_single_process_features_and_stay_incremental(
             make_image("stripes", (50, 50), 900 + i).save(texture_data / classes[i % 3] / f"more_{i}.jpg")
         grown = extract_features(str(texture_data), TINY_FLOW, _cut(tmp_path / "sharded.h5"),
                                  output=Output(out=str(tmp_path / "o2")), scale=TWO_WORKERS)
-        assert grown["computed"] == 7 and grown["reused"] == 36       # only the new images, across both shards
+        assert grown.computed == 7 and grown.reused == 36       # only the new images, across both shards
         assert len(open_store(tmp_path / "sharded.h5").read(TINY_LAST, "avg")) == 43
         again = extract_features(str(texture_data), TINY_FLOW, _cut(tmp_path / "sharded.h5"),
                                  output=Output(out=str(tmp_path / "o2")), scale=TWO_WORKERS)
-        assert again["up_to_date"] and again["computed"] == 0
+        assert again.up_to_date and again.computed == 0
     from storage.tools import list_store, verify_store
 
     assert list_store(tmp_path / "sharded.h5")["groups"][0]["rows"] == 43

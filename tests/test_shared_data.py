@@ -88,11 +88,11 @@ def test_transfer_on_hymenoptera_decides_case_1_and_reaches_the_documented_accur
     with prefect_test_harness(server_startup_timeout=90):
         r = transfer(str(data), BackboneSpec(name="mobilenet", weights="imagenet", backbone_args={"alpha": 0.25}),
                      output=Output(out=str(tmp_path / "out")))
-    assert r["case"] == 1, r["decision"]["reason"]
-    assert r["decision"]["probe_layer"] == "conv_pw_13_relu"
-    scores = {row["layer"]: row["mean"] for row in r["decision"]["similarity"]["scores"]}
+    assert r.case == 1, r.decision["reason"]
+    assert r.decision["probe_layer"] == "conv_pw_13_relu"
+    scores = {row["layer"]: row["mean"] for row in r.decision["similarity"]["scores"]}
     assert scores["conv_pw_13_relu"] >= max(scores.values()) - 0.03  # the last layer at or near the top
-    assert r["champion"]["metrics"]["val"]["accuracy"] >= 0.80 and r["finetuned"] is None
+    assert r.champion["metrics"]["val"]["accuracy"] >= 0.80 and r.finetuned is None
     # the accuracy that is quoted comes from the test split carved from val/, which no selection step saw
-    assert r["gate"]["split"] == "test" and r["gate"]["warning"] is None
-    assert r["champion"]["metrics"]["test"]["images"] == 60 and r["champion"]["metrics"]["test"]["accuracy"] >= 0.75
+    assert r.gate["split"] == "test" and r.gate["warning"] is None
+    assert r.champion["metrics"]["test"]["images"] == 60 and r.champion["metrics"]["test"]["accuracy"] >= 0.75

@@ -154,26 +154,26 @@ def test_transfer_flow_routes_gates_and_reports(harness, tmp_path, texture_data,
                                                   "freeze_batchnorm": False})
     r = transfer(str(texture_data), thresholds=Thresholds(**kwargs), output=Output(out=str(tmp_path / "out")),
                  **flow_args)
-    assert r["case"] == case and r["gate"]["promoted"] == promoted
-    assert (r["finetuned"] is not None) == (case in (3, 4))
-    reg = ModelRegistry(r["registry"])
-    champ = r["champion"]
+    assert r.case == case and r.gate["promoted"] == promoted
+    assert (r.finetuned is not None) == (case in (3, 4))
+    reg = ModelRegistry(r.registry)
+    champ = r.champion
     assert reg.aliases(champ["name"]).get("champion") == champ["version"]
     assert champ["name"].endswith("-finetuned" if promoted == "finetuned" else "-probe")
-    report = Path(r["report"]).read_text()
+    report = Path(r.report).read_text()
     assert f"# Transfer decision: case {case}" in report and "## Similarity" in report
     assert f"**{promoted}** is the champion" in report and "## How to override" in report
-    if r["finetuned"] is not None:  # the case sets the freezing; the optimizer asked for is kept
-        config = reg.record(r["finetuned"]["name"], r["finetuned"]["version"]).metadata["config"]
+    if r.finetuned is not None:  # the case sets the freezing; the optimizer asked for is kept
+        config = reg.record(r.finetuned["name"], r.finetuned["version"]).metadata["config"]
         assert config["optimizer"] == "adam"
         # case 4 trains everything; case 3 freezes up to the end of the stride-16 stage (top_freeze_for)
         assert config["freeze"] == "none" if case == 4 else config["freeze"].startswith("until:block_")
     if case == 4:
-        adaptation = r["finetuned"]["metrics"]["test"]["adaptation"]
+        adaptation = r.finetuned["metrics"]["test"]["adaptation"]
         assert adaptation["adapted_groups"] == {} and adaptation["kept_groups"] == {"(test)": 6}
         assert "AdaBN" in report and "test: 0 group(s) adapted, 1 kept the trained statistics" in report
     if case == 1:
-        assert r["decision"]["probe_layer"] == "out_relu"  # case 1 probes the last layer
+        assert r.decision["probe_layer"] == "out_relu"  # case 1 probes the last layer
     if "case" in kwargs:
         assert f"Case {case} was forced" in report
 
