@@ -219,6 +219,47 @@ def decoded_batches(manifest: Manifest, todo: Sequence[int], size: int, options:
                 submit_next()
 
 
+def _store_meta(store: Path, spec: BackboneSpec, manifest: Manifest, backbone, extractor: Extractor) -> dict[str, Any]:
+    """The provenance a store records of this extraction (beside its identity)."""
+    meta = {"spec": spec_dict(spec), "dataset": manifest.root, "layout": manifest.layout, "split_seed": manifest.split_seed,
+            "split_fractions": manifest.split_fractions, "split_group_by": manifest.group_by, "versions": _versions(),
+            "backend": extractor.backend, "backends": _backends(store, extractor.backend),
+            "backbone_layers": len(backbone.model.layers), "media": manifest.media}
+    if manifest.media == AUDIO:
+        meta["spectrogram"] = spec.spectrogram.as_dict()
+    return meta
+
+
+def _compute_and_append(writer: StoreWriter, plan, todo: Sequence[int], specs: Sequence[GroupSpec],
+                        manifest: Manifest, size: int, extractor: Extractor, spec: BackboneSpec,
+                        options: ExtractOptions, progress: Progress | None, timings: dict[str, float]) -> list[Skip]:
+    """Decode the images of ``todo``, run them through the network and append each group's new rows; the
+    forward pass's and the writes' seconds are added to ``timings``. Returns the files that did not decode."""
+    need = {s.name: set(plan.todo[s.name]) for s in specs}
+    decode_skips: list[Skip] = []
+    if progress:
+        progress(0, len(todo))
+    done = 0
+    for idx, arrays, ok, skips in decoded_batches(manifest, todo, size, options, spec.spectrogram):
+        decode_skips.extend(skips)
+        if ok:
+            t = time.perf_counter()
+            outputs = extractor(np.stack(arrays))
+            timings["forward"] += time.perf_counter() - t
+            t = time.perf_counter()
+            for g, feats in zip(specs, outputs):
+                rows = [k for k, i in enumerate(ok) if i in need[g.name]]
+                if rows:
+                    samples = [manifest.samples[ok[k]] for k in rows]
+                    writer.append(g.name, [s.path for s in samples], [s.sha256 for s in samples],
+                                  [s.label for s in samples], [s.split for s in samples], feats[rows])
+            timings["write"] += time.perf_counter() - t
+        done += len(idx)
+        if progress:
+            progress(done, len(todo))
+    return decode_skips
+
+
 def extract_to_store(manifest: Manifest, store: str | os.PathLike, spec: BackboneSpec,
                      cuts: Sequence[tuple[str, str]], options: ExtractOptions | None = None,
                      progress: Progress | None = None) -> dict[str, Any]:
@@ -253,41 +294,15 @@ def extract_to_store(manifest: Manifest, store: str | os.PathLike, spec: Backbon
     build_s = time.perf_counter() - t_build
     specs = [GroupSpec(layer, pooling, shape, options.dtype, options.compression)
              for (layer, pooling), shape in zip(cuts, extractor.shapes)]
-    meta = {"spec": spec_dict(spec), "dataset": manifest.root, "layout": manifest.layout, "split_seed": manifest.split_seed,
-            "split_fractions": manifest.split_fractions, "split_group_by": manifest.group_by, "versions": _versions(),
-            "backend": extractor.backend, "backends": _backends(store, extractor.backend),
-            "backbone_layers": len(backbone.model.layers), "media": manifest.media}
-    if manifest.media == AUDIO:
-        meta["spectrogram"] = spec.spectrogram.as_dict()
-
-    decode_skips: list[Skip] = []
+    meta = _store_meta(store, spec, manifest, backbone, extractor)
     timings = {"build": build_s, "forward": 0.0, "write": 0.0}
     with _explained_mismatch(store, spec, meta["backends"], extractor.backend), \
             StoreWriter(store, identity, specs, meta) as writer:
         plan = writer.plan(manifest)
         todo = plan.union()
-        need = {s.name: set(plan.todo[s.name]) for s in specs}
         writer.start_appending()
-        if progress:
-            progress(0, len(todo))
-        done = 0
-        for idx, arrays, ok, skips in decoded_batches(manifest, todo, backbone.size, options, spec.spectrogram):
-            decode_skips.extend(skips)
-            if ok:
-                t = time.perf_counter()
-                outputs = extractor(np.stack(arrays))
-                timings["forward"] += time.perf_counter() - t
-                t = time.perf_counter()
-                for g, feats in zip(specs, outputs):
-                    rows = [k for k, i in enumerate(ok) if i in need[g.name]]
-                    if rows:
-                        samples = [manifest.samples[ok[k]] for k in rows]
-                        writer.append(g.name, [s.path for s in samples], [s.sha256 for s in samples],
-                                      [s.label for s in samples], [s.split for s in samples], feats[rows])
-                timings["write"] += time.perf_counter() - t
-            done += len(idx)
-            if progress:
-                progress(done, len(todo))
+        decode_skips = _compute_and_append(writer, plan, todo, specs, manifest, backbone.size, extractor, spec,
+                                           options, progress, timings)
         recorded = Manifest(manifest.root, manifest.layout, manifest.class_names, manifest.samples,
                             manifest.split_seed, manifest.split_fractions, list(manifest.skipped) + decode_skips,
                             manifest.media, manifest.groups)
