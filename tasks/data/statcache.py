@@ -55,7 +55,7 @@ from typing import Iterable
 
 from storage.files import atomic_path
 
-from .media import IMAGE_EXTENSIONS, UNSIGNED_FORMATS, NotMedia, _NEVER_TRIED, kind_from_extension
+from .media import IMAGE_EXTENSIONS, NEVER_TRIED, UNSIGNED_FORMATS, NotMedia, kind_from_extension
 
 FORMAT = "cnncodes-statcache"
 VERSION = 1
@@ -98,7 +98,7 @@ def media_rules() -> str:
         from PIL import __version__ as pillow
     except ImportError:  # pragma: no cover - Pillow is a dependency
         pillow = "none"
-    text = json.dumps([IMAGE_EXTENSIONS, UNSIGNED_FORMATS, _NEVER_TRIED, pillow])
+    text = json.dumps([IMAGE_EXTENSIONS, UNSIGNED_FORMATS, NEVER_TRIED, pillow])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
