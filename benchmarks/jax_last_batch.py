@@ -37,10 +37,10 @@ def measure(name: str, n: int, batch: int, size: int) -> dict:
     from keras import ops
 
     from tasks.backbones import BackboneSpec, build_backbone
-    from tasks.backbones.build import _preprocess_fn
+    from tasks.backbones.build import preprocess_fn
 
     bb = build_backbone(BackboneSpec(name=name, weights="none", input_size=size, precision="float32"))
-    model, prep = bb.model, _preprocess_fn(bb.spec)
+    model, prep = bb.model, preprocess_fn(bb.spec)
     tv = [v.value for v in model.trainable_variables]
     ntv = [v.value for v in model.non_trainable_variables]
 

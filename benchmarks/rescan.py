@@ -107,39 +107,6 @@ def _count_opens(data: str) -> list[int]:
     return opened
 
 
-def watched_child(data: str, manifest: str) -> None:
-    """One measurement of a watched scan, in its own process: the scan-dataset task's
-    ``scan_to_manifest`` with the data folder's watcher running (``CNNCODES_HOME`` names it)."""
-    import importlib
-
-    # What the scan imports on its way (np.load's zipfile, the watcher's client, Pillow's version, the split
-    # settings' checks, which the flow running the scan has loaded), before the clock, as the listing child
-    # imports its modules before its clock starts.
-    for name in ("zipfile", "PIL.Image", "tasks.settings", "tasks.data.watcher"):
-        importlib.import_module(name)
-    from storage.manifest import Manifest
-    from tasks.data.incremental import index_path_for, scan_to_manifest
-
-    rss_imports = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    opened = _count_opens(data)
-    stats: dict = {}
-    r0 = _rchar()
-    t0 = time.perf_counter()
-    out = scan_to_manifest(data, manifest, 0.2, 0.15, 0, stats=stats)
-    t1 = time.perf_counter()
-    read = _rchar() - r0
-    rss_scan = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    t2 = time.perf_counter()
-    m = Manifest.load(manifest)
-    t3 = time.perf_counter()
-    print(json.dumps({"total_s": t1 - t0, "load_s": t3 - t2, "incremental": out["incremental"], "stats": stats,
-                      "images": len(m.samples), "fingerprint": m.fingerprint(),
-                      "files_opened_under_data": opened[0], "bytes_read": read,
-                      "rss_after_imports_mb": rss_imports, "peak_rss_mb": rss_scan,
-                      "manifest_bytes": os.path.getsize(manifest),
-                      "index_bytes": os.path.getsize(index_path_for(manifest))}))
-
-
 def child(data: str, manifest: str, rehash: bool) -> None:
     """One measurement, in its own process: what the scan-dataset task does, without Prefect."""
     import builtins
@@ -188,13 +155,11 @@ def child(data: str, manifest: str, rehash: bool) -> None:
                       "manifest_bytes": os.path.getsize(manifest)}))
 
 
-def measure(data: Path, manifest: Path, rehash: bool = False, home: Path | None = None) -> dict:
+def measure(data: Path, manifest: Path, rehash: bool = False) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(data), str(manifest)]
     if rehash:
         cmd.append("--rehash")
-    if home:
-        cmd.append("--watched")
-    env = dict(os.environ, CNNCODES_PROGRESS="0", CNNCODES_HOME=str(home or ""), PYTHONPATH=os.pathsep.join(
+    env = dict(os.environ, CNNCODES_PROGRESS="0", PYTHONPATH=os.pathsep.join(
         [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if out.returncode:
@@ -258,59 +223,6 @@ def summary(runs: list[dict]) -> dict:
             "images": runs[0]["images"], "totals_each_s": [round(r["total_s"], 3) for r in runs]}
 
 
-def measure_watched(work: Path, data: Path, manifest: Path, base_cache: Path, moves: list, repeats: int) -> dict:
-    """The same re-runs with the data folder watched (:mod:`tasks.data.watcher`): a first watched scan (a
-    full listing from the stat cache, which also writes the scan index), then, from a snapshot of what it
-    wrote, each repeat moves the 1% new files in, scans (incremental), scans again with nothing changed,
-    and moves them out."""
-    from tasks.data import watcher
-
-    home = work / "home"
-    wm = manifest.with_name("watched.manifest.json")
-    snap = work / "snap"
-    snap.mkdir()
-    started = watcher.start(data, home=home, timeout=600)
-    try:
-        shutil.copy(base_cache, str(wm) + ".statcache")
-        first = [measure(data, wm, home=home)]
-        written = [wm, Path(str(wm) + ".statcache"), Path(str(wm) + ".scanindex.npz")]
-        for p in written:
-            shutil.copy(p, snap / p.name)
-        new, unchanged = [], []
-        for _ in range(repeats):
-            for p in written:
-                shutil.copy(snap / p.name, p)
-            for a, b in moves:
-                os.rename(a, b)
-            new.append(measure(data, wm, home=home))
-            unchanged.append(measure(data, wm, home=home))
-            for a, b in moves:
-                os.rename(b, a)
-    finally:
-        watcher.stop(data, home=home)
-    return {"watcher_folders": started["folders"], "first_runs": first, "one_percent_new_runs": new,
-            "no_change_runs": unchanged}
-
-
-def watched_summary(w: dict) -> dict:
-    def one(runs: list[dict]) -> dict:
-        def med(get):
-            return round(statistics.median(get(r) for r in runs), 4)
-
-        return {"repeats": len(runs), "total_s": med(lambda r: r["total_s"]), "load_s": med(lambda r: r["load_s"]),
-                "incremental": [r["incremental"] for r in runs], "files_read": runs[0]["stats"]["read"],
-                "changed_paths": runs[0]["stats"].get("changed_paths"),
-                "files_opened_under_data": max(r["files_opened_under_data"] for r in runs),
-                "bytes_read": med(lambda r: r["bytes_read"]), "peak_rss_mb": round(max(r["peak_rss_mb"] for r in runs), 1),
-                "manifest_bytes": runs[-1]["manifest_bytes"], "index_bytes": runs[-1]["index_bytes"],
-                "phases_s": {p: med(lambda r, p=p: r["stats"].get("seconds", {}).get(p, 0.0))
-                             for p in ("sync", "changed_paths", "read", "index", "write")},
-                "totals_each_s": [round(r["total_s"], 4) for r in runs]}
-
-    return {"watcher_folders": w["watcher_folders"], "first": one(w["first_runs"]),
-            "one_percent_new": one(w["one_percent_new_runs"]), "no_change": one(w["no_change_runs"])}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--files", type=int, default=200_000, help="files to generate (default: %(default)s)")
@@ -320,10 +232,9 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--child", nargs=2, metavar=("DATA", "MANIFEST"), help=argparse.SUPPRESS)
     ap.add_argument("--rehash", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--watched", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        return watched_child(*args.child) if args.watched else child(*args.child, args.rehash)
+        return child(*args.child, args.rehash)
     n = 20_000 if args.quick else args.files
     repeats = 2 if args.quick else args.repeats
     n_new = max(1, n // 100)
@@ -354,22 +265,16 @@ def main() -> None:
             new.append(measure(data, manifest))
             for a, b in moves:
                 os.rename(b, a)
-        watched = measure_watched(work, data, manifest, base_cache, moves, repeats)
         costs = per_file_costs(data)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
     fp = {r["fingerprint"] for r in first + no_change + rehash}
-    # the watched no-change runs follow a 1%-new run: they hold the new files too
-    fp_new = {r["fingerprint"] for r in new + watched["one_percent_new_runs"] + watched["no_change_runs"]}
-    fp_same = {r["fingerprint"] for r in watched["first_runs"]}
     unnamed = sum(1 for i in range(n) if i % NO_EXTENSION_EVERY == NO_EXTENSION_EVERY - 1)
     res = {"files": n, "classes": CLASSES, "files_without_extension": unnamed, "new_files": n_new,
            "file_bytes": len(tiny_png(n)), "cores": os.cpu_count(), "generate_s": round(gen_s, 2),
            "generate_files_per_s": round(n / gen_s),
            "manifest_fingerprints": "identical" if len(fp) == 1 else f"{len(fp)} different",
-           "watched_fingerprints": ("identical to the full scans'" if fp_new and len(fp_new) == 1 and fp_same <= fp
-                                    else f"DIFFERENT: {len(fp_new)} for 1% new, {len(fp_same - fp)} unmatched"),
            "first": summary(first), "no_change": summary(no_change), "rehash": summary(rehash),
            "one_percent_new": summary(new), "per_file": costs}
     f, u, w = res["first"], res["no_change"], res["one_percent_new"]
@@ -385,22 +290,13 @@ def main() -> None:
         "peak_rss_mb": max(f["peak_rss_mb"], u["peak_rss_mb"], w["peak_rss_mb"]),
         "peak_rss_target_mb": 500 * n / 200_000,
         "memory_met": max(f["peak_rss_mb"], u["peak_rss_mb"], w["peak_rss_mb"]) <= 500 * n / 200_000}
-    ww = res["watched"] = watched_summary(watched)
-    res["targets"].update(
-        watched_one_percent_new_s=ww["one_percent_new"]["total_s"],
-        watched_one_percent_new_over_first=round(ww["one_percent_new"]["total_s"] / f["total_s"], 4),
-        watched_one_percent_new_met=ww["one_percent_new"]["total_s"] <= 0.02 * f["total_s"] + n_new * read_per_file,
-        watched_no_change_met=ww["no_change"]["total_s"] <= 10.0 * n / 200_000
-        and ww["no_change"]["files_opened_under_data"] == 0)
-    for k in ("no_change", "one_percent_new", "memory", "watched_one_percent_new", "watched_no_change"):
+    for k in ("no_change", "one_percent_new", "memory"):
         res["targets"][k + "_verdict"] = "met" if res["targets"][k + "_met"] else "not met"
     scale = 1_000_000 / n
     res["at_1m_files"] = {
         "how": f"each measured phase x {scale:g} (linear in files); memory: RSS after imports + (peak - it) x {scale:g}",
         "first_s": round(f["total_s"] * scale, 1), "no_change_s": round(u["total_s"] * scale, 1),
         "one_percent_new_s": round(w["total_s"] * scale, 1),
-        "watched_one_percent_new_s": round(ww["one_percent_new"]["total_s"] * scale, 2),
-        "watched_first_s": round(ww["first"]["total_s"] * scale, 1),
         "no_change_phases_s": {p: round(v * scale, 2) for p, v in u["phases_s"].items()} | {
             "manifest_save": round(u["save_s"] * scale, 2)},
         "peak_rss_mb": round(u["rss_after_imports_mb"] + (max(f["peak_rss_mb"], w["peak_rss_mb"])

@@ -256,12 +256,6 @@ def build_parser(show_all: bool = False) -> argparse.ArgumentParser:
     p.add_argument("action", choices=["start", "stop", "status"])
     p.add_argument("--port", type=int, default=4200, help="port of `server start` (default: %(default)s)")
 
-    p = sub.add_parser("watch", parents=[common],
-                       help="a watcher of a dataset folder (Linux inotify): re-scans read what changed from its "
-                            "journal instead of listing and stat'ing every file")
-    p.add_argument("action", choices=["start", "stop", "status"])
-    p.add_argument("data", nargs="?", help="the dataset folder (needed by start and stop; status: all watchers)")
-
     p = sub.add_parser("demo", parents=[common, out],
                        help="generate a small dataset and run the pipeline on it end to end")
     p.add_argument("--images-per-class", type=int, default=40, help="generated images per class (default: %(default)s)")
@@ -512,8 +506,6 @@ def cmd_server(args) -> int:
     elif args.action == "stop":
         r = server.stop()
         text = "stopped" if r["stopped"] else f"no cnncodes server was running ({r['message'] or 'nothing to stop'})"
-        if r.get("watchers_stopped"):
-            text += f"\nstopped {r['watchers_stopped']} dataset watcher(s)"
     else:
         r = server.status()
         recorded = f" (recorded: {r['api_url']})" if r["api_url"] else ""
@@ -522,37 +514,6 @@ def cmd_server(args) -> int:
                 f"not running{recorded}; each command starts a temporary server")
         text += (f"\nwarm runner: pid {runner['pid']}, {runner['socket']}" if runner["running"] else
                  "\nwarm runner: not running")
-    _emit(r, args.json, text)
-    return 0
-
-
-def cmd_watch(args) -> int:
-    from storage.errors import CnncodesError
-    from tasks.data import watcher
-
-    if args.action in ("start", "stop") and not args.data:
-        raise CnncodesError(f"`cnncodes watch {args.action}` needs the dataset folder: "
-                            f"cnncodes watch {args.action} DATA")
-    if args.action == "start":
-        try:
-            r = watcher.start(args.data)
-        except (watcher.WatchUnsupported, watcher.WatchLost) as exc:
-            raise CnncodesError(str(exc)) from exc
-        text = (f"{'watching' if r['started'] else 'already watching'} {r['root']}: {r['folders']} folders "
-                f"(watcher pid {r['pid']})\n"
-                f"scans of {r['root']} now read the watcher's journal instead of listing every file; "
-                f"`cnncodes watch stop {args.data}` ends it")
-    elif args.action == "stop":
-        root = os.path.realpath(args.data)
-        r = {"root": root, "stopped": watcher.stop(root)}
-        text = f"stopped the watcher of {root}" if r["stopped"] else f"no watcher was watching {root}"
-    else:
-        rows = watcher.running()
-        if args.data:
-            rows = [w for w in rows if w["root"] == os.path.realpath(args.data)]
-        r = {"watchers": rows}
-        text = "\n".join(f"{w['root']}: {w['folders']} folders, pid {w['pid']}, journal {w['journal_bytes']} bytes, "
-                         f"since {w['started_at']}" for w in rows) or "no watcher is running"
     _emit(r, args.json, text)
     return 0
 
@@ -583,7 +544,7 @@ def cmd_store(args) -> int:
 COMMANDS = {"retrain": cmd_retrain, "backbones": cmd_backbones, "layers": cmd_layers, "extract": cmd_extract, "train-linear": cmd_train_linear,
             "sweep": cmd_sweep, "predict": cmd_predict, "export": cmd_export, "fine-tune": cmd_fine_tune,
             "transfer": cmd_transfer, "demo": cmd_demo, "store": cmd_store, "server": cmd_server,
-            "spectrogram": cmd_spectrogram, "watch": cmd_watch}
+            "spectrogram": cmd_spectrogram}
 # Commands that run a flow (they need the Prefect API) and, of those, the ones that import Keras and its backend:
 # the API comes up in the background while the backend and the flow's modules import.
 FLOW_MODULES = {"extract": "flows.extract_features", "train-linear": "flows.train_linear", "sweep": "flows.sweep",

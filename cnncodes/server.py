@@ -182,19 +182,16 @@ def stop_runner() -> bool:
 
 
 def stop() -> dict[str, Any]:
-    """Stop the server ``start`` started and forget it, and every dataset watcher (``cnncodes watch``)."""
-    from tasks.data import watcher
-
+    """Stop the server ``start`` started and forget it."""
     rec = recorded()
     stop_runner()
-    watchers = watcher.stop_all(home())
     proc = _prefect("server", "stop", timeout=60)
     try:
         state_file().unlink()
     except FileNotFoundError:
         pass
     return {"stopped": rec is not None or proc.returncode == 0, "api_url": (rec or {}).get("api_url"),
-            "message": (proc.stdout + proc.stderr).strip()[-400:], "watchers_stopped": watchers}
+            "message": (proc.stdout + proc.stderr).strip()[-400:]}
 
 
 def status() -> dict[str, Any]:

@@ -89,8 +89,7 @@ def extract_features(
                            split.pinned, split.rehash, split.group_by)
     print(f"scanned {scanned['images']} images in {len(scanned['classes'])} classes "
           f"({scanned['layout']} layout), {scanned['skipped']} files skipped; {scanned['files_read']} files read, "
-          f"{scanned['files_reused']} unchanged since the last scan"
-          + (" (watched: only the changed paths were looked at)" if scanned.get("incremental") else ""))
+          f"{scanned['files_reused']} unchanged since the last scan")
     shards = scale.gpus if scale.gpus and scale.shards == 1 else scale.shards
     if shards == 1:
         summary = extract_codes(str(manifest_path), str(store_path), spec_dict(backbone), [list(c) for c in cuts],

@@ -52,7 +52,7 @@ def fine_tune(
                          "-finetuned"
     manifest_path = output.runs / f"{name}.manifest.json"
     scanned = scan_dataset(data, str(manifest_path), split.val_fraction, split.test_fraction, split.seed,
-                           split.pinned, split.rehash, split.group_by, fingerprint=True)
+                           split.pinned, split.rehash, split.group_by)
     print(f"scanned {scanned['images']} images in {len(scanned['classes'])} classes ({scanned['files_read']} "
           f"files read, {scanned['files_reused']} unchanged since the last scan)")
     workdir = run_dir(output.out, name, {"manifest": scanned["fingerprint"], "spec": spec_dict(backbone),

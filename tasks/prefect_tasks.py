@@ -18,7 +18,7 @@ from storage.errors import CnncodesError
 from storage.manifest import Manifest
 
 from . import extract, finetune, predict, probe, reports, runtime
-from .data import datasets, incremental
+from .data import datasets
 from .decide import retrain, transfer
 from .backbones import BackboneSpec
 from .probe.linear import LinearConfig
@@ -45,25 +45,25 @@ def _metrics_artifact(metrics: dict[str, dict], key: str) -> None:
 @task(name="scan-dataset", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=transient_only,
       cache_policy=NO_CACHE)
 def scan_dataset(data: str, manifest_path: str, val_fraction: float, test_fraction: float, seed: int,
-                 pinned: str | None = None, rehash: bool = False, group_by: str | None = None,
-                 fingerprint: bool = False) -> dict:
+                 pinned: str | None = None, rehash: bool = False, group_by: str | None = None) -> dict:
     """Scan ``data`` into a manifest JSON at ``manifest_path``; returns a small summary. ``pinned``: a JSON
     file of splits that images must keep (see :func:`tasks.data.datasets.load_pinned`). The scan's stat
     cache lives beside the manifest (``<manifest_path>.statcache``): a re-run reads only the files whose
-    stat changed, unless ``rehash``; where a watcher runs for ``data`` (``cnncodes watch start``) it touches
-    only the paths that changed (:mod:`tasks.data.incremental`). ``fingerprint``: include the manifest's
-    content fingerprint in the summary even where the scan did not compute it (it costs a read of the manifest)."""
+    stat changed, unless ``rehash``."""
     bar = Progress("hashing images", unit="file", key="scan-dataset")
     stats: dict[str, Any] = {}
     try:
-        summary = incremental.scan_to_manifest(data, manifest_path, val_fraction, test_fraction, seed, progress=bar,
-                                               pinned=datasets.load_pinned(pinned) if pinned else None,
-                                               rehash=rehash, stats=stats, group_by=group_by)
+        manifest = datasets.scan_dataset(data, val_fraction, test_fraction, seed, progress=bar,
+                                         pinned=datasets.load_pinned(pinned) if pinned else None,
+                                         cache=datasets.cache_path_for(manifest_path), rehash=rehash, stats=stats,
+                                         group_by=group_by)
     finally:
         bar.close()
-    if fingerprint and not summary.get("fingerprint"):
-        summary["fingerprint"] = Manifest.load(manifest_path).fingerprint()
-    return summary
+    fingerprint = manifest.fingerprint()
+    manifest.save(manifest_path, fingerprint)
+    return {"manifest": manifest_path, "images": len(manifest.samples), "classes": manifest.class_names,
+            "layout": manifest.layout, "skipped": len(manifest.skipped), "fingerprint": fingerprint,
+            "media": manifest.media, "files_read": stats["read"], "files_reused": stats["reused"]}
 
 
 @task(name="dataset-media", cache_policy=NO_CACHE)

@@ -159,7 +159,7 @@ def pooled_shape(shape: tuple, pooling: str, layer: str) -> tuple[int, ...]:
     return dims
 
 
-def _preprocess_fn(spec: BackboneSpec):
+def preprocess_fn(spec: BackboneSpec):
     """The function that preprocesses float32 RGB in [0, 255] for ``spec`` (None: nothing to do)."""
     what, _ = preprocessing_of(spec)
     if what == "none":

@@ -7,7 +7,7 @@ import numpy as np
 
 
 from .. import runtime
-from .build import TIME_POOLINGS, Backbone, _preprocess_fn, pooled_shape, segment_bounds, time_segments
+from .build import TIME_POOLINGS, Backbone, pooled_shape, preprocess_fn, segment_bounds, time_segments
 
 
 class Extractor:
@@ -32,7 +32,7 @@ class Extractor:
         cut = keras.Model(model.inputs, [model.get_layer(layer).output for layer in layers])
         self.model = cut  # the network that runs: its layers compute in the backbone's precision
         where = {layer: i for i, layer in enumerate(layers)}
-        pre = _preprocess_fn(backbone.spec)
+        pre = preprocess_fn(backbone.spec)
         cuts_ = self.cuts
         self.images_seen = 0  # rows that went through the backbone: what incremental runs are judged by
         self.backend = runtime.backend()

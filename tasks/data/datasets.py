@@ -27,6 +27,7 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
@@ -168,20 +169,44 @@ def _judge(entries: list[tuple], workers: int, progress: Progress | None, cache:
     rewritten with every file's record."""
     t0 = time.perf_counter()
     total = len(entries)
-    out: list[Any] = [None] * total
-    status = "none"
-    old = None
+    old, status = None, "none"
     if cache is not None:
-        if rehash:
-            status = "rehash"
-        else:
-            old, status = statcache.StatCache.read(cache)
+        old, status = (None, "rehash") if rehash else statcache.StatCache.read(cache)
     t_read = time.perf_counter()
+    out, groups, todo, failed = _look_up(entries, old)
+    reused = total - len(todo) - failed
+    # Nothing read, and every record of the old cache matched a file: the cache on disk is already the new one.
+    unchanged = old is not None and not todo and reused == old.files
+    del old
+    t_lookup = time.perf_counter()
+    if progress and total > len(todo):
+        progress(total - len(todo), total)
+    sniff_s, hash_s, sniffed = _read_files(entries, todo, out, workers, progress)
+    t_hash = time.perf_counter()
+    recorded = reused if unchanged else 0
+    if cache is not None and not unchanged:
+        recorded = _write_cache(cache, entries, groups, out, started_ns)
+    if stats is not None:
+        stats.update(files=total, reused=reused, read=len(todo), sniffed=sniffed, cache=status,
+                     recorded=recorded, cache_rewritten=cache is not None and not unchanged)
+        stats.setdefault("seconds", {}).update(
+            cache_read=round(t_read - t0, 4), lookup=round(t_lookup - t_read, 4), read=round(t_hash - t_lookup, 4),
+            read_thread_hash=round(hash_s, 4), read_thread_sniff=round(sniff_s, 4),
+            cache_write=round(time.perf_counter() - t_hash, 4))
+    return out
+
+
+def _look_up(entries: list[tuple], old: statcache.StatCache | None
+             ) -> tuple[list[Any], dict[str, list[int]], list[int], int]:
+    """The first phase of :func:`_judge`: each entry's verdict where the stat cache ``old`` vouches for it (or
+    its stat failed), else None. Returns the verdicts, the entries' indices per folder (in order), the
+    indices left to read, and how many files have no stat (broken links, FIFOs: never read, never recorded)."""
+    out: list[Any] = [None] * len(entries)
     groups: dict[str, list[int]] = {}  # folder -> indices of its files, in order
     for i, e in enumerate(entries):
         groups.setdefault(e[0], []).append(i)
     todo: list[int] = []
-    failed = 0  # files without a stat (broken links, FIFOs): never read, never recorded
+    failed = 0
     for folder, indices in groups.items():
         records = old.folder(folder) if old is not None else {}
         for i in indices:
@@ -195,54 +220,54 @@ def _judge(entries: list[tuple], workers: int, progress: Progress | None, cache:
                 failed += 1
             else:
                 todo.append(i)
-    reused = total - len(todo) - failed
-    # Nothing read, and every record of the old cache matched a file: the cache on disk is already the new one.
-    unchanged = old is not None and not todo and reused == old.files
-    del old
-    t_lookup = time.perf_counter()
-    done = total - len(todo)
-    if progress and done:
-        progress(done, total)
+    return out, groups, todo, failed
+
+
+def _read_files(entries: list[tuple], todo: list[int], out: list[Any], workers: int,
+                progress: Progress | None) -> tuple[float, float, int]:
+    """The second phase of :func:`_judge`: read the entries at ``todo`` in a pool of ``workers`` threads, each
+    verdict into ``out``; returns the seconds the threads spent sniffing and hashing, and how many files
+    were sniffed."""
     sniff_s = hash_s = 0.0
     sniffed = 0
-    if todo:
-        chunks = [todo[k:k + _CHUNK] for k in range(0, len(todo), _CHUNK)]
-        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            results = pool.map(lambda c: _read_chunk([os.path.join(entries[i][0], entries[i][1]) for i in c]), chunks)
-            for chunk, (verdicts, s_s, h_s, n_s) in zip(chunks, results):
-                for i, v in zip(chunk, verdicts):
-                    out[i] = v
-                sniff_s, hash_s, sniffed = sniff_s + s_s, hash_s + h_s, sniffed + n_s
-                done += len(chunk)
-                if progress:
-                    progress(done, total)
-    t_hash = time.perf_counter()
-    recorded = reused if unchanged else 0
-    if cache is not None and not unchanged:
-        def folders():
-            for folder, indices in groups.items():
-                names, keys, texts = [], [], []
-                for i in indices:
-                    key, text = entries[i][2], statcache.verdict_text(out[i])
-                    if text is not None and not isinstance(key, OSError) and not statcache.is_racy(key, started_ns):
-                        names.append(entries[i][1])
-                        keys.append(key)
-                        texts.append(text)
-                yield folder, names, keys, texts
+    if not todo:
+        return sniff_s, hash_s, sniffed
+    total = len(entries)
+    done = total - len(todo)
+    chunks = [todo[k:k + _CHUNK] for k in range(0, len(todo), _CHUNK)]
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        results = pool.map(lambda c: _read_chunk([os.path.join(entries[i][0], entries[i][1]) for i in c]), chunks)
+        for chunk, (verdicts, s_s, h_s, n_s) in zip(chunks, results):
+            for i, v in zip(chunk, verdicts):
+                out[i] = v
+            sniff_s, hash_s, sniffed = sniff_s + s_s, hash_s + h_s, sniffed + n_s
+            done += len(chunk)
+            if progress:
+                progress(done, total)
+    return sniff_s, hash_s, sniffed
 
-        try:
-            recorded = statcache.write(cache, folders(), started_ns)
-        except OSError as exc:  # the scan is right without it; the next one is only slower
-            log.warning("could not write the stat cache %s (%s): the next scan will read every file again. "
-                        "Check that its folder is writable and has space.", cache, exc)
-    if stats is not None:
-        stats.update(files=total, reused=reused, read=len(todo), sniffed=sniffed, cache=status,
-                     recorded=recorded, cache_rewritten=cache is not None and not unchanged)
-        stats.setdefault("seconds", {}).update(
-            cache_read=round(t_read - t0, 4), lookup=round(t_lookup - t_read, 4), read=round(t_hash - t_lookup, 4),
-            read_thread_hash=round(hash_s, 4), read_thread_sniff=round(sniff_s, 4),
-            cache_write=round(time.perf_counter() - t_hash, 4))
-    return out
+
+def _write_cache(cache: str | os.PathLike, entries: list[tuple], groups: dict[str, list[int]], out: list[Any],
+                 started_ns: int) -> int:
+    """The last phase of :func:`_judge`: write the stat cache with the record of every file that has one and is
+    not racy; returns how many files it holds, 0 when it could not be written (the scan is right without it)."""
+    def folders():
+        for folder, indices in groups.items():
+            names, keys, texts = [], [], []
+            for i in indices:
+                key, text = entries[i][2], statcache.verdict_text(out[i])
+                if text is not None and not isinstance(key, OSError) and not statcache.is_racy(key, started_ns):
+                    names.append(entries[i][1])
+                    keys.append(key)
+                    texts.append(text)
+            yield folder, names, keys, texts
+
+    try:
+        return statcache.write(cache, folders(), started_ns)
+    except OSError as exc:  # the scan is right without it; the next one is only slower
+        log.warning("could not write the stat cache %s (%s): the next scan will read every file again. "
+                    "Check that its folder is writable and has space.", cache, exc)
+        return 0
 
 
 def _unused_reason(path: str, exc: Exception) -> str:
@@ -525,121 +550,24 @@ def scan_dataset(source: str | os.PathLike, val_fraction: float = 0.2, test_frac
     check_split_params(val_fraction, test_fraction)
     started_ns = time.time_ns()
     t0 = time.perf_counter()
-    layout = detect_layout(source)
-    root = Path(source).resolve()
-    skipped: list[Skip] = []
-    csv_groups: dict[str, str] = {}
-    # (folder, file name, stat key or error, relative path, class name, split or None, class folder index or -1)
-    entries: list[tuple[str, str, Key | OSError, str, str, str | None, int]] = []
-    class_dirs: list[tuple[str, str]] = []  # (relative folder, class name)
-
-    def add_folder(folder: Path, cls: str, split: str | None, base: Path) -> None:
-        index = len(class_dirs)
-        class_dirs.append((folder.relative_to(base).as_posix() + "/", cls))
-        prefix = os.path.join(str(base), "")
-        loops: list[str] = []
-        last, rel_dir = None, ""
-        for dirpath, name, key in _walk(str(folder), loops):
-            if dirpath is not last:
-                last, rel_dir = dirpath, dirpath[len(prefix):] + "/"
-            entries.append((dirpath, name, key, rel_dir + name, cls, split, index))  # its type is judged later
-        for d in loops:
-            skipped.append(Skip(d[len(prefix):] + "/",
-                                "symbolic link to a folder already scanned (or above it); not followed"))
-
-    if layout == "csv":
-        base = root.parent
-        listed, skipped = _read_csv(root)
-        entries = [(*os.path.split(a), _stat(a), rel, cls, split, -1) for a, rel, cls, split, _ in listed]
-        csv_groups = {rel: g for _, rel, _, _, g in listed if g}
-        del listed
-    else:
-        base = root
-        splits = [(s, SPLIT_ALIASES[s.name.lower()]) for s in _subdirs(root)] if layout == "split-folders" \
-            else [(root, None)]
-        if layout == "split-folders":
-            for f in sorted(p for p in root.iterdir() if p.is_file() and not _is_hidden(p.name)):
-                skipped.append(Skip(f.relative_to(root).as_posix(),
-                                    "not inside a split and class folder; move it into <split>/<class>/ to use it"))
-        for folder, split in splits:
-            where = f"{folder.name}/<class>/" if split else "<class>/"
-            for f in sorted(p for p in folder.iterdir() if p.is_file() and not _is_hidden(p.name)):
-                skipped.append(Skip(f.relative_to(root).as_posix(),
-                                    f"not inside a class folder; move it into {where} to use it"))
-            for cls_dir in _subdirs(folder):
-                add_folder(cls_dir, cls_dir.name, split, root)
-
-    if not entries:
+    listing = _list_dataset(source, detect_layout(source))
+    if not listing.entries:
         raise _no_images(source)
-
     t_list = time.perf_counter()
-    hashes = _judge(entries, workers, progress, cache, rehash, started_ns, stats)
+    hashes = _judge(listing.entries, workers, progress, cache, rehash, started_ns, stats)
     t_judge = time.perf_counter()
-    kept = []
-    not_media = 0
-    used, failed = set(), set()  # class folders (indices) with a usable image, with an unreadable one
-    for (folder, name, _, rel, cls, split, index), h in zip(entries, hashes):
-        if isinstance(h, Exception):
-            skipped.append(Skip(rel, _unused_reason(os.path.join(folder, name), h)))
-            not_media += isinstance(h, NotMedia)
-            if index >= 0 and not isinstance(h, NotMedia):
-                failed.add(index)
-        else:
-            kept.append((rel, h, cls, split))
-            if index >= 0:
-                used.add(index)
+    kept, used, failed = _sort_verdicts(listing, hashes, source)
     del hashes
-    if not kept:
-        if not_media == len(entries):
-            listed = {e[3] for e in entries}
-            raise _no_images(source, [s for s in skipped if s.path in listed])
-        raise DatasetError(f"none of the {len(entries)} files in {source} could be read as images; see the "
-                           "reasons: " + "; ".join(f"{s.path}: {s.reason}" for s in skipped[:5]))
-    kept, media = _one_media(kept, base, skipped, source)
-    del entries  # what the splits need is in kept: the listing's stat keys and names can go
+    kept, media = _one_media(kept, listing.base, listing.skipped, source)
+    listing.entries = []  # what the splits need is in kept: the listing's stat keys and names can go
 
     class_names = sorted({cls for _, _, cls, _ in kept})
-    for i, (rel_dir, cls) in enumerate(class_dirs):
-        if i not in used:
-            what = "class folder with no readable image (see its files' reasons)" if i in failed \
-                else "empty class folder: no images"
-            skipped.append(Skip(rel_dir, what + ("" if cls in class_names else ", class left out")))
+    _skip_unused_class_folders(listing, used, failed, class_names)
     label_of = {c: i for i, c in enumerate(class_names)}
-    given = [s for _, _, _, s in kept]
-    split_fractions: dict[str, float] = {}
-    split_seed: int | None = None
-    pinned = pinned or {}
-    content = {rel: h for rel, h, _, _ in kept}
     groups = groups_from_names([rel for rel, _, _, _ in kept], group_by) if group_by else \
-        {rel: csv_groups[rel] for rel, _, _, _ in kept if rel in csv_groups}
-    if all(s is None for s in given):
-        split_seed = seed
-        split_fractions = {"val": float(val_fraction), "test": float(test_fraction)}
-        items = [(rel, label_of[cls]) for rel, h, cls, _ in kept if h not in pinned]
-        drawn = assign_grouped_splits(items, groups, val_fraction, test_fraction, seed, content) if groups else \
-            assign_splits(items, val_fraction, test_fraction, seed, content)
-        if groups and pinned:  # a new file of a group the pins already place joins its group's split
-            placed: dict[str, str] = {}
-            for rel, h, _, _ in kept:
-                if h in pinned and rel in groups:
-                    placed.setdefault(groups[rel], pinned[h])
-            drawn = {rel: placed.get(groups.get(rel, ""), sp) for rel, sp in drawn.items()}
-        splits_final = [pinned.get(h) or drawn[rel] for rel, h, _, _ in kept]
-    elif "test" not in given and test_fraction > 0:
-        split_seed = seed
-        split_fractions = {"test": float(test_fraction)}
-        rows = [(rel, label_of[cls], s or "train") for rel, h, cls, s in kept if pinned.get(h) != "test"]
-        if groups:
-            check_groups_within_splits({r: g for r, _, g in rows}, groups, str(source))
-            carved = carve_grouped_test(rows, groups, test_fraction, seed)
-        else:
-            carved = carve_test(rows, test_fraction, seed, content)
-        splits_final = ["test" if pinned.get(h) == "test" else carved[rel] for rel, h, _, _ in kept]
-    else:
-        splits_final = [s or "train" for s in given]
-        if groups:
-            check_groups_within_splits({rel: sp for (rel, _, _, _), sp in zip(kept, splits_final)}, groups,
-                                       str(source))
+        {rel: listing.csv_groups[rel] for rel, _, _, _ in kept if rel in listing.csv_groups}
+    splits_final, split_seed, split_fractions = _final_splits(kept, label_of, groups, pinned or {}, val_fraction,
+                                                              test_fraction, seed, source)
     if groups:
         log.info("split grouped by %s: %d groups, each whole in one split", group_by or "the CSV's group column",
                  len(set(groups.values())))
@@ -651,9 +579,142 @@ def scan_dataset(source: str | os.PathLike, val_fraction: float = 0.2, test_frac
     if stats is not None:
         stats.setdefault("seconds", {}).update(list=round(t_list - t0, 4), judge=round(t_judge - t_list, 4),
                                                splits=round(time.perf_counter() - t_judge, 4))
-    return Manifest(root=str(base), layout=layout, class_names=class_names, samples=samples,
-                    split_seed=split_seed, split_fractions=split_fractions, skipped=skipped, media=media,
+    return Manifest(root=str(listing.base), layout=listing.layout, class_names=class_names, samples=samples,
+                    split_seed=split_seed, split_fractions=split_fractions, skipped=listing.skipped, media=media,
                     groups={rel: str(groups[rel]) for rel, _, _, _ in kept if rel in groups}, group_by=group_by)
+
+
+@dataclass
+class _Listing:
+    """What listing a dataset found, before any file is read."""
+
+    layout: str
+    base: Path  # the folder sample paths are relative to
+    # (folder, file name, stat key or error, relative path, class name, split or None, class folder index or -1)
+    entries: list[tuple[str, str, Key | OSError, str, str, str | None, int]] = field(default_factory=list)
+    skipped: list[Skip] = field(default_factory=list)
+    class_dirs: list[tuple[str, str]] = field(default_factory=list)  # (relative folder, class name)
+    csv_groups: dict[str, str] = field(default_factory=dict)  # a CSV's group column: path -> group
+
+
+def _list_dataset(source: str | os.PathLike, layout: str) -> _Listing:
+    """The first phase of :func:`scan_dataset`: every file of ``source`` (laid out as ``layout``) with its
+    class and given split, and the files that cannot be used wherever they lie; nothing is opened but the
+    folders and a CSV."""
+    root = Path(source).resolve()
+    if layout == "csv":
+        listed, skipped = _read_csv(root)
+        entries = [(*os.path.split(a), _stat(a), rel, cls, split, -1) for a, rel, cls, split, _ in listed]
+        return _Listing(layout, root.parent, entries, skipped, csv_groups={rel: g for _, rel, _, _, g in listed if g})
+    listing = _Listing(layout, root)
+    splits = [(s, SPLIT_ALIASES[s.name.lower()]) for s in _subdirs(root)] if layout == "split-folders" \
+        else [(root, None)]
+    if layout == "split-folders":
+        for f in sorted(p for p in root.iterdir() if p.is_file() and not _is_hidden(p.name)):
+            listing.skipped.append(Skip(f.relative_to(root).as_posix(),
+                                        "not inside a split and class folder; move it into <split>/<class>/ to use it"))
+    for folder, split in splits:
+        where = f"{folder.name}/<class>/" if split else "<class>/"
+        for f in sorted(p for p in folder.iterdir() if p.is_file() and not _is_hidden(p.name)):
+            listing.skipped.append(Skip(f.relative_to(root).as_posix(),
+                                        f"not inside a class folder; move it into {where} to use it"))
+        for cls_dir in _subdirs(folder):
+            _list_class_folder(listing, cls_dir, split)
+    return listing
+
+
+def _list_class_folder(listing: _Listing, folder: Path, split: str | None) -> None:
+    """Add the files under the class folder ``folder`` (of the given ``split``) to ``listing``; links back to
+    a folder already listed are skipped with the reason."""
+    index = len(listing.class_dirs)
+    listing.class_dirs.append((folder.relative_to(listing.base).as_posix() + "/", folder.name))
+    prefix = os.path.join(str(listing.base), "")
+    loops: list[str] = []
+    last, rel_dir = None, ""
+    for dirpath, name, key in _walk(str(folder), loops):
+        if dirpath is not last:
+            last, rel_dir = dirpath, dirpath[len(prefix):] + "/"
+        listing.entries.append((dirpath, name, key, rel_dir + name, folder.name, split, index))  # judged later
+    for d in loops:
+        listing.skipped.append(Skip(d[len(prefix):] + "/",
+                                    "symbolic link to a folder already scanned (or above it); not followed"))
+
+
+def _sort_verdicts(listing: _Listing, hashes: list[str | Exception], source
+                   ) -> tuple[list[tuple[str, str, str, str | None]], set[int], set[int]]:
+    """After :func:`_judge`: ``(relative path, sha256, class, given split)`` of each usable file, the others
+    added to ``listing.skipped`` with the reason; and the class folders (indices) with a usable file, and
+    with an unreadable one. DatasetError when no file is usable."""
+    kept = []
+    not_media = 0
+    used, failed = set(), set()
+    for (folder, name, _, rel, cls, split, index), h in zip(listing.entries, hashes):
+        if isinstance(h, Exception):
+            listing.skipped.append(Skip(rel, _unused_reason(os.path.join(folder, name), h)))
+            not_media += isinstance(h, NotMedia)
+            if index >= 0 and not isinstance(h, NotMedia):
+                failed.add(index)
+        else:
+            kept.append((rel, h, cls, split))
+            if index >= 0:
+                used.add(index)
+    if not kept:
+        if not_media == len(listing.entries):
+            rels = {e[3] for e in listing.entries}
+            raise _no_images(source, [s for s in listing.skipped if s.path in rels])
+        raise DatasetError(f"none of the {len(listing.entries)} files in {source} could be read as images; see the "
+                           "reasons: " + "; ".join(f"{s.path}: {s.reason}" for s in listing.skipped[:5]))
+    return kept, used, failed
+
+
+def _skip_unused_class_folders(listing: _Listing, used: set[int], failed: set[int], class_names: list[str]) -> None:
+    """List each class folder without a usable file in ``listing.skipped``, saying why."""
+    for i, (rel_dir, cls) in enumerate(listing.class_dirs):
+        if i not in used:
+            what = "class folder with no readable image (see its files' reasons)" if i in failed \
+                else "empty class folder: no images"
+            listing.skipped.append(Skip(rel_dir, what + ("" if cls in class_names else ", class left out")))
+
+
+def _final_splits(kept: list[tuple], label_of: dict[str, int], groups: Mapping[str, str], pinned: Mapping[str, str],
+                  val_fraction: float, test_fraction: float, seed: int, source
+                  ) -> tuple[list[str], int | None, dict[str, float]]:
+    """The split of each kept file (as :func:`scan_dataset` says: given, drawn, or carved from val), the seed
+    of a drawn or carved split (None for given ones), and the fractions it drew."""
+    given = [s for _, _, _, s in kept]
+    content = {rel: h for rel, h, _, _ in kept}
+    if all(s is None for s in given):
+        drawn = _drawn_splits(kept, label_of, groups, pinned, val_fraction, test_fraction, seed, content)
+        return drawn, seed, {"val": float(val_fraction), "test": float(test_fraction)}
+    if "test" not in given and test_fraction > 0:
+        rows = [(rel, label_of[cls], s or "train") for rel, h, cls, s in kept if pinned.get(h) != "test"]
+        if groups:
+            check_groups_within_splits({r: g for r, _, g in rows}, groups, str(source))
+            carved = carve_grouped_test(rows, groups, test_fraction, seed)
+        else:
+            carved = carve_test(rows, test_fraction, seed, content)
+        return ["test" if pinned.get(h) == "test" else carved[rel] for rel, h, _, _ in kept], seed, \
+            {"test": float(test_fraction)}
+    splits = [s or "train" for s in given]
+    if groups:
+        check_groups_within_splits({rel: sp for (rel, _, _, _), sp in zip(kept, splits)}, groups, str(source))
+    return splits, None, {}
+
+
+def _drawn_splits(kept: list[tuple], label_of: dict[str, int], groups: Mapping[str, str], pinned: Mapping[str, str],
+                  val_fraction: float, test_fraction: float, seed: int, content: Mapping[str, str]) -> list[str]:
+    """The split of each kept file of data without given splits: pinned files keep theirs, the others are
+    drawn (:func:`assign_splits`, or :func:`assign_grouped_splits` for grouped data)."""
+    items = [(rel, label_of[cls]) for rel, h, cls, _ in kept if h not in pinned]
+    drawn = assign_grouped_splits(items, groups, val_fraction, test_fraction, seed, content) if groups else \
+        assign_splits(items, val_fraction, test_fraction, seed, content)
+    if groups and pinned:  # a new file of a group the pins already place joins its group's split
+        placed: dict[str, str] = {}
+        for rel, h, _, _ in kept:
+            if h in pinned and rel in groups:
+                placed.setdefault(groups[rel], pinned[h])
+        drawn = {rel: placed.get(groups.get(rel, ""), sp) for rel, sp in drawn.items()}
+    return [pinned.get(h) or drawn[rel] for rel, h, _, _ in kept]
 
 
 def _kind(base: Path, rel: str) -> str:

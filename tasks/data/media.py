@@ -42,7 +42,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".bmp", "
 UNSIGNED_FORMATS = ("TGA", "GBR", "IPTC", "IMT")
 # Not even tried: IM Tools has no extension to vouch for it, and its parser reads a text file line by
 # line to the end (seconds for a large README) before giving up.
-_NEVER_TRIED = ("IMT",)
+NEVER_TRIED = ("IMT",)
 _TGA_FOOTER = b"TRUEVISION-XFILE.\x00"
 SIGNATURE_BYTES = len(_TGA_FOOTER)  # how much of a file's end unsigned_format_reason needs
 
@@ -99,11 +99,11 @@ def _pillow():
 
 def pillow_formats() -> list[str]:
     """The formats to try when opening a file with Pillow (``Image.open(..., formats=...)``): every
-    format this Pillow opens, in its own order, but those never taken (:data:`_NEVER_TRIED`)."""
+    format this Pillow opens, in its own order, but those never taken (:data:`NEVER_TRIED`)."""
     if not _FORMATS:
         Image = _pillow()[0]
         Image.init()
-        _FORMATS[:] = [f for f in Image.ID if f not in _NEVER_TRIED]
+        _FORMATS[:] = [f for f in Image.ID if f not in NEVER_TRIED]
     return _FORMATS
 
 

@@ -55,7 +55,7 @@ from typing import Iterable
 
 from storage.files import atomic_path
 
-from .media import IMAGE_EXTENSIONS, UNSIGNED_FORMATS, NotMedia, _NEVER_TRIED, kind_from_extension
+from .media import IMAGE_EXTENSIONS, NEVER_TRIED, UNSIGNED_FORMATS, NotMedia, kind_from_extension
 
 FORMAT = "cnncodes-statcache"
 VERSION = 1
@@ -98,7 +98,7 @@ def media_rules() -> str:
         from PIL import __version__ as pillow
     except ImportError:  # pragma: no cover - Pillow is a dependency
         pillow = "none"
-    text = json.dumps([IMAGE_EXTENSIONS, UNSIGNED_FORMATS, _NEVER_TRIED, pillow])
+    text = json.dumps([IMAGE_EXTENSIONS, UNSIGNED_FORMATS, NEVER_TRIED, pillow])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -134,14 +134,13 @@ class StatCache:
 
     @classmethod
     def _parse(cls, data: bytes) -> "StatCache":
-        first = data.find(b"\n") + 1
-        cut = data.find(b"\n{", first - 1) + 1  # the base's trailer: the first object line after the header
-        end = data.find(b"\n", cut) + 1
-        if first <= 0 or cut <= 0 or end <= 0:
+        if not data.endswith(b"\n") or data.count(b"\n") < 2:
             raise CacheDamaged("it is truncated or not a stat cache")
-        trailer = json.loads(data[cut:end])
+        cut = data.rindex(b"\n", 0, len(data) - 1) + 1
+        trailer = json.loads(data[cut:])
         if trailer.get("sha256") != hashlib.sha256(data[:cut]).hexdigest():
             raise CacheDamaged("its checksum does not match its content (damaged or edited)")
+        first = data.index(b"\n") + 1
         head = json.loads(data[:first])
         if head.get("format") != FORMAT:
             raise CacheDamaged("it is not a cnncodes stat cache")
@@ -149,26 +148,13 @@ class StatCache:
             raise CacheDamaged(f"it was written by another version (format {head.get('version')}, "
                                f"{head.get('byteorder')}-endian)")
         raw: dict[str, list[list]] = {}
-        files = _records(data[first:cut], raw)
-        chain = trailer["sha256"]
-        while end < len(data):  # chunks appended by re-scans that knew what changed (see append)
-            cut = data.find(b"\n{", end - 1) + 1
-            stop = data.find(b"\n", cut) + 1 if cut > 0 else 0
-            if stop <= 0:
-                log.warning("stat cache: its last chunk is incomplete (a scan stopped while writing it); ignored")
-                files = -1  # never "unchanged": the next full scan writes the cache again
-                break
-            link = json.loads(data[cut:stop])
-            chain = hashlib.sha256(chain.encode("ascii") + data[end:cut]).hexdigest()
-            if link.get("chain") != chain:
-                log.warning("stat cache: an appended chunk does not match its checksum; it and what follows "
-                            "are ignored (those files are read again)")
-                files = -1
-                break
-            files += _records(data[end:cut], raw)
-            end = stop
+        for line in data[first:cut].splitlines():
+            rec = json.loads(line)
+            if not (isinstance(rec, list) and len(rec) == 4 and all(isinstance(x, str) for x in rec)):
+                raise CacheDamaged("a folder's record is malformed")
+            raw.setdefault(rec[0], []).append(rec[1:])
         cache = cls(raw, same_rules=head.get("media") == media_rules())
-        cache.files = files
+        cache.files = int(trailer.get("files", 0))
         if not cache.same_rules:
             log.info("the rules for telling images apart (or Pillow) changed since the last scan: files "
                      "without a known image extension are sniffed again")
@@ -197,18 +183,6 @@ class StatCache:
                 out.update((name, rec) for name, rec in records
                            if not rec[1].startswith("!") and kind_from_extension(name) is not None)
         return out
-
-
-def _records(lines: bytes, raw: dict[str, list[list]]) -> int:
-    """Add the folder records in ``lines`` to ``raw``; returns how many files they hold."""
-    files = 0
-    for line in lines.splitlines():
-        rec = json.loads(line)
-        if not (isinstance(rec, list) and len(rec) == 4 and all(isinstance(x, str) for x in rec)):
-            raise CacheDamaged("a folder's record is malformed")
-        raw.setdefault(rec[0], []).append(rec[1:])
-        files += rec[1].count("\0") + 1
-    return files
 
 
 def _ignored(path: Path, why: str) -> tuple[None, str]:
@@ -245,50 +219,11 @@ def write(path: str | os.PathLike, folders: Iterable[tuple[str, list[str], list[
         put(json.dumps({"format": FORMAT, "version": VERSION, "byteorder": sys.byteorder, "media": media_rules(),
                         "started_ns": started_ns}).encode("ascii") + b"\n")
         for dirpath, names, keys, verdicts in folders:
-            if names:
-                put(_line(dirpath, names, keys, verdicts))
-                files += len(names)
+            if not names:
+                continue
+            nums = array("q", [v for k in keys for v in k])
+            put(json.dumps([dirpath, "\0".join(names), base64.b64encode(nums.tobytes()).decode("ascii"),
+                            "\0".join(verdicts)]).encode("ascii") + b"\n")
+            files += len(names)
         fh.write(json.dumps({"files": files, "sha256": h.hexdigest()}).encode("ascii") + b"\n")
-    return files
-
-
-def _line(dirpath: str, names: list[str], keys: list[Key], verdicts: list[str]) -> bytes:
-    nums = array("q", [v for k in keys for v in k])
-    return json.dumps([dirpath, "\0".join(names), base64.b64encode(nums.tobytes()).decode("ascii"),
-                       "\0".join(verdicts)]).encode("ascii") + b"\n"
-
-
-def append(path: str | os.PathLike, folders: Iterable[tuple[str, list[str], list[Key], list[str]]]) -> int:
-    """Append the records of re-read files to the cache at ``path`` as one chunk, without reading the rest
-    of it: a record for a file already in the cache replaces it when the cache is read. The chunk's trailer
-    chains the previous trailer's checksum with the chunk's lines, so a damaged chunk is found; a torn one
-    (a killed scan) is ignored on reading. Returns the number of files recorded, 0 when there is no
-    cache to append to (the next full scan writes one)."""
-    lines = b"".join(_line(*f) for f in folders if f[1])
-    files = sum(len(f[1]) for f in folders if f[1]) if lines else 0
-    if not files:
-        return 0
-    try:
-        fh = open(path, "r+b")
-    except FileNotFoundError:
-        return 0
-    with fh:
-        end = fh.seek(0, os.SEEK_END)
-        back = min(end, 1 << 16)
-        fh.seek(end - back)
-        tail = fh.read(back)
-        try:
-            if not tail.endswith(b"\n"):  # a torn chunk's last line: cut it
-                end -= len(tail) - tail.rindex(b"\n") - 1
-                tail = tail[:tail.rindex(b"\n") + 1]
-            last = json.loads(tail[tail.rindex(b"\n", 0, len(tail) - 1) + 1:])
-        except ValueError:
-            last = None
-        if not isinstance(last, dict):
-            return 0  # the last line is not a trailer (an unfinished chunk): the next full scan rewrites the cache
-        chain = last.get("chain") or last.get("sha256")
-        fh.truncate(end)
-        fh.seek(end)
-        link = hashlib.sha256(chain.encode("ascii") + lines).hexdigest()
-        fh.write(lines + json.dumps({"files": files, "chain": link}).encode("ascii") + b"\n")
     return files

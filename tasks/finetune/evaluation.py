@@ -19,9 +19,9 @@ from .network import keras_pieces
 
 
 def plot_learning_curves(history: list[dict[str, Any]], path: str | Path) -> Path:
-    from ..reports.evaluate import _figure, _save
+    from ..reports.evaluate import new_figure, save_png
 
-    fig, axes = _figure(1, 2, figsize=(10, 4))
+    fig, axes = new_figure(1, 2, figsize=(10, 4))
     x = np.arange(1, len(history) + 1)
     for ax, metric in zip(axes, ("loss", "accuracy")):
         for key, style in ((metric, "-"), (f"val_{metric}", "--")):
@@ -38,7 +38,7 @@ def plot_learning_curves(history: list[dict[str, Any]], path: str | Path) -> Pat
         ax.set_title(metric)
         ax.legend()
     fig.tight_layout()
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def load_finetuned(path: str | Path):

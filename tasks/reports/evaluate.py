@@ -92,7 +92,7 @@ def evaluate_scores(scores: np.ndarray, y: np.ndarray, class_names: Sequence[str
     return out
 
 
-def _figure(*grid: int, figsize: tuple[float, float]):
+def new_figure(*grid: int, figsize: tuple[float, float]):
     """A figure and its axes (``grid``: rows, columns), without pyplot: no global figure registry to
     leak into or to lock across threads, and pyplot's import (a fair share of a short command) is
     skipped. PNGs are drawn by Agg when saved."""
@@ -102,7 +102,7 @@ def _figure(*grid: int, figsize: tuple[float, float]):
     return fig, fig.subplots(*grid)
 
 
-def _save(fig, path: str | Path) -> Path:
+def save_png(fig, path: str | Path) -> Path:
     """Save a figure as PNG under a temporary name, then rename it into place."""
     path = Path(path)
     with atomic_path(path, suffix=".png") as tmp:
@@ -116,7 +116,7 @@ def plot_confusion(confusion: Sequence[Sequence[int]], class_names: Sequence[str
     cm = np.asarray(confusion, dtype=float)
     n = len(class_names)
     size = max(4.0, min(0.45 * n + 3, 20.0))
-    fig, ax = _figure(figsize=(size, size * 0.85))
+    fig, ax = new_figure(figsize=(size, size * 0.85))
     norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
     im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
     ax.set_xticks(range(n), class_names, rotation=60 if n > 4 else 0, ha="right" if n > 4 else "center")
@@ -131,13 +131,13 @@ def plot_confusion(confusion: Sequence[Sequence[int]], class_names: Sequence[str
                         color="white" if norm[i, j] > 0.5 else "black", fontsize=8)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_scores_by(x_labels: Sequence[str], means: Sequence[float], stds: Sequence[float], path: str | Path,
                    title: str, xlabel: str, ylabel: str = "CV balanced accuracy", best: int | None = None) -> Path:
     """A bar plot with error bars (layer sweep, C search)."""
-    fig, ax = _figure(figsize=(max(5.0, 0.7 * len(x_labels) + 2), 4))
+    fig, ax = new_figure(figsize=(max(5.0, 0.7 * len(x_labels) + 2), 4))
     colors = ["tab:orange" if i == best else "tab:blue" for i in range(len(x_labels))]
     ax.bar(range(len(x_labels)), means, yerr=stds, color=colors, capsize=4)
     ax.set_xticks(range(len(x_labels)), x_labels, rotation=30, ha="right")
@@ -146,4 +146,4 @@ def plot_scores_by(x_labels: Sequence[str], means: Sequence[float], stds: Sequen
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_png(fig, path)
