@@ -123,26 +123,32 @@ def build_parser(show_all: bool = False) -> argparse.ArgumentParser:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    from tasks.backbones import BackboneSpec
-    from tasks.data.audio import Spectrogram
-    from tasks.extract import ExtractOptions
-    from tasks.finetune import FineTuneConfig
-    from tasks.probe.linear import LinearConfig
-    from tasks.settings import ExportOptions, ScaleOut, SplitConfig
-    from tasks.decide.transfer import Thresholds
-
-    from tasks.finetune.config import TRANSFER_FINETUNE
-    from tasks.probe.linear import SWEEP_PROBE
-
-    layers_backbone = BackboneSpec(weights="none")  # listing layers needs no weights
-
     def everyday(command: str):
         return None if show_all else EVERYDAY.get(command)
 
     par = _parents(show_all)
+    _add_code_commands(sub, par, everyday)
+    _add_model_commands(sub, par, everyday)
+    _add_other_commands(sub, par, everyday)
+    for name, command in sub.choices.items():
+        hidden = command.get_default("hidden_options")
+        if hidden:
+            command.epilog = (f"{hidden} more options: cnncodes {name} --help-all. Any of them can also come from a "
+                              "file (--config FILE).")
+    return parser
+
+
+def _add_code_commands(sub, par: dict, everyday) -> None:
+    """backbones, layers, extract, train-linear, sweep: from images to codes, and probes on them."""
+    from tasks.backbones import BackboneSpec
+    from tasks.data.audio import Spectrogram
+    from tasks.extract import ExtractOptions
+    from tasks.probe.linear import SWEEP_PROBE, LinearConfig
+    from tasks.settings import ScaleOut, SplitConfig
+
     common, seed, out, registry, named, group = (par[k] for k in ("common", "seed", "out", "registry", "named",
                                                                    "group"))
-
+    layers_backbone = BackboneSpec(weights="none")  # listing layers needs no weights
     sub.add_parser("backbones", parents=[common], help="list the registered backbones")
 
     p = sub.add_parser("layers", parents=[common, seed],
@@ -179,6 +185,19 @@ def build_parser(show_all: bool = False) -> argparse.ArgumentParser:
                         "C": "inverse regularisation strength, the same for every layer (a search per layer would "
                              "compare searches, not layers)"}, everyday=everyday("sweep"))
 
+
+
+def _add_model_commands(sub, par: dict, everyday) -> None:
+    """predict, export, fine-tune, transfer, retrain: models, their training and their use."""
+    from tasks.backbones import BackboneSpec
+    from tasks.data.audio import Spectrogram
+    from tasks.decide.transfer import Thresholds
+    from tasks.finetune import FineTuneConfig
+    from tasks.finetune.config import TRANSFER_FINETUNE
+    from tasks.probe.linear import LinearConfig
+    from tasks.settings import ExportOptions, SplitConfig
+
+    common, seed, registry, named = (par[k] for k in ("common", "seed", "registry", "named"))
     p = sub.add_parser("predict", parents=[common, registry],
                        help="flow predict: classify new images with a registered model")
     p.add_argument("images", help="folder of images (searched recursively), an image, or a .txt/.csv list")
@@ -239,6 +258,14 @@ def build_parser(show_all: bool = False) -> argparse.ArgumentParser:
                         "one split; a CSV's group column is read without it (default: the lineage's own, "
                         "recorded when it was first trained)")
 
+
+
+def _add_other_commands(sub, par: dict, everyday) -> None:
+    """spectrogram, store, server, demo."""
+    from tasks.backbones import BackboneSpec
+    from tasks.data.audio import Spectrogram
+
+    common, out = par["common"], par["out"]
     p = sub.add_parser("spectrogram", parents=[common],
                        help="write the exact image the network sees for one sound recording, as a PNG")
     p.add_argument("file", help="a sound recording (WAV, FLAC, OGG, ...)")
@@ -259,12 +286,6 @@ def build_parser(show_all: bool = False) -> argparse.ArgumentParser:
     p = sub.add_parser("demo", parents=[common, out],
                        help="generate a small dataset and run the pipeline on it end to end")
     p.add_argument("--images-per-class", type=int, default=40, help="generated images per class (default: %(default)s)")
-    for name, command in sub.choices.items():
-        hidden = command.get_default("hidden_options")
-        if hidden:
-            command.epilog = (f"{hidden} more options: cnncodes {name} --help-all. Any of them can also come from a "
-                              "file (--config FILE).")
-    return parser
 
 
 def _emit(result: Any, as_json: bool, text: str) -> None:
