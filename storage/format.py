@@ -53,7 +53,6 @@ TensorFlow nor Prefect.
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import time
@@ -64,7 +63,7 @@ import h5py
 import numpy as np
 
 from .errors import StoreDamagedError, StoreError
-from .files import atomic_path, now_iso
+from .files import atomic_path, lock_is_held, now_iso
 
 STORE_FORMAT = "cnncodes-store/1"
 INDEX_FORMAT = "cnncodes-store-index/1"
@@ -300,23 +299,9 @@ def clear_open_flags(path: str | os.PathLike) -> None:
 
 
 def writer_holds(path: str | os.PathLike) -> bool:
-    """True when a cnncodes writer holds the lock of the store at ``path`` (``<store>.lock``).
-
-    The lock file is only probed: opened read-only, never created, share-locked for an instant."""
-    lock = Path(path).with_name(Path(path).name + ".lock")
-    try:
-        fh = open(lock, "rb")
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except OSError:
-        return True
-    else:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-        return False
-    finally:
-        fh.close()
+    """True when a cnncodes writer holds the lock of the store at ``path`` (``<store>.lock``), probed
+    without taking it (:func:`storage.files.lock_is_held`)."""
+    return lock_is_held(Path(path).with_name(Path(path).name + ".lock"))
 
 
 def _set_read_attempts(fapl: Any, attempts: int) -> bool:

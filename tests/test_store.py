@@ -246,17 +246,21 @@ def test_atomic_writes_leave_the_old_file_or_the_new_one(tmp_path):
 
 def test_one_file_lock_for_the_store_writer_and_the_registry(tmp_path):
     from storage import FileLock, ModelRegistry, StoreLockedError
-    from storage.files import FileLockBusy
+    from storage.files import FileLockBusy, lock_is_held
+    from storage.format import writer_holds
 
     lock = FileLock(tmp_path / "x.lock")
+    assert not lock_is_held(tmp_path / "x.lock") and not (tmp_path / "x.lock").exists()  # probed, never made
     with lock:
-        assert "pid" in (tmp_path / "x.lock").read_text()
+        assert "pid" in (tmp_path / "x.lock").read_text() and lock_is_held(tmp_path / "x.lock")
         other = FileLock(tmp_path / "x.lock")
         with pytest.raises(FileLockBusy):  # flock locks belong to the open file: a second one is refused
             other.acquire(blocking=False)
+    assert not lock_is_held(tmp_path / "x.lock")
     other.acquire(blocking=False)
     other.release()
     with StoreWriter(tmp_path / "s.h5", IDENT, [GroupSpec("l1", "avg", (3,))]):
+        assert writer_holds(tmp_path / "s.h5")  # the reader's probe finds the store writer's lock
         with pytest.raises(StoreLockedError, match="is being written by pid"):
             with StoreWriter(tmp_path / "s.h5", IDENT, [GroupSpec("l1", "avg", (3,))]):
                 pass
