@@ -18,8 +18,8 @@ Layout of one store (one file per dataset, backbone and weights)::
         split     (N,)  S8       train / val / test
         committed (1,)  int64    rows [0, committed) are complete; later rows are not to be trusted
         state     (1,)  S64      fingerprint of the manifest the group was completed for ("" while not)
-        sums      (C, 2) uint64  per chunk of features: xxh3-64 of its rows' bytes, rows covered
-                                 (fast checked reads, :mod:`storage.sums`; absent in older stores)
+        sums      (C, 2) uint64  only in groups written by earlier versions (xxh3 sums of the feature
+                                 chunks, for reads that skipped HDF5's filter): nothing reads it now
     /_updated  (1,)  S32   time of the last finished run;  /_skipped (n,) S1024  files skipped, JSON [path, reason]
 
 Attributes hold int and float as they are; lists, dicts, tuples and None as JSON text; text as

@@ -33,7 +33,6 @@ from .format import (INDEX_FORMAT, ROW_DATASETS, SKIPPED, STORE_FORMAT, UPDATED,
                      decode_attrs, group_fingerprint, group_name, is_index, layer_names, open_file, read_index,
                      read_rows, rows_text, run_state)
 from .format import checked as has_checksum
-from .sums import SUMS, SumChecker
 from .hashing import file_sha256
 from .reader import FeatureStore, damage_named
 from .writer import repair_store as _repair_file
@@ -488,7 +487,6 @@ def _check_group(name: str, g: h5py.Group, names: list[str], step_rows: int, pro
     bad_labels, bad_splits, bad_sha, empty_paths, nonfinite = [], [], [], [], []
     n_labels = n_splits = n_sha = n_empty = n_nonfinite = 0
     path_hashes = []
-    sums = SumChecker(g, m)
     valid_splits = np.array(SPLIT_VALUES)
     bad_rows: dict[str, list[tuple[int, int]]] = {}
     for start in range(0, m, step):
@@ -500,8 +498,6 @@ def _check_group(name: str, g: h5py.Group, names: list[str], step_rows: int, pro
                 block[ds] = read_rows(g[ds], start, stop)
             except StoreDamagedError as exc:
                 bad_rows.setdefault(ds, []).extend(exc.rows)
-        if "features" in block:
-            sums.feed(start, block["features"])
         if len(block) < len(ROW_DATASETS):
             continue  # the contents of damaged rows are not checked: they are reported as damaged
         labels = block["label"].astype(np.int64)
@@ -544,18 +540,6 @@ def _check_group(name: str, g: h5py.Group, names: list[str], step_rows: int, pro
                 merged.append((a, b))
         damaged.append({"group": name, "dataset": ds, "rows": [list(r) for r in merged]})
         problems.append(_damage_problem(path, name, ds, merged))
-    if sums.damaged:
-        damaged.append({"group": name, "dataset": SUMS, "rows": None})
-        problems.append(f"group {name}: dataset {SUMS} (the xxh3 sums that make reads fast) is damaged (checksum "
-                        f"mismatch). The features are unharmed and readers check them the slower way. Run "
-                        f"`cnncodes store repair {path}` to rebuild the sums.")
-    elif sums.missing:
-        notes.append(f"group {name}: no xxh3 {SUMS} (written before cnncodes added them), so its features are "
-                     f"read the slower checked way. `cnncodes store repair {path}` adds them.")
-    elif sums.stale:
-        problems.append(f"group {name}: the {SUMS} of {rows_text(sums.rows())} do not match those rows, which pass "
-                        f"their Fletcher-32 checksum: the sums are out of date. Readers check those rows the slower "
-                        f"way. Run `cnncodes store repair {path}` to rebuild the sums.")
     if n_labels:
         problems.append(f"group {name}: {n_labels} label(s) outside [0, {len(names)}) (the store has "
                         f"{len(names)} class names; -1 is allowed only in the 'predict' split): "
@@ -775,7 +759,6 @@ def repair_store(path: str | os.PathLike) -> dict[str, Any]:
                 "groups_marked_incomplete": [f"{p['store']}:{g}" for p in parts
                                              for g in p["groups_marked_incomplete"]],
                 "records_rewritten": [f"{p['store']}:{g}" for p in parts for g in p["records_rewritten"]],
-                "sums_rebuilt": [f"{p['store']}:{g}" for p in parts for g in p.get("sums_rebuilt", [])],
                 "unchecked": [f"{p['store']}:{g}" for p in parts for g in p["unchecked"]]}
     if not path.is_file():
         raise StoreError(f"no feature store file at {path}. Check the path.")
@@ -793,8 +776,6 @@ def repair_text(r: dict[str, Any]) -> str:
             lines.append(f"  group {g}: {r['rows_dropped'][g]} row(s) dropped (rows {shown})")
         for name in r["records_rewritten"]:
             lines.append(f"  {name}: damaged run record written anew")
-        for name in r.get("sums_rebuilt", []):
-            lines.append(f"  group {name}: xxh3 sums rebuilt (they were damaged or out of date; no row changed)")
         if total:
             lines.append("Run the same `cnncodes extract` again (same data, backbone and --store): it recomputes "
                          "the dropped rows and completes the group(s).")

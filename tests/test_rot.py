@@ -54,7 +54,7 @@ def test_every_dataset_of_a_new_store_carries_a_checksum(tmp_path):
     with h5py.File(tmp_path / "s.h5", "r") as f:
         datasets = []
         f.visititems(lambda n, o: datasets.append(o) if isinstance(o, h5py.Dataset) else None)
-        assert len(datasets) == 10 and all(d.fletcher32 for d in datasets), [d.name for d in datasets]
+        assert len(datasets) == 9 and all(d.fletcher32 for d in datasets), [d.name for d in datasets]
         # text attributes live in the (checksummed) object header, not in the global heap
         assert isinstance(f.attrs["format"], bytes) and isinstance(f["l1/avg"].attrs["layer"], bytes)
     assert FeatureStore(tmp_path / "s.h5").provenance["backbone"] == "toy"
