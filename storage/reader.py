@@ -341,7 +341,8 @@ class FeatureStore(StoreReader):
 
     def open(self) -> h5py.File:
         """The HDF5 file, opened for reading alongside a writer (SWMR); close it (``with``) when done.
-        For checks below this API (``storage.tools``); rows past ``committed`` are not to be trusted."""
+        For checks below this API (``storage.tools``, ``storage.verify``); rows past ``committed`` are not to be
+        trusted."""
         return open_file(self.path)
 
     @contextmanager

@@ -17,7 +17,8 @@ from storage import FeatureStore, Manifest, Sample, StoreError, open_store
 from storage import writer as writer_module
 from storage.errors import StoreDamagedError
 from storage.store import GroupSpec, StoreWriter
-from storage.tools import repair_store, repair_text, verify_store, verify_text
+from storage.tools import repair_store, repair_text
+from storage.verify import verify_store, verify_text
 
 IDENT = {"backbone": "toy", "weights": "none", "input_size": 8, "preprocessing": "none"}
 

@@ -72,7 +72,8 @@ def test_a_store_with_the_sums_of_earlier_versions_reads_verifies_and_extends_as
     """Groups written by earlier versions also hold ``sums``: (chunks, 2) uint64, the xxh3 of each chunk of
     features, for reads that skipped HDF5's Fletcher-32. Nothing reads it now: out of date or even damaged,
     it troubles no reader, no verify and no repair."""
-    from storage.tools import repair_store, verify_store
+    from storage.tools import repair_store
+    from storage.verify import verify_store
 
     path = tmp_path / "old.h5"
     spec = GroupSpec("l1", "avg", (256,))  # 1024 rows per chunk: 3 chunks
@@ -253,7 +254,8 @@ def test_open_store_reads_a_sharded_index_as_one_store_and_feature_store_refuses
 
 
 def test_store_tools_see_a_sharded_store_as_one(tmp_path):
-    from storage.tools import export_group, list_store, store_info, verify_store
+    from storage.tools import export_group, list_store, store_info
+    from storage.verify import verify_store
 
     index, paths, _ = _sharded(tmp_path)
     ls = list_store(index)

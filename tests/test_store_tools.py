@@ -1,4 +1,4 @@
-"""storage.tools and `cnncodes store`: list, inspect, export (parquet/csv/npy) and verify feature stores.
+"""storage.tools, storage.verify and `cnncodes store`: list, inspect, export (parquet/csv/npy), verify stores.
 
 Stores are built by hand with StoreWriter (no TensorFlow); each test takes well under a second or two."""
 from __future__ import annotations
@@ -16,7 +16,8 @@ import pytest
 from storage import FeatureStore, Manifest, Sample, StoreError
 from storage.hashing import file_sha256
 from storage.store import LIBVER, GroupSpec, StoreWriter
-from storage.tools import export_group, list_store, store_info, verify_store
+from storage.tools import export_group, list_store, store_info
+from storage.verify import verify_store
 from test_linear import CLASSES, make_store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -359,7 +360,7 @@ def test_cli_verify_exits_1_on_a_broken_store_and_export_errors_exit_2(store, tm
 
 
 def test_importing_storage_tools_needs_no_tensorflow_prefect_or_sklearn():
-    code = ("import sys, storage.tools; "
+    code = ("import sys, storage.tools, storage.verify; "
             "print([m for m in ('tensorflow', 'keras', 'prefect', 'sklearn') if m in sys.modules])")
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
