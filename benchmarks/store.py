@@ -13,10 +13,7 @@ Then, alternately, 9 times each (``--repeats``):
   * chunks    ``for c in FeatureStore(path).iter_chunks(layer, pooling, rows=8192)`` (bounded memory)
   * split     ``read(..., split="train")`` (80% of the rows, a selection)
   * the same four on the store without checksums (``*_unchecked``): ``checksum_cost`` is each checked
-    median over its unchecked one, minus 1 (target: <= 5% on ``features``). The checked reads of features
-    take the xxh3 path (storage/sums.py) where they can;
-  * features_fletcher  ``read_features`` with that path switched off: HDF5 checks each chunk's Fletcher-32
-    (what every checked read cost before the sums, and what a plain h5py reader of the store pays)
+    median over its unchecked one, minus 1: what HDF5's Fletcher-32 check of every chunk costs
 
 All files are in the page cache after writing (the machine has 24 GiB), so this compares the
 reading code, not the disk. Target: the API <= 2x numpy for the same bytes (``features``).
@@ -39,7 +36,6 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
 from storage import FeatureStore, Manifest, Sample  # noqa: E402
-from storage import reader as store_reader  # noqa: E402
 from storage import writer as store_writer  # noqa: E402
 from storage.store import GroupSpec, StoreWriter  # noqa: E402
 from report import emit  # noqa: E402  benchmarks/ is the script's folder
@@ -118,22 +114,12 @@ def main() -> None:
 
         reads = {"features": lambda s: s.read_features("codes", "avg"), "store": lambda s: s.read("codes", "avg"),
                  "chunks": chunks, "split": lambda s: s.read("codes", "avg", split="train")}
-        def fletcher_only(s: FeatureStore):
-            """read_features with the xxh3 path switched off: HDF5 checks every chunk's Fletcher-32."""
-            saved = store_reader.read_summed
-            store_reader.read_summed = lambda *a, **k: None
-            try:
-                return s.read_features("codes", "avg")
-            finally:
-                store_reader.read_summed = saved
-
-        runs: dict[str, list[float]] = {"numpy": [], "features_fletcher": []}
+        runs: dict[str, list[float]] = {"numpy": []}
         for _ in range(args.repeats):
             runs["numpy"].append(timed(lambda: np.load(npy)))
             for name, fn in reads.items():  # checked and unchecked one after the other, for each kind of read
                 runs.setdefault(name, []).append(timed(lambda: fn(fs)))
                 runs.setdefault(f"{name}_unchecked", []).append(timed(lambda: fn(fp)))
-            runs["features_fletcher"].append(timed(lambda: fletcher_only(fs)))
         med = {k: statistics.median(v) for k, v in runs.items()}
         wmed = {k: statistics.median(v) for k, v in writes.items()}
         mib = args.rows * args.dims * 4 / 2**20
@@ -144,7 +130,6 @@ def main() -> None:
                   "mib_per_s": {k: round(mib / v, 1) for k, v in med.items()},
                   "ratio_to_numpy": {k: round(v / med["numpy"], 3) for k, v in med.items()},
                   "checksum_cost": {**{k: round(med[k] / med[f"{k}_unchecked"] - 1, 4) for k in reads},
-                                    "features_fletcher": round(med["features_fletcher"] / med["features_unchecked"] - 1, 4),
                                     "write": round(wmed["checked"] / wmed["unchecked"] - 1, 4)},
                   "runs_s": runs, "store_bytes": store.stat().st_size, "store_unchecked_bytes": plain.stat().st_size,
                   "npy_bytes": npy.stat().st_size}

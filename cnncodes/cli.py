@@ -540,7 +540,7 @@ def cmd_server(args) -> int:
 
 
 def cmd_store(args) -> int:
-    from storage import tools
+    from storage import tools, verify
 
     if args.store_command == "ls":
         r = tools.list_store(args.store)
@@ -556,8 +556,8 @@ def cmd_store(args) -> int:
         r = tools.repair_store(args.store)
         _emit(r, args.json, tools.repair_text(r))
     else:
-        r = tools.verify_store(args.store, check_files=args.check_files, dataset=args.dataset)
-        _emit(r, args.json, tools.verify_text(r))
+        r = verify.verify_store(args.store, check_files=args.check_files, dataset=args.dataset)
+        _emit(r, args.json, verify.verify_text(r))
         return 0 if r["ok"] else 1
     return 0
 

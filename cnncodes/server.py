@@ -108,10 +108,9 @@ def start(port: int = DEFAULT_PORT, timeout: float = 60.0) -> dict[str, Any]:
 
 
 def _record(data: dict[str, Any]) -> None:
-    state_file().parent.mkdir(parents=True, exist_ok=True)
-    tmp = state_file().with_suffix(".tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, state_file())
+    from storage.files import atomic_write_json  # here: `cnncodes --help` imports only the standard library
+
+    atomic_write_json(state_file(), data)
 
 
 def _alive(pid: Any) -> bool:

@@ -2,7 +2,7 @@
 
 Every module that touches a store's bytes takes these names and helpers from here:
 the reader (:mod:`storage.reader`), the writer (:mod:`storage.writer`), the sharded
-reader (:mod:`storage.sharded`) and the tools (:mod:`storage.tools`).
+reader (:mod:`storage.sharded`), the tools (:mod:`storage.tools`) and verification (:mod:`storage.verify`).
 
 Layout of one store (one file per dataset, backbone and weights)::
 
@@ -18,8 +18,8 @@ Layout of one store (one file per dataset, backbone and weights)::
         split     (N,)  S8       train / val / test
         committed (1,)  int64    rows [0, committed) are complete; later rows are not to be trusted
         state     (1,)  S64      fingerprint of the manifest the group was completed for ("" while not)
-        sums      (C, 2) uint64  per chunk of features: xxh3-64 of its rows' bytes, rows covered
-                                 (fast checked reads, :mod:`storage.sums`; absent in older stores)
+        sums      (C, 2) uint64  only in groups written by earlier versions (xxh3 sums of the feature
+                                 chunks, for reads that skipped HDF5's filter): nothing reads it now
     /_updated  (1,)  S32   time of the last finished run;  /_skipped (n,) S1024  files skipped, JSON [path, reason]
 
 Attributes hold int and float as they are; lists, dicts, tuples and None as JSON text; text as
@@ -53,18 +53,17 @@ TensorFlow nor Prefect.
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import h5py
 import numpy as np
 
 from .errors import StoreDamagedError, StoreError
-from .files import atomic_path, now_iso
+from .files import atomic_path, lock_is_held, now_iso
 
 STORE_FORMAT = "cnncodes-store/1"
 INDEX_FORMAT = "cnncodes-store-index/1"
@@ -83,6 +82,8 @@ SKIP_DTYPE = f"S{SKIP_BYTES}"
 UPDATED_DTYPE = "S32"
 UPDATED, SKIPPED = "_updated", "_skipped"  # root datasets a run writes at its end
 
+BLOCK_BYTES = 64 << 20  # the store tools and verify read at most this many bytes of rows at a time
+
 # Root attributes that identify what produced the features: a run whose values
 # differ must not write into this store.
 IDENTITY_KEYS = ("backbone", "backbone_args", "weights", "init_seed", "weights_digest", "input_size",
@@ -91,9 +92,10 @@ IDENTITY_KEYS = ("backbone", "backbone_args", "weights", "init_seed", "weights_d
 __all__ = [
     "COMPRESSIONS", "DTYPES", "IDENTITY_KEYS", "INDEX_FORMAT", "LIBVER", "POOLINGS", "ROW_DATASETS", "STORE_FORMAT",
     "decode", "decode_attrs", "decode_paths", "encode", "encode_paths", "group_fingerprint", "group_name",
-    "is_index", "layer_names", "normalise", "now_iso", "open_file", "read_index", "run_state", "write_index",
+    "is_index", "iter_groups", "layer_names", "normalise", "now_iso", "open_file", "read_index", "run_state",
+    "write_index",
     "SWMR_WRITE_FLAG", "checked", "clear_open_flags", "damage_error", "damaged_rows", "lookup3", "open_swmr", "read_rows", "rows_text", "set_attrs",
-    "superblock", "writer_holds",
+    "superblock", "writer_holds", "BLOCK_BYTES", "decode_texts", "row_bytes", "rows_per_block",
 ]
 
 
@@ -166,6 +168,13 @@ def decode_paths(raw: np.ndarray) -> np.ndarray:
     if raw.dtype.kind != "S":
         return np.asarray([p.decode("utf-8") if isinstance(p, bytes) else p for p in raw], dtype=object)
     return np.fromiter(map(bytes.decode, raw.tolist()), dtype=object, count=len(raw))
+
+
+def decode_texts(values: np.ndarray) -> np.ndarray:
+    """Stored text (bytes or str) -> an object array of str, bytes that are not UTF-8 replaced: for
+    checking and showing rows whose contents may be damaged."""
+    return np.asarray([v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in values],
+                      dtype=object)
 
 
 # --------------------------------------------------------------------------- reading the layout
@@ -300,23 +309,9 @@ def clear_open_flags(path: str | os.PathLike) -> None:
 
 
 def writer_holds(path: str | os.PathLike) -> bool:
-    """True when a cnncodes writer holds the lock of the store at ``path`` (``<store>.lock``).
-
-    The lock file is only probed: opened read-only, never created, share-locked for an instant."""
-    lock = Path(path).with_name(Path(path).name + ".lock")
-    try:
-        fh = open(lock, "rb")
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except OSError:
-        return True
-    else:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-        return False
-    finally:
-        fh.close()
+    """True when a cnncodes writer holds the lock of the store at ``path`` (``<store>.lock``), probed
+    without taking it (:func:`storage.files.lock_is_held`)."""
+    return lock_is_held(Path(path).with_name(Path(path).name + ".lock"))
 
 
 def _set_read_attempts(fapl: Any, attempts: int) -> bool:
@@ -475,6 +470,30 @@ def checked(ds: h5py.Dataset) -> bool:
 def layer_names(f: h5py.File) -> list[str]:
     """The layers of a store: root names not starting with '_' (those are run records)."""
     return sorted(k for k in f.keys() if not k.startswith("_"))
+
+
+def iter_groups(f: h5py.File) -> Iterator[tuple[str, str, Any]]:
+    """(layer, pooling, object) of each layer group; a layer that is not a group (damage) comes as
+    (layer, "", object)."""
+    for layer in layer_names(f):
+        if not isinstance(f[layer], h5py.Group):
+            yield layer, "", f[layer]
+            continue
+        for pooling in sorted(f[layer].keys()):
+            yield layer, pooling, f[layer][pooling]
+
+
+def row_bytes(ds: h5py.Dataset) -> int:
+    """Bytes of one row of ``ds``."""
+    return int(np.prod(ds.shape[1:], dtype=np.int64)) * ds.dtype.itemsize
+
+
+def rows_per_block(rows: int, bytes_per_row: int) -> int:
+    """``rows`` to read at a time, fewer where that many rows of ``bytes_per_row`` each would pass
+    BLOCK_BYTES (at least 1); StoreError for ``rows`` < 1."""
+    if rows < 1:
+        raise StoreError(f"rows per chunk must be >= 1, got {rows}.")
+    return int(max(1, min(rows, BLOCK_BYTES // max(1, bytes_per_row))))
 
 
 def group_fingerprint(g: h5py.Group) -> str:

@@ -20,7 +20,6 @@ import numpy as np
 from .errors import ParameterError, StoreDamagedError, StoreError
 from .format import (INDEX_FORMAT, ROW_DATASETS, STORE_FORMAT, decode, decode_attrs, decode_paths, group_fingerprint,
                      group_name, layer_names, open_file, read_rows, run_state)
-from .sums import read_summed, worth_summing
 
 Splits = str | Sequence[str] | None
 Classes = str | int | Sequence[str | int] | None
@@ -64,19 +63,17 @@ class Codes:
                      layer=self.layer, pooling=self.pooling)
 
 
-def _read_selected(ds: h5py.Dataset, n: int, sel: np.ndarray, group: h5py.Group | None = None) -> np.ndarray:
+def _read_selected(ds: h5py.Dataset, n: int, sel: np.ndarray) -> np.ndarray:
     """Rows ``sel`` (a boolean mask over the first ``n``): one direct read when most rows are wanted
-    (the features of ``group`` checked by their xxh3 sums where it has them, :mod:`storage.sums`), then
-    the unwanted rows squeezed out in place; contiguous runs otherwise."""
+    (HDF5 checks each chunk's Fletcher-32), then the unwanted rows squeezed out in place; contiguous
+    runs otherwise."""
     if sel.all() or sel.mean() > 0.5:
-        out = read_summed(group, n) if group is not None else None
-        if out is None:
-            out = np.empty((n, *ds.shape[1:]), ds.dtype)
-            if n:
-                try:
-                    ds.read_direct(out, np.s_[0:n])
-                except (OSError, RuntimeError):  # a chunk failed its checksum: read again, or name the rows
-                    out = read_rows(ds, 0, n)
+        out = np.empty((n, *ds.shape[1:]), ds.dtype)
+        if n:
+            try:
+                ds.read_direct(out, np.s_[0:n])
+            except (OSError, RuntimeError):  # a chunk failed its checksum: read again, or name the rows
+                out = read_rows(ds, 0, n)
         return out if sel.all() else _squeeze(out, sel)
     return _read_rows(ds, np.flatnonzero(sel))
 
@@ -145,7 +142,6 @@ class _Rows:
     def __init__(self, f: h5py.File, g: h5py.Group, cache: bool = True):
         g["committed"].refresh()
         self.n = int(read_rows(g["committed"], 0, 1)[0])
-        self.group = g
         cols = {name: (g[name] if cache else _uncached(g, name)) for name in ROW_DATASETS}
         for ds in cols.values():
             ds.refresh()
@@ -161,9 +157,7 @@ class _Rows:
         sel = np.ones(stop - start, bool) if wanted is None else np.isin(splits, wanted)
         if not sel.any():
             return None
-        feats = read_summed(self.group, self.n, start, stop) if worth_summing(self.features, start, stop, self.n) else None
-        if feats is None:
-            feats = read_rows(self.features, start, stop)
+        feats = read_rows(self.features, start, stop)
         return Codes(features=feats if sel.all() else feats[sel],
                      labels=read_rows(self.label, start, stop)[sel].astype(np.int64),
                      paths=decode_paths(read_rows(self.path, start, stop)[sel]), splits=splits[sel],
@@ -347,7 +341,8 @@ class FeatureStore(StoreReader):
 
     def open(self) -> h5py.File:
         """The HDF5 file, opened for reading alongside a writer (SWMR); close it (``with``) when done.
-        For checks below this API (``storage.tools``); rows past ``committed`` are not to be trusted."""
+        For checks below this API (``storage.tools``, ``storage.verify``); rows past ``committed`` are not to be
+        trusted."""
         return open_file(self.path)
 
     @contextmanager
@@ -408,7 +403,7 @@ class FeatureStore(StoreReader):
                 sel &= np.isin(splits, _wanted(split))
             if classes is not None:
                 sel &= np.isin(labels, self.class_indices(classes, names))
-            feats = _read_selected(g["features"], n, sel, g)
+            feats = _read_selected(g["features"], n, sel)
             return Codes(
                 features=feats, labels=labels[sel],
                 paths=decode_paths(read_rows(g["path"], 0, n)[sel]),
@@ -432,7 +427,7 @@ class FeatureStore(StoreReader):
                 g["label"].refresh()
                 names = list(decode(f.attrs.get("class_names")) or [])
                 sel &= np.isin(read_rows(g["label"], 0, n), self.class_indices(classes, names))
-            return _read_selected(g["features"], n, sel, g)
+            return _read_selected(g["features"], n, sel)
 
     def class_indices(self, classes: Classes, names: list[str] | None = None) -> list[int]:
         """Label indices of ``classes`` (names of ``names``, default the store's, or indices)."""

@@ -25,7 +25,6 @@ from .format import (IDENTITY_KEYS, LABEL_DTYPE, LIBVER, PATH_DTYPE, ROW_DATASET
                      open_swmr, read_rows, checked, damaged_rows, set_attrs, decode_attrs,
                      superblock, clear_open_flags, SWMR_WRITE_FLAG)
 from .manifest import Manifest
-from .sums import create_sums, rebuild_sums, sums_need_rebuild, trim_sums, update_sums
 
 
 CHECKED = {"fletcher32": True}  # the checksum filter on every dataset of a new store
@@ -65,7 +64,6 @@ def _create_group(f: h5py.File, spec: GroupSpec) -> h5py.Group:
     g.create_dataset("sha256", shape=(0,), maxshape=(None,), chunks=(4096,), dtype=SHA_DTYPE, **CHECKED)
     g.create_dataset("label", shape=(0,), maxshape=(None,), chunks=(4096,), dtype=LABEL_DTYPE, **CHECKED)
     g.create_dataset("split", shape=(0,), maxshape=(None,), chunks=(4096,), dtype=SPLIT_DTYPE, **CHECKED)
-    create_sums(g)
     _one_value(g, "committed", np.zeros(1, dtype="i8"))
     _one_value(g, "state", np.array([b""], dtype=SHA_DTYPE))
     set_attrs(g, {"layer": spec.layer, "pooling": spec.pooling, "feature_shape": list(spec.feature_shape),
@@ -123,7 +121,6 @@ def _copy_store(src: h5py.File, dst: h5py.File, keep: dict[str, np.ndarray] | No
                         out[start:start + len(part)] = s[int(part[0]):int(part[-1]) + 1]
                     elif len(part):
                         out[start:start + len(part)] = s[np.sort(part)]
-            rebuild_sums(d, len(rows))
             _one_value(d, "committed", np.array([len(rows)], dtype="i8"))
             # rows were dropped or changed: the group no longer matches any manifest until a run completes it
             _one_value(d, "state", np.array([b""] if keep is not None and name in keep
@@ -178,7 +175,6 @@ def repair_store(path: str | os.PathLike) -> dict[str, Any]:
         lost: dict[str, int] = {}
         unchecked: list[str] = []
         fresh = []
-        resummed: list[str] = []
         try:
             with f:
                 if decode(f.attrs.get("format")) != STORE_FORMAT:
@@ -207,8 +203,6 @@ def repair_store(path: str | os.PathLike) -> dict[str, Any]:
                                 bad[a:b] = True
                         if damaged_rows(g["state"]):
                             keep[name] = np.arange(n)
-                        elif sums_need_rebuild(g, n):
-                            resummed.append(name)
                         if bad.any():
                             keep[name] = np.flatnonzero(~bad)
                             edges = np.flatnonzero(np.diff(np.concatenate([[0], bad.astype(np.int8), [0]])))
@@ -220,13 +214,12 @@ def repair_store(path: str | os.PathLike) -> dict[str, Any]:
             raise StoreError(f"cannot repair {path}: reading it failed ({type(exc).__name__}: {exc}). Its "
                              "structure is damaged, which dropping rows cannot mend: delete it and run "
                              "`cnncodes extract` again (or restore a good copy).") from exc
-        if keep or fresh or resummed:  # the copy rebuilds every group's sums
+        if keep or fresh:
             _rewrite(path, keep, fresh=fresh)
     finally:
         lock.release()
-    return {"store": str(path), "repaired": bool(keep or fresh or resummed), "dropped": dropped, "rows_dropped": lost,
-            "groups_marked_incomplete": sorted(keep), "records_rewritten": fresh, "sums_rebuilt": sorted(resummed),
-            "unchecked": unchecked}
+    return {"store": str(path), "repaired": bool(keep or fresh), "dropped": dropped, "rows_dropped": lost,
+            "groups_marked_incomplete": sorted(keep), "records_rewritten": fresh, "unchecked": unchecked}
 
 
 @dataclass
@@ -333,8 +326,6 @@ class StoreWriter:
         for spec in self.specs:
             g = self.f[spec.name]
             n = int(g["committed"][0])
-            if g["features"].shape[0] != n:
-                trim_sums(g, n)
             for ds in ROW_DATASETS:
                 if g[ds].shape[0] != n:
                     g[ds].resize(n, axis=0)
@@ -443,7 +434,6 @@ class StoreWriter:
         for ds, v in values.items():
             g[ds].resize(n + k, axis=0)
             g[ds][n:n + k] = v
-        update_sums(g, n, values["features"])
         self.f.flush()  # the rows reach the file before the counter says they exist
         g["committed"][0] = n + k
         self.f.flush()

@@ -335,14 +335,13 @@ def write_groups(store: str | os.PathLike, manifest: Manifest) -> None:
     a fold, as they never sit on both sides of the split."""
     import json
 
-    from storage.files import atomic_path
+    from storage.files import atomic_write
 
     path = groups_path(store)
     if not manifest.groups:
         path.unlink(missing_ok=True)
         return
-    with atomic_path(path) as tmp:
-        Path(tmp).write_text(json.dumps(manifest.groups), encoding="utf-8")
+    atomic_write(path, json.dumps(manifest.groups))
 
 
 def _resolve_for_store(spec: BackboneSpec, store: Path) -> BackboneSpec:

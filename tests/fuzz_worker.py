@@ -20,7 +20,7 @@ if str(ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 
 from storage import CnncodesError, Manifest, ModelRegistry, open_store  # noqa: E402
-from storage.tools import verify_store  # noqa: E402
+from storage.verify import verify_store  # noqa: E402
 
 
 def _plain(x):

@@ -56,7 +56,8 @@ def test_two_dask_workers_give_the_single_process_features_and_stay_incremental(
         again = extract_features(str(texture_data), TINY_FLOW, _cut(tmp_path / "sharded.h5"),
                                  output=Output(out=str(tmp_path / "o2")), scale=TWO_WORKERS)
         assert again.up_to_date and again.computed == 0
-    from storage.tools import list_store, verify_store
+    from storage.tools import list_store
+    from storage.verify import verify_store
 
     assert list_store(tmp_path / "sharded.h5")["groups"][0]["rows"] == 43
     v = verify_store(tmp_path / "sharded.h5", check_files=True)

@@ -37,6 +37,15 @@ def fake_api():
     httpd.shutdown()
 
 
+def test_the_server_record_is_replaced_whole(tmp_path, monkeypatch):
+    """server.json is written with the project's one atomic write: a reader finds the old record or the new."""
+    monkeypatch.setenv("CNNCODES_HOME", str(tmp_path / "home"))
+    server._record({"api_url": "http://127.0.0.1:1/api", "ui_url": "x"})
+    server._record({"api_url": "http://127.0.0.1:2/api", "ui_url": "y", "runner_pid": 7})
+    assert server.recorded() == {"api_url": "http://127.0.0.1:2/api", "ui_url": "y", "runner_pid": 7}
+    assert [p.name for p in (tmp_path / "home").iterdir()] == ["server.json"]  # no temporary file left
+
+
 def test_warmup_uses_a_recorded_running_server_and_ignores_a_dead_one(tmp_path, monkeypatch, fake_api):
     monkeypatch.setenv("CNNCODES_HOME", str(tmp_path))
     monkeypatch.setenv("PREFECT_API_URL", "unset")   # so that teardown restores the variable's absence,

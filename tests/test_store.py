@@ -45,7 +45,7 @@ def test_round_trip_and_layout(tmp_path):
     assert list(c.labels[order]) == [i % 2 for i in range(10)]
     assert fs.groups()[0]["rows"] == 10 and fs.groups()[0]["feature_shape"] == [3]
     with h5py.File(tmp_path / "s.h5", "r") as f:
-        assert set(f["l1/avg"].keys()) == {"features", "path", "sha256", "label", "split", "committed", "state", "sums"}
+        assert set(f["l1/avg"].keys()) == {"features", "path", "sha256", "label", "split", "committed", "state"}
         assert f["l1/avg/features"].chunks[0] >= 1 and f["l1/avg/features"].maxshape == (None, 3)
     assert store_is_current(tmp_path / "s.h5", IDENT, [("l1", "avg")], m.fingerprint())
     assert not store_is_current(tmp_path / "s.h5", IDENT, [("l1", "avg")], _manifest(11).fingerprint())
@@ -66,6 +66,44 @@ def test_unfinished_batches_are_invisible_and_dropped_on_resume(tmp_path):
     assert plan.todo["l1/avg"] == [8, 9, 10, 11]
     c = FeatureStore(path).read("l1")
     assert len(c) == 12 and len(set(c.paths)) == 12
+
+
+def test_a_store_with_the_sums_of_earlier_versions_reads_verifies_and_extends_as_any_other(tmp_path):
+    """Groups written by earlier versions also hold ``sums``: (chunks, 2) uint64, the xxh3 of each chunk of
+    features, for reads that skipped HDF5's Fletcher-32. Nothing reads it now: out of date or even damaged,
+    it troubles no reader, no verify and no repair."""
+    from storage.tools import repair_store
+    from storage.verify import verify_store
+
+    path = tmp_path / "old.h5"
+    spec = GroupSpec("l1", "avg", (256,))  # 1024 rows per chunk: 3 chunks
+    feats = np.random.default_rng(0).normal(size=(3200, 256)).astype("f4")
+    _write(path, _manifest(3000), feats, spec=spec, batch=700)
+    with h5py.File(path, "a", libver=("v110", "latest")) as f:  # as the earlier writer made it
+        sums = f["l1/avg"].create_dataset("sums", shape=(0, 2), maxshape=(None, 2), chunks=(4096, 2), dtype="u8",
+                                          fletcher32=True)
+        sums.resize(3, axis=0)
+        sums[:] = [[12345, 1024], [6789, 1024], [1, 952]]  # matching no chunk: out of date
+    with h5py.File(path, "r") as f:
+        at = f["l1/avg/sums"].id.get_chunk_info(0).byte_offset
+    with open(path, "r+b") as fh:  # and damaged: its own Fletcher-32 fails
+        fh.seek(at + 3)
+        b = fh.read(1)
+        fh.seek(at + 3)
+        fh.write(bytes([b[0] ^ 0x44]))
+    with h5py.File(path, "r") as f, pytest.raises(OSError):
+        f["l1/avg/sums"][:]
+    store = FeatureStore(path)
+    np.testing.assert_array_equal(store.read_features("l1"), feats[:3000])
+    np.testing.assert_array_equal(store.read("l1").features, feats[:3000])
+    np.testing.assert_array_equal(np.concatenate([c.features for c in store.iter_chunks("l1", rows=500)]),
+                                  feats[:3000])
+    r = verify_store(path)
+    assert r["ok"] and not r["problems"] and not r["notes"] and not r["damaged"], r
+    assert repair_store(path)["repaired"] is False
+    _write(path, _manifest(3200), feats, spec=spec, batch=150)  # a later run extends it
+    np.testing.assert_array_equal(FeatureStore(path).read_features("l1"), feats)
+    assert verify_store(path)["ok"]
 
 
 def test_reader_sees_committed_rows_while_writer_appends(tmp_path):
@@ -216,7 +254,8 @@ def test_open_store_reads_a_sharded_index_as_one_store_and_feature_store_refuses
 
 
 def test_store_tools_see_a_sharded_store_as_one(tmp_path):
-    from storage.tools import export_group, list_store, store_info, verify_store
+    from storage.tools import export_group, list_store, store_info
+    from storage.verify import verify_store
 
     index, paths, _ = _sharded(tmp_path)
     ls = list_store(index)
@@ -246,17 +285,21 @@ def test_atomic_writes_leave_the_old_file_or_the_new_one(tmp_path):
 
 def test_one_file_lock_for_the_store_writer_and_the_registry(tmp_path):
     from storage import FileLock, ModelRegistry, StoreLockedError
-    from storage.files import FileLockBusy
+    from storage.files import FileLockBusy, lock_is_held
+    from storage.format import writer_holds
 
     lock = FileLock(tmp_path / "x.lock")
+    assert not lock_is_held(tmp_path / "x.lock") and not (tmp_path / "x.lock").exists()  # probed, never made
     with lock:
-        assert "pid" in (tmp_path / "x.lock").read_text()
+        assert "pid" in (tmp_path / "x.lock").read_text() and lock_is_held(tmp_path / "x.lock")
         other = FileLock(tmp_path / "x.lock")
         with pytest.raises(FileLockBusy):  # flock locks belong to the open file: a second one is refused
             other.acquire(blocking=False)
+    assert not lock_is_held(tmp_path / "x.lock")
     other.acquire(blocking=False)
     other.release()
     with StoreWriter(tmp_path / "s.h5", IDENT, [GroupSpec("l1", "avg", (3,))]):
+        assert writer_holds(tmp_path / "s.h5")  # the reader's probe finds the store writer's lock
         with pytest.raises(StoreLockedError, match="is being written by pid"):
             with StoreWriter(tmp_path / "s.h5", IDENT, [GroupSpec("l1", "avg", (3,))]):
                 pass
