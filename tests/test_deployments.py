@@ -32,8 +32,8 @@ def _stop(proc: subprocess.Popen, first=signal.SIGINT) -> None:
     if proc.poll() is not None:
         return
     proc.send_signal(first)
-    try:
-        proc.wait(timeout=20)
+    try:  # the test is over: a few seconds for a clean exit, then no more waiting
+        proc.wait(timeout=5)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(timeout=10)
