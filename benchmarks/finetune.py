@@ -7,10 +7,10 @@ repeats (each side run ``--repeats`` times, alternating); the overhead of each r
 its spread shows, and so is the number of slow epochs of each side (epochs 2..N over 1.5 times their
 run's median). Both sides are timed by the same clock (``tasks.finetune.training.EpochClock``): from
 one epoch's start to the next one's, so every callback's work at an epoch's end counts (the flow's
-backup, best-weights checkpoint, CSV and TensorBoard logs, early stopping; the plain side has none),
-and the flow's last epoch ends after its last backup is written. The same clock also takes the
-process's CPU time over each epoch (median kept): the work done, which other jobs on the machine
-disturb much less than the elapsed time.
+backup, Keras' ``BackupAndRestore``, best-weights checkpoint, CSV and TensorBoard logs, early stopping;
+the plain side has none), and the flow's last epoch ends after its last backup is written. The same
+clock also takes the process's CPU time over each epoch (median kept): the work done, which other jobs
+on the machine disturb much less than the elapsed time.
 
   * plain     images decoded into a NumPy array first, ``model.fit(x, y, validation_data=...)``;
   * cnncodes  ``tasks.finetune.fine_tune``: tf.data decoding (before the first epoch) and caching,
@@ -88,44 +88,6 @@ def flow_fit(spec, cfg, manifest, work: Path) -> tuple[list[float], list[float]]
     return [h["epoch_seconds"] for h in res.history], [h["epoch_cpu_seconds"] for h in res.history]
 
 
-def backup_cost(spec, cfg, n_classes: int, work: Path, times: int = 5) -> dict[str, float]:
-    """Seconds of one epoch's backup of this network with its optimizer state (median of ``times``):
-    Keras' ``BackupAndRestore(double_checkpoint=True)`` as the flow had it (copy of the previous file,
-    ``model.save_weights``), and the flow's own backup: the snapshot on the training thread, the write
-    in the background (fsynced, renamed, metadata)."""
-    import shutil
-    import time
-
-    from tasks.finetune import apply_freezing, build_network, make_optimizer
-    from tasks.finetune.backup import EpochBackup
-
-    net = build_network(spec, n_classes, cfg)
-    apply_freezing(net, cfg.freeze, cfg.freeze_batchnorm)
-    opt = make_optimizer(cfg, 1, "finetune")
-    opt.set_head_variables(net.head_variables())
-    net.model.compile(optimizer=opt, loss="sparse_categorical_crossentropy")
-    net.model.fit(np.zeros((2, net.size, net.size, 3), np.uint8), np.zeros(2, np.int32), epochs=1, verbose=0)
-    keras_s, snap_s, write_s = [], [], []
-    path = work / "keras" / "latest.weights.h5"
-    path.parent.mkdir(parents=True)
-    for k in range(times):
-        t0 = time.perf_counter()
-        if path.exists():
-            shutil.copy(path, f"{path}.bkp")
-        net.model.save_weights(path)
-        keras_s.append(time.perf_counter() - t0)
-    backup = EpochBackup(work / "own")
-    for k in range(times):
-        t0 = time.perf_counter()
-        backup.save(net.model, k + 1)
-        t1 = time.perf_counter()
-        backup.wait()
-        snap_s.append(t1 - t0)
-        write_s.append(time.perf_counter() - t1)
-    return {"keras_backup_s": float(np.median(keras_s)), "snapshot_s": float(np.median(snap_s)),
-            "background_write_s": float(np.median(write_s)), "mib": path.stat().st_size / 2 ** 20}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
@@ -144,9 +106,6 @@ def main() -> None:
         manifest = scan_dataset(data, val_fraction=0.25)
         n_train = sum(1 for s in manifest.samples if s.split == "train")
         spec = BackboneSpec(name="mobilenet_v2", weights="none", input_size=224, precision="float32")
-        results["backup"] = backup_cost(spec, FineTuneConfig(freeze="none", dense=[256], dropout=0.5, augment=[]),
-                                        len(manifest.class_names), Path(tmp) / "backup-cost")
-        print(json.dumps(results["backup"]), flush=True)
         for augment in ([], ["flip", "rotation", "zoom"]):
             cfg = FineTuneConfig(freeze="none", epochs=epochs, patience=epochs, batch_size=32, augment=augment,
                                  dense=[256], dropout=0.5, learning_rate=1e-3)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, TINY
+from tests.interrupt import Interrupted, interrupt_after
 from storage import ModelRegistry, ParameterError
 from tasks.backbones import BackboneSpec
 from tasks.data.datasets import scan_dataset
@@ -30,6 +32,11 @@ def _spec(small_cnn):
 
 def _net(small_cnn, cfg=None, n=3):
     return build_network(_spec(small_cnn), n, cfg or FineTuneConfig(**SMALL))
+
+
+def _backed_up(folder: Path) -> int:
+    """The finished epochs a phase's backup (Keras' BackupAndRestore folder) holds."""
+    return json.loads((folder / "training_metadata.json").read_text())["epoch"]
 
 
 def test_freezing_modes_set_trainable_and_frozen_layer_counts():
@@ -216,9 +223,10 @@ def test_an_ensemble_trains_each_network_with_its_seed_resumes_and_averages_thei
                                 pool_dropout=0.2))
     spec, run = _spec(small_cnn), tmp_path / "run"
     seen: list[tuple[int, int]] = []
-    first = fine_tune(m, spec, cfg, run, stop_after_epochs=3, progress=lambda i, n: seen.append((i, n)))
-    assert first.model_path == "" and not (run / "model.keras").exists()
-    assert [(h["network"], h["epoch"]) for h in first.history] == [(1, 1), (1, 2), (2, 1)]
+    with pytest.raises(Interrupted), interrupt_after(3):  # network 1's two epochs, then one of network 2's
+        fine_tune(m, spec, cfg, run, progress=lambda i, n: seen.append((i, n)))
+    assert not (run / "model.keras").exists() and (run / "network-1" / "model.keras").exists()
+    assert _backed_up(run / "network-2" / "backup-finetune") == 1
     assert seen == [(1, 4), (2, 4), (3, 4)]  # one bar over both networks
     second = fine_tune(m, spec, cfg, run)
     assert second.resumed_from_epoch == {"network-2:finetune": 1}
@@ -238,55 +246,82 @@ def test_an_ensemble_trains_each_network_with_its_seed_resumes_and_averages_thei
         FineTuneConfig(pool_dropout=1.0)
 
 
-def test_resume_continues_from_the_checkpointed_epoch(tmp_path, texture_data, small_cnn):
+def test_resume_continues_from_the_checkpointed_epoch(tmp_path, texture_data, small_cnn, monkeypatch):
+    """A run interrupted after 2 of its 4 epochs resumes at the third, with the optimizer's state of the end of
+    the second (its iteration count read as each epoch begins)."""
+    from tasks import runtime
+    from tasks.finetune import training
+
+    keras = runtime.keras()
+    iterations: list[tuple[int, int]] = []
+    made = training.phase_callbacks
+
+    class Iterations(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            iterations.append((epoch, int(np.asarray(self.model.optimizer.iterations))))
+
+    monkeypatch.setattr(training, "phase_callbacks", lambda *a, **k: [*made(*a, **k), Iterations()])
     m = scan_dataset(texture_data)
     cfg = FineTuneConfig(**dict(SMALL, epochs=4))
-    spec = _spec(small_cnn)
-    first = fine_tune(m, spec, cfg, tmp_path / "run", stop_after_epochs=2)
-    assert first.model_path == "" and [h["epoch"] for h in first.history] == [1, 2]
-    meta = json.loads((tmp_path / "run" / "backup-finetune" / "training_metadata.json").read_text())
-    assert meta["epoch"] == 2
-    second = fine_tune(m, spec, cfg, tmp_path / "run")
+    spec, run = _spec(small_cnn), tmp_path / "run"
+    with pytest.raises(Interrupted), interrupt_after(2):
+        fine_tune(m, spec, cfg, run)
+    assert not (run / "model.keras").exists() and _backed_up(run / "backup-finetune") == 2
+    second = fine_tune(m, spec, cfg, run)
+    (_, zero), (_, per_epoch), (resumed_at, resumed_with), _ = iterations
+    assert zero == 0 and per_epoch > 0 and (resumed_at, resumed_with) == (2, 2 * per_epoch), iterations
     assert second.resumed_from_epoch == {"finetune": 2}
     assert [h["epoch"] for h in second.history] == [3, 4] and Path(second.model_path).exists()
+    assert [p["epochs_run"] for p in second.phases] == [4] and not (run / "backup-finetune").exists()
 
 
-def test_a_backup_restores_weights_and_optimizer_state_and_an_older_keras_backup_still_loads(tmp_path, texture_data,
-                                                                                            small_cnn):
-    from tasks.finetune.backup import EpochBackup, restore
+def test_a_run_stopped_in_its_head_phase_resumes_it_then_trains_every_fine_tuning_epoch(tmp_path, texture_data,
+                                                                                       small_cnn):
+    """Keras' BackupAndRestore tells the model it restores into at which epoch to start, and nothing resets that:
+    the fine-tuning phase after a resumed head phase must still start at its first epoch."""
+    m = scan_dataset(texture_data)
+    cfg = FineTuneConfig(**dict(SMALL, head_epochs=3, epochs=2))
+    spec, run = _spec(small_cnn), tmp_path / "run"
+    with pytest.raises(Interrupted), interrupt_after(2):
+        fine_tune(m, spec, cfg, run)
+    assert _backed_up(run / "backup-head") == 2 and not (run / "phase-head.done.json").exists()
+    second = fine_tune(m, spec, cfg, run)
+    assert second.resumed_from_epoch == {"head": 2}
+    assert [(h["phase"], h["epoch"]) for h in second.history] == [("head", 3), ("finetune", 1), ("finetune", 2)]
+    assert [(p["phase"], p["epochs_run"]) for p in second.phases] == [("head", 3), ("finetune", 2)]
 
-    cfg = FineTuneConfig(**dict(SMALL, momentum=0.9, learning_rate=0.05))
 
-    def compiled():
-        net = _net(small_cnn, cfg)
-        apply_freezing(net, "none", True)
-        opt = make_optimizer(cfg, steps_per_epoch=1, phase="finetune")
-        opt.set_head_variables(net.head_variables())
-        net.model.compile(optimizer=opt, loss="sparse_categorical_crossentropy")
-        return net.model
+def test_a_backup_it_cannot_resume_from_is_removed_said_and_the_phase_trains_from_its_start(tmp_path, texture_data,
+                                                                                           small_cnn, caplog):
+    """The backup of earlier versions (cnncodes' own .npz, named by a training_metadata.json of its own), a first
+    backup killed before its metadata was written, and metadata killed while it was written: each is removed with
+    a line in the log, and its phase trains from its first epoch (Keras' BackupAndRestore would have taken the
+    old metadata's epoch count without any weights)."""
+    from tasks.finetune.resume import backup_epoch
 
-    x = np.random.default_rng(0).integers(0, 255, (8, 32, 32, 3)).astype("uint8")
-    y = np.array([0, 1, 2, 0, 1, 2, 0, 1])
-    trained = compiled()
-    trained.fit(x, y, batch_size=4, epochs=1, verbose=0)  # 2 steps: momentum and iteration count not zero
-    backup = EpochBackup(tmp_path / "backup")
-    backup.save(trained, 3)
-    backup.wait()
-    assert sorted(p.name for p in (tmp_path / "backup").iterdir()) == ["state-0003.npz", "training_metadata.json"]
-    fresh = compiled()
-    fresh(x[:1])
-    assert restore(fresh, tmp_path / "backup") == 3
-    assert int(fresh.optimizer.iterations.numpy()) == 2
-    for a, b in zip(trained.weights + trained.optimizer.variables, fresh.weights + fresh.optimizer.variables):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    # the layout of keras.callbacks.BackupAndRestore, left by an earlier version of the flow
-    (tmp_path / "old").mkdir()
-    trained.save_weights(tmp_path / "old" / "latest.weights.h5")
-    (tmp_path / "old" / "training_metadata.json").write_text(json.dumps({"epoch": 1, "batch": 0}))
-    older = compiled()
-    older(x[:1])
-    assert restore(older, tmp_path / "old") == 1 and int(older.optimizer.iterations.numpy()) == 2
-    assert restore(compiled(), tmp_path / "none") == 0
+    def folder(name: str, metadata: str | None, *files: str) -> Path:
+        path = tmp_path / name
+        path.mkdir()
+        for f in files:
+            (path / f).write_bytes(b"\x89HDF\r\n")
+        if metadata is not None:
+            (path / "training_metadata.json").write_text(metadata)
+        return path
+
+    assert backup_epoch(tmp_path / "none") == 0
+    kept = folder("kept", json.dumps({"epoch": 2, "batch": 0}), "latest.weights.h5")
+    assert backup_epoch(kept) == 2 and kept.exists()
+    with caplog.at_level(logging.WARNING, logger="tasks.finetune.resume"):
+        for name, metadata, why in (("first", None, "not complete"), ("torn", '{"epo', "does not read")):
+            assert backup_epoch(folder(name, metadata, "latest.weights.h5")) == 0
+            assert not (tmp_path / name).exists() and why in caplog.text
+        run = tmp_path / "run"
+        run.mkdir()
+        folder("run/backup-finetune", json.dumps({"epoch": 1, "state": "state-0001.npz", "variables": 12}),
+               "state-0001.npz")
+        res = fine_tune(scan_dataset(texture_data), _spec(small_cnn), FineTuneConfig(**SMALL), run)
+    assert "format of an earlier cnncodes version" in caplog.text and "backup-finetune" in caplog.text
+    assert res.resumed_from_epoch == {} and [h["epoch"] for h in res.history] == [1, 2]
 
 
 KILL = textwrap.dedent("""

@@ -256,16 +256,26 @@ def test_two_phases_freezing_augmentation_mixup_ensemble_adabn_and_self_training
 
 
 RESUME = '''
+    from pathlib import Path
+    from tests.interrupt import Interrupted, interrupt_after
+
     m = scan_dataset(ARGS["data"])
     cfg = FineTuneConfig(dense=[16], dropout=0.0, batch_size=8, head_epochs=1, epochs=3, augment=["flip", "rotation"],
                          mixup=0.2, monitor="none", learning_rate=0.05)
     whole = fine_tune(m, SPEC, cfg, ARGS["run"] + "-whole")
-    first = fine_tune(m, SPEC, cfg, ARGS["run"], stop_after_epochs=2)
-    meta = json.loads(open(ARGS["run"] + "/backup-finetune/training_metadata.json").read())
+    try:
+        with interrupt_after(2):  # the head phase's epoch, then one of fine-tuning's
+            fine_tune(m, SPEC, cfg, ARGS["run"])
+        interrupted = False
+    except Interrupted:
+        interrupted = True
+    run = Path(ARGS["run"])
+    meta = json.loads((run / "backup-finetune" / "training_metadata.json").read_text())
+    first = {"interrupted": interrupted, "model": (run / "model.keras").exists(),
+             "head_done": (run / "phase-head.done.json").exists(), "backup_epoch": meta["epoch"]}
     second = fine_tune(m, SPEC, cfg, ARGS["run"])
     a, b = load_finetuned(whole.model_path), load_finetuned(second.model_path)
-    done(first_model=first.model_path, first=[[h["phase"], h["epoch"]] for h in first.history],
-         backup_epoch=meta["epoch"], resumed=second.resumed_from_epoch,
+    done(first=first, resumed=second.resumed_from_epoch,
          second=[[h["phase"], h["epoch"]] for h in second.history],
          whole_losses=[h["loss"] for h in whole.history], resumed_losses=[h["loss"] for h in second.history],
          weights_differ=max(float(np.abs(x - y).max()) for x, y in zip(a.get_weights(), b.get_weights())))
@@ -274,13 +284,14 @@ RESUME = '''
 
 @pytest.mark.parametrize("backend", OTHER_BACKENDS)
 def test_a_stopped_run_resumes_and_ends_as_the_uninterrupted_run(backend, tmp_path, texture_data, small_cnn):
-    """On JAX and PyTorch, a run stopped after its head phase and one fine-tuning epoch leaves the phase's backup
-    (epoch 1) and no model; the next call resumes from it and finishes the model. With no dropout, the resumed
-    epochs train on the batches the uninterrupted run drew (order, augmentation, mixup) from the restored weights
-    and optimizer state: the same losses and the same final weights. (Dropout's random state is not in the
-    backup, on TensorFlow neither: with dropout a resumed run draws other masks.)"""
+    """On JAX and PyTorch, a run interrupted after its head phase and one fine-tuning epoch leaves the head phase
+    done, the fine-tuning phase's backup (epoch 1) and no model; the next call resumes from it and finishes the
+    model. With no dropout, the resumed epochs train on the batches the uninterrupted run drew (order,
+    augmentation, mixup) from the weights and optimizer state Keras' BackupAndRestore restored: the same losses and
+    the same final weights. (Dropout's random state is not in the backup, on TensorFlow neither: with dropout a
+    resumed run draws other masks.)"""
     out, _ = _run(backend, RESUME, tmp_path, data=str(texture_data), model=small_cnn, run=str(tmp_path / "run"))
-    assert out["first_model"] == "" and out["first"] == [["head", 1], ["finetune", 1]] and out["backup_epoch"] == 1
+    assert out["first"] == {"interrupted": True, "model": False, "head_done": True, "backup_epoch": 1}
     assert out["resumed"] == {"finetune": 1}
     assert out["second"] == [["head", 1], ["finetune", 2], ["finetune", 3]]
     assert (tmp_path / "run" / "model.keras").exists() and not (tmp_path / "run" / "backup-finetune").exists()

@@ -1,19 +1,60 @@
-"""What a resumed phase remembers of its epochs before the kill: the best monitored value (so the
-best-weights checkpoint is not overwritten by a worse epoch) and early stopping's state (best value,
-epochs without improvement, and the best weights, read back from ``best.weights.h5``).
+"""What a resumed phase starts from and remembers of its epochs before the kill.
 
-Keras' ``ModelCheckpoint`` and ``EarlyStopping`` start afresh at every ``fit``; a phase resumed from its
-backup would otherwise judge its first epoch against nothing, overwrite the best checkpoint with it, and
-restore the best of the resumed epochs only. The epochs before the kill are read from the phase's CSV
-log (``CSVLogger`` appends a row per finished epoch; rows at or past the backup's epoch belong to
-epochs that run again and are ignored).
+A phase's backup is ``keras.callbacks.BackupAndRestore``'s folder (``backup-<phase>/``): after each epoch the
+model's weights with the optimizer's state (``latest.weights.h5``, the previous epoch's kept beside it), then
+``training_metadata.json`` with the number of finished epochs; at the start of the next ``fit`` it loads them
+back. :func:`backup_epoch` reads that number before the ``fit``, so that the flow's own bookkeeping (where
+the training data's epochs start, the rows of the history, the epochs before the kill) agrees with it.
+
+The epochs before the kill keep their say: the best monitored value (so the best-weights checkpoint is not
+overwritten by a worse epoch) and early stopping's state (best value, epochs without improvement, and the
+best weights, read back from ``best.weights.h5``). Keras' ``ModelCheckpoint`` and ``EarlyStopping`` start
+afresh at every ``fit``; a phase resumed from its backup would otherwise judge its first epoch against
+nothing, overwrite the best checkpoint with it, and restore the best of the resumed epochs only. The epochs
+before the kill are read from the phase's CSV log (``CSVLogger`` appends a row per finished epoch; rows at
+or past the backup's epoch belong to epochs that run again and are ignored).
 """
 from __future__ import annotations
 
 import csv
+import json
+import logging
 import math
+import shutil
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
+
+# what keras.callbacks.BackupAndRestore writes after the weights, once an epoch is backed up: {"epoch": N, ...}
+METADATA = "training_metadata.json"
+
+
+def backup_epoch(backup_dir: str | Path) -> int:
+    """The number of finished epochs that the ``BackupAndRestore`` folder ``backup_dir`` holds, from which the
+    phase's ``fit`` resumes; 0 where there is no folder. A folder it could not resume from correctly is removed,
+    said in the log, and the phase trains from its first epoch: one without ``training_metadata.json`` (the
+    first backup, interrupted before it was complete), one whose metadata does not read (interrupted while it
+    was written), and one in the format of earlier cnncodes versions (their own ``.npz`` backup, which
+    ``BackupAndRestore`` would take for an epoch count without weights)."""
+    folder = Path(backup_dir)
+    if not folder.is_dir():
+        return 0
+    why = ""
+    try:
+        meta = json.loads((folder / METADATA).read_text())
+        epoch = int(meta["epoch"])
+        if "state" in meta:
+            why = "it is in the format of an earlier cnncodes version, which this one does not read"
+    except FileNotFoundError:
+        why = "its first epoch's backup was not complete"
+    except (ValueError, TypeError, KeyError):
+        why = f"its {METADATA} does not read"
+    if not why:
+        return epoch
+    log.warning("%s: %s; removed, this phase trains from its first epoch", folder, why)
+    shutil.rmtree(folder, ignore_errors=True)
+    return 0
 
 
 def prior_values(csv_path: str | Path, start_epoch: int, monitor: str) -> list[tuple[int, float]]:

@@ -18,7 +18,7 @@ TensorFlow backend and a ``keras.utils.PyDataset`` on JAX and PyTorch (:mod:`.da
 decoded once with the same decoder (bad files skipped and reported), cached,
 shuffled, augmented with Keras preprocessing layers (training only).
 A killed run resumes from its last epoch (weights, optimizer state, epoch)
-through the backup of :mod:`.backup`, written after every epoch.
+through Keras' ``BackupAndRestore``, written after every epoch (:mod:`.resume`).
 """
 from __future__ import annotations
 
@@ -39,8 +39,7 @@ from storage.manifest import Manifest
 
 from .. import runtime
 from ..backbones import BackboneSpec
-from .backup import EpochBackup, restore
-from .resume import best_prior, maximised, prior_values, resumable_early_stopping
+from .resume import backup_epoch, best_prior, maximised, prior_values, resumable_early_stopping
 from .config import FineTuneConfig
 from ..data.inputs import input_loader
 from .data import SkipLog, at_epoch, augmentation, batch_count, make_dataset, set_seed, split_arrays
@@ -63,7 +62,6 @@ class FineTuneResult:
     input_size: int | None = None
     precision: str | None = None      # what the network computed in ('auto' resolved)
     devices: int = 1                   # replicas of the distribution strategy
-    epochs_this_call: int = 0          # epochs trained by this call (a resumed run's earlier ones not counted)
 
 
 class EpochClock:
@@ -73,7 +71,7 @@ class EpochClock:
     the plain ``model.fit`` side too, so both sides are timed the same way.
 
     ``closing()``, placed as the last callback, moves the end of the last epoch after every other
-    callback's work at the end of training (a backup still being written is finished there).
+    callback's work at the end of training.
     ``cpu_seconds()``: the process's CPU time (all its threads) over the same spans, a measure of the
     work done that other processes competing for the cores disturb far less than the elapsed time."""
 
@@ -188,7 +186,7 @@ def tensorboard_callback(keras, log_dir: Path):
 
 def fine_tune(manifest: Manifest, spec: BackboneSpec, cfg: FineTuneConfig, workdir: str | Path,
               resize: str = "stretch", progress: Callable[[int, int], None] | None = None,
-              stop_after_epochs: int | None = None, strategy=None) -> FineTuneResult:
+              strategy=None) -> FineTuneResult:
     """Fine-tune on ``manifest``'s train split, validating on val (or test). Writes into ``workdir``:
     ``model.keras`` (the best weights, no optimizer), ``history.csv``, ``tensorboard/``, per-phase
     backups for resuming, ``best.weights.h5``. A second call with the same ``workdir`` after a
@@ -201,31 +199,22 @@ def fine_tune(manifest: Manifest, spec: BackboneSpec, cfg: FineTuneConfig, workd
 
     ``cfg.ensemble`` > 1: that many networks, trained one after the other in ``workdir/network-K``
     (seeds ``cfg.seed + K - 1``; each resumes on its own), and ``model.keras`` averages their class
-    probabilities; ``history`` and ``phases`` rows name their ``network``.
-
-    ``stop_after_epochs`` ends training after that many epochs in this call (for tests of resume)."""
+    probabilities; ``history`` and ``phases`` rows name their ``network``."""
     if cfg.ensemble == 1:
-        return _fine_tune_one(manifest, spec, cfg, workdir, resize, progress, stop_after_epochs, strategy)
+        return _fine_tune_one(manifest, spec, cfg, workdir, resize, progress, strategy)
     t0 = time.perf_counter()
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     n, per = cfg.ensemble, cfg.head_epochs + cfg.epochs
     done: list[FineTuneResult] = []
     history: list[dict[str, Any]] = []
-    budget = stop_after_epochs
     for k in range(1, n + 1):
         member = cfg.model_copy(update={"seed": cfg.seed + k - 1, "ensemble": 1})
         step = (lambda i, total, k=k: progress((k - 1) * per + i, n * per)) if progress else None
-        r = _fine_tune_one(manifest, spec, member, workdir / f"network-{k}", resize, step, budget, strategy)
+        r = _fine_tune_one(manifest, spec, member, workdir / f"network-{k}", resize, step, strategy)
         for row in r.history + r.phases:
             row["network"] = k
         history += r.history
-        if budget is not None:
-            budget -= r.epochs_this_call
-        if not r.model_path:  # stopped on request: the next call resumes this network
-            return FineTuneResult("", history, [p for d in done for p in d.phases] + r.phases, r.counts, r.skipped,
-                                  time.perf_counter() - t0, {f"network-{k}:{p}": e for p, e in
-                                                             r.resumed_from_epoch.items()})
         done.append(r)
     model_path = workdir / "model.keras"
     with atomic_path(model_path, suffix=".keras") as tmp:
@@ -261,40 +250,92 @@ def ensemble_model(paths: list[str]):
     return keras.Model(inp, out, name="cnncodes_ensemble")
 
 
+@dataclass
+class _Data:
+    """What every phase of one network trains and validates on."""
+
+    train: Any
+    val: Any
+    steps: int          # training batches per epoch
+    known: bool         # whether ``steps`` is the dataset's own count (else an estimate: each epoch runs to the end)
+    skips: SkipLog
+    one_hot: int        # classes of one-hot (mixed) labels; 0: integer labels
+
+
 def _fine_tune_one(manifest: Manifest, spec: BackboneSpec, cfg: FineTuneConfig, workdir: str | Path,
-                   resize: str, progress: Callable[[int, int], None] | None, stop_after_epochs: int | None,
-                   strategy) -> FineTuneResult:
-    keras = runtime.keras()
+                   resize: str, progress: Callable[[int, int], None] | None, strategy) -> FineTuneResult:
+    """One network: its data, then each phase (the head alone, then fine-tuning) trained or, when a
+    previous call finished it, loaded; then the model saved."""
     t0 = time.perf_counter()
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     set_seed(cfg.seed)
-    n_classes = len(manifest.class_names)
-    tr_paths, tr_labels, tr_rel = split_arrays(manifest, "train")
-    # early stopping and the best checkpoint watch val; test is never shown to a selection step
-    va_paths, va_labels, va_rel = split_arrays(manifest, "val")
-    if len(np.unique(tr_labels)) < 2:
-        raise DatasetError(f"the train split has images of {len(np.unique(tr_labels))} class(es); fine-tuning "
-                           "needs at least two.")
-    if not va_paths and cfg.monitor.startswith("val_"):
-        raise DatasetError(f"fine-tuning with monitor {cfg.monitor} needs a val split for early stopping and the best "
-                           "checkpoint (the test split is kept for the final, unbiased accuracy); use --val-fraction "
-                           "> 0 or a dataset with val/, or --monitor none to train exactly --epochs epochs and keep "
-                           "the last.")
+    splits = _splits(manifest, cfg)
     spec = spec.resolved()
     runtime.check_precision(spec.precision)
     if strategy is None:
         strategy = default_strategy()
     scope = strategy.scope if strategy else contextlib.nullcontext
     with scope():
-        net = build_network(spec, n_classes, cfg)
+        net = build_network(spec, len(manifest.class_names), cfg)
+    data = _datasets(manifest, spec, cfg, net.size, resize, splits)
+    net.model(np.zeros((1, net.size, net.size, 3), np.float32))  # built, for a backup to be restored
+    phases = ([("head", "all", cfg.head_epochs)] if cfg.head_epochs else []) + [("finetune", cfg.freeze, cfg.epochs)]
+    total_epochs = sum(p[2] for p in phases)
+    history: list[dict[str, Any]] = []
+    phase_info, resumed, offset, stopped_early = [], {}, 0, False
+    for phase, freeze, epochs in phases:
+        info = _finished_phase(net, workdir, phase)
+        if info is None:
+            clock = EpochClock(progress, total_epochs, offset)
+            info, start_epoch = _train_phase(net, spec, cfg, data, workdir, (phase, freeze, epochs), scope, clock)
+            if start_epoch:
+                resumed[phase] = start_epoch
+            if phase == "finetune":
+                stopped_early = info["epochs_run"] < epochs
+        phase_info.append(info)
+        history += info.get("history", [])
+        offset += epochs
+    keras = runtime.keras()
+    plain = keras.Model(net.model.inputs, net.model.outputs, name="cnncodes_finetuned")
+    model_path = workdir / "model.keras"
+    with atomic_path(model_path, suffix=".keras") as tmp:
+        plain.save(tmp)
+    _write_history(workdir, history)
+    return FineTuneResult(str(model_path), history, phase_info, net.counts(), data.skips.as_list(),
+                          time.perf_counter() - t0, resumed, stopped_early, net.size, spec.precision,
+                          _replicas(strategy))
+
+
+def _splits(manifest: Manifest, cfg: FineTuneConfig) -> dict[str, tuple]:
+    """The train and val splits' (paths, labels, relative paths); DatasetError where they cannot serve."""
+    tr = split_arrays(manifest, "train")
+    # early stopping and the best checkpoint watch val; test is never shown to a selection step
+    va = split_arrays(manifest, "val")
+    if len(np.unique(tr[1])) < 2:
+        raise DatasetError(f"the train split has images of {len(np.unique(tr[1]))} class(es); fine-tuning "
+                           "needs at least two.")
+    if not va[0] and cfg.monitor.startswith("val_"):
+        raise DatasetError(f"fine-tuning with monitor {cfg.monitor} needs a val split for early stopping and the best "
+                           "checkpoint (the test split is kept for the final, unbiased accuracy); use --val-fraction "
+                           "> 0 or a dataset with val/, or --monitor none to train exactly --epochs epochs and keep "
+                           "the last.")
+    return {"train": tr, "val": va}
+
+
+def _datasets(manifest: Manifest, spec: BackboneSpec, cfg: FineTuneConfig, size: int, resize: str,
+              splits: dict[str, tuple]) -> _Data:
+    """The training and validation datasets (decoded now, into their caches); DatasetError where nothing of
+    a split decodes."""
     skips = SkipLog()
-    load = input_loader(manifest.media, net.size, resize, spectrogram=spec.spectrogram)
+    load = input_loader(manifest.media, size, resize, spectrogram=spec.spectrogram)
+    n_classes = len(manifest.class_names)
     one_hot = n_classes if cfg.mixup else 0  # mixed labels are rows of class weights: a categorical loss
-    train_ds = make_dataset(tr_paths, tr_labels, tr_rel, net.size, resize, cfg.batch_size, skips, training=True,
+    (tr_paths, tr_labels, tr_rel), (va_paths, va_labels, va_rel) = splits["train"], splits["val"]
+    train_ds = make_dataset(tr_paths, tr_labels, tr_rel, size, resize, cfg.batch_size, skips, training=True,
                             augment=augmentation(cfg, manifest.media), seed=cfg.seed, load=load, mixup=cfg.mixup,
                             n_classes=one_hot)
-    val_ds = make_dataset(va_paths, va_labels, va_rel, net.size, resize, cfg.batch_size, skips, training=False,
+    val_ds = make_dataset(va_paths, va_labels, va_rel, size, resize, cfg.batch_size, skips, training=False,
                           load=load, n_classes=one_hot) if va_paths else None
     # batches of the images that decoded (make_dataset decodes them now, into its cache)
     n_batches = batch_count(train_ds)
@@ -304,105 +345,105 @@ def _fine_tune_one(manifest: Manifest, spec: BackboneSpec, cfg: FineTuneConfig, 
         if ds is not None and batch_count(ds) == 0:
             raise DatasetError(f"no image of the {split} split could be decoded (see the skipped files: "
                                f"{skips.as_list()[:3]}...).")
-    net.model(np.zeros((1, net.size, net.size, 3), np.float32))  # built, for a backup to be restored
-    phases = ([("head", "all", cfg.head_epochs)] if cfg.head_epochs else []) + [("finetune", cfg.freeze, cfg.epochs)]
-    total_epochs = sum(p[2] for p in phases)
-    history: list[dict[str, Any]] = []
-    phase_info, resumed, offset, budget = [], {}, 0, stop_after_epochs
-    stopped_early, this_call = False, 0
-    for phase, freeze, epochs in phases:
-        done_marker = workdir / f"phase-{phase}.done.json"
-        weights_after = workdir / f"phase-{phase}.weights.h5"
-        if done_marker.exists() and weights_after.exists():
-            net.model.load_weights(weights_after)
-            info = json.loads(done_marker.read_text())
-            phase_info.append(info)
-            history += info.get("history", [])
-            offset += epochs
-            continue
-        apply_freezing(net, freeze, cfg.freeze_batchnorm)
-        with scope():
-            opt = make_optimizer(cfg, steps, phase)
-            if hasattr(opt, "set_head_variables"):
-                opt.set_head_variables(net.head_variables())
-            if spec.precision == "float16":  # float16 gradients underflow without dynamic loss scaling
-                opt = keras.optimizers.LossScaleOptimizer(opt)
-            loss = "categorical_crossentropy" if one_hot else "sparse_categorical_crossentropy"
-            net.model.compile(optimizer=opt, loss=loss, metrics=["accuracy"],
-                              jit_compile=_jit_compile(cfg))
-        backup = workdir / f"backup-{phase}"
-        with scope():
-            start_epoch = restore(net.model, backup)  # weights, optimizer state: 0 when there is no backup
-        if start_epoch:
-            resumed[phase] = start_epoch
-        # the epochs before a resume still count for the best checkpoint and for early stopping
-        # monitor 'none': no checkpoint choice and no early stopping; the last epoch's weights are the model
-        monitor = None if cfg.monitor == "none" else cfg.monitor
-        prior = prior_values(workdir / f"history-{phase}.csv", start_epoch, monitor) if monitor else []
-        mode = "max" if monitor and maximised(monitor) else "min"
-        clock = EpochClock(progress, total_epochs, offset)
-        # kept until the phase is recorded as done below, so no moment exists without a checkpoint
-        backups = EpochBackup(backup)
-        board = tensorboard_callback(keras, workdir / "tensorboard" / phase)
-        callbacks = [
-            clock.callback(),
-            backups.callback(),
-            keras.callbacks.CSVLogger(str(workdir / f"history-{phase}.csv"), append=True),
-            *([board] if board is not None else []),
-        ]
-        if monitor:
-            callbacks.append(keras.callbacks.ModelCheckpoint(
-                str(workdir / "best.weights.h5"), monitor=monitor, mode=mode, save_best_only=True,
-                save_weights_only=True, initial_value_threshold=best_prior(prior, monitor)))
-        if phase == "finetune" and monitor:
-            callbacks.append(resumable_early_stopping(keras, prior, workdir / "best.weights.h5", monitor=monitor,
-                                                      mode=mode, min_delta=cfg.min_delta, patience=cfg.patience,
-                                                      restore_best_weights=True))
-            if cfg.schedule == "plateau":
-                callbacks.append(keras.callbacks.ReduceLROnPlateau(monitor=monitor, factor=cfg.step_gamma,
-                                                                   patience=max(1, cfg.patience // 2)))
-        callbacks.append(clock.closing())  # last: the last epoch ends after the last backup is written
-        run_epochs = epochs
-        if budget is not None:
-            run_epochs = min(epochs, start_epoch + budget)
-        before = net.counts()
-        at_epoch(train_ds, offset + start_epoch)  # a resumed phase draws as the uninterrupted run would have
-        with backups:  # the last backup's write is finished, also when fit raises
-            # steps_per_epoch given: Keras keeps the iterator it makes at an epoch's end (prefetching
-            # while validation runs) for the next epoch instead of making another one
-            h = net.model.fit(train_ds, validation_data=val_ds, epochs=run_epochs, initial_epoch=start_epoch,
-                              steps_per_epoch=steps if known else None, callbacks=callbacks, verbose=0,
-                              shuffle=False)  # the dataset shuffles itself
-        ran = len(h.history.get("loss", []))
-        seconds, cpu = clock.seconds(), clock.cpu_seconds()
-        rows = [{"phase": phase, "epoch": start_epoch + i + 1, **{k: float(v[i]) for k, v in h.history.items()},
-                 "epoch_seconds": seconds[i] if i < len(seconds) else None,
-                 "epoch_cpu_seconds": cpu[i] if i < len(cpu) else None} for i in range(ran)]
-        history += rows
-        this_call += ran
-        if budget is not None:
-            budget -= ran
-            if run_epochs < epochs and (start_epoch + ran) >= run_epochs:
-                # stopped on request before the phase ended: leave the backup for a resume
-                return FineTuneResult("", history, phase_info, before, skips.as_list(),
-                                      time.perf_counter() - t0, resumed, epochs_this_call=this_call)
-        if phase == "finetune":
-            stopped_early = (start_epoch + ran) < epochs
-        info = {"phase": phase, "freeze": freeze, "epochs_run": start_epoch + ran, "epochs": epochs,
-                "counts": before, "history": rows}
-        phase_info.append(info)
-        net.model.save_weights(weights_after)
-        atomic_write(done_marker, json.dumps(info, default=float))
-        shutil.rmtree(backup, ignore_errors=True)
-        offset += epochs
-    plain = keras.Model(net.model.inputs, net.model.outputs, name="cnncodes_finetuned")
-    model_path = workdir / "model.keras"
-    with atomic_path(model_path, suffix=".keras") as tmp:
-        plain.save(tmp)
-    _write_history(workdir, history)
-    return FineTuneResult(str(model_path), history, phase_info, net.counts(), skips.as_list(),
-                          time.perf_counter() - t0, resumed, stopped_early, net.size, spec.precision,
-                          _replicas(strategy), this_call)
+    return _Data(train_ds, val_ds, steps, known, skips, one_hot)
+
+
+def _finished_phase(net, workdir: Path, phase: str) -> dict[str, Any] | None:
+    """A phase that a previous call finished: its weights loaded into ``net``, its record returned; else None."""
+    done_marker = workdir / f"phase-{phase}.done.json"
+    weights_after = workdir / f"phase-{phase}.weights.h5"
+    if not (done_marker.exists() and weights_after.exists()):
+        return None
+    net.model.load_weights(weights_after)
+    return json.loads(done_marker.read_text())
+
+
+def _compiled_model(net, spec: BackboneSpec, cfg: FineTuneConfig, data: _Data, phase: str, scope):
+    """A Keras model over ``net``'s layers, compiled with this phase's optimizer and loss.
+
+    Each phase fits a model of its own (the layers, hence the weights, are ``net.model``'s): Keras'
+    ``BackupAndRestore`` sets the epoch a restored ``fit`` starts from on the model it restores into, and
+    nothing resets it, so a later phase fitting the same model would start at that epoch too."""
+    keras = runtime.keras()
+    with scope():  # made inside the scope: a TensorFlow model trains with the strategy it was made under
+        model = keras.Model(net.model.inputs, net.model.outputs, name=net.model.name)
+        opt = make_optimizer(cfg, data.steps, phase)
+        if hasattr(opt, "set_head_variables"):
+            opt.set_head_variables(net.head_variables())
+        if spec.precision == "float16":  # float16 gradients underflow without dynamic loss scaling
+            opt = keras.optimizers.LossScaleOptimizer(opt)
+        loss = "categorical_crossentropy" if data.one_hot else "sparse_categorical_crossentropy"
+        model.compile(optimizer=opt, loss=loss, metrics=["accuracy"], jit_compile=_jit_compile(cfg))
+    return model
+
+
+def phase_callbacks(cfg: FineTuneConfig, workdir: Path, phase: str, prior: list[tuple[int, float]],
+                    clock: EpochClock) -> list:
+    """The callbacks of one phase's ``fit``, in order: the clock (and progress), the CSV history, TensorBoard,
+    the best-weights checkpoint and early stopping (both aware of ``prior``, the epochs before a resume), the
+    plateau schedule, the backup, the clock's closing."""
+    keras = runtime.keras()
+    # monitor 'none': no checkpoint choice and no early stopping; the last epoch's weights are the model
+    monitor = None if cfg.monitor == "none" else cfg.monitor
+    mode = "max" if monitor and maximised(monitor) else "min"
+    board = tensorboard_callback(keras, workdir / "tensorboard" / phase)
+    callbacks = [
+        clock.callback(),
+        keras.callbacks.CSVLogger(str(workdir / f"history-{phase}.csv"), append=True),
+        *([board] if board is not None else []),
+    ]
+    if monitor:
+        callbacks.append(keras.callbacks.ModelCheckpoint(
+            str(workdir / "best.weights.h5"), monitor=monitor, mode=mode, save_best_only=True,
+            save_weights_only=True, initial_value_threshold=best_prior(prior, monitor)))
+    if phase == "finetune" and monitor:
+        callbacks.append(resumable_early_stopping(keras, prior, workdir / "best.weights.h5", monitor=monitor,
+                                                  mode=mode, min_delta=cfg.min_delta, patience=cfg.patience,
+                                                  restore_best_weights=True))
+        if cfg.schedule == "plateau":
+            callbacks.append(keras.callbacks.ReduceLROnPlateau(monitor=monitor, factor=cfg.step_gamma,
+                                                               patience=max(1, cfg.patience // 2)))
+    # After the others: at training's start it restores after early stopping has read the best weights (whose
+    # file holds an optimizer state too); at an epoch's end it backs up once the epoch's row and checkpoint are
+    # written (and the learning rate the plateau schedule set). Kept until the phase is recorded as done (not
+    # deleted at the end of fit), so no moment exists without a checkpoint; the previous epoch's backup is kept
+    # too, for a kill while the weights are written.
+    callbacks.append(keras.callbacks.BackupAndRestore(str(workdir / f"backup-{phase}"), double_checkpoint=True,
+                                                      delete_checkpoint=False))
+    callbacks.append(clock.closing())  # last: the last epoch ends after the last backup is written
+    return callbacks
+
+
+def _train_phase(net, spec: BackboneSpec, cfg: FineTuneConfig, data: _Data, workdir: Path,
+                 phase_spec: tuple[str, str, int], scope, clock: EpochClock) -> tuple[dict[str, Any], int]:
+    """Train one phase (name, freezing, epochs) from its backup, or its start, to its end, and record it as
+    done: (its record, the epoch it resumed from)."""
+    phase, freeze, epochs = phase_spec
+    apply_freezing(net, freeze, cfg.freeze_batchnorm)
+    model = _compiled_model(net, spec, cfg, data, phase, scope)
+    backup = workdir / f"backup-{phase}"
+    start_epoch = backup_epoch(backup)  # the backup's weights and optimizer state are loaded as fit begins
+    # the epochs before a resume still count for the best checkpoint and for early stopping
+    prior = prior_values(workdir / f"history-{phase}.csv", start_epoch, cfg.monitor) if cfg.monitor != "none" else []
+    callbacks = phase_callbacks(cfg, workdir, phase, prior, clock)
+    before = net.counts()
+    at_epoch(data.train, clock.offset + start_epoch)  # a resumed phase draws as the uninterrupted run would have
+    # steps_per_epoch given: Keras keeps the iterator it makes at an epoch's end (prefetching
+    # while validation runs) for the next epoch instead of making another one
+    h = model.fit(data.train, validation_data=data.val, epochs=epochs, initial_epoch=start_epoch,
+                  steps_per_epoch=data.steps if data.known else None, callbacks=callbacks, verbose=0,
+                  shuffle=False)  # the dataset shuffles itself
+    ran = len(h.history.get("loss", []))
+    seconds, cpu = clock.seconds(), clock.cpu_seconds()
+    rows = [{"phase": phase, "epoch": start_epoch + i + 1, **{k: float(v[i]) for k, v in h.history.items()},
+             "epoch_seconds": seconds[i] if i < len(seconds) else None,
+             "epoch_cpu_seconds": cpu[i] if i < len(cpu) else None} for i in range(ran)]
+    info = {"phase": phase, "freeze": freeze, "epochs_run": start_epoch + ran, "epochs": epochs,
+            "counts": before, "history": rows}
+    net.model.save_weights(workdir / f"phase-{phase}.weights.h5")
+    atomic_write(workdir / f"phase-{phase}.done.json", json.dumps(info, default=float))
+    shutil.rmtree(backup, ignore_errors=True)
+    return info, start_epoch
 
 
 def _write_history(workdir: Path, history: list[dict[str, Any]]) -> None:
