@@ -177,3 +177,39 @@ def test_every_flow_returns_a_typed_result_read_by_its_fields():
     assert r.as_dict()["computed"] == 3 and r.as_dict()["shards"] == ["x"]
     with pytest.raises(TypeError):  # not a mapping: no second way to read a field
         r["store"]
+
+
+def _product_files():
+    return [p for pkg in PACKAGES for p in sorted((ROOT / pkg).rglob("*.py"))]
+
+
+def test_no_function_of_the_product_is_over_80_lines():
+    long = []
+    for path in _product_files():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > 80:
+                    long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({lines} lines)")
+    assert not long, "split these into named phases: " + "; ".join(long)
+
+
+def test_no_module_imports_another_modules_private_names():
+    found = []
+    for path in _product_files():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").split(".")[0] in PACKAGES):
+                found += [f"{path.relative_to(ROOT)}:{node.lineno} {a.name}" for a in node.names
+                          if a.name.startswith("_") and not a.name.startswith("__")]
+    assert not found, "make these public or move them where they are used: " + "; ".join(found)
+
+
+# another library's private names: only tasks/internals.py may use them (with a fallback and a test)
+PRIVATE_OF_OTHERS = re.compile(r"keras\.src\b|prefect\._internal|threading\._shutdown|atexit\._run_exitfuncs|"
+                               r"PREFECT__SERVER_|h5py\._hl|sklearn\.\w+\._")
+
+
+def test_other_libraries_private_names_live_in_tasks_internals_only():
+    found = [f"{path.relative_to(ROOT)}: {m.group(0)}" for path in _product_files()
+             if path != ROOT / "tasks" / "internals.py" for m in PRIVATE_OF_OTHERS.finditer(path.read_text())]
+    assert not found, "move these into tasks/internals.py (with a fallback and a test): " + "; ".join(found)
