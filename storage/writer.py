@@ -8,6 +8,7 @@ TensorFlow nor Prefect.
 from __future__ import annotations
 
 import json
+import errno
 import os
 import time
 from dataclasses import dataclass
@@ -142,6 +143,10 @@ def _acquire(lock: FileLock, path: Path) -> None:
         try:
             lock.acquire(blocking=False)
             return
+        except PermissionError as exc:
+            raise StoreError(f"cannot write feature store {path}: {exc.strerror} on {exc.filename}. Give the user "
+                             f"running cnncodes write permission on the folder {path.parent}, or write the store "
+                             "elsewhere (--store, or --out).") from exc
         except FileLockBusy as busy:
             if time.monotonic() < deadline:
                 time.sleep(0.05)
@@ -287,7 +292,9 @@ class StoreWriter:
             return h5py.File(self.path, "a", libver=LIBVER)
         except OSError as exc:
             if "already open for write" not in str(exc):
-                raise StoreError(f"cannot open feature store {self.path} for writing: {exc}") from exc
+                advice = (" Give the user running cnncodes write permission on it (chmod u+w), or write the store "
+                          "elsewhere (--store, or --out)." if exc.errno == errno.EACCES else "")
+                raise StoreError(f"cannot open feature store {self.path} for writing: {exc}.{advice}") from exc
         # A writer was killed while it had the file open: the file is flagged as open. Killed in SWMR mode,
         # it is readable as it is; killed before (while preparing), only once the flags are cleared (what
         # `h5clear -s` does; we hold the writer lock, so no writer has it open). Either way its committed

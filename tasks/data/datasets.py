@@ -53,14 +53,21 @@ def _is_hidden(name: str) -> bool:
     return name.startswith(".") or name.startswith("__")
 
 
-def _walk(folder: str, loops: list[str]) -> Iterator[tuple[str, str, Key | OSError]]:
+# why a folder's images are missing from a scan, when it cannot be listed
+UNLISTABLE = ("folder cannot be listed ({}): its images are left out. Give the user running cnncodes read and "
+              "execute permission on it (chmod a+rx), or move it out of the dataset")
+
+
+def _walk(folder: str, loops: list[str], unlisted: list[tuple[str, OSError]] | None = None
+          ) -> Iterator[tuple[str, str, Key | OSError]]:
     """``(folder, name, stat)`` of each file under ``folder``, folder by folder (files sorted by name, then
     each sub-folder in name order, depth first), hidden files and folders left out, symbolic links
     followed. ``stat`` is :func:`~tasks.data.statcache.stat_key` of the file's stat, or the error that
     says why there is none (a broken link, a FIFO). One ``os.scandir`` per folder and one ``stat`` per
     file: nothing is opened. ``loops`` receives the folders left out because they lead back to a folder
     already listed or to one above ``folder``: a link loop would otherwise list the same images again and
-    again, under ever longer paths."""
+    again, under ever longer paths. ``unlisted`` receives each folder that cannot be listed (permission
+    denied, say), with the error."""
     top = os.path.realpath(folder)
     seen = {top}
     stack = [(folder, top)]
@@ -69,8 +76,10 @@ def _walk(folder: str, loops: list[str]) -> Iterator[tuple[str, str, Key | OSErr
         try:
             with os.scandir(path) as it:
                 listed = [e for e in it if not _is_hidden(e.name)]
-        except OSError:
-            continue  # an unreadable folder is passed over, as os.walk does
+        except OSError as exc:
+            if unlisted is not None:
+                unlisted.append((path, exc))
+            continue
         files, subs = [], []
         for e in listed:
             try:
@@ -119,7 +128,11 @@ def detect_layout(source: str | os.PathLike) -> str:
     if not p.is_dir():
         raise DatasetError(f"dataset {p} does not exist. Give a folder of class folders, a folder with "
                            "train/ val/ [test/], or a CSV manifest.")
-    subs = _subdirs(p)
+    try:
+        subs = _subdirs(p)
+    except PermissionError as exc:
+        raise DatasetError(f"dataset folder {p} cannot be listed ({exc.strerror}). Give the user running cnncodes "
+                           "read and execute permission on it (chmod a+rx).") from exc
     if not subs:
         raise DatasetError(f"dataset folder {p} has no class sub-folders. Put the images of each class in "
                            f"their own folder ({p}/<class>/<image>), or give a CSV manifest.")
@@ -595,6 +608,7 @@ class _Listing:
     skipped: list[Skip] = field(default_factory=list)
     class_dirs: list[tuple[str, str]] = field(default_factory=list)  # (relative folder, class name)
     csv_groups: dict[str, str] = field(default_factory=dict)  # a CSV's group column: path -> group
+    unlisted: set[str] = field(default_factory=set)  # relative folders that could not be listed
 
 
 def _list_dataset(source: str | os.PathLike, layout: str) -> _Listing:
@@ -630,14 +644,18 @@ def _list_class_folder(listing: _Listing, folder: Path, split: str | None) -> No
     listing.class_dirs.append((folder.relative_to(listing.base).as_posix() + "/", folder.name))
     prefix = os.path.join(str(listing.base), "")
     loops: list[str] = []
+    unlisted: list[tuple[str, OSError]] = []
     last, rel_dir = None, ""
-    for dirpath, name, key in _walk(str(folder), loops):
+    for dirpath, name, key in _walk(str(folder), loops, unlisted):
         if dirpath is not last:
             last, rel_dir = dirpath, dirpath[len(prefix):] + "/"
         listing.entries.append((dirpath, name, key, rel_dir + name, folder.name, split, index))  # judged later
     for d in loops:
         listing.skipped.append(Skip(d[len(prefix):] + "/",
                                     "symbolic link to a folder already scanned (or above it); not followed"))
+    for d, exc in unlisted:
+        listing.unlisted.add(d[len(prefix):] + "/")
+        listing.skipped.append(Skip(d[len(prefix):] + "/", UNLISTABLE.format(exc.strerror or exc)))
 
 
 def _sort_verdicts(listing: _Listing, hashes: list[str | Exception], source
@@ -670,7 +688,7 @@ def _sort_verdicts(listing: _Listing, hashes: list[str | Exception], source
 def _skip_unused_class_folders(listing: _Listing, used: set[int], failed: set[int], class_names: list[str]) -> None:
     """List each class folder without a usable file in ``listing.skipped``, saying why."""
     for i, (rel_dir, cls) in enumerate(listing.class_dirs):
-        if i not in used:
+        if i not in used and rel_dir not in listing.unlisted:  # (an unlisted one is reported already)
             what = "class folder with no readable image (see its files' reasons)" if i in failed \
                 else "empty class folder: no images"
             listing.skipped.append(Skip(rel_dir, what + ("" if cls in class_names else ", class left out")))
@@ -830,10 +848,12 @@ def scan_images(source: str | os.PathLike, workers: int = 4, progress: Progress 
         base = p.resolve()
         prefix = os.path.join(str(base), "")
         loops: list[str] = []
+        unlisted: list[tuple[str, OSError]] = []
         entries = [(d, name, key, d[len(prefix):] + "/" + name if d != str(base) else name)
-                   for d, name, key in _walk(str(base), loops)]
+                   for d, name, key in _walk(str(base), loops, unlisted)]
         skipped += [Skip(d[len(prefix):] + "/", "symbolic link to a folder already scanned; not followed")
                     for d in loops]
+        skipped += [Skip(d[len(prefix):] + "/", UNLISTABLE.format(exc.strerror or exc)) for d, exc in unlisted]
     elif p.is_file() and kind_from_extension(p):
         base = p.resolve().parent
         entries = [(str(base), p.resolve().name, _stat(str(p.resolve())), p.name)]
