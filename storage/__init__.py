@@ -5,7 +5,7 @@ registry): an analyst can read a store without TensorFlow or Prefect.
 ``open_store(path)`` opens any store (one file or sharded) for reading.
 """
 from .errors import (BackboneError, CnncodesError, DatasetError, ParameterError, StoreDamagedError, StoreError,
-                     StoreLockedError, StoreMismatchError)
+                     StoreFullError, StoreLockedError, StoreMismatchError)
 from .files import FileLock, atomic_path, atomic_write, atomic_write_json
 from .manifest import Manifest, Sample, Skip
 from .registry import ModelMismatchError, ModelRecord, ModelRegistry, RegistryError, TamperedModelError
@@ -15,7 +15,7 @@ from .store import (POOLINGS, Codes, FeatureStore, GroupSpec, ShardedStore, Stor
 __all__ = [
     "BackboneError", "CnncodesError", "Codes", "DatasetError", "FeatureStore", "FileLock", "GroupSpec", "Manifest",
     "ParameterError", "POOLINGS", "Sample", "ShardedStore", "Skip", "StoreDamagedError", "StoreError",
-    "StoreLockedError", "StoreMismatchError", "StoreReader", "StoreWriter", "atomic_path", "atomic_write",
+    "StoreFullError", "StoreLockedError", "StoreMismatchError", "StoreReader", "StoreWriter", "atomic_path", "atomic_write",
     "atomic_write_json", "group_name", "open_store", "ModelRegistry", "ModelRecord", "RegistryError",
     "ModelMismatchError", "TamperedModelError",
 ]

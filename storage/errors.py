@@ -36,6 +36,10 @@ class StoreLockedError(StoreError):
     """Another process is writing to the same store."""
 
 
+class StoreFullError(StoreError):
+    """The disk holding a store has no room for the next rows (checked before HDF5 writes them)."""
+
+
 class StoreDamagedError(StoreError):
     """Rows or structures of a store file cannot be read back as written (a checksum failed, the file
     was cut or overwritten). ``path``, ``group``, ``dataset`` and ``rows`` ([start, stop) ranges) say

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import errno
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any, Iterable, Sequence
 import h5py
 import numpy as np
 
-from .errors import StoreError, StoreLockedError, StoreMismatchError
+from .errors import StoreError, StoreFullError, StoreLockedError, StoreMismatchError
 from .files import FileLock, FileLockBusy, atomic_path
 from .format import (IDENTITY_KEYS, LABEL_DTYPE, LIBVER, PATH_DTYPE, ROW_DATASETS, SHA_DTYPE, SKIP_BYTES, SKIP_DTYPE,
                      SKIPPED, SPLIT_DTYPE, STORE_FORMAT, UPDATED, UPDATED_DTYPE, decode, decode_paths,
@@ -129,10 +130,22 @@ def _copy_store(src: h5py.File, dst: h5py.File, keep: dict[str, np.ndarray] | No
 
 
 def _rewrite(path: Path, keep: dict[str, np.ndarray] | None = None, fresh: Sequence[str] = ()) -> None:
-    """Rewrite ``path`` through a temporary file renamed into place: a crash leaves the old file."""
+    """Rewrite ``path`` through a temporary file renamed into place: a crash leaves the old file. Refused
+    (StoreFullError, nothing changed) where the disk has no room for the copy."""
+    need, free = path.stat().st_size + METADATA_ROOM, shutil.disk_usage(path.parent).free
+    if free < need:
+        raise StoreFullError(
+            f"the disk holding {path} has {free / 2**20:.1f} MiB free, and rewriting the store (to drop rows of "
+            f"files that changed or left the dataset) needs about {need / 2**20:.1f} MiB for the copy: free space "
+            "there, or write the store elsewhere (--store, or --out), and run the same command again. The store "
+            "was not changed.")
     with atomic_path(path) as tmp:
         with open_swmr(path) as src, h5py.File(tmp, "w", libver=LIBVER) as dst:
             _copy_store(src, dst, keep, fresh=fresh)
+
+
+# room kept free beyond a batch's chunks, for the file's own structures (B-trees, heaps, flushes)
+METADATA_ROOM = 1 << 20
 
 
 def _acquire(lock: FileLock, path: Path) -> None:
@@ -438,6 +451,7 @@ class StoreWriter:
             "label": np.asarray(labels, dtype=LABEL_DTYPE),
             "split": np.asarray([s.encode() for s in splits], dtype=SPLIT_DTYPE),
         }
+        self._check_room(g, name, n, k)
         for ds, v in values.items():
             g[ds].resize(n + k, axis=0)
             g[ds][n:n + k] = v
@@ -445,6 +459,25 @@ class StoreWriter:
         g["committed"][0] = n + k
         self.f.flush()
         return n + k
+
+    def _check_room(self, g: h5py.Group, name: str, n: int, k: int) -> None:
+        """StoreFullError when the disk cannot take ``k`` more rows after ``n``. HDF5 cannot recover from a
+        disk that fills mid-write (the process dies in the library), so room is checked first: every chunk
+        the rows start (a chunk takes its whole size on disk when first written) and :data:`METADATA_ROOM`
+        for the file's own structures."""
+        need = METADATA_ROOM
+        for ds in ROW_DATASETS:
+            d = g[ds]
+            per = d.chunks[0] if d.chunks else max(k, 1)
+            row = d.dtype.itemsize * int(np.prod(d.shape[1:], dtype=np.int64))
+            chunks = (n + k - 1) // per - (n - 1) // per if n else (k - 1) // per + 1
+            need += chunks * per * row
+        free = shutil.disk_usage(self.path.parent).free
+        if free < need:
+            raise StoreFullError(
+                f"the disk holding {self.path} has {free / 2**20:.1f} MiB free, and the next {k} rows of {name} need "
+                f"about {need / 2**20:.1f} MiB: free space there, or write the store elsewhere (--store, or --out), "
+                f"and run the same command again. The {n} rows already committed are kept and not computed again.")
 
     def finish(self, manifest: Manifest, complete: bool = True) -> None:
         """Record that each group matches ``manifest`` (when complete), the time and the skipped files.
