@@ -646,6 +646,26 @@ def _exit_fast(code: int) -> None:
     sys.exit(code)
 
 
+# what a user can do about an operating system's refusal that no step of the command explains itself
+OS_ADVICE = {"ENOSPC": "the disk is full: free space there", "EDQUOT": "the disk quota is used up: free space there",
+             "EACCES": "permission denied: give the user running cnncodes access to it, or use another folder (--out)",
+             "EPERM": "not permitted: give the user running cnncodes access to it, or use another folder (--out)",
+             "EROFS": "the file system is read-only: use another folder (--out)"}
+
+
+def _said_of_os_error(exc: OSError) -> str | None:
+    """A full disk, a denied permission or a read-only file system, said as what happened and what to do
+    (None for other errors: they keep their traceback)."""
+    import errno
+
+    advice = OS_ADVICE.get(errno.errorcode.get(exc.errno or 0, ""))
+    if advice is None:
+        return None
+    where = f" ({exc.filename})" if exc.filename else ""
+    return (f"{exc.strerror or exc}{where}. {advice[0].upper()}{advice[1:]}, then run the same command again: what "
+            "was already committed (store rows, registered models) is kept.")
+
+
 def run_program(argv: Sequence[str]) -> int:
     """One command as the ``cnncodes`` program runs it, in a warm runner's child
     (:mod:`cnncodes.runner`): run, finish as the program does, return the status (the runner sends it
@@ -702,6 +722,14 @@ def _main(argv: Sequence[str] | None) -> int:
         sys.stderr.write(f"cnncodes {args.command}: error: {exc}\n")
         if getattr(args, "json", False):
             sys.stdout.write(json.dumps({"error": str(exc), "type": type(exc).__name__}) + "\n")
+        return EXIT_USER_ERROR
+    except OSError as exc:
+        said = _said_of_os_error(exc)
+        if said is None:
+            raise
+        sys.stderr.write(f"cnncodes {args.command}: error: {said}\n")
+        if getattr(args, "json", False):
+            sys.stdout.write(json.dumps({"error": said, "type": type(exc).__name__}) + "\n")
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         sys.stderr.write("interrupted: every committed batch is kept; run the same command again to resume.\n")

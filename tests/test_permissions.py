@@ -87,3 +87,33 @@ def test_permission_denied_is_a_clear_error_or_a_reported_skip_and_loses_nothing
 
     after = FeatureStore(store).read(TINY_LAST, "avg")  # nothing written is lost
     assert len(after) == len(before) == 36 and (after.features == before.features).all()
+
+
+@pytest.mark.parametrize("code, words", [("ENOSPC", "The disk is full"), ("EACCES", "give the user running cnncodes"),
+                                         ("EROFS", "read-only")])
+def test_an_os_refusal_no_step_explains_is_said_with_what_to_do(monkeypatch, capsys, code, words):
+    import errno
+
+    from cnncodes import cli
+
+    def refused(args):
+        raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)), "/somewhere/file")
+
+    monkeypatch.setitem(cli.COMMANDS, "backbones", refused)
+    assert cli.main(["backbones", "--json"]) == cli.EXIT_USER_ERROR
+    out, err = capsys.readouterr()
+    assert words in err and "/somewhere/file" in err and "run the same command again" in err
+    assert json.loads(out)["type"] in ("OSError", "PermissionError")  # (Python picks the subclass by errno)
+
+
+def test_other_os_errors_keep_their_traceback(monkeypatch):
+    import errno
+
+    from cnncodes import cli
+
+    def broken(args):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setitem(cli.COMMANDS, "backbones", broken)
+    with pytest.raises(OSError, match="Input/output"):
+        cli.main(["backbones"])
