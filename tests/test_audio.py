@@ -544,7 +544,8 @@ def test_adapt_batchnorm_evaluates_each_test_speaker_adapted_and_predict_adapts_
         a = res["metrics"][split]["adaptation"]
         want = pd.Series([_speaker(s.path) for s in m.samples if s.split == split]).value_counts().to_dict()
         assert a["adapted_groups"] == want and a["kept_groups"] == {} and a["batchnorm_layers"] == 3
-        assert 0 <= a["unadapted_accuracy"] <= 1
+        n = sum(want.values())  # an accuracy over exactly the split's files: a whole number of them right
+        assert a["unadapted_accuracy"] * n == pytest.approx(round(a["unadapted_accuracy"] * n), abs=1e-6)
     assert "adaptation" not in res["metrics"]["train"]
     assert "AdaBN" in Path(res["report"]).read_text()
     # predict, grouped by the same pattern, gives the evaluation's predictions, file by file
@@ -600,7 +601,9 @@ def test_self_training_evaluates_each_test_speaker_self_trained_and_predict_serv
     assert set(a["self_training"]["groups"]) == set(test_speakers.values()) == set(a["adapted_groups"])
     assert all(len(g["rounds"]) == 1 and 1 <= g["rounds"][0]["pseudo_labels"] < g["images"]
                for g in a["self_training"]["groups"].values())
-    assert 0 <= a["adabn_accuracy"] <= 1 and 0 <= a["unadapted_accuracy"] <= 1
+    n = len(test_speakers)  # accuracies over exactly the test files: a whole number of them right
+    for key in ("adabn_accuracy", "unadapted_accuracy"):
+        assert a[key] * n == pytest.approx(round(a[key] * n), abs=1e-6), (key, a[key], n)
     assert "self-trained on each adapted group" in Path(res["report"]).read_text()
     listing = tmp_path / "test.txt"
     listing.write_text("\n".join(m.abspath(s) for s in m.samples if s.split == "test"))

@@ -108,7 +108,9 @@ def test_frozen_weights_and_bn_statistics_are_bit_identical_after_training(tmp_p
     spec = _spec(small_cnn)
     net = build_network(spec, 3, cfg)
     frozen_names = {layer.name for layer in net.body.layers[:4]}
-    assert frozen_names == {"input_layer", "conv0", "bn0", "relu0"} or "conv0" in frozen_names
+    # the input layer (its name numbered by Keras across a process) and the first three layers
+    assert {"conv0", "bn0", "relu0"} < frozen_names and len(frozen_names) == 4
+    assert any(name.startswith("input") for name in frozen_names - {"conv0", "bn0", "relu0"}), frozen_names
     res = fine_tune(m, spec, cfg, tmp_path / "run")
     from tasks.finetune import load_finetuned
 
@@ -201,14 +203,21 @@ def test_mixup_mixes_each_image_and_its_label_by_the_same_weight_and_partner():
 
 
 def test_fine_tuning_with_mixup_trains_on_mixed_labels_and_still_validates_and_predicts(tmp_path, texture_data,
-                                                                                        small_cnn):
+                                                                                        small_cnn, monkeypatch):
     from tasks.finetune import load_finetuned
 
+    from tasks.finetune import data as finetune_data
+
+    mixed = []  # the training batches go through mixup_batch, with the alpha asked for
+    real = finetune_data.mixup_batch
+    monkeypatch.setattr(finetune_data, "mixup_batch", lambda x, y, seed, alpha: mixed.append(alpha) or
+                        real(x, y, seed, alpha))
     m = scan_dataset(texture_data)
     cfg = FineTuneConfig(**dict(SMALL, epochs=2, head_epochs=1, mixup=0.2, augment=["flip"], learning_rate=0.05))
     res = fine_tune(m, _spec(small_cnn), cfg, tmp_path / "run")
+    assert mixed and set(mixed) == {0.2}
     assert [h["phase"] for h in res.history] == ["head", "finetune", "finetune"]
-    assert all(0.0 <= h["val_accuracy"] <= 1.0 and np.isfinite(h["loss"]) for h in res.history)
+    assert all(np.isfinite(h["loss"]) for h in res.history)
     model = load_finetuned(res.model_path)
     probs = model.predict(np.zeros((2, res.input_size, res.input_size, 3), np.float32), verbose=0)
     assert probs.shape == (2, len(m.class_names)) and np.allclose(probs.sum(1), 1.0, atol=1e-5)
