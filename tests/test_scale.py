@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import TINY_LAST
+from conftest import ROOT, TINY_LAST
 from storage import FeatureStore, open_store
 from tasks.backbones import BackboneSpec
 from tasks.extract import ExtractOptions
@@ -151,3 +151,57 @@ def test_a_prefect_server_on_postgresql_completes_a_deployment_run(tmp_path):
             stop_server()
         as_pg(bins["pg_ctl"], "-D", str(pgdata), "-m", "fast", "stop")
         shutil.rmtree(pg_root, ignore_errors=True)
+
+
+def test_a_remote_dask_cluster_reached_by_its_address_extracts_the_shards(tmp_path, texture_data):
+    """A scheduler and two workers started as their own processes (as on other machines), reached through
+    ``dask_address``: both workers extract a shard, and the store reads as the whole dataset."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.extract_features import extract_features
+    from test_deployments import _free_port, _stop
+
+    port = _free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    dask = [sys.executable, "-m"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    log = open(tmp_path / "dask.log", "w")
+    procs = [subprocess.Popen([*dask, "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", str(port),
+                               "--dashboard-address", ":0"], cwd=tmp_path, env=env, stdout=log, stderr=log)]
+    try:
+        for i in range(2):
+            procs.append(subprocess.Popen([*dask, "distributed.cli.dask_worker", address, "--nthreads", "1",
+                                           "--nworkers", "1", "--dashboard-address", ":0", "--name", f"w{i}"],
+                                          cwd=tmp_path, env=env, stdout=log, stderr=log))
+        from distributed import Client
+
+        def tasks_run(dask_scheduler):  # the seconds this cluster's workers computed, by kind of task
+            return {name: prefix.all_durations.get("compute", 0.0)
+                    for name, prefix in dask_scheduler.task_prefixes.items()}
+
+        with Client(address, timeout=60) as client:  # both workers have joined
+            deadline = time.monotonic() + 120
+            while len(client.scheduler_info()["workers"]) < 2:
+                assert time.monotonic() < deadline, (tmp_path / "dask.log").read_text()[-3000:]
+                time.sleep(0.5)
+            assert not client.run_on_scheduler(tasks_run)
+            with prefect_test_harness(server_startup_timeout=90):
+                result = extract_features(str(texture_data), TINY_FLOW, _cut(tmp_path / "remote.h5"),
+                                          output=Output(out=str(tmp_path / "o")),
+                                          scale=ScaleOut(shards=2, dask_address=address))
+            ran = client.run_on_scheduler(tasks_run)
+        assert ran.get("extract_codes_shard", 0) > 0, ran  # the shards ran on this cluster, not on a local one
+        assert result.computed == 36
+        per_shard = {p["shard"]: p["computed"] for p in result.per_shard}
+        assert set(per_shard) == {0, 1} and all(n > 0 for n in per_shard.values())
+        codes = open_store(tmp_path / "remote.h5").read(TINY_LAST, "avg")
+        assert len(codes) == 36 and len(set(codes.paths.astype(str))) == 36
+    finally:
+        for p in reversed(procs):
+            _stop(p)
+        log.close()
