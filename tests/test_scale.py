@@ -190,10 +190,11 @@ def test_a_remote_dask_cluster_reached_by_its_address_extracts_the_shards(tmp_pa
                 assert time.monotonic() < deadline, (tmp_path / "dask.log").read_text()[-3000:]
                 time.sleep(0.5)
             assert not client.run_on_scheduler(tasks_run)
-            with prefect_test_harness(server_startup_timeout=90):
-                result = extract_features(str(texture_data), TINY_FLOW, _cut(tmp_path / "remote.h5"),
-                                          output=Output(out=str(tmp_path / "o")),
-                                          scale=ScaleOut(shards=2, dask_address=address))
+        with prefect_test_harness(server_startup_timeout=90):  # no client of ours open: the flow finds the cluster
+            result = extract_features(str(texture_data), TINY_FLOW, _cut(tmp_path / "remote.h5"),
+                                      output=Output(out=str(tmp_path / "o")),
+                                      scale=ScaleOut(shards=2, dask_address=address))
+        with Client(address, timeout=60) as client:
             ran = client.run_on_scheduler(tasks_run)
         assert ran.get("extract_codes_shard", 0) > 0, ran  # the shards ran on this cluster, not on a local one
         assert result.computed == 36
