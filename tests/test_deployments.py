@@ -150,3 +150,17 @@ def test_deploy_run_and_schedule_on_a_real_server(server, tmp_path, texture_data
     reg = ModelRegistry(out / "registry")
     assert reg.names() == ["deployed-probe"] and reg.aliases("deployed-probe")["champion"] == 1
     assert (out / "reports" / "deployed.transfer.md").exists()
+
+    # The nightly retrain, fired by hand on its deployment, by a worker of its pool: its result is in the registry
+    workers.append(subprocess.Popen([PREFECT, "worker", "start", "--pool", "cnncodes-cpu"], env=env, cwd=tmp_path,
+                                    stdout=log, stderr=subprocess.STDOUT))
+    params = {"data": str(texture_data), "model": "deployed-probe", "force": True,
+              "output": {"out": str(out), "registry": str(out / "registry")}}
+    run = _prefect(env, "deployment", "run", "retrain/retrain", "--params", json.dumps(params), "--watch",
+                   "--watch-timeout", "400", timeout=480, check=False)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:] + (tmp_path / "worker.log").read_text()[-5000:]
+    assert "Completed" in run.stdout + run.stderr
+    event = reg.history("deployed-probe")[-1]
+    assert event["event"] == "retrain" and event["challenger"] == 2 and event["champion_before"] == 1, event
+    assert reg.versions("deployed-probe") == [1, 2]
+    assert reg.aliases("deployed-probe")["champion"] == event["champion_after"]
