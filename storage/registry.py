@@ -238,6 +238,17 @@ class ModelRecord:
             + f"\nTo use this model, {' and '.join(advice)}; or train a new model on these codes.")
 
 
+
+def _what_to_do(exc: BaseException, where: Path) -> str:
+    """What a user can do about a full disk or a denied permission met while saving (else nothing)."""
+    code = getattr(exc, "errno", None)
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return " The disk is full: free space there, then run the same command again."
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return (f" Give the user running cnncodes write permission on {where}, or use another registry "
+                "(--registry), then run the same command again.")
+    return ""
+
 class ModelRegistry:
     """Trained models, by name and integer version, with metadata and aliases such as "champion".
 
@@ -509,7 +520,7 @@ class ModelRegistry:
             if isinstance(exc, CnncodesError) or not isinstance(exc, Exception):
                 raise
             raise RegistryError(f"cannot save model {name!r} to {d}: {type(exc).__name__}: {exc}. "
-                                "Nothing was saved.") from exc
+                                f"Nothing was saved.{_what_to_do(exc, d)}") from exc
         return ModelRecord(name=name, version=n, path=d / f"v{n}", metadata=meta)
 
     def _reserve(self, d: Path) -> tuple[int, Path]:
@@ -622,6 +633,19 @@ class ModelRegistry:
                                 f"{'does not match' if summed is False else 'is missing'}. {advice}")
         data.pop(SPLITS_SUM, None)
         return data
+
+    @contextmanager
+    def kept_only_with_its_splits(self, record: ModelRecord) -> Iterator[None]:
+        """Around pinning the splits of a version just saved: if that fails (a full disk, say), the version
+        is deleted again, so that no version lacks its lineage's holdout, and the error goes on."""
+        try:
+            yield
+        except BaseException:
+            try:
+                self.delete(record.name, record.version)
+            except (OSError, RegistryError):  # (the error that stopped the pinning is the one to say)
+                pass
+            raise
 
     def pin_splits(self, name: str, samples: dict[str, str], fractions: dict[str, float] | None = None,
                    seed: int | None = None, group_by: str | None = None) -> dict[str, int]:

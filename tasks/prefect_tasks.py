@@ -7,6 +7,8 @@ which tests call directly. Retries apply to transient failures only: a
 """
 from __future__ import annotations
 
+import errno
+
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +27,18 @@ from .probe.linear import LinearConfig
 from .progress import Progress
 
 
+# operating-system refusals that a retry cannot overcome: a full disk, a denied permission, a read-only disk
+USER_FIXES = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
+
+
 def transient_only(task_, task_run, state) -> bool:
     """Retry condition: retry unless the failure is one the user has to fix."""
     try:
         state.result()
     except CnncodesError:
         return False
+    except OSError as exc:
+        return exc.errno not in USER_FIXES
     except Exception:  # noqa: BLE001 - anything else (I/O, a flaky disk) may pass
         return True
     return False

@@ -89,3 +89,38 @@ def test_a_full_disk_stops_an_extraction_cleanly_and_the_next_run_finishes_it(tm
         assert _extract(texture_data, store, fill(None)) == (0, {"computed": 60})  # room again: only what is missing
         codes = FeatureStore(store).read(TINY_LAST, "avg")
         assert len(codes) == 96 and len(set(codes.paths)) == 96 and verify_store(store)["ok"]
+
+
+TRAIN = r'''
+import errno, sys
+if sys.argv[1] != "-":  # no filesystem of our own: the model's file meets a full disk instead
+    import joblib
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    joblib.dump = full
+from cnncodes import cli
+sys.exit(cli.main(sys.argv[2:]))
+'''
+
+
+def test_a_full_disk_while_registering_saves_nothing_and_says_what_to_do(tmp_path):
+    from storage import ModelRegistry
+    from test_linear import make_store
+
+    store = make_store(tmp_path / "s.h5")
+    with small_disk(tmp_path / "disk") as fill:
+        out = tmp_path / "disk" / "out"
+
+        def train(told):
+            return subprocess.run([sys.executable, "-c", TRAIN, told, "train-linear", str(store), "--layer", "signal",
+                                   "--C", "1", "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
+                                  timeout=600, env=dict(os.environ, CNNCODES_RUNNER="0"))
+
+        full = train(fill(16 * 1024))
+        assert full.returncode == 2, full.stderr[-3000:]
+        assert "No space left on device" in full.stderr, full.stderr[-3000:]
+        assert "free space there, then run the same command again" in full.stderr
+        assert ModelRegistry(out / "registry").versions("s-signal-softmax") == []  # no version, not even a partial one
+        done = train(fill(None))
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert len(ModelRegistry(out / "registry").versions("s-signal-softmax")) == 1  # (a number is never reused)

@@ -124,6 +124,7 @@ def register_finetuned(result: FineTuneResult, manifest: Manifest, spec: Backbon
                                                                         if s.split == "train")}
     reg = ModelRegistry(registry)
     record = reg.save(name, metadata=meta, file=result.model_path)
-    reg.pin_splits(name, {s.sha256: s.split for s in manifest.samples}, manifest.split_fractions, manifest.split_seed,
-                   manifest.group_by)
+    with reg.kept_only_with_its_splits(record):
+        reg.pin_splits(name, {s.sha256: s.split for s in manifest.samples}, manifest.split_fractions,
+                       manifest.split_seed, manifest.group_by)
     return {"name": record.name, "version": record.version, "model_path": str(record.model_path)}

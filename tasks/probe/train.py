@@ -97,9 +97,9 @@ def fit_probe(store: str | Path, layer: str, pooling: str | None, cfg: LinearCon
     }
     reg = ModelRegistry(registry)
     record = reg.save(name, result.model, metadata)
-    # the lineage's holdout: every image keeps the split it had at its first training
-    reg.pin_splits(record.name, fs.row_splits(layer, pooling), prov.get("split_fractions"), prov.get("split_seed"),
-                   prov.get("split_group_by"))
+    with reg.kept_only_with_its_splits(record):  # the lineage's holdout: images keep their first training's split
+        reg.pin_splits(record.name, fs.row_splits(layer, pooling), prov.get("split_fractions"),
+                       prov.get("split_seed"), prov.get("split_group_by"))
     return {"name": record.name, "version": record.version, "C": result.C, "cv_scores": result.cv_scores,
             "seconds": round(result.seconds, 3), "train_images": n_train, "model_path": str(record.model_path)}
 
