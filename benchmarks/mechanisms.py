@@ -25,18 +25,17 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import emit  # noqa: E402  benchmarks/ is the script's folder
+from startup import free_port, timed  # noqa: E402  the same timing of a fresh process
 
 CNNCODES = str(ROOT / ".venv" / "bin" / "cnncodes")
 DIMS = 256  # MobileNet alpha=0.25's last layer (conv_pw_13_relu), the default backbone's
@@ -71,21 +70,6 @@ def make_store(path: Path, rows: int, seed: int = 0) -> Path:
                      [s.split for s in part], codes[at:at + 10_000])
         w.finish(manifest)
     return path
-
-
-def timed(cmd: list[str], env: dict[str, str]) -> float:
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
-    dt = time.perf_counter() - t0
-    if proc.returncode:
-        raise SystemExit(f"{' '.join(cmd[:3])}... failed:\n{proc.stderr[-3000:]}")
-    return dt
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> int:
