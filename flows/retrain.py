@@ -8,6 +8,7 @@ from prefect.artifacts import create_markdown_artifact
 from tasks.backbones import BackboneSpec
 from tasks.extract import ExtractOptions
 from tasks.finetune import FineTuneConfig, precision_of
+from tasks.decide.retrain import one_at_a_time
 from tasks.probe.linear import LinearConfig
 from tasks.prefect_tasks import (evaluate_champion, promote_or_keep, retrain_plan, retrain_split_settings,
                                   scan_dataset)
@@ -27,12 +28,20 @@ def retrain(data: str, model: str, output: Output = Output(), margin: float = 0.
     (or ``force``), with the champion's own settings, rebuilt from its metadata.
 
     The lineage's pinned splits keep every image it has seen on its side: test images stay out of
-    training, new test images come only from new data. Returns ``{"retrained", "reason", "champion",
-    ...}``; the registry's ``champion`` alias moves only when the challenger's test accuracy beats the
+    training, new test images come only from new data. Returns a RetrainResult (``retrained``, ``reason``,
+    ``champion``, ...); the registry's ``champion`` alias moves only when the challenger's test accuracy beats the
     champion's by more than ``margin`` on the same images, with a paired bootstrap interval of the
     difference above zero; images the lineage trained on are never judged on. ``rehash``: read and hash
-    every file again instead of trusting the stat cache of the last scan."""
+    every file again instead of trusting the stat cache of the last scan. One retraining of a lineage at a
+    time: another one meanwhile (a schedule firing while a run by hand goes on) is refused, naming it."""
     use_backend(output.backend)  # Keras's backend for this process: before anything imports Keras
+    with one_at_a_time(output.registry_path, model):  # a second retraining of the lineage meanwhile is refused
+        return _retrain(data, model, output, margin, force, rehash, group_by)
+
+
+def _retrain(data: str, model: str, output: Output, margin: float, force: bool, rehash: bool,
+             group_by: str | None) -> RetrainResult:
+    """The retraining itself (see :func:`retrain`), with the lineage held."""
     registry = output.registry_path
     output = output.model_copy(update={"registry": registry})
     manifest_path = str(output.runs / f"retrain-{model}.manifest.json")

@@ -47,7 +47,7 @@ import joblib
 import numpy as np
 
 from .errors import CnncodesError
-from .files import FileLock, atomic_write_json, fsync_dir, now_iso
+from .files import FileLock, FileLockBusy, atomic_write_json, fsync_dir, now_iso
 from .hashing import file_sha256, fingerprint
 
 REGISTRY_FORMAT = "cnncodes-registry/2"  # /2: metadata.json carries its own checksum (/1 did not)
@@ -633,6 +633,22 @@ class ModelRegistry:
                                 f"{'does not match' if summed is False else 'is missing'}. {advice}")
         data.pop(SPLITS_SUM, None)
         return data
+
+    @contextmanager
+    def retraining(self, name: str) -> Iterator[None]:
+        """Held while lineage ``name`` is retrained (``<name>/.retrain.lock``): a second retraining of the same
+        lineage meanwhile, from any process, is refused with a RegistryError naming the first."""
+        lock = FileLock(self._dir(name) / ".retrain.lock")
+        try:
+            lock.acquire(blocking=False)
+        except FileLockBusy as busy:
+            raise RegistryError(f"lineage {name!r} is being retrained already, by {busy.holder}: wait for that run "
+                                "to finish (two at once would judge two challengers against one champion); a "
+                                "scheduled run that finds one still going can simply be skipped.") from None
+        try:
+            yield
+        finally:
+            lock.release()
 
     @contextmanager
     def kept_only_with_its_splits(self, record: ModelRecord) -> Iterator[None]:

@@ -15,6 +15,7 @@ from tasks.probe.linear import LinearConfig
 from tasks.probe import evaluate_probe, fit_probe
 from tasks.decide.retrain import apply_promotion, decide_promotion
 from tasks.data.synthetic import make_image
+from conftest import ROOT
 from test_linear import make_store
 
 
@@ -200,3 +201,30 @@ def test_retrain_rehash_reaches_the_scan(tmp_path, monkeypatch):
             cli.cmd_retrain(args)
         assert seen == {"flow": expected, "scan": expected}
         seen.clear()
+
+
+def test_a_second_retraining_of_a_lineage_meanwhile_is_refused_naming_the_first(tmp_path, monkeypatch):
+    """Another process retraining lineage 'tex' holds it: this one stops before scanning anything, saying who."""
+    import subprocess
+    import sys
+
+    import flows.retrain as flow_module
+    from storage.registry import RegistryError
+    from tasks.settings import Output
+
+    reg = tmp_path / "registry"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\nfrom storage import ModelRegistry\n"
+        f"with ModelRegistry({str(reg)!r}).retraining('tex'):\n    print('held', flush=True)\n    time.sleep(60)")],
+        cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        monkeypatch.setattr(flow_module, "retrain_split_settings", lambda *a: pytest.fail("went on while held"))
+        with pytest.raises(RegistryError, match=rf"lineage 'tex' is being retrained already, by pid {holder.pid}"):
+            flow_module.retrain.fn(str(tmp_path), "tex", Output(out=str(tmp_path), registry=str(reg)))
+    finally:
+        holder.kill()
+        holder.wait()
+    monkeypatch.setattr(flow_module, "retrain_split_settings", lambda *a: (_ for _ in ()).throw(KeyError("reached")))
+    with pytest.raises(KeyError, match="reached"):  # released with its process: the next one goes on
+        flow_module.retrain.fn(str(tmp_path), "tex", Output(out=str(tmp_path), registry=str(reg)))

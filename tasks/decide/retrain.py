@@ -20,6 +20,12 @@ from ..probe.linear import LinearConfig
 from . import evidence
 
 
+def one_at_a_time(registry: str | Path, name: str):
+    """A context held for the whole retraining of lineage ``name``: a second one meanwhile is refused
+    (:meth:`storage.ModelRegistry.retraining`)."""
+    return ModelRegistry(registry).retraining(name)
+
+
 def champion_record(registry: str | Path, name: str):
     reg = ModelRegistry(registry)
     version = "champion" if "champion" in reg.aliases(name) else None
