@@ -401,6 +401,7 @@ def test_extraction_keeps_the_groups_beside_the_store_for_the_probe(spoken, tmp_
     assert not groups_path(store).exists() and row_groups(store, codes) is None
 
 
+@pytest.mark.slow  # fine-tunes a network: the full suite, not the edit-test loop
 def test_fine_tuning_learns_tones_from_spectrograms_with_their_augmentations(spoken, tmp_path, small_cnn):
     """The fine-tuning pipeline draws the recordings with the spec's recipe (never the image decoder),
     applies the spectrogram augmentations, and the saved model, evaluated and asked to predict through the
@@ -528,6 +529,7 @@ def _grouped_finetune(spoken, tmp_path, small_cnn, monkeypatch, **settings):
     return m, reg, evaluate_register_report(trained, m, spec, cfg, "stretch", reg, "tones", tmp_path / "reports")
 
 
+@pytest.mark.slow  # fine-tunes a network: the full suite, not the edit-test loop
 def test_adapt_batchnorm_evaluates_each_test_speaker_adapted_and_predict_adapts_the_same_groups(
         spoken, tmp_path, small_cnn, monkeypatch):
     """--adapt-batchnorm: the registered model's val and test metrics come from predictions made speaker by
@@ -583,6 +585,7 @@ def test_adapt_batchnorm_evaluates_each_test_speaker_adapted_and_predict_adapts_
     assert "carries the trained statistics" in card and f"{100 * unadapted:.1f}%" in card
 
 
+@pytest.mark.slow  # fine-tunes a network: the full suite, not the edit-test loop
 def test_self_training_evaluates_each_test_speaker_self_trained_and_predict_serves_the_same(
         spoken, tmp_path, small_cnn, monkeypatch):
     """--self-train on an ensemble: each val/test speaker is adapted (AdaBN), then every network trains on that

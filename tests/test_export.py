@@ -190,6 +190,7 @@ def _images_and_expected(df) -> tuple[np.ndarray, np.ndarray, list[str]]:
 
 
 @pytest.mark.parametrize("name", [*PROBES, "tuned", "tuned-ensemble"])
+@pytest.mark.slow  # the registry fixture trains and registers models of every kind
 def test_the_exported_keras_model_agrees_with_predict(registry, name):
     import keras
 
@@ -219,6 +220,7 @@ def test_the_exported_keras_model_agrees_with_predict(registry, name):
     assert info["data"]["splits"]["test"] == test_images and info["data"]["splits"]["train"] > test_images
 
 
+@pytest.mark.slow  # the registry fixture trains and registers models of every kind
 def test_an_ensembles_report_names_its_networks_and_seeds(registry):
     report = (registry["tmp"] / "reports" / "tuned-ensemble-v1.report.md").read_text()
     assert "ensemble: 2 networks (seeds 0 to 1)" in report
@@ -227,6 +229,7 @@ def test_an_ensembles_report_names_its_networks_and_seeds(registry):
     assert meta["config"]["ensemble"] == 2 and [h["network"] for h in meta["history"]] == [1, 2]
 
 
+@pytest.mark.slow  # the registry fixture trains and registers models of every kind
 def test_tflite_float32_and_int8_agree_with_predict(registry):
     import tensorflow as tf
 
@@ -256,6 +259,7 @@ def test_tflite_float32_and_int8_agree_with_predict(registry):
     assert "int8 TFLite" in (registry["tmp"] / "tflite" / "svm" / "MODEL_CARD.md").read_text()
 
 
+@pytest.mark.slow  # the registry fixture trains and registers models of every kind
 def test_exports_load_in_a_python_without_cnncodes(registry, tmp_path):
     """keras, SavedModel and TFLite exports, loaded in a fresh interpreter whose path holds TensorFlow but
     neither the worktree nor the editable install of cnncodes."""
@@ -312,6 +316,7 @@ def test_exports_load_in_a_python_without_cnncodes(registry, tmp_path):
     assert sorted(res) == sorted(exports)  # every export was loaded and scored
 
 
+@pytest.mark.slow  # the registry fixture trains and registers models of every kind
 def test_bad_requests_get_messages_that_say_what_to_do(registry, tmp_path):
     from storage import ModelRegistry, RegistryError
 
@@ -359,6 +364,7 @@ def test_cli_export_json(registry, tmp_path):
     assert res["test"]["images"] == 9 and json.loads((out / "model.json").read_text())["format"] == "savedmodel"
 
 
+@pytest.mark.slow  # the registry fixture trains and registers models of every kind
 def test_the_custom_object_check_finds_cnncodes_layers(registry, tmp_path):
     """The registered fine-tuned network holds cnncodes' Preprocess layer; its export holds none."""
     import keras

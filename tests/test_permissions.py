@@ -49,6 +49,7 @@ def _unprivileged() -> list[str]:
     return UNPRIVILEGED
 
 
+@pytest.mark.slow  # builds a network twice
 def test_permission_denied_is_a_clear_error_or_a_reported_skip_and_loses_nothing(tmp_path, texture_data, tiny_spec):
     from storage import FeatureStore
     from tasks.data.datasets import scan_dataset
