@@ -183,59 +183,64 @@ def repair_store(path: str | os.PathLike) -> dict[str, Any]:
     lock = FileLock(path.with_name(path.name + ".lock"))
     _acquire(lock, path)
     try:
-        try:
-            f = open_file(path, wait=0)
-        except StoreError as exc:
-            raise StoreError(f"cannot repair {path}: {exc} Its structure is damaged, which dropping rows cannot "
-                             "mend: delete it and run `cnncodes extract` again (or restore a good copy).") from None
-        keep: dict[str, np.ndarray] = {}
-        dropped: dict[str, list[list[int]]] = {}
-        lost: dict[str, int] = {}
-        unchecked: list[str] = []
-        fresh = []
-        try:
-            with f:
-                if decode(f.attrs.get("format")) != STORE_FORMAT:
-                    raise StoreError(f"cannot repair {path}: it is not a cnncodes feature store.")
-                for name in (UPDATED, SKIPPED):
-                    if isinstance(f.get(name), h5py.Dataset) and damaged_rows(f[name]):
-                        fresh.append(name)
-                for layer in layer_names(f):
-                    for pooling in sorted(f[layer].keys()):
-                        name = group_name(layer, pooling)
-                        g = f[name]
-                        if not all(checked(g[ds]) for ds in (*ROW_DATASETS, "committed")):
-                            unchecked.append(name)
-                        if damaged_rows(g["committed"]):
-                            n = None
-                        else:
-                            n = int(g["committed"][0])
-                        if n is None:
-                            keep[name] = np.zeros(0, np.int64)
-                            lost[name] = min(int(g[ds].shape[0]) for ds in ROW_DATASETS)
-                            dropped[name] = [[0, lost[name]]]
-                            continue
-                        bad = np.zeros(n, bool)
-                        for ds in ROW_DATASETS:
-                            for a, b in damaged_rows(g[ds], 0, n):
-                                bad[a:b] = True
-                        if damaged_rows(g["state"]):
-                            keep[name] = np.arange(n)
-                        if bad.any():
-                            keep[name] = np.flatnonzero(~bad)
-                            edges = np.flatnonzero(np.diff(np.concatenate([[0], bad.astype(np.int8), [0]])))
-                            dropped[name] = [[int(a), int(b)] for a, b in zip(edges[::2], edges[1::2])]
-                            lost[name] = int(bad.sum())
-        except StoreError:
-            raise
-        except Exception as exc:
-            raise StoreError(f"cannot repair {path}: reading it failed ({type(exc).__name__}: {exc}). Its "
-                             "structure is damaged, which dropping rows cannot mend: delete it and run "
-                             "`cnncodes extract` again (or restore a good copy).") from exc
-        if keep or fresh:
-            _rewrite(path, keep, fresh=fresh)
+        return _drop_damaged_rows(path)
     finally:
         lock.release()
+
+
+def _drop_damaged_rows(path: Path) -> dict[str, Any]:
+    """:func:`repair_store`'s work, for a caller that holds the writer lock."""
+    try:
+        f = open_file(path, wait=0)
+    except StoreError as exc:
+        raise StoreError(f"cannot repair {path}: {exc} Its structure is damaged, which dropping rows cannot "
+                         "mend: delete it and run `cnncodes extract` again (or restore a good copy).") from None
+    keep: dict[str, np.ndarray] = {}
+    dropped: dict[str, list[list[int]]] = {}
+    lost: dict[str, int] = {}
+    unchecked: list[str] = []
+    fresh = []
+    try:
+        with f:
+            if decode(f.attrs.get("format")) != STORE_FORMAT:
+                raise StoreError(f"cannot repair {path}: it is not a cnncodes feature store.")
+            for name in (UPDATED, SKIPPED):
+                if isinstance(f.get(name), h5py.Dataset) and damaged_rows(f[name]):
+                    fresh.append(name)
+            for layer in layer_names(f):
+                for pooling in sorted(f[layer].keys()):
+                    name = group_name(layer, pooling)
+                    g = f[name]
+                    if not all(checked(g[ds]) for ds in (*ROW_DATASETS, "committed")):
+                        unchecked.append(name)
+                    if damaged_rows(g["committed"]):
+                        n = None
+                    else:
+                        n = int(g["committed"][0])
+                    if n is None:
+                        keep[name] = np.zeros(0, np.int64)
+                        lost[name] = min(int(g[ds].shape[0]) for ds in ROW_DATASETS)
+                        dropped[name] = [[0, lost[name]]]
+                        continue
+                    bad = np.zeros(n, bool)
+                    for ds in ROW_DATASETS:
+                        for a, b in damaged_rows(g[ds], 0, n):
+                            bad[a:b] = True
+                    if damaged_rows(g["state"]):
+                        keep[name] = np.arange(n)
+                    if bad.any():
+                        keep[name] = np.flatnonzero(~bad)
+                        edges = np.flatnonzero(np.diff(np.concatenate([[0], bad.astype(np.int8), [0]])))
+                        dropped[name] = [[int(a), int(b)] for a, b in zip(edges[::2], edges[1::2])]
+                        lost[name] = int(bad.sum())
+    except StoreError:
+        raise
+    except Exception as exc:
+        raise StoreError(f"cannot repair {path}: reading it failed ({type(exc).__name__}: {exc}). Its "
+                         "structure is damaged, which dropping rows cannot mend: delete it and run "
+                         "`cnncodes extract` again (or restore a good copy).") from exc
+    if keep or fresh:
+        _rewrite(path, keep, fresh=fresh)
     return {"store": str(path), "repaired": bool(keep or fresh), "dropped": dropped, "rows_dropped": lost,
             "groups_marked_incomplete": sorted(keep), "records_rewritten": fresh, "unchecked": unchecked}
 
@@ -318,9 +323,16 @@ class StoreWriter:
         try:
             _rewrite(self.path)
         except (OSError, RuntimeError, KeyError, ValueError) as exc:
-            raise StoreError(f"feature store {self.path} was left open by a writer that was killed, and it cannot "
-                             f"be recovered ({type(exc).__name__}: {exc}). Delete it and run `cnncodes extract` "
-                             "again.") from exc
+            # a chunk the writer was rewriting when it was killed fails its checksum: its rows are dropped
+            # (recomputed by this run), every other row is kept
+            try:
+                dropped = _drop_damaged_rows(self.path)["repaired"]
+            except StoreError:
+                dropped = False
+            if not dropped:
+                raise StoreError(f"feature store {self.path} was left open by a writer that was killed, and it "
+                                 f"cannot be recovered ({type(exc).__name__}: {exc}). Delete it and run "
+                                 "`cnncodes extract` again.") from exc
         self.recovered = True
         return h5py.File(self.path, "a", libver=LIBVER)
 

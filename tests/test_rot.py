@@ -208,3 +208,28 @@ def test_repair_then_extract_gives_the_undamaged_store(tmp_path, texture_data, t
         ia, ib = np.argsort(a.paths.astype(str)), np.argsort(b.paths.astype(str))
         assert (a.paths[ia] == b.paths[ib]).all() and (a.labels[ia] == b.labels[ib]).all()
         np.testing.assert_array_equal(a.features[ia], b.features[ib])
+
+
+def test_a_writer_killed_while_rewriting_a_chunk_loses_only_that_chunks_rows(tmp_path):
+    """A killed writer can leave the chunk it was rewriting half-written: its checksum fails. The next writer
+    drops that chunk's rows (its run recomputes them) and keeps the others, instead of giving up on the store."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    path = tmp_path / "s.h5"
+    feats = _toy_store(path, n=9000)
+    offset = _chunk_offset(path, "l1/avg/features", 1)  # the second chunk of the features, torn below
+    killed = ("import h5py, os, sys\n"
+              "f = h5py.File(sys.argv[1], 'a', libver='latest'); f.swmr_mode = True; f.flush()\n"
+              "with open(sys.argv[1], 'r+b') as fh:\n    fh.seek(int(sys.argv[2]) + 100); fh.write(b'torn')\n"
+              "os._exit(0)  # killed: the file stays flagged open for writing")
+    subprocess.run([sys.executable, "-c", killed, str(path), str(offset)], cwd=ROOT, check=True)
+    spec = GroupSpec("l1", "avg", (3,))
+    with StoreWriter(path, IDENT, [spec]) as w:
+        assert w.recovered
+    codes = FeatureStore(path).read("l1", "avg")
+    assert 0 < len(codes) < 9000  # the torn chunk's rows went, the others stayed, exactly as written
+    kept = np.array([int(p.split("/")[1].split(".")[0]) for p in codes.paths.astype(str)])
+    np.testing.assert_array_equal(codes.features, feats[kept])
