@@ -134,11 +134,8 @@ def _rewrite(path: Path, keep: dict[str, np.ndarray] | None = None, fresh: Seque
     (StoreFullError, nothing changed) where the disk has no room for the copy."""
     need, free = path.stat().st_size + METADATA_ROOM, shutil.disk_usage(path.parent).free
     if free < need:
-        raise StoreFullError(
-            f"the disk holding {path} has {free / 2**20:.1f} MiB free, and rewriting the store (to drop rows of "
-            f"files that changed or left the dataset) needs about {need / 2**20:.1f} MiB for the copy: free space "
-            "there, or write the store elsewhere (--store, or --out), and run the same command again. The store "
-            "was not changed.")
+        raise _no_room(path, free, need, "rewriting the store (to drop rows of files that changed or left the "
+                       "dataset) needs", "for the copy", "The store was not changed.")
     with atomic_path(path) as tmp:
         with open_swmr(path) as src, h5py.File(tmp, "w", libver=LIBVER) as dst:
             _copy_store(src, dst, keep, fresh=fresh)
@@ -146,6 +143,13 @@ def _rewrite(path: Path, keep: dict[str, np.ndarray] | None = None, fresh: Seque
 
 # room kept free beyond a batch's chunks, for the file's own structures (B-trees, heaps, flushes)
 METADATA_ROOM = 1 << 20
+
+
+def _no_room(path: Path, free: int, need: int, what: str, detail: str, kept: str) -> StoreFullError:
+    """The error of a disk without room for the next write of the store at ``path``: how much, and what to do."""
+    return StoreFullError(f"the disk holding {path} has {free / 2**20:.1f} MiB free, and {what} about "
+                          f"{need / 2**20:.1f} MiB{' ' + detail if detail else ''}: free space there, or write the "
+                          f"store elsewhere (--store, or --out), and run the same command again. {kept}")
 
 
 def _acquire(lock: FileLock, path: Path) -> None:
@@ -486,10 +490,8 @@ class StoreWriter:
             need += chunks * per * row
         free = shutil.disk_usage(self.path.parent).free
         if free < need:
-            raise StoreFullError(
-                f"the disk holding {self.path} has {free / 2**20:.1f} MiB free, and the next {k} rows of {name} need "
-                f"about {need / 2**20:.1f} MiB: free space there, or write the store elsewhere (--store, or --out), "
-                f"and run the same command again. The {n} rows already committed are kept and not computed again.")
+            raise _no_room(self.path, free, need, f"the next {k} rows of {name} need", "",
+                           f"The {n} rows already committed are kept and not computed again.")
 
     def finish(self, manifest: Manifest, complete: bool = True) -> None:
         """Record that each group matches ``manifest`` (when complete), the time and the skipped files.
